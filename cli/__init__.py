@@ -1,0 +1,1 @@
+"""The `offload` command-line app (typer + rich). Commands import the engine lazily."""
