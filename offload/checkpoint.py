@@ -1,0 +1,200 @@
+"""Reading Hugging Face Mixtral checkpoints: safetensors only, lazily, tensor by tensor.
+
+A checkpoint is a directory with config.json and either ``model.safetensors`` or shards listed in
+``model.safetensors.index.json``. Files are memory-mapped, so the whole model is never in RAM twice.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from offload.config import ModelConfig
+from offload.errors import CheckpointError
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+# What a model directory may hold that we read; never pickles, never code.
+ALLOWED_PATTERNS = ["*.json", "*.safetensors", "tokenizer.model"]
+
+
+def expected_tensors(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """The hub's tensor names and shapes for ``config``: the one table all loading is checked against."""
+    hidden, heads, kv_heads, head_dim = (
+        config.hidden_size,
+        config.num_attention_heads,
+        config.num_key_value_heads,
+        config.head_dim,
+    )
+    shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (config.vocab_size, hidden)}
+    for layer in range(config.num_hidden_layers):
+        prefix = f"model.layers.{layer}"
+        shapes |= {
+            f"{prefix}.input_layernorm.weight": (hidden,),
+            f"{prefix}.post_attention_layernorm.weight": (hidden,),
+            f"{prefix}.self_attn.q_proj.weight": (heads * head_dim, hidden),
+            f"{prefix}.self_attn.k_proj.weight": (kv_heads * head_dim, hidden),
+            f"{prefix}.self_attn.v_proj.weight": (kv_heads * head_dim, hidden),
+            f"{prefix}.self_attn.o_proj.weight": (hidden, heads * head_dim),
+            f"{prefix}.block_sparse_moe.gate.weight": (config.num_local_experts, hidden),
+        }
+        for expert in range(config.num_local_experts):
+            shapes |= {name: shape for name, shape in expert_tensor_shapes(config, layer, expert).items()}
+    shapes["model.norm.weight"] = (hidden,)
+    if not config.tie_word_embeddings:
+        shapes["lm_head.weight"] = (config.vocab_size, hidden)
+    return shapes
+
+
+def expert_tensor_shapes(config: ModelConfig, layer: int, expert: int) -> dict[str, tuple[int, ...]]:
+    """w1 is the gate projection, w3 the up projection, w2 the down projection (the hub's names)."""
+    prefix = expert_prefix(layer, expert)
+    ffn, hidden = config.intermediate_size, config.hidden_size
+    return {
+        f"{prefix}.w1.weight": (ffn, hidden),
+        f"{prefix}.w2.weight": (hidden, ffn),
+        f"{prefix}.w3.weight": (ffn, hidden),
+    }
+
+
+def expert_prefix(layer: int, expert: int) -> str:
+    """Name prefix of one expert's tensors."""
+    return f"model.layers.{layer}.block_sparse_moe.experts.{expert}"
+
+
+class Checkpoint:
+    """A model directory opened for lazy reading. Use ``get(name)`` to read one tensor."""
+
+    def __init__(self, directory: str | Path) -> None:
+        self.directory = Path(directory)
+        if not self.directory.is_dir():
+            raise CheckpointError(f"{self.directory}: no such model directory")
+        self.config = ModelConfig.from_file(self.directory / "config.json")
+        self._handles: dict[str, object] = {}
+        self.files = self._shard_map()
+        self._shapes: dict[str, tuple[int, ...]] = {}
+        self._dtypes: dict[str, str] = {}
+        for filename in sorted(set(self.files.values())):
+            handle = self._open(filename)
+            for name in handle.keys():  # noqa: SIM118 - a safetensors handle is not iterable
+                if name in self._shapes:
+                    raise CheckpointError(f"{self.directory / filename}: tensor {name} appears in two shards")
+                tensor_slice = handle.get_slice(name)
+                self._shapes[name] = tuple(tensor_slice.get_shape())
+                self._dtypes[name] = tensor_slice.get_dtype()
+
+    def _shard_map(self) -> dict[str, str]:
+        """Tensor name -> file name. Filled lazily from the index or the single file."""
+        index_path = self.directory / INDEX_FILE
+        if index_path.is_file():
+            try:
+                index = json.loads(index_path.read_text(encoding="utf-8"))
+                weight_map = index["weight_map"]
+            except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as err:
+                raise CheckpointError(f"{index_path}: not a valid safetensors index ({err})") from None
+            if not isinstance(weight_map, dict):
+                raise CheckpointError(f"{index_path}: weight_map must map tensor names to shard files")
+            for filename in set(weight_map.values()):
+                self._check_shard_name(filename, index_path)
+            return dict(weight_map)
+        if (self.directory / SINGLE_FILE).is_file():
+            return {name: SINGLE_FILE for name in self._open(SINGLE_FILE).keys()}  # noqa: SIM118
+        if any(self.directory.glob("*.bin")) or any(self.directory.glob("*.pt")):
+            raise CheckpointError(
+                f"{self.directory}: only PyTorch pickle weights found; offload reads safetensors only "
+                "(convert them with transformers' save_pretrained(safe_serialization=True))"
+            )
+        raise CheckpointError(f"{self.directory}: no {SINGLE_FILE} or {INDEX_FILE}")
+
+    def _check_shard_name(self, filename: object, index_path: Path) -> None:
+        if not isinstance(filename, str) or not filename.endswith(".safetensors"):
+            raise CheckpointError(f"{index_path}: shard {filename!r} is not a .safetensors file name")
+        if os.path.isabs(filename) or ".." in Path(filename).parts:
+            raise CheckpointError(f"{index_path}: shard {filename!r} points outside the model directory")
+        path = self.directory / filename
+        if not path.is_file():
+            raise CheckpointError(f"{path}: shard named in {INDEX_FILE} is missing")
+        if not path.resolve().is_relative_to(self.directory.resolve()):
+            raise CheckpointError(f"{path}: shard is a link that points outside the model directory")
+
+    def _open(self, filename: str):
+        if filename not in self._handles:
+            path = self.directory / filename
+            try:
+                self._handles[filename] = safe_open(str(path), framework="pt", device="cpu")
+            except Exception as err:  # safetensors raises its own error type for every kind of damage
+                raise CheckpointError(f"{path}: not a readable safetensors file ({err})") from None
+        return self._handles[filename]
+
+    def names(self) -> set[str]:
+        """Every tensor name in the checkpoint."""
+        return set(self._shapes)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        """The stored shape of ``name``, read from the header only."""
+        return self._shapes[name]
+
+    def get(self, name: str) -> torch.Tensor:
+        """Read one tensor (memory-mapped; copy it before the checkpoint closes)."""
+        filename = self.files.get(name)
+        if filename is None:
+            raise CheckpointError(f"{self.directory}: tensor {name} is missing")
+        try:
+            tensor = self._open(filename).get_tensor(name)
+        except Exception as err:
+            raise CheckpointError(f"{self.directory / filename}: cannot read tensor {name} ({err})") from None
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise CheckpointError(f"{self.directory / filename}: tensor {name} holds NaN or inf values")
+        return tensor
+
+    def check(self, expected: dict[str, tuple[int, ...]]) -> None:
+        """Every expected tensor is present with its shape; nothing unknown is there."""
+        present = self.names()
+        for name, shape in expected.items():
+            if name not in present:
+                raise CheckpointError(f"{self.directory}: tensor {name} is missing")
+            if self._shapes[name] != shape:
+                raise CheckpointError(
+                    f"{self.directory}: tensor {name} has shape {list(self._shapes[name])}, expected {list(shape)}"
+                )
+        unknown = sorted(present - set(expected))
+        if unknown:
+            raise CheckpointError(
+                f"{self.directory}: unexpected tensor {unknown[0]} ({len(unknown)} unknown in all)"
+            )
+
+    def iter_tensors(self, names: list[str]) -> Iterator[tuple[str, torch.Tensor]]:
+        """Read ``names`` one at a time."""
+        for name in names:
+            yield name, self.get(name)
+
+
+def resolve_model_dir(model: str | Path) -> Path:
+    """A local directory, or a Hugging Face repo id fetched (or found offline) in huggingface_hub's cache."""
+    path = Path(model).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise CheckpointError(f"{path}: expected a model directory, found a file")
+        return path
+    text = str(model)
+    looks_like_repo = text.count("/") == 1 and not text.startswith((".", "/", "~"))
+    if not looks_like_repo:
+        raise CheckpointError(f"{path}: no such model directory")
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    try:
+        return Path(snapshot_download(text, allow_patterns=ALLOWED_PATTERNS, local_files_only=True))
+    except (LocalEntryNotFoundError, FileNotFoundError, OSError, ValueError):
+        pass
+    try:
+        return Path(snapshot_download(text, allow_patterns=ALLOWED_PATTERNS))
+    except (HfHubHTTPError, LocalEntryNotFoundError, OSError, ValueError) as err:
+        raise CheckpointError(
+            f"{text}: not a local directory, and the Hugging Face repo could not be fetched ({type(err).__name__})"
+        ) from None

@@ -1,0 +1,214 @@
+"""Prefill, single-token decode on the KV cache, sampling, stop rules and streaming.
+
+``stream_generate`` yields one ``Response`` per generated token (text piece included), then stops;
+the last response carries ``finish_reason`` and the timings.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from offload.errors import ContextError, OffloadError
+from offload.kv_cache import KVCache
+from offload.model import MixtralModel
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    temperature: float = 0.7  # 0 means greedy
+    top_p: float = 1.0  # nucleus: keep the smallest set of tokens whose probability reaches top_p
+    top_k: int = 0  # keep the k most likely tokens; 0 keeps all
+    seed: int | None = None  # fixes the random stream
+
+    def __post_init__(self) -> None:
+        if self.temperature < 0:
+            raise OffloadError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise OffloadError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise OffloadError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
+
+
+class Sampler:
+    """Picks the next token from (V,) logits; built once per generation."""
+
+    def __init__(self, params: SamplingParams, device: torch.device) -> None:
+        self.params = params
+        self.generator = torch.Generator(device=device)
+        if params.seed is None:
+            self.generator.seed()
+        else:
+            self.generator.manual_seed(params.seed)
+
+    def __call__(self, logits: Tensor) -> Tensor:
+        """A 0-d tensor holding the chosen id (on the logits' device, so nothing syncs here)."""
+        params = self.params
+        if params.temperature == 0:
+            return logits.argmax()
+        logits = logits.float() / params.temperature
+        if params.top_k and params.top_k < logits.shape[-1]:
+            kth_best = torch.topk(logits, params.top_k).values[-1]
+            logits = logits.masked_fill(logits < kth_best, float("-inf"))
+        probs = torch.softmax(logits, dim=-1)
+        if params.top_p < 1:
+            sorted_probs, order = torch.sort(probs, descending=True)
+            # Drop a token when the tokens before it already reach top_p; the first always stays.
+            drop = sorted_probs.cumsum(-1) - sorted_probs >= params.top_p
+            probs = probs.scatter(0, order, sorted_probs.masked_fill(drop, 0.0))
+        return torch.multinomial(probs, 1, generator=self.generator)[0]
+
+
+@dataclass
+class Timings:
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    prefill_seconds: float = 0.0  # prompt in, first token out: the TTFT
+    decode_seconds: float = 0.0  # every later token
+
+    @property
+    def ttft_seconds(self) -> float:
+        return self.prefill_seconds
+
+    @property
+    def prefill_tokens_per_second(self) -> float:
+        return self.prompt_tokens / self.prefill_seconds if self.prefill_seconds else 0.0
+
+    @property
+    def decode_tokens_per_second(self) -> float:
+        decoded = self.generated_tokens - 1  # the first token comes out of the prefill
+        return decoded / self.decode_seconds if decoded > 0 and self.decode_seconds else 0.0
+
+    def as_dict(self) -> dict[str, float]:
+        return {
+            "prompt_tokens": self.prompt_tokens,
+            "generated_tokens": self.generated_tokens,
+            "ttft_seconds": self.ttft_seconds,
+            "prefill_tokens_per_second": self.prefill_tokens_per_second,
+            "decode_tokens_per_second": self.decode_tokens_per_second,
+            "decode_seconds": self.decode_seconds,
+        }
+
+
+@dataclass
+class Response:
+    token: int | None  # the id generated at this step (None on a closing response with no token)
+    text: str  # the new text this step adds (may be empty mid-character or near a stop string)
+    finish_reason: str | None = None  # "stop" (EOS or stop string), "length", or None while going on
+    timings: Timings = field(default_factory=Timings)
+
+
+def check_context(model: MixtralModel, used: int, prompt_tokens: int, max_new_tokens: int) -> None:
+    """Raise ContextError when the sequence would run past the context window."""
+    window = model.config.max_position_embeddings
+    if used + prompt_tokens + max_new_tokens > window:
+        raise ContextError(
+            f"prompt of {prompt_tokens} tokens (+{used} already in context) plus max_new_tokens "
+            f"{max_new_tokens} exceeds the model's context of {window} tokens; shorten the prompt or lower "
+            "--max-new-tokens"
+        )
+
+
+def stream_generate(
+    model: MixtralModel,
+    prompt_ids: list[int],
+    *,
+    max_new_tokens: int = 256,
+    sampling: SamplingParams | None = None,
+    stop_ids: Iterable[int] | None = None,
+    stop_strings: Iterable[str] = (),
+    tokenizer: Any = None,
+    cache: KVCache | None = None,
+) -> Iterator[Response]:
+    """Generate after ``prompt_ids``, which continue ``cache`` when one is given (a chat's next turn).
+
+    Stops at any of ``stop_ids`` (default: the model's EOS), at a stop string (needs ``tokenizer``),
+    or after ``max_new_tokens``. The stopping EOS is not fed to the model; the caller keeps it.
+    """
+    if max_new_tokens < 0:
+        raise OffloadError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    if not prompt_ids:
+        raise OffloadError("the prompt is empty: give at least one token")
+    sampling = sampling or SamplingParams()
+    stops = set(stop_ids) if stop_ids is not None else {model.config.eos_token_id} - {None}
+    stop_strings = [s for s in stop_strings if s]
+    if stop_strings and tokenizer is None:
+        raise OffloadError("stop strings need a tokenizer")
+    used = 0 if cache is None else cache.length
+    check_context(model, used, len(prompt_ids), max_new_tokens)
+    timings = Timings(prompt_tokens=len(prompt_ids))
+    if max_new_tokens == 0:
+        yield Response(token=None, text="", finish_reason="length", timings=timings)
+        return
+    if cache is None:
+        cache = KVCache(
+            model.config, len(prompt_ids) + max_new_tokens, dtype=model.dtype, device=model.device
+        )
+    sampler = Sampler(sampling, model.device)
+    decoder = tokenizer.stream_decoder() if tokenizer is not None else None
+    held = ""  # text withheld because it may be the start of a stop string
+    start = time.perf_counter()
+    with torch.inference_mode():
+        inputs = torch.tensor([prompt_ids], device=model.device)
+        for step in range(max_new_tokens):
+            logits = model(inputs, cache, last_only=True)[0, -1]
+            token = int(sampler(logits))  # one host sync per token, to stream and to test the stop rules
+            now = time.perf_counter()
+            if step == 0:
+                timings.prefill_seconds = now - start
+            else:
+                timings.decode_seconds = now - start - timings.prefill_seconds
+            timings.generated_tokens += 1
+            if token in stops:
+                yield Response(token, held + (decoder.flush() if decoder else ""), "stop", timings)
+                return
+            held += decoder.push(token) if decoder else ""
+            emit, held, stopped = _split_at_stop(held, stop_strings)
+            last = step == max_new_tokens - 1
+            if stopped:
+                yield Response(token, emit, "stop", timings)
+                return
+            if last:
+                yield Response(token, emit + held + (decoder.flush() if decoder else ""), "length", timings)
+                return
+            yield Response(token, emit, None, timings)
+            inputs = torch.tensor([[token]], device=model.device)
+
+
+def _split_at_stop(text: str, stop_strings: list[str]) -> tuple[str, str, bool]:
+    """(text safe to emit, text to hold back, whether a stop string was reached)."""
+    for stop in stop_strings:
+        at = text.find(stop)
+        if at >= 0:
+            return text[:at], "", True
+    # Hold back the longest tail that could still grow into a stop string.
+    keep = 0
+    for stop in stop_strings:
+        for size in range(min(len(stop) - 1, len(text)), 0, -1):
+            if text.endswith(stop[:size]):
+                keep = max(keep, size)
+                break
+    return text[: len(text) - keep], text[len(text) - keep :], False
+
+
+def generate_ids(
+    model: MixtralModel,
+    prompt_ids: list[int],
+    *,
+    max_new_tokens: int,
+    sampling: SamplingParams | None = None,
+    stop_ids: Iterable[int] | None = None,
+) -> list[int]:
+    """The generated ids (a stopping EOS included), without streaming."""
+    return [
+        r.token
+        for r in stream_generate(
+            model, prompt_ids, max_new_tokens=max_new_tokens, sampling=sampling, stop_ids=stop_ids
+        )
+        if r.token is not None
+    ]

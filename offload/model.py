@@ -1,0 +1,178 @@
+"""The Mixtral decoder: RMSNorm, RoPE, grouped-query attention, and the MoE block.
+
+Shapes: B batch, T tokens, D hidden, H query heads, G key/value heads, K head dim, E experts, k active.
+Module names follow the hub's tensor names, so weights load unrenamed.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from offload.config import ModelConfig
+from offload.expert_source import ExpertSource, route
+from offload.kv_cache import KVCache
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, width: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(width), requires_grad=False)
+        self.eps = eps
+
+    def forward(self, x: Tensor) -> Tensor:
+        # Normalise in fp32 and scale in the input dtype, exactly as the reference does.
+        normed = x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * normed.to(x.dtype)
+
+
+def rope_tables(positions: Tensor, head_dim: int, theta: float, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """cos and sin for ``positions`` (T,) -> each (T, K), computed in fp32 then cast."""
+    inv_freq = 1.0 / (
+        theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim)
+    )
+    angles = positions.float()[:, None] * inv_freq[None, :]
+    angles = torch.cat([angles, angles], dim=-1)
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate (B, heads, T, K) by the tables (T, K), pairing the two halves of each head."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos + rotated * sin
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.heads, self.kv_heads, self.head_dim = (
+            config.num_attention_heads,
+            config.num_key_value_heads,
+            config.head_dim,
+        )
+        self.rope_theta = config.rope_theta
+        self.sliding_window = config.sliding_window
+        hidden = config.hidden_size
+        self.q_proj = nn.Linear(hidden, self.heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(hidden, self.kv_heads * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(hidden, self.kv_heads * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(self.heads * self.head_dim, hidden, bias=False)
+
+    def forward(self, x: Tensor, layer: int, cache: KVCache | None, start: int) -> Tensor:
+        batch, tokens, _ = x.shape
+        q = self.q_proj(x).view(batch, tokens, self.heads, self.head_dim).transpose(1, 2)  # (B, H, T, K)
+        k = self.k_proj(x).view(batch, tokens, self.kv_heads, self.head_dim).transpose(1, 2)  # (B, G, T, K)
+        v = self.v_proj(x).view(batch, tokens, self.kv_heads, self.head_dim).transpose(1, 2)
+        positions = torch.arange(start, start + tokens, device=x.device)
+        cos, sin = rope_tables(positions, self.head_dim, self.rope_theta, x.dtype)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(layer, k, v, start)  # (B, G, S, K): every position so far
+        groups = self.heads // self.kv_heads
+        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)  # (B, H, S, K)
+        mask = attention_mask(start, tokens, k.shape[2], self.sliding_window, x.device)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self.o_proj(out.transpose(1, 2).reshape(batch, tokens, self.heads * self.head_dim))
+
+
+def attention_mask(
+    start: int, tokens: int, keys: int, sliding_window: int | None, device: torch.device
+) -> Tensor:
+    """(T, S) booleans: query at position start+i sees key j when j <= start+i (and within the window)."""
+    query_pos = torch.arange(start, start + tokens, device=device)[:, None]
+    key_pos = torch.arange(keys, device=device)[None, :]
+    visible = key_pos <= query_pos
+    if sliding_window is not None:
+        visible &= key_pos > query_pos - sliding_window
+    return visible
+
+
+class MoEBlock(nn.Module):
+    """Routes each token to k experts and sums their outputs; the experts come from an ExpertSource."""
+
+    def __init__(self, config: ModelConfig, layer: int) -> None:
+        super().__init__()
+        self.layer = layer
+        self.top_k = config.num_experts_per_tok
+        self.gate = nn.Linear(config.hidden_size, config.num_local_experts, bias=False)
+        self.source: ExpertSource | None = None  # set by the loader
+
+    def forward(self, x: Tensor) -> Tensor:
+        shape = x.shape
+        hidden = x.reshape(-1, shape[-1])  # (T, D)
+        weights, ids = route(self.gate(hidden), self.top_k)  # (T, k) each
+        guesses = self.source.speculate(self.layer, hidden)
+        flat_ids = ids.flatten()
+        # The layer's one host synchronisation: which experts were chosen (and guessed for the next layer).
+        on_host = (flat_ids if guesses is None else torch.cat([flat_ids, guesses])).tolist()
+        chosen, guessed = on_host[: flat_ids.numel()], on_host[flat_ids.numel() :]
+        ids_host = torch.tensor(chosen).view(ids.shape)
+        # Each (token, slot) is written once and summed in slot order, so the order experts
+        # arrive in (resident first, misses later) never changes the result.
+        out = hidden.new_zeros(hidden.shape[0], self.top_k, hidden.shape[1])  # (T, k, D)
+        for expert_id, expert in self.source.experts_for(self.layer, sorted(set(chosen)), guessed):
+            tokens, slots = (ids_host == expert_id).nonzero(as_tuple=True)
+            tokens, slots = tokens.to(x.device), slots.to(x.device)
+            out[tokens, slots] = expert(hidden[tokens]) * weights[tokens, slots, None].to(x.dtype)
+        return out.sum(dim=1).view(shape)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig, layer: int) -> None:
+        super().__init__()
+        self.layer = layer
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = Attention(config)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.block_sparse_moe = MoEBlock(config, layer)
+
+    def forward(self, x: Tensor, cache: KVCache | None, start: int) -> Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), self.layer, cache, start)
+        return x + self.block_sparse_moe(self.post_attention_layernorm(x))
+
+
+class MixtralBody(nn.Module):
+    """Named ``model`` inside MixtralModel, matching the hub's ``model.`` prefix."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config, layer) for layer in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+
+class MixtralModel(nn.Module):
+    """The whole model. ``model(ids)`` gives every position's logits; with a cache it continues a sequence."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.model = MixtralBody(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+
+    def forward(self, input_ids: Tensor, cache: KVCache | None = None, last_only: bool = False) -> Tensor:
+        """(B, T) token ids -> (B, T, V) logits, or (B, 1, V) with ``last_only``.
+
+        With a cache, the ids continue the cached sequence and their keys and values are appended.
+        """
+        start = 0 if cache is None else cache.length
+        if cache is not None:
+            cache.reserve(start + input_ids.shape[1])
+        x = self.model.embed_tokens(input_ids)
+        for layer in self.model.layers:
+            x = layer(x, cache, start)
+        if cache is not None:
+            cache.length = start + input_ids.shape[1]
+        if last_only:
+            x = x[:, -1:]
+        return self.lm_head(self.model.norm(x))
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.norm.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.norm.weight.dtype

@@ -1,0 +1,38 @@
+"""Shared fixtures: baby checkpoints are made once per session."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.baby import BABIES, BabySpec, write_baby
+
+
+@pytest.fixture(scope="session")
+def baby_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, object]]:
+    """name -> (checkpoint directory, transformers oracle) for every BabySpec in BABIES."""
+    made = {}
+    for spec in BABIES:
+        directory = tmp_path_factory.mktemp(spec.name)
+        made[spec.name] = (directory, write_baby(spec, directory))
+    return made
+
+
+@pytest.fixture(scope="session")
+def baby_dir(baby_dirs: dict) -> Path:
+    """The simplest baby checkpoint."""
+    return baby_dirs["single-t5"][0]
+
+
+def make_baby(tmp_path: Path, **changes: object) -> Path:
+    """A fresh baby checkpoint with ``changes`` to the default spec, for tests that damage it."""
+    spec = BabySpec("custom", **changes)
+    write_baby(spec, tmp_path)
+    return tmp_path
+
+
+@pytest.fixture(autouse=True)
+def _deterministic() -> None:
+    torch.manual_seed(0)
