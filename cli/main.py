@@ -34,30 +34,30 @@ def main(
     """Run a quantized Mixtral on a GPU too small to hold it."""
 
 
+def _register_commands() -> None:
+    from cli import chat_cmd, generate_cmd, plan_cmd, profiles_cmd
+
+    chat_cmd.register(app)
+    generate_cmd.register(app)
+    plan_cmd.register(app)
+    profiles_cmd.register(app)
+
+
+_register_commands()
+
+
 def run() -> None:
     """Console-script entry point: user errors become one line on stderr and exit code 2."""
     from offload.errors import OffloadError
 
     try:
-        app(standalone_mode=False)
+        app()  # typer's standalone mode handles usage errors (exit 2) and --help itself
     except OffloadError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
-    except typer.Exit as done:
-        sys.exit(done.exit_code)
-    except typer.Abort:
-        print("aborted", file=sys.stderr)
-        sys.exit(1)
-    except Exception as err:  # click's usage errors carry their own exit codes
-        import click
-
-        if isinstance(err, click.ClickException):
-            err.show()
-            sys.exit(err.exit_code)
-        raise
 
 
 if __name__ == "__main__":

@@ -27,3 +27,7 @@ class ContextError(OffloadError):
 
 class TokenizerError(OffloadError):
     """No usable tokenizer file, or a malformed chat."""
+
+
+class CacheError(OffloadError):
+    """An expert cache, host store, link or prefetch setting is out of range or inconsistent."""

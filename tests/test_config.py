@@ -8,7 +8,7 @@ import pytest
 from offload.config import ModelConfig
 from offload.errors import ConfigError
 
-HUB_CONFIG = Path(__file__).parent / "fixtures" / "hub_config" / "config.json"
+HUB_CONFIG = Path(__file__).parent / "fixtures" / "mixtral-8x7b-instruct-v0.1" / "config.json"
 
 
 def test_hub_dialect_reads_mixtral_8x7b() -> None:

@@ -1,0 +1,139 @@
+"""`offload chat`: an interactive chat in the terminal, streaming replies."""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+
+import typer
+
+from cli import options
+
+HELP = """Commands:
+  /help          this list
+  /stats         cache hit rate per layer, prefetch recall, bytes moved, speed
+  /reset         forget the conversation
+  /save FILE     write the conversation to FILE (JSON)
+  /load FILE     restore a conversation saved with /save
+  /exit          quit (Ctrl-D works too)
+Ctrl-C stops a reply and keeps the conversation."""
+
+
+def register(app: typer.Typer) -> None:
+    """Add `chat` to ``app``."""
+    app.command(
+        help="Chat in the terminal with streaming replies.\n\n"
+        "Example: offload chat\n\nExample: offload chat --model ./my-mixtral --system 'Answer briefly.'"
+    )(chat)
+
+
+def chat(
+    model: options.Model = None,
+    system: options.System = None,
+    max_new_tokens: options.MaxNewTokens = 256,
+    temperature: options.Temperature = 0.7,
+    top_p: options.TopP = 0.9,
+    top_k: options.TopK = 0,
+    seed: options.Seed = None,
+    dtype: options.Dtype = None,
+    device: options.Device = None,
+) -> None:
+    from rich.console import Console
+
+    from offload.chat import ChatSession
+    from offload.engine import Engine
+    from offload.generate import SamplingParams
+
+    out, err = Console(highlight=False), Console(stderr=True, highlight=False)
+    sampling = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
+    with err.status("loading the model…"):
+        engine = Engine.load(model, device=device, dtype=dtype)
+    err.print(f"[dim]{engine.summary()}[/dim]")
+    session = ChatSession(engine, system=system, sampling=sampling, max_new_tokens=max_new_tokens)
+    _enable_line_editing()
+    out.print("[dim]Type a message, /help for commands, Ctrl-D to quit.[/dim]")
+    while True:
+        try:
+            line = input(">>> ")
+        except KeyboardInterrupt:
+            out.print("\n[dim](Ctrl-D or /exit quits)[/dim]")
+            continue
+        except EOFError:
+            out.print()
+            return
+        text = line.strip()
+        if not text:
+            continue
+        if text.startswith("/"):
+            if _command(text, session, out) == "exit":
+                return
+            continue
+        _reply(session, text, out)
+
+
+def _reply(session, text: str, out) -> None:
+    from offload.errors import OffloadError
+
+    stream = session.send(text)
+    last = None
+    dropped = session.dropped_turns
+    try:
+        for last in stream:
+            out.file.write(last.text)
+            out.file.flush()
+    except KeyboardInterrupt:
+        out.print("\n[dim](reply stopped; the conversation is kept)[/dim]")
+    except OffloadError as error:
+        out.print(f"\n[red]error:[/red] {error}")
+    finally:
+        stream.close()
+    if session.dropped_turns > dropped:
+        out.print(
+            f"\n[yellow]context full: dropped the {session.dropped_turns - dropped} oldest turn(s)[/yellow]"
+        )
+    out.print()
+    if last is not None:
+        timings = last.timings
+        status = f"{timings.decode_tokens_per_second:.1f} tok/s · TTFT {timings.ttft_seconds:.2f} s"
+        stats = session.engine.cache_stats()
+        if stats is not None and stats.get("hit_rate") is not None:
+            status += f" · hit rate {stats['hit_rate']:.0%}"
+        out.print(f"[dim]{status}[/dim]")
+
+
+def _command(text: str, session, out) -> str | None:
+    from offload.errors import OffloadError
+
+    name, _, argument = text.partition(" ")
+    argument = argument.strip()
+    try:
+        if name in ("/exit", "/quit"):
+            return "exit"
+        if name == "/help":
+            out.print(HELP, markup=False)
+        elif name == "/reset":
+            session.reset()
+            out.print("[dim]conversation cleared[/dim]")
+        elif name == "/stats":
+            from cli.stats_view import stats_table
+
+            out.print(stats_table(session))
+        elif name in ("/save", "/load") and not argument:
+            out.print(f"[red]usage:[/red] {name} FILE")
+        elif name == "/save":
+            out.print(f"[dim]saved to {session.save(argument)}[/dim]")
+        elif name == "/load":
+            session.load(argument)
+            out.print(f"[dim]loaded {len(session.messages)} messages from {argument}[/dim]")
+        else:
+            out.print(f"[red]unknown command {name}[/red]; /help lists them")
+    except OffloadError as error:
+        out.print(f"[red]error:[/red] {error}")
+    return None
+
+
+def _enable_line_editing() -> None:
+    # Importing readline gives input() line editing and history where the platform has it.
+    if sys.stdin.isatty():
+        with contextlib.suppress(ImportError):
+            import readline  # noqa: F401

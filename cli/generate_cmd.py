@@ -1,0 +1,72 @@
+"""`offload generate`: one prompt in, the reply streamed out (or one JSON object)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Annotated
+
+import typer
+
+from cli import options
+
+
+def register(app: typer.Typer) -> None:
+    """Add `generate` to ``app``."""
+    app.command(
+        help="Generate a reply to PROMPT ('-' reads stdin).\n\n"
+        "Example: offload generate 'What does json.dumps do?'\n\n"
+        "Example: offload generate --no-chat --temperature 0 --max-new-tokens 16 --json 'Hello'"
+    )(generate)
+
+
+def generate(
+    prompt: Annotated[str, typer.Argument(help="The prompt, or '-' to read it from stdin.")],
+    model: options.Model = None,
+    no_chat: Annotated[bool, typer.Option("--no-chat", help="Raw completion: no chat template.")] = False,
+    system: options.System = None,
+    max_new_tokens: options.MaxNewTokens = 256,
+    temperature: options.Temperature = 0.7,
+    top_p: options.TopP = 1.0,
+    top_k: options.TopK = 0,
+    seed: options.Seed = None,
+    dtype: options.Dtype = None,
+    device: options.Device = None,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print one JSON object with ids, text and timings.")
+    ] = False,
+) -> None:
+    from offload.engine import Engine
+    from offload.errors import OffloadError
+    from offload.generate import SamplingParams
+
+    if prompt == "-":
+        try:
+            prompt = sys.stdin.buffer.read().decode("utf-8")
+        except UnicodeDecodeError as err:
+            raise OffloadError(f"stdin is not valid UTF-8 text (byte {err.start})") from None
+    sampling = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
+    engine = Engine.load(model, device=device, dtype=dtype)
+    prompt_ids = engine.prompt_ids(prompt, chat=not no_chat, system=system)
+    token_ids: list[int] = []
+    pieces: list[str] = []
+    last = None
+    for last in engine.stream(prompt_ids, max_new_tokens=max_new_tokens, sampling=sampling):
+        if last.token is not None:
+            token_ids.append(last.token)
+        pieces.append(last.text)
+        if not as_json:
+            sys.stdout.write(last.text)
+            sys.stdout.flush()
+    if as_json:
+        result = {
+            "prompt_ids": prompt_ids,
+            "token_ids": token_ids,
+            "text": "".join(pieces),
+            "finish_reason": last.finish_reason if last else None,
+            "timings": last.timings.as_dict() if last else {},
+            "cache": engine.cache_stats(),
+        }
+        sys.stdout.write(json.dumps(result) + "\n")
+    else:
+        sys.stdout.write("\n")

@@ -1,0 +1,40 @@
+"""Rendering the engine's counters as rich tables (/stats in chat)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.table import Table
+
+
+def stats_table(session: Any) -> Table:
+    """Per-layer cache figures plus the totals, for a ChatSession."""
+    engine = session.engine
+    stats = engine.cache_stats()
+    table = Table(title="offload stats", show_edge=False)
+    if stats is None:
+        table.add_column("experts")
+        table.add_row("all resident on the device (no cache, nothing moved)")
+        return table
+    table.add_column("layer", justify="right")
+    table.add_column("hit rate", justify="right")
+    table.add_column("prefetch recall", justify="right")
+    table.add_column("MB moved", justify="right")
+    for layer, row in enumerate(stats.get("layers", [])):
+        table.add_row(str(layer), *_figures(row))
+    table.add_section()
+    table.add_row("all", *_figures(stats))
+    return table
+
+
+def _figures(row: dict[str, Any]) -> tuple[str, str, str]:
+    return (
+        percent(row.get("hit_rate")),
+        percent(row.get("prefetch_recall")),
+        f"{(row.get('bytes_moved') or 0) / 1e6:.1f}",
+    )
+
+
+def percent(ratio: float | None) -> str:
+    """A ratio as a percentage, or a dash when there was nothing to measure."""
+    return "–" if ratio is None else f"{ratio:.0%}"

@@ -1,0 +1,146 @@
+"""A multi-turn chat that keeps its KV cache across turns, so earlier turns are never recomputed.
+
+The conversation is kept twice: as messages (what /save writes) and as the token ids the cache
+holds. A new turn feeds only the ids the cache has not seen. When the context fills, the oldest
+turns are dropped and the rest is prefilled again.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from offload.engine import Engine
+from offload.errors import ContextError, OffloadError
+from offload.generate import Response, SamplingParams
+from offload.kv_cache import KVCache
+
+SAVE_FORMAT = "offload-chat/1"
+
+
+@dataclass
+class ChatSession:
+    engine: Engine
+    system: str | None = None
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    max_new_tokens: int = 512
+    messages: list[dict[str, str]] = field(default_factory=list)  # user/assistant turns, no system
+    tokens: list[int] = field(default_factory=list)  # every id of the conversation so far
+    dropped_turns: int = 0  # turns forgotten to make room, over the session's life
+    cache: KVCache | None = None
+
+    def __post_init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget the conversation (the system prompt stays)."""
+        self.messages, self.tokens = [], []
+        if self.cache is None:
+            model = self.engine.model
+            self.cache = KVCache(model.config, 256, dtype=model.dtype, device=model.device)
+        self.cache.truncate(0)
+
+    def _chat(self) -> list[dict[str, str]]:
+        system = [{"role": "system", "content": self.system}] if self.system else []
+        return system + self.messages
+
+    def _ids_for(self, user_text: str) -> list[int]:
+        """All ids of the conversation with ``user_text`` appended, reusing what the cache holds."""
+        tokenizer = self.engine.tokenizer
+        if not self.tokens:
+            return tokenizer.encode_chat([*self._chat(), {"role": "user", "content": user_text}])
+        ids = list(self.tokens)
+        if ids[-1] != tokenizer.eos_id:
+            ids.append(tokenizer.eos_id)  # a reply cut short still closes with EOS, as the template wants
+        return ids + tokenizer.encode_turn(user_text)
+
+    def _room(self) -> int:
+        return self.engine.model.config.max_position_embeddings
+
+    def _fit(self, user_text: str) -> list[int]:
+        """Ids for the next turn, dropping the oldest turns until a reply of max_new_tokens fits."""
+        ids = self._ids_for(user_text)
+        while len(ids) + self.max_new_tokens > self._room() and self.messages:
+            self.messages = self.messages[2:]  # one user turn and its reply
+            self.dropped_turns += 1
+            self.tokens = []
+            self.cache.truncate(0)
+            ids = self._ids_for(user_text)
+        if len(ids) + self.max_new_tokens > self._room():
+            raise ContextError(
+                f"this message ({len(ids)} tokens) plus max_new_tokens {self.max_new_tokens} does not fit the "
+                f"context of {self._room()} tokens; send a shorter message"
+            )
+        return ids
+
+    def send(self, user_text: str) -> Iterator[Response]:
+        """Stream the reply to ``user_text``. Stopping early (Ctrl-C) keeps the partial reply."""
+        ids = self._fit(user_text)
+        # The cache holds a prefix of ids; only the rest is prefilled.
+        if ids[: self.cache.length] != self.tokens[: self.cache.length]:
+            self.cache.truncate(0)
+        fed = ids[self.cache.length :]
+        self.messages.append({"role": "user", "content": user_text})
+        self.tokens = ids
+        reply: list[int] = []
+        try:
+            for response in self.engine.stream(
+                fed, max_new_tokens=self.max_new_tokens, sampling=self.sampling, cache=self.cache
+            ):
+                if response.token is not None:
+                    reply.append(response.token)
+                yield response
+        finally:
+            # Runs on completion, on error and on Ctrl-C alike, so the turn is never lost.
+            self.tokens = ids + reply
+            text_ids = [t for t in reply if t != self.engine.tokenizer.eos_id]
+            self.messages.append({"role": "assistant", "content": self.engine.tokenizer.decode(text_ids)})
+
+    def save(self, path: str | Path) -> Path:
+        """Write the conversation as JSON, atomically: the old file or the new one, never half of one."""
+        path = Path(path).expanduser()
+        payload = {"format": SAVE_FORMAT, "system": self.system, "messages": self.messages}
+        write_atomically(path, json.dumps(payload, ensure_ascii=False, indent=2) + "\n")
+        return path
+
+    def load(self, path: str | Path) -> None:
+        """Replace the conversation with a saved one; the next turn prefills it."""
+        path = Path(path).expanduser()
+        try:
+            payload = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise OffloadError(f"{path}: no such chat file") from None
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise OffloadError(f"{path}: not a saved chat ({err})") from None
+        if not isinstance(payload, dict) or payload.get("format") != SAVE_FORMAT:
+            raise OffloadError(f'{path}: not a saved chat (expected "format": "{SAVE_FORMAT}")')
+        messages, system = payload.get("messages"), payload.get("system")
+        if not isinstance(messages, list) or not (system is None or isinstance(system, str)):
+            raise OffloadError(f"{path}: 'messages' must be a list and 'system' a string or null")
+        chat = ([{"role": "system", "content": system}] if system else []) + messages
+        if messages:
+            try:
+                self.engine.tokenizer.encode_chat(chat)  # validates roles and contents
+            except OffloadError as err:
+                raise OffloadError(f"{path}: {err}") from None
+        self.reset()
+        self.system, self.messages = system, [dict(m) for m in messages]
+
+
+def write_atomically(path: Path, text: str) -> None:
+    """Write ``text`` to a temporary file beside ``path``, fsync it, then rename it over ``path``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(handle, "w", encoding="utf-8") as file:
+            file.write(text)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise

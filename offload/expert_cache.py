@@ -1,0 +1,183 @@
+"""The device tier: a fixed number of expert slots per layer, each layer with its own LRU.
+
+A slot is a device byte buffer of the layer's layout size plus the Expert materialized from it.
+The cache is inclusive: the host store keeps every expert, so an eviction copies nothing back.
+Loads go through a link; the cache never decides *what* to load, only *where* (the least
+recently used slot that holds no protected expert). ``OffloadedExperts`` is the policy.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Collection, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from offload.errors import CacheError
+from offload.expert_source import Expert
+from offload.experts import unpack_expert
+from offload.link import Link, LinkHandle
+from offload.stats import CacheStats
+from offload.store import HostStore
+
+Materialize = Callable[[dict[str, Tensor]], Expert]  # a slot's tensor views -> a runnable expert
+
+
+@dataclass
+class _Slot:
+    buffer: Tensor  # (layout.nbytes,) uint8 on the device
+    expert: int | None = None
+    handle: LinkHandle | None = None  # the copy into buffer, until someone has waited on it
+    materialized: Expert | None = None  # built from buffer once the copy is waited on
+    prefetched: bool = False  # a prefetch brought the expert in and nobody has used it yet
+    load_number: int = 0  # increases with every load: the link delivers in this order
+
+
+@dataclass
+class _LayerSlots:
+    slots: list[_Slot]
+    lru: OrderedDict[int, _Slot]  # expert -> its slot, least recently used first
+
+
+def slot_counts(experts_per_layer: int | Sequence[int], num_layers: int, num_experts: int) -> tuple[int, ...]:
+    """Validate ``experts_per_layer`` (one count, or one per layer) into one count per layer."""
+    if isinstance(experts_per_layer, (list, tuple)):
+        counts = list(experts_per_layer)
+        if len(counts) != num_layers:
+            raise CacheError(
+                f"experts_per_layer lists {len(counts)} values but the model has {num_layers} layers; "
+                "give one number, or one per layer"
+            )
+    else:
+        counts = [experts_per_layer] * num_layers
+    for layer, count in enumerate(counts):
+        if isinstance(count, bool) or not isinstance(count, int) or not 1 <= count <= num_experts:
+            raise CacheError(
+                f"experts_per_layer must be a whole number from 1 to {num_experts} (the experts per layer), "
+                f"got {count!r} for layer {layer}"
+            )
+    return tuple(counts)
+
+
+class ExpertCache:
+    """``experts_per_layer`` device slots per layer, filled from ``store`` through ``link``.
+
+    ``materialize`` turns the views of a slot's buffer into a runnable Expert (for dense experts,
+    ``offload.experts.materialize_dense``); it runs once per load, after the copy is waited on.
+    Give one per layer when layers are encoded differently (mixed-bit experts).
+    """
+
+    def __init__(
+        self,
+        store: HostStore,
+        experts_per_layer: int | Sequence[int],
+        link: Link,
+        materialize: Materialize | Sequence[Materialize],
+        device: torch.device | str = "cpu",
+    ) -> None:
+        self.store = store
+        self.link = link
+        if callable(materialize):
+            materialize = [materialize] * store.num_layers
+        if len(materialize) != store.num_layers:
+            raise CacheError(f"got {len(materialize)} materialize functions for {store.num_layers} layers")
+        self.materialize = list(materialize)
+        self.experts_per_layer = slot_counts(experts_per_layer, store.num_layers, store.num_experts)
+        self._layers = []
+        for layer, count in enumerate(self.experts_per_layer):
+            nbytes = store.layout(layer).nbytes
+            slots = [_Slot(torch.zeros(nbytes, dtype=torch.uint8, device=device)) for _ in range(count)]
+            self._layers.append(_LayerSlots(slots, OrderedDict()))
+        self.stats = CacheStats(store.num_layers)
+        self._loads_begun = 0
+
+    @property
+    def num_layers(self) -> int:
+        return len(self._layers)
+
+    @property
+    def nbytes(self) -> int:
+        """Device bytes held by all slots."""
+        return sum(slot.buffer.numel() for layer in self._layers for slot in layer.slots)
+
+    def resident(self, layer: int) -> list[int]:
+        """The experts in ``layer``'s slots (loaded or arriving), least recently used first."""
+        return list(self._layers[layer].lru)
+
+    def contains(self, layer: int, expert: int) -> bool:
+        """Whether ``expert`` is in a slot of ``layer``, loaded or still arriving."""
+        return expert in self._layers[layer].lru
+
+    def is_ready(self, layer: int, expert: int) -> bool:
+        """Whether ``acquire`` would return without waiting on the link; the expert must be contained."""
+        handle = self._layers[layer].lru[expert].handle
+        return handle is None or self.link.is_done(handle)
+
+    def load_number(self, layer: int, expert: int) -> int:
+        """The contained expert's load order: the link delivers lower numbers first."""
+        return self._layers[layer].lru[expert].load_number
+
+    def lookup(self, layer: int, expert: int) -> bool:
+        """Count one access to ``expert``; True (a hit) when it is in a slot, loaded or arriving."""
+        stats = self.stats.layers[layer]
+        hit = self.contains(layer, expert)
+        stats.accesses += 1
+        stats.hits += hit
+        stats.misses += not hit
+        return hit
+
+    def load(self, layer: int, expert: int, protected: Collection[int] = (), prefetch: bool = False) -> bool:
+        """Start copying ``expert`` into a free slot, or else into the least recently used slot whose
+        expert is not in ``protected``. Returns False, loading nothing, when every slot is protected.
+
+        The loaded expert becomes the most recently used one.
+        """
+        assert not self.contains(layer, expert), "load only experts that are not in a slot"
+        slots = self._layers[layer]
+        slot = next((s for s in slots.slots if s.expert is None), None)
+        if slot is None:
+            victim = next((e for e in slots.lru if e not in protected), None)
+            if victim is None:
+                return False
+            slot = slots.lru.pop(victim)
+            self.stats.layers[layer].wasted_prefetches += slot.prefetched
+        self._loads_begun += 1
+        slot.expert, slot.materialized, slot.prefetched = expert, None, prefetch
+        slot.load_number = self._loads_begun
+        slot.handle = self.link.submit(self.store.buffer(layer, expert), slot.buffer)
+        slots.lru[expert] = slot
+        stats = self.stats.layers[layer]
+        stats.loads += 1
+        stats.prefetch_loads += prefetch
+        stats.bytes_moved += slot.buffer.numel()
+        return True
+
+    def acquire(self, layer: int, expert: int) -> Expert:
+        """The contained ``expert``, ready to run: waits for its copy if needed and marks it used."""
+        slots = self._layers[layer]
+        slot = slots.lru[expert]
+        stats = self.stats.layers[layer]
+        if slot.handle is not None:
+            started = time.perf_counter()
+            self.link.wait(slot.handle)
+            stats.wait_seconds += time.perf_counter() - started
+            slot.handle = None
+        if slot.materialized is None:
+            slot.materialized = self.materialize[layer](unpack_expert(slot.buffer, self.store.layout(layer)))
+        if slot.prefetched:
+            stats.prefetch_hits += 1
+            slot.prefetched = False
+        slots.lru.move_to_end(expert)
+        return slot.materialized
+
+    def touch(self, layer: int, experts: Sequence[int]) -> None:
+        """Mark the contained ``experts`` as the most recently used, the last one most recent."""
+        for expert in experts:
+            self._layers[layer].lru.move_to_end(expert)
+
+    def reset_stats(self) -> None:
+        """Zero the counters; the slots keep their experts."""
+        self.stats.reset()

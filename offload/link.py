@@ -1,0 +1,209 @@
+"""Moving expert bytes from the host tier to the device tier.
+
+One interface, ``submit(src, dst) -> handle`` then ``wait(handle)``:
+- ``LocalLink``: a plain synchronous copy (CPU).
+- ``EmulatedLink``: really copies on a worker thread, but a copy completes only after
+  ``latency + bytes / bandwidth`` on a serial link, so copies overlap compute as over PCIe.
+- ``CudaLink``: a dedicated copy stream and events; waiting never blocks the host.
+
+Every link completes copies in submission order, so a later copy into the same ``dst`` wins.
+Each link counts the bytes it moved and the seconds its callers spent blocked in ``wait``.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+
+import torch
+from torch import Tensor
+
+from offload.errors import CacheError
+
+LINK_FORMS = "'local', 'emulated:GBPS[:LATENCY_US]' (e.g. emulated:12 or emulated:12:5) or 'cuda'"
+
+
+class LinkHandle:
+    """A copy submitted to a link; pass it back to the same link's ``wait`` or ``is_done``."""
+
+    def __init__(self, nbytes: int) -> None:
+        self.nbytes = nbytes
+
+
+class Link:
+    """The common part of every link: argument checks and the counters."""
+
+    def __init__(self) -> None:
+        self.bytes_moved = 0  # bytes of every copy submitted
+        self.copies = 0  # copies submitted
+        self.wait_seconds = 0.0  # host seconds spent blocked in wait()
+
+    def submit(self, src: Tensor, dst: Tensor) -> LinkHandle:
+        """Start copying ``src`` into ``dst`` (same shape and dtype); returns at once where it can."""
+        if src.shape != dst.shape or src.dtype != dst.dtype:
+            raise ValueError(f"cannot copy {src.dtype}{list(src.shape)} into {dst.dtype}{list(dst.shape)}")
+        nbytes = src.numel() * src.element_size()
+        self.bytes_moved += nbytes
+        self.copies += 1
+        return self._submit(src, dst, nbytes)
+
+    def wait(self, handle: LinkHandle) -> None:
+        """Return once ``dst`` of ``handle`` may be read by work issued after this call."""
+        started = time.perf_counter()
+        self._wait(handle)
+        self.wait_seconds += time.perf_counter() - started
+
+    def is_done(self, handle: LinkHandle) -> bool:
+        """Whether ``wait(handle)`` would return without blocking."""
+        return True
+
+    def close(self) -> None:
+        """Release threads or streams; the link cannot be used afterwards."""
+
+    def _submit(self, src: Tensor, dst: Tensor, nbytes: int) -> LinkHandle:
+        raise NotImplementedError
+
+    def _wait(self, handle: LinkHandle) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Link:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+class LocalLink(Link):
+    """A synchronous ``dst.copy_(src)``: the copy is done when ``submit`` returns."""
+
+    def _submit(self, src: Tensor, dst: Tensor, nbytes: int) -> LinkHandle:
+        dst.copy_(src)
+        return LinkHandle(nbytes)
+
+    def _wait(self, handle: LinkHandle) -> None:
+        pass
+
+
+class _EmulatedHandle(LinkHandle):
+    def __init__(self, nbytes: int, done_at: float) -> None:
+        super().__init__(nbytes)
+        self.done_at = done_at  # perf_counter() time at which the emulated link delivers the bytes
+        self.copied = threading.Event()  # set by the worker once the bytes are really in dst
+        self.error: BaseException | None = None
+
+
+class EmulatedLink(Link):
+    """A serial link of ``gbps`` GB/s (1e9 bytes/s) with ``latency_us`` per copy, emulated on a CPU.
+
+    A worker thread really copies; a copy completes at
+    ``max(submit time, previous copy's completion) + latency + bytes / bandwidth``.
+    """
+
+    def __init__(self, gbps: float, latency_us: float = 0.0) -> None:
+        if not gbps > 0 or not latency_us >= 0:
+            raise CacheError(f"emulated link needs gbps > 0 and latency_us >= 0, got {gbps} and {latency_us}")
+        super().__init__()
+        self.gbps = gbps
+        self.latency_us = latency_us
+        self._link_free_at = 0.0  # when the emulated link finishes the last submitted copy
+        self._queue: queue.SimpleQueue[tuple[Tensor, Tensor, _EmulatedHandle] | None] = queue.SimpleQueue()
+        self._worker = threading.Thread(target=self._copy_forever, name="EmulatedLink", daemon=True)
+        self._closed = False
+        self._worker.start()
+
+    def _copy_forever(self) -> None:
+        while (job := self._queue.get()) is not None:
+            src, dst, handle = job
+            try:
+                dst.copy_(src)
+            except BaseException as error:  # handed to the waiter, which re-raises it
+                handle.error = error
+            handle.copied.set()
+
+    def _submit(self, src: Tensor, dst: Tensor, nbytes: int) -> LinkHandle:
+        if self._closed:
+            raise RuntimeError("EmulatedLink is closed")
+        starts = max(time.perf_counter(), self._link_free_at)
+        self._link_free_at = starts + self.latency_us * 1e-6 + nbytes / (self.gbps * 1e9)
+        handle = _EmulatedHandle(nbytes, self._link_free_at)
+        self._queue.put((src, dst, handle))
+        return handle
+
+    def _wait(self, handle: LinkHandle) -> None:
+        assert isinstance(handle, _EmulatedHandle), "handle comes from another link"
+        handle.copied.wait()
+        if handle.error is not None:
+            raise handle.error
+        remaining = handle.done_at - time.perf_counter()
+        if remaining > 0:
+            time.sleep(remaining)
+
+    def is_done(self, handle: LinkHandle) -> bool:
+        assert isinstance(handle, _EmulatedHandle), "handle comes from another link"
+        return handle.copied.is_set() and time.perf_counter() >= handle.done_at
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self._queue.put(None)  # after every queued copy, so pending copies still land
+            self._worker.join()
+
+
+class _CudaHandle(LinkHandle):
+    def __init__(self, nbytes: int, event: torch.cuda.Event) -> None:
+        super().__init__(nbytes)
+        self.event = event
+
+
+class CudaLink(Link):
+    """Host-to-device copies on a dedicated stream; ``wait`` orders the compute stream after the copy.
+
+    ``src`` should be pinned so the copy is truly asynchronous.
+    """
+
+    def __init__(self, device: torch.device | str | None = None) -> None:
+        super().__init__()
+        self.device = torch.device(device if device is not None else "cuda")
+        self.stream = torch.cuda.Stream(self.device)
+
+    def _submit(self, src: Tensor, dst: Tensor, nbytes: int) -> LinkHandle:
+        # dst is a cache slot that kernels already queued on the compute stream may still read.
+        self.stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(self.stream):
+            dst.copy_(src, non_blocking=True)
+            event = self.stream.record_event()
+        return _CudaHandle(nbytes, event)
+
+    def _wait(self, handle: LinkHandle) -> None:
+        assert isinstance(handle, _CudaHandle), "handle comes from another link"
+        torch.cuda.current_stream(self.device).wait_event(handle.event)
+
+    def is_done(self, handle: LinkHandle) -> bool:
+        assert isinstance(handle, _CudaHandle), "handle comes from another link"
+        return handle.event.query()
+
+    def close(self) -> None:
+        self.stream.synchronize()
+
+
+def parse_link(spec: str) -> Link:
+    """Build a link from ``local``, ``emulated:GBPS[:LATENCY_US]`` or ``cuda``."""
+    kind, _, params = spec.strip().partition(":")
+    if kind == "local" and not params:
+        return LocalLink()
+    if kind == "cuda" and not params:
+        if not torch.cuda.is_available():
+            raise CacheError(
+                "link 'cuda' needs a CUDA GPU, and torch sees none; use 'local' or 'emulated:GBPS'"
+            )
+        return CudaLink()
+    if kind == "emulated" and params:
+        numbers = params.split(":")
+        try:
+            values = [float(n) for n in numbers]
+        except ValueError:
+            values = []
+        if len(numbers) <= 2 and len(values) == len(numbers) and values[0] > 0 and values[-1] >= 0:
+            return EmulatedLink(*values)
+    raise CacheError(f"bad link {spec!r}: expected {LINK_FORMS}, with GBPS > 0 and LATENCY_US >= 0")

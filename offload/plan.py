@@ -1,0 +1,343 @@
+"""Memory planning: bytes per tier and a predicted decode speed, from config.json alone.
+
+No weight is read. Byte counts come from the quantization specs (the profile's, or the ``quantization``
+block that ``offload convert`` wrote into config.json, which wins because it describes the stored weights).
+
+Predicted decode speed, an estimate (per token, summed over layers l; E experts, top_k chosen):
+    p_l       = min(1, K_l / E)                          chance a chosen expert sits in one of K_l slots
+    hit_l     = p_l + LOCALITY_BONUS · p_l · (1 - p_l)   LRU beats chance: consecutive tokens reuse experts
+    misses_l  = top_k · (1 - hit_l)
+    link_l    = misses_l · expert_bytes_l / link bandwidth
+    compute_l = LAYER_OVERHEAD_S + active weights of a layer / WEIGHTS_PER_S
+    hidden_l  = min(recall · link_l, compute_l / 2)      prefetched copies overlap the experts' half of a layer
+    t_l       = compute_l + link_l - hidden_l
+    tok/s     = 1 / (Σ t_l + lm_head weights / WEIGHTS_PER_S)
+with recall = min(1, PREFETCH_RECALL · guesses / top_k), 0 without prefetch. Wrong guesses are taken to
+cost no link time. With the CUDA constants below the formula gives the eight "full" and "without prefetch"
+figures of arXiv 2312.17238 (A100, RTX 3080 Mobile, RTX 3060, T4; 66 MB experts; their K) within 30%.
+``offload bench`` measures the real figures.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Any
+
+import torch
+
+from offload.config import ModelConfig
+from offload.errors import ConfigError, ProfileError, QuantError
+from offload.profile import CacheSettings, Profile
+from offload.quant.codec import expert_nbytes
+from offload.quant.linear import matrix_nbytes
+from offload.quant.spec import QuantSpec
+
+GIB = 1024**3
+# CUDA context, cuBLAS workspace and allocator fragmentation: what a CUDA process holds beyond its tensors.
+CUDA_RESERVE_BYTES = 512 * 1024**2
+PREFILL_CHUNK = 512  # tokens per prefill step; bounds the activations of a long prompt
+LOCALITY_BONUS = 0.3
+PREFETCH_RECALL = 0.6  # share of needed experts that top_k guesses catch one layer ahead (assumed)
+LAYER_OVERHEAD_S = {"cuda": 2e-3, "cpu": 0.5e-3}  # Python, kernel launches, the one host sync per layer
+# Active weights a decode step gets through per second. Quantized kernels cost per weight (dequantize, then
+# multiply) whatever the bit width, so this counts weights, not bytes. CPU: 2 cores run dense bf16 at about
+# 8e9 and hqq (dequantize on every call) at about 1.3e9 (FACTS.md); cached dequantized experts sit between.
+WEIGHTS_PER_S = {"cuda": 50e9, "cpu": 2e9}
+
+
+@dataclass(frozen=True)
+class DenseBytes:
+    """Device bytes of everything but the experts."""
+
+    attention: int  # q, k, v, o of every layer
+    gate: int  # every layer's router
+    norms: int  # two RMSNorms per layer and the final one
+    embed: int
+    lm_head: int  # 0 when tied to the embedding
+
+    @property
+    def total(self) -> int:
+        return self.attention + self.gate + self.norms + self.embed + self.lm_head
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    """Bytes per tier for one model, profile and context, and the predicted decode speed."""
+
+    model: str  # where config.json was read
+    profile: str
+    device_kind: str
+    context: int  # KV cache length in tokens
+    compute_dtype: str
+    experts_per_layer: tuple[int, ...]  # K_l after "auto" / "all" resolution
+    expert_specs: tuple[str, ...]  # per layer
+    expert_bytes: tuple[int, ...]  # one expert's stored bytes, per layer
+    num_local_experts: int
+    dense: DenseBytes
+    kv_cache_bytes: int
+    workspace_bytes: int
+    budget_bytes: int
+    link_gbps: float
+    expected_hit_rate: float  # mean over layers, from the formula in the module docstring
+    miss_bytes_per_token: int
+    predicted_tok_s: float  # an estimate, not a measurement
+
+    @property
+    def expert_slot_bytes(self) -> int:
+        return sum(k * size for k, size in zip(self.experts_per_layer, self.expert_bytes, strict=True))
+
+    @property
+    def device_bytes(self) -> int:
+        return self.dense.total + self.expert_slot_bytes + self.kv_cache_bytes + self.workspace_bytes
+
+    @property
+    def host_bytes(self) -> int:
+        """Every expert of every layer: the host tier is inclusive."""
+        return self.num_local_experts * sum(self.expert_bytes)
+
+    @property
+    def needed_bytes(self) -> int:
+        """What must fit the budget: the device tier, plus the host tier on a CPU, where both share the RAM."""
+        return self.device_bytes + (self.host_bytes if self.device_kind == "cpu" else 0)
+
+    @property
+    def fits(self) -> bool:
+        return self.needed_bytes <= self.budget_bytes
+
+    def rows(self) -> list[tuple[str, str, int, str]]:
+        """(tier, item, bytes, note) for a table."""
+        ks = sorted(set(self.experts_per_layer))
+        k_text = str(ks[0]) if len(ks) == 1 else f"{min(ks)}..{max(ks)}"
+        specs = ", ".join(sorted(set(self.expert_specs)))
+        total = sum(self.experts_per_layer)
+        shared = ", in the same RAM as the device tier" if self.device_kind == "cpu" else ""
+        return [
+            ("device", "attention", self.dense.attention, "q, k, v, o"),
+            ("device", "embed + lm_head", self.dense.embed + self.dense.lm_head, ""),
+            ("device", "gates + norms", self.dense.gate + self.dense.norms, ""),
+            (
+                "device",
+                "expert slots",
+                self.expert_slot_bytes,
+                f"K = {k_text} per layer, {total} slots, {specs}",
+            ),
+            ("device", "KV cache", self.kv_cache_bytes, f"{self.context} tokens, {self.compute_dtype}"),
+            ("device", "workspace", self.workspace_bytes, "activations, dequant scratch, runtime reserve"),
+            ("device", "total", self.device_bytes, f"budget {self.budget_bytes / GIB:.2f} GiB"),
+            ("host", "all experts", self.host_bytes, f"{self.num_local_experts} per layer{shared}"),
+        ]
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-ready: every field, the derived totals, and the rows."""
+        out: dict[str, Any] = {name: getattr(self, name) for name in self.__dataclass_fields__}
+        out["dense"] = {**vars(self.dense), "total": self.dense.total}
+        for name in ("experts_per_layer", "expert_specs", "expert_bytes"):
+            out[name] = list(out[name])
+        out.update(
+            expert_slot_bytes=self.expert_slot_bytes,
+            device_bytes=self.device_bytes,
+            needed_bytes=self.needed_bytes,
+            host_bytes=self.host_bytes,
+            fits=self.fits,
+            predicted_tok_s_is_estimate=True,
+        )
+        return out
+
+
+def plan_memory(
+    config: ModelConfig,
+    profile: Profile,
+    context: int,
+    free_memory_bytes: int | None = None,
+    *,
+    compute_dtype: str | None = None,
+    source: str = "config.json",
+) -> MemoryPlan:
+    """Plan the device and host tiers of ``config`` under ``profile`` with a KV cache of ``context`` tokens.
+
+    The budget is the profile's ``device.memory_gib``, capped by ``free_memory_bytes`` when given; an
+    ``auto`` profile fills it (``resolve_auto_experts``).
+    """
+    resolved = profile.for_model(config)
+    dtype_name = compute_dtype or config.torch_dtype
+    dtype = getattr(torch, dtype_name)
+    specs = _role_specs(config, profile, resolved.expert_specs)
+    try:
+        dense = _dense_bytes(config, specs, dtype)
+        d, f = config.hidden_size, config.intermediate_size
+        expert_bytes = tuple(expert_nbytes(spec, d, f, dtype) for spec in specs["layers"])
+    except QuantError as err:  # e.g. a group size that does not divide this model's rows
+        raise QuantError(f"{specs['where']}: {err}") from None
+    kv = kv_cache_bytes(config, context, dtype)
+    workspace = workspace_bytes(config, profile.device.kind, context, dtype, specs["layers"])
+    budget = budget_bytes(profile, free_memory_bytes)
+    if resolved.experts_per_layer is None:
+        ks = _fill(budget - dense.total - kv - workspace, expert_bytes, config.num_local_experts, profile)
+    else:
+        ks = resolved.experts_per_layer
+    hit, miss_bytes, tok_s = _predict(config, profile, ks, expert_bytes)
+    return MemoryPlan(
+        model=source,
+        profile=profile.name,
+        device_kind=profile.device.kind,
+        context=context,
+        compute_dtype=dtype_name,
+        experts_per_layer=tuple(ks),
+        expert_specs=tuple(str(spec) for spec in specs["layers"]),
+        expert_bytes=expert_bytes,
+        num_local_experts=config.num_local_experts,
+        dense=dense,
+        kv_cache_bytes=kv,
+        workspace_bytes=workspace,
+        budget_bytes=budget,
+        link_gbps=profile.device.link_gbps,
+        expected_hit_rate=hit,
+        miss_bytes_per_token=miss_bytes,
+        predicted_tok_s=tok_s,
+    )
+
+
+def resolve_auto_experts(
+    config: ModelConfig,
+    profile: Profile,
+    free_memory_bytes: int | None,
+    *,
+    context: int | None = None,
+    compute_dtype: str | None = None,
+) -> list[int]:
+    """The largest K per layer (≤ E) whose slots fill the budget left after dense weights, KV and workspace.
+
+    Slots are handed out one per layer in turn, so K differs by at most one between layers of equal
+    expert size; a layer whose next slot does not fit is skipped while a smaller one still fits.
+    """
+    auto = replace(profile, cache=CacheSettings("auto"))
+    context = context or default_context(config, profile)
+    plan = plan_memory(config, auto, context, free_memory_bytes, compute_dtype=compute_dtype)
+    return list(plan.experts_per_layer)
+
+
+def budget_bytes(profile: Profile, free_memory_bytes: int | None) -> int:
+    """The profile's memory budget, capped by the free memory when it is known."""
+    limits = [int(profile.device.memory_gib * GIB)] if profile.device.memory_gib is not None else []
+    if free_memory_bytes is not None:
+        limits.append(free_memory_bytes)
+    if not limits:
+        raise ProfileError(
+            f"{profile.source}: device.memory_gib is not set, so the budget is the free device memory; "
+            "none was measured (pass --free-gib, e.g. --free-gib 11.5)"
+        )
+    return min(limits)
+
+
+def kv_cache_bytes(config: ModelConfig, context: int, dtype: torch.dtype) -> int:
+    """Keys and values of every layer for ``context`` tokens."""
+    per_token = 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim
+    return per_token * context * dtype.itemsize
+
+
+def workspace_bytes(
+    config: ModelConfig, kind: str, context: int, dtype: torch.dtype, expert_specs: list[QuantSpec]
+) -> int:
+    """Transient device memory: one prefill chunk's activations and attention scores, the dense copy of one
+    quantized expert while it runs, fp32 logits, and on CUDA the runtime's own reserve."""
+    hidden, ffn = config.hidden_size, config.intermediate_size
+    chunk = min(PREFILL_CHUNK, context)
+    # fp32 upper bound: residual, normed input, q/k/v/o and the two SwiGLU halves of one chunk.
+    activations = chunk * (4 * hidden + 2 * ffn) * 4
+    scores = config.num_attention_heads * chunk * context * 4  # SDPA kernels may not materialise these
+    quantized = any(spec.backend != "none" for spec in expert_specs)
+    dequant = 3 * hidden * ffn * dtype.itemsize if quantized else 0
+    logits = config.vocab_size * 4
+    reserve = CUDA_RESERVE_BYTES if kind == "cuda" else 0
+    return activations + scores + dequant + logits + reserve
+
+
+def _role_specs(config: ModelConfig, profile: Profile, layer_specs: tuple[str, ...]) -> dict[str, Any]:
+    """Parsed specs per role and per layer; a converted checkpoint's block overrides the profile."""
+    block = config.quantization or {}
+    try:  # the same keys as a profile's [quant] table; layer -1 is the last one
+        raw = block.get("experts_overrides") or {}
+        overrides = {int(layer) % config.num_hidden_layers: spec for layer, spec in raw.items()}
+    except (AttributeError, TypeError, ValueError):
+        raise ConfigError(f"config.json: quantization = {block!r} is not a table of role specs") from None
+    if "experts" in block:
+        layer_specs = tuple(
+            overrides.get(layer, block["experts"]) for layer in range(config.num_hidden_layers)
+        )
+    where = "config.json: quantization" if block else f"{profile.source}: quant"
+    specs: dict[str, Any] = {
+        role: QuantSpec.parse(block.get(role, getattr(profile.quant, role)), where=f"{where}.{role}")
+        for role in ("attention", "gate", "embed", "lm_head")
+    }
+    specs["layers"] = [QuantSpec.parse(text, where=f"{where}.experts") for text in layer_specs]
+    specs["where"] = where
+    return specs
+
+
+def _dense_bytes(config: ModelConfig, specs: dict[str, Any], dtype: torch.dtype) -> DenseBytes:
+    d, layers, hd = config.hidden_size, config.num_hidden_layers, config.head_dim
+    q_out, kv_out = config.num_attention_heads * hd, config.num_key_value_heads * hd
+    shapes = [(q_out, d), (kv_out, d), (kv_out, d), (d, q_out)]
+    attention = layers * sum(matrix_nbytes(specs["attention"], shape, dtype) for shape in shapes)
+    gate = layers * matrix_nbytes(specs["gate"], (config.num_local_experts, d), dtype)
+    norms = (2 * layers + 1) * d * dtype.itemsize
+    embed = matrix_nbytes(specs["embed"], (config.vocab_size, d), dtype)
+    lm_head = (
+        0 if config.tie_word_embeddings else matrix_nbytes(specs["lm_head"], (config.vocab_size, d), dtype)
+    )
+    return DenseBytes(attention=attention, gate=gate, norms=norms, embed=embed, lm_head=lm_head)
+
+
+def _fill(room: int, expert_bytes: tuple[int, ...], experts: int, profile: Profile) -> list[int]:
+    """Hand out slots one layer at a time, fewest slots first, while they fit in ``room`` bytes."""
+    ks, need = [1] * len(expert_bytes), sum(expert_bytes)
+    if room < need:
+        raise ProfileError(
+            f'{profile.source}: cache.experts_per_layer = "auto": the budget leaves {max(room, 0) / GIB:.2f} GiB '
+            f"for experts, and one per layer needs {need / GIB:.2f} GiB; use a smaller --context or more memory"
+        )
+    room -= need
+    while True:
+        grown = False
+        for layer in sorted(range(len(ks)), key=lambda i: (ks[i], i)):
+            if ks[layer] < experts and expert_bytes[layer] <= room:
+                ks[layer] += 1
+                room -= expert_bytes[layer]
+                grown = True
+                break
+        if not grown:
+            return ks
+
+
+def _predict(
+    config: ModelConfig,
+    profile: Profile,
+    ks: tuple[int, ...] | list[int],
+    expert_bytes: tuple[int, ...],
+) -> tuple[float, int, float]:
+    """(mean expected hit rate, expected bytes moved per token, predicted tok/s): see the module docstring."""
+    kind, top_k, experts = profile.device.kind, config.num_experts_per_tok, config.num_local_experts
+    link_bps = profile.device.link_gbps * 1e9
+    rate, overhead = WEIGHTS_PER_S[kind], LAYER_OVERHEAD_S[kind]
+    d, f = config.hidden_size, config.intermediate_size
+    q_out, kv_out = config.num_attention_heads * config.head_dim, config.num_key_value_heads * config.head_dim
+    # Quantized kernels cost per weight (dequantize, then multiply), whatever the bit width.
+    active = 2 * d * (q_out + kv_out) + top_k * 3 * d * f
+    guesses = profile.prefetch.experts if profile.prefetch.enabled else 0
+    recall = min(1.0, PREFETCH_RECALL * guesses / top_k)
+    hits, moved, seconds = [], 0.0, config.vocab_size * d / rate
+    for k, size in zip(ks, expert_bytes, strict=True):
+        p = min(1.0, k / experts)
+        hit = p + LOCALITY_BONUS * p * (1 - p)
+        miss_bytes = top_k * (1 - hit) * size
+        link = miss_bytes / link_bps
+        compute = overhead + active / rate
+        seconds += compute + link - min(recall * link, compute / 2)
+        hits.append(hit)
+        moved += miss_bytes
+    return sum(hits) / len(hits), round(moved), 1.0 / seconds
+
+
+def default_context(config: ModelConfig, profile: Profile) -> int:
+    """The profile's ``generation.context``, else 4096 tokens (or the model's window if shorter)."""
+    return profile.generation.context or min(4096, config.max_position_embeddings)

@@ -1,0 +1,115 @@
+"""How one expert is stored and run: three matrices (w1, w3: (F, D); w2: (D, F)) as one dict of plain tensors.
+
+The dict holds the codes and every piece of metadata as tensors named ``w1.<key>``, ``w2.<key>``, ``w3.<key>``,
+so it can be packed into one contiguous byte buffer, moved, viewed back and saved to safetensors, and
+``materialize`` rebuilds the expert from that alone. Shapes are read from tensor shapes, never tensor values.
+
+Shapes: T tokens, D hidden, F expert width.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from offload.errors import QuantError
+from offload.expert_source import DenseExpert, Expert
+from offload.quant.linear import build_linear, dequantize_linear, matrix_nbytes, quantize_linear
+from offload.quant.spec import QuantSpec
+
+MATRICES = ("w1", "w2", "w3")  # gate projection, down projection, up projection (the hub's names)
+
+
+class ExpertCodec(Protocol):
+    """Encodes an expert's float weights to tensors, and rebuilds a runnable expert from them."""
+
+    spec: QuantSpec
+
+    def encode(self, w1: Tensor, w2: Tensor, w3: Tensor) -> dict[str, Tensor]:
+        """Float weights in the hub's layout -> contiguous CPU tensors named ``w1.<key>``, ..."""
+        ...
+
+    def materialize(self, tensors: dict[str, Tensor], dtype: torch.dtype, device: torch.device) -> Expert:
+        """The tensors ``encode`` made (or views of them) -> a deterministic (T, D) -> (T, D) callable."""
+        ...
+
+
+class QuantizedExpert:
+    """A SwiGLU expert over three linear modules that keep their codes quantized (the CUDA path)."""
+
+    def __init__(self, w1: nn.Module, w2: nn.Module, w3: nn.Module) -> None:
+        self.w1, self.w2, self.w3 = w1, w2, w3
+
+    def __call__(self, x: Tensor) -> Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class MatrixCodec:
+    """The ExpertCodec for every backend: each of w1, w2, w3 quantized on its own by ``linear.py``."""
+
+    def __init__(self, spec: QuantSpec) -> None:
+        self.spec = spec
+
+    def __repr__(self) -> str:
+        return f"MatrixCodec({self.spec})"
+
+    def encode(self, w1: Tensor, w2: Tensor, w3: Tensor, *, where: str = "expert") -> dict[str, Tensor]:
+        """Quantize w1, w3 (F, D) and w2 (D, F) on the CPU with the backend's quantizer.
+
+        ``where`` names the expert (e.g. ``layers.3.experts.5``) in errors.
+        """
+        ffn, hidden = w1.shape if w1.dim() == 2 else (-1, -1)
+        if tuple(w3.shape) != (ffn, hidden) or tuple(w2.shape) != (hidden, ffn):
+            raise QuantError(
+                f"{where}: expected w1 and w3 of shape (F, D) and w2 of shape (D, F), got "
+                f"w1 {tuple(w1.shape)}, w2 {tuple(w2.shape)}, w3 {tuple(w3.shape)}"
+            )
+        tensors = {}
+        for name, weight in zip(MATRICES, (w1, w2, w3), strict=True):
+            for key, tensor in quantize_linear(weight, self.spec, name=f"{where}.{name}").items():
+                tensors[f"{name}.{key}"] = tensor
+        return tensors
+
+    def materialize(
+        self, tensors: dict[str, Tensor], dtype: torch.dtype, device: torch.device | str
+    ) -> Expert:
+        """Rebuild the expert on ``device``, computing in ``dtype``.
+
+        On CUDA the matrices stay quantized and run the library's kernels. Elsewhere they are dequantized once
+        into a DenseExpert, so that a cached expert costs a dense matmul rather than a dequantization per call
+        (hqq's CPU forward dequantizes at every call, ~16-20 ms per expert). With ``none`` in the stored dtype
+        the DenseExpert's weights are the given tensors themselves, not copies.
+        """
+        device = torch.device(device)
+        parts = [_matrix(tensors, name) for name in MATRICES]
+        if device.type == "cuda" and self.spec.backend != "none":
+            return QuantizedExpert(*(build_linear(part, self.spec, dtype, device) for part in parts))
+        return DenseExpert(
+            *(
+                dequantize_linear(part, self.spec, dtype, device, name=name)
+                for name, part in zip(MATRICES, parts, strict=True)
+            )
+        )
+
+
+def _matrix(tensors: dict[str, Tensor], name: str) -> dict[str, Tensor]:
+    """The tensors of one matrix, with the ``name.`` prefix stripped."""
+    prefix = f"{name}."
+    return {key[len(prefix) :]: tensor for key, tensor in tensors.items() if key.startswith(prefix)}
+
+
+def codec_for(spec: QuantSpec) -> ExpertCodec:
+    """The codec that stores experts as ``spec`` says."""
+    return MatrixCodec(spec)
+
+
+def expert_nbytes(spec: QuantSpec, hidden: int, ffn: int, dtype: torch.dtype = torch.bfloat16) -> int:
+    """Exact bytes of one encoded expert (all tensors of ``encode``), by arithmetic, without any weights.
+
+    ``dtype`` is the float type of the checkpoint, which is what ``none`` stores; quantized backends ignore it.
+    """
+    up = matrix_nbytes(spec, (ffn, hidden), dtype)  # w1 and w3
+    return 2 * up + matrix_nbytes(spec, (hidden, ffn), dtype)

@@ -1,0 +1,164 @@
+"""The hqq backend: hqq's own quantizer and bit packing, our storage.
+
+One (out, in) matrix is stored as three tensors:
+- ``W_q``: hqq's packed codes (uint8 for 2, 4, 8 bits; int32 holding ten 3-bit codes for 3 bits);
+- ``scale``, ``zero``: fp16, shape (out, in / group_size), one pair per group of ``group_size`` weights of a row.
+
+Groups run along a row (hqq's ``axis=1``, its current default and the layout its fast kernels want). We require
+``group_size`` to divide the row length, stricter than hqq's "divides the element count": no group then mixes two
+output channels, and the matrix shape is read off ``scale``'s shape, so rebuilding never reads a tensor's
+values back to the host (a device sync on CUDA). fp16 scale and zero are what HQQLinear keeps at its default
+compute dtype.
+
+hqq is imported inside the functions: importing it costs several seconds.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor
+
+from offload.errors import QuantError
+from offload.quant.spec import HQQ_GROUP_SIZES
+
+if TYPE_CHECKING:
+    from offload.quant.spec import QuantSpec
+
+AXIS = 1  # groups along the input dimension (see the module docstring)
+META_DTYPE = torch.float16  # scale and zero
+
+
+def keys(spec: QuantSpec) -> tuple[str, ...]:
+    """The tensor names ``quantize`` returns."""
+    return ("W_q", "scale", "zero")
+
+
+def _codes_per_row(bits: int) -> int:
+    """How many groups' codes hqq packs into one stored row (3-bit: ten codes per int32)."""
+    return {8: 1, 4: 2, 3: 10, 2: 4}[bits]
+
+
+def _allowed_groups(spec: QuantSpec, shape: tuple[int, int]) -> list[int]:
+    out_features, in_features = shape
+    allowed = []
+    for group_size in HQQ_GROUP_SIZES:
+        groups = out_features * in_features // group_size
+        if in_features % group_size == 0 and (spec.bits == 3 or groups % _codes_per_row(spec.bits) == 0):
+            allowed.append(group_size)
+    return allowed
+
+
+def check(spec: QuantSpec, shape: tuple[int, ...], name: str) -> None:
+    """Raise QuantError unless ``spec`` can store a matrix of ``shape``."""
+    if len(shape) != 2:
+        raise QuantError(f"{spec} quantizes 2-D weights; {name} has shape {tuple(shape)}")
+    out_features, in_features = shape
+    group_size = spec.group_size
+    groups = out_features * in_features // group_size
+    packed = _codes_per_row(spec.bits)
+    # hqq packs 2- and 4-bit codes by splitting the (groups, group_size) code matrix into equal row blocks;
+    # a remainder would be silently dropped, so refuse it here.
+    if in_features % group_size or (spec.bits != 3 and groups % packed):
+        why = (
+            f"group size {group_size} must divide the row length {in_features}"
+            if in_features % group_size
+            else f"the {groups} groups must split into {packed} equal blocks for {spec.bits}-bit packing"
+        )
+        fits = ", ".join(f"hqq:{spec.bits}:{g}" for g in _allowed_groups(spec, (out_features, in_features)))
+        raise QuantError(
+            f"{spec} cannot quantize {name} of shape {tuple(shape)}: {why}; "
+            + (f"use {fits}" if fits else "no hqq group size fits; use bnb or none")
+        )
+
+
+def nbytes(spec: QuantSpec, shape: tuple[int, int]) -> int:
+    """Exact bytes ``quantize`` stores for a matrix of ``shape``."""
+    check(spec, shape, "weight")
+    out_features, in_features = shape
+    groups = out_features * in_features // spec.group_size
+    if spec.bits == 3:
+        # Rows are zero-padded to a multiple of ten, then ten 3-bit codes share one int32.
+        codes = math.ceil(groups / 10) * spec.group_size * 4
+    else:
+        codes = groups * spec.group_size * spec.bits // 8
+    return codes + 2 * groups * META_DTYPE.itemsize
+
+
+def quantize(weight: Tensor, spec: QuantSpec, name: str) -> dict[str, Tensor]:
+    """Quantize one (out, in) matrix on the CPU with hqq's quantizer (its HQQLinear settings)."""
+    from hqq.core.quantize import Quantizer
+
+    check(spec, tuple(weight.shape), name)
+    out_features, in_features = weight.shape
+    codes, meta = Quantizer.quantize(
+        weight.detach().to("cpu", torch.float32),
+        nbits=spec.bits,
+        channel_wise=True,
+        group_size=spec.group_size,
+        optimize=True,
+        round_zero=spec.bits == 4,  # what hqq_base_quant_config picks
+        axis=AXIS,
+        bitpack=True,
+        view_as_float=False,
+        device="cpu",  # hqq defaults to cuda and asserts without one
+    )
+    groups_per_row = in_features // spec.group_size
+    return {
+        "W_q": codes.contiguous(),
+        "scale": meta["scale"].to(META_DTYPE).reshape(out_features, groups_per_row).contiguous(),
+        "zero": meta["zero"].to(META_DTYPE).reshape(out_features, groups_per_row).contiguous(),
+    }
+
+
+def _meta(tensors: dict[str, Tensor], spec: QuantSpec, dtype: torch.dtype) -> dict:
+    """Rebuild hqq's meta dict from our tensors; scale and zero in ``dtype``, as hqq's (groups, 1) columns."""
+    from hqq.core.quantize import Quantizer
+
+    scale = tensors["scale"]
+    out_features, groups_per_row = scale.shape
+    packing = Quantizer.bit_to_packing[spec.bits]
+    return {
+        "nbits": spec.bits,
+        "group_size": spec.group_size,
+        "shape": torch.Size((out_features, groups_per_row * spec.group_size)),
+        "scale": scale.reshape(-1, 1).to(dtype),
+        "zero": tensors["zero"].reshape(-1, 1).to(dtype),
+        "axis": AXIS,
+        "packing": packing,
+        "unpack_view_dtype": Quantizer.unpack_view_dtype[packing],
+        "view_as_float": False,
+        "quant_scale": False,
+        "quant_zero": False,
+        "compute_dtype": dtype,
+    }
+
+
+def dequantize(tensors: dict[str, Tensor], spec: QuantSpec) -> Tensor:
+    """The fp32 (out, in) matrix, with hqq's dequantizer, on the tensors' device."""
+    from hqq.core.quantize import Quantizer
+
+    # fp32 throughout, then one rounding by the caller: the same result whatever dtype the model runs in.
+    return Quantizer.dequantize(tensors["W_q"], _meta(tensors, spec, torch.float32))
+
+
+def kernel_linear(
+    tensors: dict[str, Tensor], spec: QuantSpec, dtype: torch.dtype, device: torch.device
+) -> torch.nn.Module:
+    """An HQQLinear on ``device`` that keeps the codes and dequantizes in ``dtype`` at each forward."""
+    from hqq.core.quantize import HQQLinear, hqq_base_quant_config
+
+    layer = HQQLinear(
+        None,
+        hqq_base_quant_config(nbits=spec.bits, group_size=spec.group_size, axis=AXIS),
+        compute_dtype=dtype,
+        device=str(device),
+        initialize=False,
+    )
+    # The unencoded state-dict path: load_state_dict stores meta as given, then moves it to the device.
+    state = _meta(tensors, spec, dtype)
+    state["W_q"] = tensors["W_q"].to(device)
+    layer.load_state_dict(state)
+    return layer

@@ -1,0 +1,89 @@
+"""One quantized matrix: quantize it to plain tensors, count its bytes, rebuild it as a bias-free linear.
+
+Used directly for the attention, gate and lm_head roles, and three times per expert by ``codec.py``.
+Every backend module (hqq_backend, bnb_backend, dense) offers the same functions: ``keys``, ``check``,
+``nbytes``, ``quantize``, ``dequantize`` (to fp32, or the stored dtype for ``none``) and ``kernel_linear``.
+"""
+
+from __future__ import annotations
+
+from types import ModuleType
+
+import torch
+from torch import Tensor, nn
+
+from offload.errors import QuantError
+from offload.quant import bnb_backend, dense, hqq_backend
+from offload.quant.dense import DenseLinear
+from offload.quant.spec import QuantSpec
+
+_BACKENDS: dict[str, ModuleType] = {"hqq": hqq_backend, "bnb": bnb_backend, "none": dense}
+
+
+def backend_for(spec: QuantSpec) -> ModuleType:
+    """The module that stores matrices for ``spec.backend``."""
+    return _BACKENDS[spec.backend]
+
+
+def matrix_nbytes(spec: QuantSpec, shape: tuple[int, int], dtype: torch.dtype = torch.bfloat16) -> int:
+    """Exact bytes that ``quantize_linear`` stores for an (out, in) matrix, without quantizing anything.
+
+    ``dtype`` is the float type of the weights, which is what ``none`` stores; quantized backends ignore it.
+    """
+    if spec.backend == "none":
+        return dense.nbytes(spec, shape, dtype)
+    return backend_for(spec).nbytes(spec, shape)
+
+
+def quantize_linear(weight: Tensor, spec: QuantSpec, *, name: str = "weight") -> dict[str, Tensor]:
+    """Quantize an (out, in) weight on the CPU with the backend's own quantizer.
+
+    Returns contiguous CPU tensors holding the codes and all metadata (``{"weight": W}`` for ``none``);
+    ``build_linear`` needs nothing else. ``name`` appears in the error when the spec does not fit.
+    """
+    if not weight.is_floating_point():
+        raise QuantError(f"{spec} quantizes float weights; {name} is {weight.dtype}")
+    return backend_for(spec).quantize(weight, spec, name)
+
+
+def _checked(tensors: dict[str, Tensor], spec: QuantSpec, name: str) -> dict[str, Tensor]:
+    wanted = backend_for(spec).keys(spec)
+    missing = [key for key in wanted if key not in tensors]
+    if missing:
+        raise QuantError(
+            f"{spec} needs tensors {', '.join(wanted)} for {name}; missing {', '.join(missing)} "
+            f"(got {', '.join(sorted(tensors)) or 'none'})"
+        )
+    return {key: tensors[key] for key in wanted}
+
+
+def dequantize_linear(
+    tensors: dict[str, Tensor],
+    spec: QuantSpec,
+    dtype: torch.dtype,
+    device: torch.device | str,
+    *,
+    name: str = "weight",
+) -> Tensor:
+    """The dense (out, in) weight in ``dtype`` on ``device``.
+
+    Dequantized in fp32 and rounded once, so the result does not depend on where it is computed. For ``none``
+    in the stored dtype and device it is the stored tensor itself, not a copy.
+    """
+    weight = backend_for(spec).dequantize(_checked(tensors, spec, name), spec)
+    return weight.to(device=device, dtype=dtype)
+
+
+def build_linear(
+    tensors: dict[str, Tensor], spec: QuantSpec, dtype: torch.dtype, device: torch.device | str
+) -> nn.Module:
+    """A module whose forward(x) is ``F.linear(x, W)`` for the stored weight W.
+
+    On CUDA the codes stay quantized and the library's kernel runs (hqq's HQQLinear, bitsandbytes' matmul).
+    Elsewhere the weight is dequantized once to a dense ``dtype`` matrix: hqq's CPU forward dequantizes at
+    every call (tens of ms per matrix), so a dense copy trades memory (``dtype``'s bits per weight) for speed.
+    """
+    device = torch.device(device)
+    if device.type == "cuda":
+        return backend_for(spec).kernel_linear(_checked(tensors, spec, "weight"), spec, dtype, device)
+    return DenseLinear(dequantize_linear(tensors, spec, dtype, device))

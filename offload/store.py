@@ -1,0 +1,94 @@
+"""The host tier: every expert of the model, each one contiguous byte buffer, so a move is one copy.
+
+Experts are packed one by one while the checkpoint loads (``put``), into one preallocated buffer
+per layer, so RAM never holds a second copy of the model. Every expert of a layer shares that
+layer's layout; layers may differ (mixed-bit experts). On CUDA the buffers are pinned, which
+lets the link copy asynchronously.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from offload.errors import CacheError
+from offload.experts import ExpertLayout, pack_expert, unpack_expert
+
+
+class HostStore:
+    """``num_experts`` packed experts for each of ``num_layers`` layers, in host memory."""
+
+    def __init__(self, num_layers: int, num_experts: int, device: torch.device | str = "cpu") -> None:
+        """``device`` is where the experts will be copied to; a CUDA device makes the store pinned."""
+        if num_layers < 1 or num_experts < 1:
+            raise CacheError(
+                f"a store needs one layer and one expert or more, got {num_layers} and {num_experts}"
+            )
+        self.num_layers = num_layers
+        self.num_experts = num_experts
+        self.pinned = torch.device(device).type == "cuda"
+        self._layouts: list[ExpertLayout | None] = [None] * num_layers
+        self._buffers: list[Tensor | None] = [None] * num_layers  # (num_experts * layout.nbytes,) uint8
+        self._present = [[False] * num_experts for _ in range(num_layers)]
+
+    def put(self, layer: int, expert: int, tensors: dict[str, Tensor]) -> None:
+        """Pack one expert's encoded tensors into its place; the caller may free ``tensors`` afterwards.
+
+        The first expert put into a layer fixes that layer's layout and allocates its buffer.
+        """
+        self._check_index(layer, expert)
+        layout = self._layouts[layer]
+        if layout is None:
+            layout = ExpertLayout.of(tensors)
+            self._layouts[layer] = layout
+            self._buffers[layer] = torch.zeros(
+                self.num_experts * layout.nbytes, dtype=torch.uint8, pin_memory=self.pinned
+            )
+        try:
+            pack_expert(tensors, layout, out=self._slice(layer, expert))
+        except CacheError as error:
+            raise CacheError(f"layer {layer} expert {expert}: {error}") from None
+        self._present[layer][expert] = True
+
+    def layout(self, layer: int) -> ExpertLayout:
+        """The layout every expert of ``layer`` is packed with."""
+        self._check_index(layer, 0)
+        layout = self._layouts[layer]
+        if layout is None:
+            raise CacheError(f"layer {layer} has no experts in the host store yet")
+        return layout
+
+    def buffer(self, layer: int, expert: int) -> Tensor:
+        """The expert's packed bytes (a 1-D uint8 view into the layer's buffer): the source of a copy."""
+        self._check_index(layer, expert)
+        if not self._present[layer][expert]:
+            raise CacheError(f"layer {layer} expert {expert} was never put into the host store")
+        return self._slice(layer, expert)
+
+    def tensors(self, layer: int, expert: int) -> dict[str, Tensor]:
+        """Zero-copy views of the expert's encoded tensors in host memory."""
+        return unpack_expert(self.buffer(layer, expert), self.layout(layer))
+
+    def check_complete(self) -> None:
+        """Raise CacheError naming the first expert that was never put."""
+        for layer, present in enumerate(self._present):
+            for expert, is_present in enumerate(present):
+                if not is_present:
+                    raise CacheError(f"layer {layer} expert {expert} was never put into the host store")
+
+    @property
+    def nbytes(self) -> int:
+        """Host bytes held by the store's buffers."""
+        return sum(buffer.numel() for buffer in self._buffers if buffer is not None)
+
+    def _slice(self, layer: int, expert: int) -> Tensor:
+        nbytes = self.layout(layer).nbytes
+        buffer = self._buffers[layer]
+        assert buffer is not None
+        return buffer[expert * nbytes : (expert + 1) * nbytes]
+
+    def _check_index(self, layer: int, expert: int) -> None:
+        if not (0 <= layer < self.num_layers and 0 <= expert < self.num_experts):
+            raise CacheError(
+                f"no expert ({layer}, {expert}) in a store of {self.num_layers} layers x {self.num_experts} experts"
+            )

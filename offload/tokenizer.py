@@ -1,0 +1,288 @@
+"""Tokenizer: a `tokenizer.json` (HF `tokenizers`) or a `tokenizer.model` (sentencepiece) behind one API.
+
+Mixtral's files encode text the sentencepiece way: a leading "▁" is added to the text, every
+space becomes "▁", and characters outside the vocabulary fall back to `<0xNN>` byte pieces. A
+tokenizer.json is used exactly as the `tokenizers` library reads it (only with special tokens
+left off), so a file with a Metaspace pre-tokenizer behaves as that library makes it behave.
+Chat encoding follows mistral-common's v1 template (see `offload.chat_template`).
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Protocol
+
+from offload.chat_template import chat_segments, user_block
+from offload.errors import TokenizerError
+
+_BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")
+
+
+class _Backend(Protocol):
+    """What `Tokenizer` needs from a tokenizer library."""
+
+    vocab_size: int
+    bos_id: int | None
+    eos_id: int | None
+    # token id -> byte value for the byte-fallback pieces "<0x00>" ... "<0xFF>"
+    byte_values: dict[int, int]
+
+    def encode(self, text: str) -> list[int]: ...
+
+    def decode(self, ids: list[int]) -> str: ...
+
+    def held_bytes(self, held: bytes, token_id: int) -> bytes:
+        """After `token_id`, the trailing bytes whose text a later token may still change."""
+        ...
+
+
+class _SentencePieceBackend:
+    def __init__(self, path: Path) -> None:
+        import sentencepiece
+
+        try:
+            self._model = sentencepiece.SentencePieceProcessor(model_file=str(path))
+        except Exception as error:  # sentencepiece raises OSError or RuntimeError depending on the damage
+            raise TokenizerError(
+                f"{path}: not a readable sentencepiece model ({_first_line(error)}); "
+                "expected a tokenizer.model file"
+            ) from error
+        model = self._model
+        self.vocab_size = model.get_piece_size()
+        self.bos_id = model.bos_id() if model.bos_id() >= 0 else None
+        self.eos_id = model.eos_id() if model.eos_id() >= 0 else None
+        self.byte_values = {
+            i: int(model.id_to_piece(i)[3:5], 16) for i in range(self.vocab_size) if model.is_byte(i)
+        }
+
+    def encode(self, text: str) -> list[int]:
+        return self._model.encode(text)
+
+    def decode(self, ids: list[int]) -> str:
+        # sentencepiece already drops control tokens (BOS, EOS) and the first piece's "▁".
+        return self._model.decode(ids)
+
+    def held_bytes(self, held: bytes, token_id: int) -> bytes:
+        # sentencepiece replaces each invalid byte on its own, and any other token (control ones
+        # included) ends a byte run, so only an unfinished character can still change.
+        byte_value = self.byte_values.get(token_id)
+        return b"" if byte_value is None else _unfinished_utf8(held + bytes([byte_value]))
+
+
+class _HuggingFaceBackend:
+    def __init__(self, path: Path) -> None:
+        import tokenizers
+        from tokenizers import decoders
+
+        try:
+            tokenizer = tokenizers.Tokenizer.from_file(str(path))
+        except Exception as error:  # tokenizers raises a bare Exception for bad JSON or schema
+            raise TokenizerError(
+                f"{path}: not a readable tokenizer.json ({_first_line(error)}); "
+                "expected a Hugging Face `tokenizers` file"
+            ) from error
+        # User text that spells "<s>" or "</s>" must stay text, as it does with sentencepiece.
+        tokenizer.encode_special_tokens = True
+        # Some hub files enable padding or truncation; ids must be the text's ids, whatever its length.
+        tokenizer.no_padding()
+        tokenizer.no_truncation()
+        if tokenizer.decoder is None:
+            # Without a decoder, ids decode to raw pieces ("▁word<0x0A>"); use the Llama-family one.
+            tokenizer.decoder = decoders.Sequence(
+                [
+                    decoders.Replace("▁", " "),
+                    decoders.ByteFallback(),
+                    decoders.Fuse(),
+                    decoders.Strip(" ", 1, 0),
+                ]
+            )
+        self._tokenizer = tokenizer
+        self.vocab_size = tokenizer.get_vocab_size(with_added_tokens=True)
+        self.bos_id = tokenizer.token_to_id("<s>")
+        self.eos_id = tokenizer.token_to_id("</s>")
+        self.byte_values = {}
+        for piece, token_id in tokenizer.get_vocab(with_added_tokens=True).items():
+            match = _BYTE_PIECE.fullmatch(piece)
+            if match:
+                self.byte_values[token_id] = int(match.group(1), 16)
+        # Byte pieces may be registered as special tokens (a trainer's `special_tokens`); they are text.
+        self._skip_ids = frozenset(
+            token_id
+            for token_id, added in tokenizer.get_added_tokens_decoder().items()
+            if added.special and token_id not in self.byte_values
+        ) | {i for i in (self.bos_id, self.eos_id) if i is not None}
+
+    def encode(self, text: str) -> list[int]:
+        return self._tokenizer.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: list[int]) -> str:
+        return self._tokenizer.decode([i for i in ids if i not in self._skip_ids], skip_special_tokens=False)
+
+    def held_bytes(self, held: bytes, token_id: int) -> bytes:
+        # The ByteFallback decoder turns a whole run of byte pieces into U+FFFDs when any byte of
+        # it is invalid, and skipped ids do not end a run, so a run stays open until a text token.
+        byte_value = self.byte_values.get(token_id)
+        if byte_value is not None:
+            return held + bytes([byte_value])
+        return held if token_id in self._skip_ids else b""
+
+
+class Tokenizer:
+    """Text <-> token ids, the Mixtral-Instruct v1 chat template, and streaming detokenization."""
+
+    def __init__(self, backend: _Backend, source: Path) -> None:
+        self._backend = backend
+        self.source = source  # the file the tokenizer was read from, for messages
+        self.bos_id: int | None = backend.bos_id
+        self.eos_id: int | None = backend.eos_id
+        self.vocab_size: int = backend.vocab_size
+
+    @classmethod
+    def from_dir(cls, path: str | Path) -> Tokenizer:
+        """Load `tokenizer.json` from a model directory, or `tokenizer.model` when there is no json."""
+        directory = Path(path)
+        if not directory.is_dir():
+            raise TokenizerError(f"{directory}: not a directory; expected a model directory with a tokenizer")
+        for name in ("tokenizer.json", "tokenizer.model"):
+            if (directory / name).is_file():
+                return cls.from_file(directory / name)
+        raise TokenizerError(f"{directory}: no tokenizer found; expected tokenizer.json or tokenizer.model")
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> Tokenizer:
+        """Load one tokenizer file: `.json` through `tokenizers`, anything else through sentencepiece."""
+        file = Path(path)
+        if not file.is_file():
+            raise TokenizerError(f"{file}: no such file; expected a tokenizer.json or tokenizer.model")
+        backend = _HuggingFaceBackend(file) if file.suffix == ".json" else _SentencePieceBackend(file)
+        return cls(backend, file)
+
+    def encode(self, text: str, add_bos: bool = False) -> list[int]:
+        """Token ids of `text` (with sentencepiece's leading "▁"); BOS first only when asked."""
+        ids = self._backend.encode(text)
+        return [self._require("bos_id"), *ids] if add_bos else ids
+
+    def decode(self, ids: list[int]) -> str:
+        """The text of `ids`, skipping BOS, EOS and other control tokens; a leading "▁" becomes nothing."""
+        ids = [int(token_id) for token_id in ids]  # numpy or tensor scalars become plain ints
+        for token_id in ids:
+            self._check_id(token_id)
+        return self._backend.decode(ids)
+
+    def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
+        """Token ids of a conversation in the Mixtral-Instruct v1 template, exactly as mistral-common's v1.
+
+        One BOS, then `[INST] ... [/INST]` per user turn and `reply </s>` per assistant turn; the
+        system prompt, if any, opens the first user turn. A chat that ends with a user turn ends
+        with "[/INST]", ready for the model's reply. Raises `TokenizerError` if roles are out of order.
+        """
+        ids = [self._require("bos_id")]
+        for segment in chat_segments(messages):
+            ids += self._backend.encode(segment.text)
+            if segment.role == "assistant":
+                ids.append(self._require("eos_id"))
+        return ids
+
+    def encode_reply(self, text: str) -> list[int]:
+        """An assistant reply's ids as the chat template encodes them, without the closing EOS."""
+        return self._backend.encode(text)
+
+    def encode_turn(self, user_text: str) -> list[int]:
+        """The ids that start the next user turn after a finished reply (which ended with EOS).
+
+        `encode_chat(chat + [reply, user])` equals
+        `encode_chat(chat) + encode_reply(reply) + [eos_id] + encode_turn(user)`.
+        """
+        return self._backend.encode(user_block(user_text))
+
+    def stream_decoder(self) -> StreamDecoder:
+        """A fresh incremental decoder for one reply."""
+        return StreamDecoder(self)
+
+    def _require(self, attribute: str) -> int:
+        token_id = getattr(self, attribute)
+        if token_id is None:
+            token = "<s>" if attribute == "bos_id" else "</s>"
+            raise TokenizerError(f"{self.source}: has no {token} token; the chat template needs <s> and </s>")
+        return token_id
+
+    def _check_id(self, token_id: int) -> None:
+        if not 0 <= token_id < self.vocab_size:
+            raise TokenizerError(
+                f"{self.source}: token id {token_id} is out of range; allowed: 0 to {self.vocab_size - 1}"
+            )
+
+
+class StreamDecoder:
+    """Turns a stream of token ids into text as soon as the text is final.
+
+    The concatenation of every `push` and the final `flush` equals `Tokenizer.decode` of all ids.
+    Each push decodes only a short window: the tokens since the previous emission (`_read`) plus
+    the ones before it back to `_prefix`. Decoding the window twice, with and without the new
+    tokens, and emitting the difference keeps the spaces that a piece gets from its left
+    neighbour, while the decoder's "drop the first piece's ▁" rule cancels out (it hits the same
+    piece in both decodes). At the very start the window is empty, so the first piece of a reply
+    loses its leading space, just as `decode` does. Byte pieces whose text a later token may still
+    change (an unfinished UTF-8 character) are held back until it is final.
+    """
+
+    def __init__(self, tokenizer: Tokenizer) -> None:
+        self._tokenizer = tokenizer
+        self._ids: list[int] = []
+        self._prefix = 0  # window start: decoded only for context, its text already emitted
+        self._read = 0  # tokens before this index have had their text emitted
+        self._held_bytes = b""  # trailing byte-piece bytes whose text may still change
+
+    def push(self, token_id: int) -> str:
+        """Add one token; the new text, or "" while it may still change (a character split over byte pieces)."""
+        token_id = int(token_id)
+        self._tokenizer._check_id(token_id)
+        self._ids.append(token_id)
+        self._held_bytes = self._tokenizer._backend.held_bytes(self._held_bytes, token_id)
+        if self._held_bytes:
+            # A later byte piece may complete the character; decoding now could emit U+FFFD.
+            return ""
+        return self._emit()
+
+    def flush(self) -> str:
+        """Whatever text is left (an unfinished character decodes as U+FFFD, as `decode` does)."""
+        self._held_bytes = b""
+        return self._emit()
+
+    def _emit(self) -> str:
+        decode = self._tokenizer._backend.decode
+        known = decode(self._ids[self._prefix : self._read])
+        text = decode(self._ids[self._prefix :])
+        if len(text) <= len(known):
+            # Nothing new yet (BOS, EOS, or a lone "▁" that may still become a leading space):
+            # keep the window so the next token is decoded with the same left context.
+            return ""
+        self._prefix, self._read = self._read, len(self._ids)
+        return text[len(known) :]
+
+
+def _unfinished_utf8(data: bytes) -> bytes:
+    """The tail of `data` that starts a UTF-8 character still missing bytes, else b""."""
+    # A character is at most 4 bytes, so only the last 3 can be an unfinished start.
+    for start in range(len(data) - 1, max(len(data) - 4, -1), -1):
+        lead = data[start]
+        if lead & 0b1100_0000 == 0b1000_0000:
+            continue  # continuation byte: keep looking left for its lead byte
+        if lead >= 0b1111_1000:
+            needed = 1  # never a lead byte: decoders replace it on its own
+        elif lead >= 0b1111_0000:
+            needed = 4
+        elif lead >= 0b1110_0000:
+            needed = 3
+        elif lead >= 0b1100_0000:
+            needed = 2
+        else:
+            needed = 1
+        return data[start:] if len(data) - start < needed else b""
+    return b""
+
+
+def _first_line(error: BaseException) -> str:
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else type(error).__name__
