@@ -30,26 +30,44 @@ def register(app: typer.Typer) -> None:
 def chat(
     model: options.Model = None,
     system: options.System = None,
-    max_new_tokens: options.MaxNewTokens = 256,
-    temperature: options.Temperature = 0.7,
-    top_p: options.TopP = 0.9,
-    top_k: options.TopK = 0,
+    max_new_tokens: options.MaxNewTokens = None,
+    temperature: options.Temperature = None,
+    top_p: options.TopP = None,
+    top_k: options.TopK = None,
     seed: options.Seed = None,
+    profile: options.Profile = None,
+    experts_per_layer: options.ExpertsPerLayer = None,
+    prefetch: options.Prefetch = None,
+    link: options.Link = None,
+    quant: options.Quant = None,
     dtype: options.Dtype = None,
     device: options.Device = None,
 ) -> None:
     from rich.console import Console
 
+    from cli.loading_view import load_engine
     from offload.chat import ChatSession
-    from offload.engine import Engine
-    from offload.generate import SamplingParams
 
-    out, err = Console(highlight=False), Console(stderr=True, highlight=False)
-    sampling = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
-    with err.status("loading the model…"):
-        engine = Engine.load(model, device=device, dtype=dtype)
-    err.print(f"[dim]{engine.summary()}[/dim]")
-    session = ChatSession(engine, system=system, sampling=sampling, max_new_tokens=max_new_tokens)
+    out = Console(highlight=False)
+    engine = load_engine(
+        model,
+        profile=profile,
+        device=device,
+        dtype=dtype,
+        experts_per_layer=experts_per_layer,
+        prefetch=prefetch,
+        link=link,
+        quant=quant,
+    )
+    session = ChatSession(
+        engine,
+        system=system,
+        sampling=engine.sampling(temperature, top_p, top_k, seed),
+        # Half the context at most by default, so a reply always leaves room for the conversation.
+        max_new_tokens=engine.max_new_tokens(
+            max_new_tokens, engine.model.config.max_position_embeddings // 2
+        ),
+    )
     _enable_line_editing()
     out.print("[dim]Type a message, /help for commands, Ctrl-D to quit.[/dim]")
     while True:

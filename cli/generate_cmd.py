@@ -25,29 +25,45 @@ def generate(
     model: options.Model = None,
     no_chat: Annotated[bool, typer.Option("--no-chat", help="Raw completion: no chat template.")] = False,
     system: options.System = None,
-    max_new_tokens: options.MaxNewTokens = 256,
-    temperature: options.Temperature = 0.7,
-    top_p: options.TopP = 1.0,
-    top_k: options.TopK = 0,
+    max_new_tokens: options.MaxNewTokens = None,
+    temperature: options.Temperature = None,
+    top_p: options.TopP = None,
+    top_k: options.TopK = None,
     seed: options.Seed = None,
+    profile: options.Profile = None,
+    experts_per_layer: options.ExpertsPerLayer = None,
+    prefetch: options.Prefetch = None,
+    link: options.Link = None,
+    quant: options.Quant = None,
     dtype: options.Dtype = None,
     device: options.Device = None,
     as_json: Annotated[
         bool, typer.Option("--json", help="Print one JSON object with ids, text and timings.")
     ] = False,
 ) -> None:
-    from offload.engine import Engine
+    from cli.loading_view import load_engine
     from offload.errors import OffloadError
-    from offload.generate import SamplingParams
 
     if prompt == "-":
         try:
             prompt = sys.stdin.buffer.read().decode("utf-8")
         except UnicodeDecodeError as err:
             raise OffloadError(f"stdin is not valid UTF-8 text (byte {err.start})") from None
-    sampling = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
-    engine = Engine.load(model, device=device, dtype=dtype)
+    engine = load_engine(
+        model,
+        quiet=as_json,
+        summary=False,
+        profile=profile,
+        device=device,
+        dtype=dtype,
+        experts_per_layer=experts_per_layer,
+        prefetch=prefetch,
+        link=link,
+        quant=quant,
+    )
+    sampling = engine.sampling(temperature, top_p, top_k, seed)
     prompt_ids = engine.prompt_ids(prompt, chat=not no_chat, system=system)
+    max_new_tokens = engine.max_new_tokens(max_new_tokens, len(prompt_ids))
     token_ids: list[int] = []
     pieces: list[str] = []
     last = None

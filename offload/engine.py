@@ -29,17 +29,56 @@ class Engine:
     tokenizer: Any  # offload.tokenizer.Tokenizer
     directory: Path
 
+    settings: Any = None  # offload.settings.RunSettings
+
     @classmethod
-    def load(cls, model: str | Path | None = None, **load_options: Any) -> Engine:
-        """Load ``model`` (default: the demo model) and its tokenizer. Options go to ``load_model``."""
+    def load(cls, model: str | Path | None = None, *, progress: Any = None, **flags: Any) -> Engine:
+        """Load ``model`` (default: the demo model) and its tokenizer.
+
+        ``flags`` are the command line's (profile, device, dtype, experts_per_layer, prefetch, link,
+        quant, attention_spec, experts_spec); unset ones come from the profile.
+        """
         from offload.config import ModelConfig
         from offload.loading import load_model
+        from offload.settings import resolve_settings
         from offload.tokenizer import Tokenizer
 
         directory = resolve_model_dir(model) if model is not None else default_model()
-        ModelConfig.from_file(directory / "config.json")  # a bad config is reported before anything else
+        config = ModelConfig.from_file(directory / "config.json")  # a bad config is reported first
+        settings = resolve_settings(config, **{k: v for k, v in flags.items() if v is not None})
         tokenizer = Tokenizer.from_dir(directory)
-        return cls(load_model(directory, **load_options), tokenizer, directory)
+        mixtral = load_model(
+            directory,
+            device=settings.device,
+            dtype=settings.dtype,
+            quant=settings.quant,
+            offload=settings.offload,
+            progress=progress,
+        )
+        return cls(mixtral, tokenizer, directory, settings)
+
+    def sampling(
+        self,
+        temperature: float | None = None,
+        top_p: float | None = None,
+        top_k: int | None = None,
+        seed: int | None = None,
+    ) -> SamplingParams:
+        """Sampling from the flags, falling back to the profile's generation defaults."""
+        defaults = self.settings.generation
+        return SamplingParams(
+            temperature=defaults.temperature if temperature is None else temperature,
+            top_p=defaults.top_p if top_p is None else top_p,
+            top_k=defaults.top_k if top_k is None else top_k,
+            seed=seed,
+        )
+
+    def max_new_tokens(self, requested: int | None, prompt_tokens: int = 0) -> int:
+        """The flag as given; else the profile's default, capped by the context left after the prompt."""
+        if requested is not None:
+            return requested
+        room = self.model.config.max_position_embeddings - prompt_tokens
+        return max(0, min(self.settings.generation.max_new_tokens, room))
 
     def prompt_ids(self, prompt: str, *, chat: bool = True, system: str | None = None) -> list[int]:
         """The prompt as ids: a one-turn Mixtral-Instruct chat, or raw text after BOS."""
@@ -73,9 +112,19 @@ class Engine:
     def summary(self) -> str:
         """One line: where the weights went."""
         model = self.model
-        dense = sum(p.numel() * p.element_size() for p in model.parameters())
-        describe = getattr(model.expert_source, "describe", None)
-        experts = describe() if describe is not None else "every expert resident on the device"
+        tensors = {id(t): t for t in [*model.parameters(), *model.buffers()]}.values()
+        dense = sum(t.numel() * t.element_size() for t in tensors)
+        source = model.expert_source
+        if hasattr(source, "cache"):
+            slots = source.cache.experts_per_layer
+            experts = (
+                f"experts: {source.cache.store.nbytes / 2**20:.1f} MiB in host RAM, "
+                f"{source.cache.nbytes / 2**20:.1f} MiB of device slots "
+                f"(K={slots[0] if len(set(slots)) == 1 else list(slots)} of {model.config.num_local_experts} "
+                f"per layer, prefetch {source.prefetch})"
+            )
+        else:
+            experts = "every expert resident on the device"
         return (
             f"{self.directory.name}: dense weights {dense / 2**20:.1f} MiB on {model.device} ({model.dtype}); "
             f"{experts}"

@@ -31,3 +31,7 @@ class TokenizerError(OffloadError):
 
 class CacheError(OffloadError):
     """An expert cache, host store, link or prefetch setting is out of range or inconsistent."""
+
+
+class TraceError(OffloadError):
+    """A routing trace file is missing, damaged or inconsistent, or a replay setting is out of range."""

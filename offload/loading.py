@@ -1,19 +1,42 @@
-"""Building a ready-to-run MixtralModel from a checkpoint directory or repo id."""
+"""Building a ready-to-run MixtralModel from a checkpoint directory or repo id.
+
+Dense weights go to the device (quantized per role when the scheme says so). Experts either all
+go to the device (``ResidentExperts``) or into the host store behind a per-layer LRU device cache
+(``OffloadedExperts``). Either way each expert is encoded once, by the same codec, so both give
+bit-identical outputs.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from offload.checkpoint import Checkpoint, expected_tensors, expert_prefix, resolve_model_dir
+from offload.checkpoint import Checkpoint, resolve_model_dir
 from offload.config import ModelConfig
 from offload.errors import OffloadError
-from offload.expert_source import DenseExpert, Expert, ResidentExperts
+from offload.expert_source import Expert, ResidentExperts
 from offload.model import MixtralModel
+from offload.quant.codec import codec_for
+from offload.quant.linear import build_linear
+from offload.quant.scheme import QuantScheme
+from offload.weights import WeightReader, reader_for
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
+Progress = Callable[[str, int], None]  # (what was just loaded, its bytes)
+
+
+@dataclass(frozen=True)
+class OffloadOptions:
+    """How experts are offloaded; ``experts_per_layer`` None keeps every expert on the device."""
+
+    experts_per_layer: int | Sequence[int] | None = None  # K device slots per layer (int or one per layer)
+    prefetch: int = 2  # guesses of the next layer's experts; 0 turns prefetching off
+    link: str = "local"  # local | emulated:GBPS[:LATENCY_US] | cuda
 
 
 def parse_dtype(name: str | torch.dtype | None, config: ModelConfig) -> torch.dtype:
@@ -41,38 +64,113 @@ def load_model(
     *,
     device: str | torch.device | None = "cpu",
     dtype: str | torch.dtype | None = None,
+    quant: QuantScheme | None = None,
+    offload: OffloadOptions | None = None,
+    progress: Progress | None = None,
 ) -> MixtralModel:
-    """Load ``model`` (a directory or a Hugging Face repo id) with every expert resident on ``device``."""
+    """Load ``model`` (a directory or a Hugging Face repo id).
+
+    ``quant`` quantizes a float checkpoint at load time (a converted checkpoint uses its own scheme);
+    ``offload`` keeps experts in host RAM behind a device cache instead of all on the device.
+    """
     checkpoint = Checkpoint(resolve_model_dir(model))
     config = checkpoint.config
     device, dtype = parse_device(device), parse_dtype(dtype, config)
-    checkpoint.check(expected_tensors(config))
+    reader = reader_for(checkpoint, quant, dtype)
+    reader.check()
     with torch.device("meta"):
         mixtral = MixtralModel(config)
-    load_dense_weights(mixtral, checkpoint, device, dtype)
-    experts: list[list[Expert]] = []
-    for layer in range(config.num_hidden_layers):
-        experts.append([])
-        for expert in range(config.num_local_experts):
-            prefix = expert_prefix(layer, expert)
-            w1, w2, w3 = (
-                checkpoint.get(f"{prefix}.{w}.weight").to(device, dtype) for w in ("w1", "w2", "w3")
-            )
-            experts[layer].append(DenseExpert(w1, w2, w3))
-    attach_source(mixtral, ResidentExperts(experts))
+    load_dense_weights(mixtral, reader, device, progress)
+    if offload is None or offload.experts_per_layer is None:
+        source = ResidentExperts(load_resident_experts(reader, device, progress))
+    else:
+        source = load_offloaded_experts(mixtral, reader, device, offload, progress)
+    attach_source(mixtral, source)
+    mixtral.quant_scheme = reader.scheme
     return mixtral.eval()
 
 
 def load_dense_weights(
-    mixtral: MixtralModel, checkpoint: Checkpoint, device: torch.device, dtype: torch.dtype
+    mixtral: MixtralModel, reader: WeightReader, device: torch.device, progress: Progress | None = None
 ) -> None:
-    """Fill every parameter of ``mixtral`` (built on the meta device) from the checkpoint, one tensor at a time."""
-    for name, _ in list(mixtral.named_parameters()):
-        if name == "lm_head.weight" and mixtral.config.tie_word_embeddings:
-            continue
-        set_parameter(mixtral, name, checkpoint.get(name).to(device, dtype))
-    if mixtral.config.tie_word_embeddings:
+    """Fill every non-expert weight of ``mixtral`` (built on the meta device), one tensor at a time."""
+    config, scheme = mixtral.config, reader.scheme
+    quantized: dict[str, object] = {}
+    for layer in range(config.num_hidden_layers):
+        for name in ATTENTION:
+            quantized[f"model.layers.{layer}.self_attn.{name}"] = scheme.attention
+        quantized[f"model.layers.{layer}.block_sparse_moe.gate"] = scheme.gate
+    if not config.tie_word_embeddings:
+        quantized["lm_head"] = scheme.lm_head
+    for module, spec in quantized.items():
+        tensors = reader.linear(module, spec)
+        owner_name, _, attribute = module.rpartition(".")
+        owner = mixtral.get_submodule(owner_name) if owner_name else mixtral
+        setattr(owner, attribute, build_linear(tensors, spec, reader.dtype, device))
+        _report(progress, module, tensors)
+    for name, parameter in list(mixtral.named_parameters()):
+        if parameter.is_meta and not name.startswith("lm_head"):
+            tensor = reader.dense(name).to(device)
+            set_parameter(mixtral, name, tensor)
+            _report(progress, name, {"": tensor})
+    if config.tie_word_embeddings:
+        mixtral.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False, device="meta")
         mixtral.lm_head.weight = mixtral.model.embed_tokens.weight
+
+
+def load_resident_experts(
+    reader: WeightReader, device: torch.device, progress: Progress | None = None
+) -> list[list[Expert]]:
+    """Every expert materialized on the device."""
+    config = reader.checkpoint.config
+    experts: list[list[Expert]] = []
+    for layer in range(config.num_hidden_layers):
+        codec = codec_for(reader.scheme.expert_spec(layer))
+        experts.append([])
+        for expert in range(config.num_local_experts):
+            tensors = reader.expert(layer, expert)
+            experts[layer].append(codec.materialize(tensors, reader.dtype, device))
+            _report(progress, f"layers.{layer}.experts.{expert}", tensors)
+    return experts
+
+
+def load_offloaded_experts(
+    mixtral: MixtralModel,
+    reader: WeightReader,
+    device: torch.device,
+    options: OffloadOptions,
+    progress: Progress | None = None,
+) -> object:
+    """Every expert packed into the host store, behind a K-slot LRU cache per layer on the device."""
+    from offload.expert_cache import ExpertCache
+    from offload.link import parse_link
+    from offload.offloaded import OffloadedExperts
+    from offload.store import HostStore
+
+    config = mixtral.config
+    store = HostStore(config.num_hidden_layers, config.num_local_experts, device=device)
+    for layer in range(config.num_hidden_layers):
+        for expert in range(config.num_local_experts):
+            tensors = reader.expert(layer, expert)
+            store.put(layer, expert, tensors)  # packed straight into the store; ``tensors`` is dropped
+            _report(progress, f"layers.{layer}.experts.{expert}", tensors)
+    store.check_complete()
+    codecs = [codec_for(reader.scheme.expert_spec(layer)) for layer in range(config.num_hidden_layers)]
+    materialize = [_materializer(codec, reader.dtype, device) for codec in codecs]
+    cache = ExpertCache(
+        store, options.experts_per_layer, parse_link(options.link), materialize, device=device
+    )
+    gates = [layer.block_sparse_moe.gate for layer in mixtral.model.layers]
+    return OffloadedExperts(cache, gates, prefetch=options.prefetch)
+
+
+def _materializer(codec: object, dtype: torch.dtype, device: torch.device) -> Callable:
+    return lambda tensors: codec.materialize(tensors, dtype, device)
+
+
+def _report(progress: Progress | None, what: str, tensors: dict[str, torch.Tensor]) -> None:
+    if progress is not None:
+        progress(what, sum(t.numel() * t.element_size() for t in tensors.values()))
 
 
 def set_parameter(root: nn.Module, name: str, value: torch.Tensor) -> None:

@@ -256,5 +256,5 @@ def test_spec_that_does_not_fit_the_model_names_the_profile() -> None:
             "num_experts_per_tok": 2,
         }
     )
-    with pytest.raises(QuantError, match=r"profiles/cpu\.toml: quant: hqq:4:64 cannot quantize"):
-        plan_memory(small, load_profile("cpu"), 256, free_memory_bytes=GIB)
+    with pytest.raises(QuantError, match=r"profiles/laptop-8gb\.toml: quant: hqq:3:64 cannot quantize"):
+        plan_memory(small, load_profile("laptop-8gb"), 256, free_memory_bytes=GIB)

@@ -1,0 +1,129 @@
+"""Run settings: a profile, overridden by command-line flags, resolved against one model.
+
+Order of precedence, as in llama.cpp and ollama: an explicit flag, then the profile, then the
+built-in default. The result says where every weight goes and how to generate.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from offload.config import ModelConfig
+from offload.errors import CacheError, OffloadError
+from offload.loading import OffloadOptions, parse_device
+from offload.quant.scheme import QuantScheme
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    device: torch.device
+    dtype: str | None  # None: the checkpoint's own dtype
+    quant: QuantScheme
+    offload: OffloadOptions
+    profile_name: str
+    generation: Any  # the profile's GenerationSettings: defaults for flags left unset
+
+
+def parse_experts_per_layer(text: str | int | None) -> int | list[int] | str | None:
+    """'2' -> 2, '2,3,2' -> [2, 3, 2], 'all' / 'auto' kept; anything else is a CacheError."""
+    if text is None or isinstance(text, int):
+        return text
+    text = text.strip()
+    if text in ("all", "auto"):
+        return text
+    try:
+        values = [int(part) for part in text.split(",")]
+    except ValueError:
+        raise CacheError(
+            f"--experts-per-layer {text!r} is not an integer, a comma list of integers, 'all' or 'auto'"
+        ) from None
+    return values[0] if len(values) == 1 else values
+
+
+def resolve_settings(
+    config: ModelConfig,
+    *,
+    profile: str | None = None,
+    device: str | None = None,
+    dtype: str | None = None,
+    experts_per_layer: str | int | None = None,
+    prefetch: int | None = None,
+    link: str | None = None,
+    quant: str | None = None,
+    attention_spec: str | None = None,
+    experts_spec: str | None = None,
+    free_memory_bytes: int | None = None,
+) -> RunSettings:
+    """Merge ``profile`` (default: cpu without CUDA, auto with it) and the flags for ``config``."""
+    from offload.profile import load_profile
+
+    chosen = load_profile(profile)
+    resolved = chosen.for_model(config)
+    run_device = parse_device(device or (chosen.device.kind if profile else None))
+
+    if quant is not None and quant != "none":
+        raise OffloadError(f"--quant {quant!r}: only 'none' is allowed (use --attention/--experts for specs)")
+    if config.quantization is not None or quant == "none":
+        scheme = QuantScheme()  # a converted checkpoint brings its own scheme; --quant none turns it off
+    else:
+        scheme = QuantScheme.from_profile(resolved)
+    if attention_spec or experts_spec:
+        base = scheme
+        scheme = QuantScheme.build(
+            config.num_hidden_layers,
+            attention=attention_spec or str(base.attention),
+            experts=experts_spec or str(base.expert_spec(0)),
+        )
+
+    slots = parse_experts_per_layer(experts_per_layer)
+    if slots is None:
+        slots = resolved.experts_per_layer if not resolved.is_auto else "auto"
+    if slots == "auto":
+        slots = _auto_slots(config, chosen, run_device, free_memory_bytes)
+    if slots == "all":
+        slots = None
+    if isinstance(slots, tuple):
+        slots = list(slots)
+    if (
+        isinstance(slots, list)
+        and len(slots) == config.num_hidden_layers
+        and set(slots) == {config.num_local_experts}
+    ):
+        slots = None  # every expert fits: keep them resident and skip the cache entirely
+    if prefetch is None:
+        prefetch = chosen.prefetch.experts if chosen.prefetch.enabled else 0
+    if isinstance(prefetch, bool) or prefetch < 0:
+        raise CacheError(f"--prefetch must be >= 0 (0 = off), got {prefetch}")
+    link = link or ("cuda" if run_device.type == "cuda" else "local")
+    _check_link(link)
+    return RunSettings(
+        device=run_device,
+        dtype=dtype,
+        quant=scheme,
+        offload=OffloadOptions(experts_per_layer=slots, prefetch=prefetch, link=link),
+        profile_name=chosen.name,
+        generation=chosen.generation,
+    )
+
+
+def _auto_slots(
+    config: ModelConfig, profile: Any, device: torch.device, free_memory_bytes: int | None
+) -> list[int] | str:
+    """Fill the free device memory with expert slots (all of them on a CPU device)."""
+    from offload.plan import resolve_auto_experts
+
+    if device.type != "cuda" and free_memory_bytes is None:
+        return "all"
+    if free_memory_bytes is None:
+        free_memory_bytes, _ = torch.cuda.mem_get_info(device)
+    return resolve_auto_experts(config, profile, free_memory_bytes)
+
+
+def _check_link(spec: str) -> None:
+    """A malformed --link is an error even when every expert is resident and no link is used."""
+    from offload.link import parse_link
+
+    parse_link(spec).close()

@@ -1,0 +1,127 @@
+"""Where quantized tensors come from: quantized now from a float checkpoint, or read as stored by convert.
+
+Both readers give the same dict for a module: ``{key: tensor}`` with the backend's keys
+(``{"weight": W}`` for ``none``). A converted checkpoint stores them as ``{module}.{key}``, so its
+``none`` tensors keep the hub's names.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from offload.checkpoint import Checkpoint, expected_tensors, expert_prefix
+from offload.errors import CheckpointError
+from offload.quant.codec import codec_for
+from offload.quant.linear import backend_for, quantize_linear
+from offload.quant.scheme import QuantScheme
+from offload.quant.spec import QuantSpec
+
+MATRICES = ("w1", "w2", "w3")
+
+
+class WeightReader:
+    """Reads a float checkpoint and quantizes each module as ``scheme`` says, one at a time."""
+
+    def __init__(self, checkpoint: Checkpoint, scheme: QuantScheme, dtype: torch.dtype) -> None:
+        self.checkpoint = checkpoint
+        self.scheme = scheme
+        self.dtype = dtype  # the compute dtype: what ``none`` weights are stored in
+
+    def check(self) -> None:
+        """Every tensor the model needs is present with its shape."""
+        self.checkpoint.check(expected_tensors(self.checkpoint.config))
+
+    def dense(self, name: str) -> Tensor:
+        """A tensor that is never quantized (norms, the embedding), in the compute dtype."""
+        return self.checkpoint.get(name).to(self.dtype)
+
+    def linear(self, module: str, spec: QuantSpec) -> dict[str, Tensor]:
+        """The stored form of ``{module}.weight`` under ``spec``."""
+        return self._encode_matrix(self.checkpoint.get(f"{module}.weight"), spec, module)
+
+    def expert(self, layer: int, expert: int) -> dict[str, Tensor]:
+        """One expert's tensors (``w1.KEY``, ``w2.KEY``, ``w3.KEY``) under its layer's spec."""
+        spec = self.scheme.expert_spec(layer)
+        prefix = expert_prefix(layer, expert)
+        weights = [self._prepare(self.checkpoint.get(f"{prefix}.{m}.weight"), spec) for m in MATRICES]
+        return codec_for(spec).encode(*weights, where=f"layers.{layer}.experts.{expert}")
+
+    def _prepare(self, weight: Tensor, spec: QuantSpec) -> Tensor:
+        # Float weights are kept in the compute dtype; quantizers always see fp32, so a spec gives
+        # the same codes whatever dtype the model later runs in.
+        return weight.to(self.dtype) if spec.backend == "none" else weight.float()
+
+    def _encode_matrix(self, weight: Tensor, spec: QuantSpec, module: str) -> dict[str, Tensor]:
+        return quantize_linear(self._prepare(weight, spec), spec, name=module)
+
+
+class ConvertedReader(WeightReader):
+    """Reads a checkpoint written by ``offload convert``: nothing is quantized again."""
+
+    def check(self) -> None:
+        config = self.checkpoint.config
+        present = self.checkpoint.names()
+        wanted = set(converted_names(config, self.scheme))
+        missing = sorted(wanted - present)
+        if missing:
+            raise CheckpointError(
+                f"{self.checkpoint.directory}: tensor {missing[0]} is missing ({len(missing)} missing in all); "
+                "the converted checkpoint is incomplete"
+            )
+        unknown = sorted(present - wanted)
+        if unknown:
+            raise CheckpointError(f"{self.checkpoint.directory}: unexpected tensor {unknown[0]}")
+
+    def dense(self, name: str) -> Tensor:
+        return self.checkpoint.get(name).to(self.dtype)
+
+    def linear(self, module: str, spec: QuantSpec) -> dict[str, Tensor]:
+        return self._stored(module, spec)
+
+    def expert(self, layer: int, expert: int) -> dict[str, Tensor]:
+        spec = self.scheme.expert_spec(layer)
+        prefix = expert_prefix(layer, expert)
+        return {f"{m}.{key}": t for m in MATRICES for key, t in self._stored(f"{prefix}.{m}", spec).items()}
+
+    def _stored(self, module: str, spec: QuantSpec) -> dict[str, Tensor]:
+        tensors = {key: self.checkpoint.get(f"{module}.{key}") for key in backend_for(spec).keys(spec)}
+        if spec.backend == "none":
+            tensors = {key: t.to(self.dtype) for key, t in tensors.items()}
+        return tensors
+
+
+def converted_names(config: object, scheme: QuantScheme) -> list[str]:
+    """Every tensor name a converted checkpoint holds for ``scheme``."""
+    names = []
+    for name in expected_tensors(config):
+        module, _, _ = name.rpartition(".")
+        spec = role_spec(module, scheme)
+        keys = backend_for(spec).keys(spec) if spec is not None else ("weight",)
+        names += [f"{module}.{key}" for key in keys]
+    return names
+
+
+def role_spec(module: str, scheme: QuantScheme) -> QuantSpec | None:
+    """The spec a module is stored under, or None for tensors that are never quantized."""
+    parts = module.split(".")
+    if ".self_attn." in f".{module}.":
+        return scheme.attention
+    if module.endswith("block_sparse_moe.gate"):
+        return scheme.gate
+    if ".experts." in module:
+        return scheme.expert_spec(int(parts[2]))
+    if module == "lm_head":
+        return scheme.lm_head
+    return None
+
+
+def reader_for(checkpoint: Checkpoint, scheme: QuantScheme | None, dtype: torch.dtype) -> WeightReader:
+    """A converted checkpoint's own scheme wins; a float one is quantized with ``scheme`` (default none)."""
+    config = checkpoint.config
+    if config.quantization is not None:
+        stored = QuantScheme.from_block(
+            config.quantization, config.num_hidden_layers, str(checkpoint.directory / "config.json")
+        )
+        return ConvertedReader(checkpoint, stored, dtype)
+    return WeightReader(checkpoint, scheme or QuantScheme(), dtype)
