@@ -35,12 +35,13 @@ def main(
 
 
 def _register_commands() -> None:
-    from cli import chat_cmd, generate_cmd, plan_cmd, profiles_cmd
+    from cli import chat_cmd, generate_cmd, plan_cmd, profiles_cmd, trace_cmd
 
     chat_cmd.register(app)
     generate_cmd.register(app)
     plan_cmd.register(app)
     profiles_cmd.register(app)
+    trace_cmd.register(app)
 
 
 _register_commands()

@@ -1,0 +1,283 @@
+"""`offload trace record|replay`: record a run's expert routing, then replay it against cache policies."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from cli import options
+
+trace_app = typer.Typer(
+    help="Record which experts a run routes to, then replay it against LRU, LFU and Belady.\n\n"
+    "Example: offload trace record demo.trace --prompt 'Explain LRU caches' && offload trace replay demo.trace",
+    no_args_is_help=True,
+)
+
+DEFAULT_PROMPT = "Explain how a least-recently-used cache decides what to evict, with an example."
+ALL_POLICIES = "lru,lfu,belady,lru+prefetch"
+
+
+@trace_app.command("record")
+def record_command(
+    out: Annotated[
+        Path, typer.Argument(help="Where to write the trace (one safetensors file). Example: demo.trace")
+    ],
+    model: options.Model = None,
+    prompt: Annotated[
+        str | None,
+        typer.Option(help="The prompt. Default: a short built-in question. Example: --prompt 'Hi'"),
+    ] = None,
+    prompt_file: Annotated[
+        Path | None, typer.Option(help="Read the prompt from this UTF-8 file. Example: --prompt-file q.txt")
+    ] = None,
+    no_chat: Annotated[bool, typer.Option("--no-chat", help="Raw completion: no chat template.")] = False,
+    max_new_tokens: Annotated[int, typer.Option(min=0, help="Stop after this many new tokens.")] = 128,
+    temperature: Annotated[
+        float,
+        typer.Option(help="Sampling temperature; 0 (greedy, the default here) makes traces repeatable."),
+    ] = 0.0,
+    seed: options.Seed = None,
+    profile: options.Profile = None,
+    experts_per_layer: options.ExpertsPerLayer = None,
+    prefetch: options.Prefetch = None,
+    quant: options.Quant = None,
+    dtype: options.Dtype = None,
+    device: options.Device = None,
+) -> None:
+    """Generate a reply while recording every layer's routing and the prefetcher's guesses.
+
+    Routing does not depend on the cache, but the guesses are capped at K. When the profile keeps
+    every expert resident, the experts are served through a cache of every expert instead, so the
+    prefetcher runs and its guesses are recorded (--prefetch 0 records none).
+
+    Example: offload trace record mixtral.trace --model ./Mixtral-8x7B-Instruct-v0.1 --prompt-file q.txt
+    """
+    from cli.loading_view import load_engine
+    from offload.trace import TraceRecorder, save_trace
+
+    text = _read_prompt(prompt, prompt_file)
+    flags = {
+        "profile": profile,
+        "device": device,
+        "dtype": dtype,
+        "experts_per_layer": experts_per_layer,
+        "prefetch": prefetch,
+        "quant": quant,
+    }
+    flags["experts_per_layer"] = _slots_for_guesses(model, flags)
+    engine = load_engine(model, **flags)
+    sampling = engine.sampling(temperature=temperature, seed=seed)
+    prompt_ids = engine.prompt_ids(text, chat=not no_chat)
+    name = model if model is not None and not Path(model).expanduser().is_dir() else engine.directory.name
+    with TraceRecorder(engine.model, model_name=name) as recorder:
+        for _ in engine.stream(prompt_ids, max_new_tokens=max_new_tokens, sampling=sampling):
+            pass
+    trace = recorder.trace()
+    save_trace(trace, out)
+    guessed = f"{int(trace.guess_counts.max())} guesses per layer" if trace.has_guesses else "no guesses"
+    typer.echo(
+        f"wrote {out}: {trace.steps} steps, {trace.tokens} tokens ({len(prompt_ids)} in the prompt), "
+        f"{trace.num_layers} layers x {trace.num_experts} experts, {guessed}"
+    )
+
+
+def _slots_for_guesses(model: str | None, flags: dict) -> str | int | None:
+    """--experts-per-layer as given; else every expert when the settings would skip the cache.
+
+    Only the prefetching source makes guesses, and a resident model has none; a cache with a slot
+    for every expert fits wherever every expert is resident.
+    """
+    from offload.checkpoint import resolve_model_dir
+    from offload.config import ModelConfig
+    from offload.engine import default_model
+    from offload.settings import resolve_settings
+
+    if flags["experts_per_layer"] is not None:
+        return flags["experts_per_layer"]
+    directory = resolve_model_dir(model) if model is not None else default_model()
+    config = ModelConfig.from_file(directory / "config.json")
+    settings = resolve_settings(config, **{key: value for key, value in flags.items() if value is not None})
+    if settings.offload.experts_per_layer is None and settings.offload.prefetch > 0:
+        return config.num_local_experts
+    return None
+
+
+@trace_app.command("replay")
+def replay_command(
+    trace_path: Annotated[
+        Path, typer.Argument(metavar="TRACE", help="A trace from `offload trace record`. Example: demo.trace")
+    ],
+    policy: Annotated[
+        str | None,
+        typer.Option(help=f"Comma list of {ALL_POLICIES}. Default: all. Example: --policy lru,belady"),
+    ] = None,
+    experts_per_layer: Annotated[
+        str | None,
+        typer.Option(
+            "--experts-per-layer",
+            "-k",
+            help="Slots per layer: a number, a comma list or a range. Default: 1 to every expert. "
+            "Example: -k 1-4,8",
+        ),
+    ] = None,
+    expert_bytes: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            help="One expert's size in bytes, instead of the trace's. Example: --expert-bytes 176160768",
+        ),
+    ] = None,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print one JSON object instead of a table.")
+    ] = False,
+) -> None:
+    """Replay TRACE with K slots per layer under each policy: hit rate and bytes moved per token.
+
+    Belady is the offline optimum (it knows the future); the last column says how many more
+    loads each policy makes than Belady at the same K.
+
+    Example: offload trace replay demo.trace --policy lru,lfu,belady -k 1-8
+    """
+    from offload.replay import replay_table
+    from offload.trace import load_trace
+
+    trace = load_trace(trace_path)
+    policies = _parse_policies(policy, trace.has_guesses)
+    ks = _parse_ks(experts_per_layer, trace.num_experts)
+    rows = replay_table(trace, policies, ks, expert_bytes)
+    if as_json:
+        summary = {
+            "trace": str(trace_path),
+            **{key: value for key, value in trace.header().items() if key not in ("format", "version")},
+            "steps": trace.steps,
+            "tokens": trace.tokens,
+            "expert_bytes": expert_bytes or trace.header()["expert_bytes"],
+            "rows": [row.as_dict() for row in rows],
+        }
+        typer.echo(json.dumps(summary, indent=2))
+        return
+    _print_table(trace, rows, trace_path, policy is None and not trace.has_guesses)
+
+
+def _read_prompt(prompt: str | None, prompt_file: Path | None) -> str:
+    from offload.errors import OffloadError
+
+    if prompt is not None and prompt_file is not None:
+        raise typer.BadParameter("give --prompt or --prompt-file, not both", param_hint="--prompt")
+    if prompt_file is None:
+        return prompt if prompt is not None else DEFAULT_PROMPT
+    try:
+        return prompt_file.read_bytes().decode("utf-8")
+    except OSError as err:
+        raise OffloadError(f"--prompt-file {prompt_file}: {err.strerror}") from None
+    except UnicodeDecodeError as err:
+        raise OffloadError(f"--prompt-file {prompt_file}: not UTF-8 text (byte {err.start})") from None
+
+
+def _parse_policies(text: str | None, has_guesses: bool) -> list[str]:
+    from offload.replay import POLICIES
+
+    if text is None:  # by default, skip the prefetch row when there is nothing to prefetch
+        return [p for p in POLICIES if has_guesses or p != "lru+prefetch"]
+    policies = [p.strip() for p in text.split(",") if p.strip()]
+    unknown = [p for p in policies if p not in POLICIES]
+    if unknown or not policies:
+        raise typer.BadParameter(
+            f"{unknown[0] if unknown else text!r} is not a policy: use {', '.join(POLICIES)}",
+            param_hint="--policy",
+        )
+    return list(dict.fromkeys(policies))
+
+
+def _parse_ks(text: str | None, num_experts: int) -> list[int]:
+    """'4', '1,2,4', '1-8' or a mix, as sorted distinct K values in 1..num_experts."""
+    if text is None:
+        return list(range(1, num_experts + 1))
+    ks: set[int] = set()
+    for part in text.split(","):
+        low, dash, high = part.strip().partition("-")
+        try:
+            first, last = int(low), int(high if dash else low)
+        except ValueError:
+            raise typer.BadParameter(
+                f"{text!r}: expected numbers, comma lists or ranges such as 1-8",
+                param_hint="--experts-per-layer",
+            ) from None
+        if not 1 <= first <= last <= num_experts:
+            raise typer.BadParameter(
+                f"{part.strip()!r} is out of range: the trace's layers have {num_experts} experts, "
+                f"so K runs from 1 to {num_experts}",
+                param_hint="--experts-per-layer",
+            )
+        ks.update(range(first, last + 1))
+    return sorted(ks)
+
+
+def _print_table(trace, rows, trace_path: Path, skipped_prefetch: bool) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    with_bytes = rows[0].bytes_moved is not None if rows else False
+    title = (
+        f"{trace.model or trace_path.name}: {trace.steps} steps, {trace.tokens} tokens, "
+        f"{trace.num_layers} layers x {trace.num_experts} experts (top-{trace.top_k})"
+    )
+    table = Table("K", "policy", "hit rate", "misses", "loads/token", title=title)
+    if with_bytes:
+        table.add_column("MiB/token", justify="right")
+    table.add_column("loads vs Belady", justify="right")
+    belady = {row.experts_per_layer: row.loads for row in rows if row.policy == "belady"}
+    previous_k = None
+    for row in rows:
+        k = row.experts_per_layer
+        if previous_k is not None and k != previous_k:
+            table.add_section()
+        previous_k = k
+        cells = [
+            str(k),
+            row.policy,
+            _percent(row.hit_rate),
+            str(row.misses),
+            _number(row.loads_per_token),
+        ]
+        if with_bytes:
+            per_token = row.bytes_per_token
+            cells.append("-" if per_token is None else f"{per_token / 2**20:.2f}")
+        cells.append(_versus(row.loads, belady.get(k), row.policy == "belady"))
+        table.add_row(*cells)
+    console.print(table)
+    console.print(
+        "Belady knows the future: the fewest loads possible (exact when no step needs more than K experts).\n"
+        "Loads count every copy, wasted prefetches included."
+    )
+    if not with_bytes:
+        console.print("The trace does not record an expert's size: give --expert-bytes for bytes per token.")
+    if skipped_prefetch:
+        console.print("No prefetch guesses in this trace (record with --prefetch N), so no lru+prefetch row.")
+
+
+def _percent(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1%}"
+
+
+def _number(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
+def _versus(loads: int, optimum: int | None, is_optimum: bool) -> str:
+    if is_optimum:
+        return "optimum"
+    if optimum is None:
+        return "-"
+    if optimum == 0:
+        return "=" if loads == 0 else "+inf"
+    return f"{loads / optimum:.2f}x"
+
+
+def register(app: typer.Typer) -> None:
+    """Add `trace record|replay` to ``app``."""
+    app.add_typer(trace_app, name="trace")

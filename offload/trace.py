@@ -1,0 +1,416 @@
+"""Routing traces: which experts every layer used at every step, and what the prefetcher guessed.
+
+A trace is one safetensors file (no pickle) with a JSON header and five tensors.
+Shapes: S steps (forward calls), N tokens over all steps, L layers, k experts per token, G guesses.
+
+| tensor | shape | dtype | contents |
+|---|---|---|---|
+| ``step_tokens`` | (S,) | int32 | tokens in each forward call: the prompt at prefill, then 1 per decode step |
+| ``ids`` | (N, L, k) | int32 | the routed expert ids of every token at every layer |
+| ``weights`` | (N, L, k) | float32 | their router weights (softmax, top-k, renormalised) |
+| ``guess_counts`` | (S, L) | int32 | how many experts were guessed for each layer at each step (layer 0: none) |
+| ``guesses`` | (G,) | int32 | the guesses, step by step, layer by layer, in the order they were made |
+
+``TraceRecorder`` records a loaded model without changing what it computes; ``offload.replay``
+replays a trace against cache policies.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from functools import cached_property, partial
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from offload.errors import TraceError
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+
+    from torch import Tensor
+
+    from offload.model import MixtralModel
+
+FORMAT = "offload-routing-trace"
+VERSION = 1
+METADATA_KEY = "offload_trace"  # the safetensors metadata entry holding the JSON header
+TENSORS = {
+    "step_tokens": np.int32,
+    "ids": np.int32,
+    "weights": np.float32,
+    "guess_counts": np.int32,
+    "guesses": np.int32,
+}
+
+
+@dataclass(frozen=True, eq=False)
+class Trace:
+    """A model's routing over a run: see the module docstring for the arrays' shapes."""
+
+    model: str  # the model's name, for people reading the trace
+    num_layers: int
+    num_experts: int
+    top_k: int
+    step_tokens: np.ndarray  # (S,)
+    ids: np.ndarray  # (N, L, k)
+    weights: np.ndarray  # (N, L, k)
+    guess_counts: np.ndarray  # (S, L)
+    guesses: np.ndarray  # (G,)
+    expert_bytes: tuple[int, ...] | None = None  # one expert's size per layer, when the recorder knew it
+
+    @property
+    def steps(self) -> int:
+        return len(self.step_tokens)
+
+    @property
+    def tokens(self) -> int:
+        return int(self.step_tokens.sum())
+
+    @property
+    def has_guesses(self) -> bool:
+        return len(self.guesses) > 0
+
+    @cached_property
+    def used(self) -> np.ndarray:
+        """(S, L, E) booleans: whether a step's tokens used an expert at a layer."""
+        used = np.zeros((self.steps, self.num_layers, self.num_experts), dtype=bool)
+        step_of_token = np.repeat(np.arange(self.steps), self.step_tokens)  # (N,)
+        layers = np.arange(self.num_layers)
+        used[step_of_token[:, None, None], layers[None, :, None], self.ids] = True
+        return used
+
+    @cached_property
+    def needed_by_layer(self) -> list[list[list[int]]]:
+        """[layer][step]: the distinct experts used, ascending (what the MoE block asks for)."""
+        experts = range(self.num_experts)
+        return [
+            [[e for e in experts if row[e]] for row in self.used[:, layer].tolist()]
+            for layer in range(self.num_layers)
+        ]
+
+    @cached_property
+    def guesses_by_layer(self) -> list[list[list[int]]]:
+        """[layer][step]: the experts guessed for the layer (by the layer before, before it routed)."""
+        by_layer: list[list[list[int]]] = [[] for _ in range(self.num_layers)]
+        flat, start = self.guesses.tolist(), 0
+        for counts in self.guess_counts.tolist():
+            for layer, count in enumerate(counts):
+                by_layer[layer].append(flat[start : start + count])
+                start += count
+        return by_layer
+
+    def needed(self, step: int, layer: int) -> list[int]:
+        """The distinct experts ``layer`` used at ``step``, ascending."""
+        return self.needed_by_layer[layer][step]
+
+    def guesses_for(self, step: int, layer: int) -> list[int]:
+        """The experts guessed for ``layer`` at ``step``, in the order the prefetcher ranked them."""
+        return self.guesses_by_layer[layer][step]
+
+    def header(self) -> dict[str, Any]:
+        """The JSON header stored with the tensors."""
+        return {
+            "format": FORMAT,
+            "version": VERSION,
+            "model": self.model,
+            "num_layers": self.num_layers,
+            "num_experts": self.num_experts,
+            "top_k": self.top_k,
+            "expert_bytes": None if self.expert_bytes is None else list(self.expert_bytes),
+        }
+
+    def check(self, where: str) -> None:
+        """Raise TraceError, naming ``where``, unless every array agrees with the header and each other."""
+        _check_tensors(self, where)
+
+
+def save_trace(trace: Trace, path: str | Path) -> None:
+    """Write ``trace`` to ``path`` atomically: a reader sees the old file or the whole new one."""
+    from safetensors.numpy import save
+
+    path = Path(path)
+    trace.check(str(path))
+    tensors = {
+        name: np.ascontiguousarray(getattr(trace, name), dtype=dtype) for name, dtype in TENSORS.items()
+    }
+    data = save(tensors, metadata={METADATA_KEY: json.dumps(trace.header())})
+    try:
+        handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as err:
+        raise TraceError(f"{path}: cannot write the trace ({err.strerror})") from None
+    try:
+        with os.fdopen(handle, "wb") as file:
+            file.write(data)
+            file.flush()
+            os.fsync(file.fileno())  # the bytes are on disk before the name points at them
+        os.replace(temporary, path)
+    except OSError as err:
+        Path(temporary).unlink(missing_ok=True)
+        raise TraceError(f"{path}: cannot write the trace ({err.strerror or err})") from None
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+def load_trace(path: str | Path) -> Trace:
+    """Read and validate a trace written by ``save_trace``; any problem is a one-line TraceError."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise TraceError(f"{path}: no such trace file")
+    try:
+        with safe_open(str(path), framework="numpy") as file:
+            metadata = file.metadata() or {}
+            tensors = {name: file.get_tensor(name) for name in file.keys()}  # noqa: SIM118 (not a dict)
+    except Exception as err:  # safetensors raises its own error type for every kind of damage
+        reason = (str(err).splitlines() or [type(err).__name__])[0]
+        raise TraceError(f"{path}: not a readable safetensors file ({reason})") from None
+    header = _parse_header(metadata, str(path))
+    missing = sorted(set(TENSORS) - set(tensors))
+    extra = sorted(set(tensors) - set(TENSORS))
+    if missing or extra:
+        what = f"missing tensor {missing[0]!r}" if missing else f"unexpected tensor {extra[0]!r}"
+        raise TraceError(f"{path}: {what}; expected exactly {', '.join(TENSORS)}")
+    for name, dtype in TENSORS.items():
+        if tensors[name].dtype != dtype:
+            raise TraceError(f"{path}: tensor {name!r} is {tensors[name].dtype}, expected {np.dtype(dtype)}")
+    trace = Trace(**header, **tensors)
+    trace.check(str(path))
+    return trace
+
+
+def _parse_header(metadata: dict[str, str], where: str) -> dict[str, Any]:
+    if METADATA_KEY not in metadata:
+        raise TraceError(f"{where}: not an offload routing trace (no {METADATA_KEY!r} metadata)")
+    try:
+        header = json.loads(metadata[METADATA_KEY])
+    except json.JSONDecodeError:
+        raise TraceError(f"{where}: the trace header is not valid JSON") from None
+    if not isinstance(header, dict):
+        raise TraceError(f"{where}: the trace header is not a JSON object")
+    if header.get("format") != FORMAT:
+        raise TraceError(f"{where}: format {header.get('format')!r} is not {FORMAT!r}")
+    if header.get("version") != VERSION:
+        raise TraceError(
+            f"{where}: trace version {header.get('version')!r} is not supported (this offload reads {VERSION})"
+        )
+    for key in ("num_layers", "num_experts", "top_k"):
+        value = header.get(key)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise TraceError(f"{where}: header {key} must be a whole number >= 1, got {value!r}")
+    if not isinstance(header.get("model"), str):
+        raise TraceError(f"{where}: header model must be a string, got {header.get('model')!r}")
+    expert_bytes = header.get("expert_bytes")
+    if expert_bytes is not None:
+        if not isinstance(expert_bytes, list) or not all(
+            isinstance(b, int) and not isinstance(b, bool) and b > 0 for b in expert_bytes
+        ):
+            raise TraceError(f"{where}: header expert_bytes must be null or whole numbers > 0")
+        expert_bytes = tuple(expert_bytes)
+    fields = ("model", "num_layers", "num_experts", "top_k")
+    return {**{key: header[key] for key in fields}, "expert_bytes": expert_bytes}
+
+
+def _check_tensors(trace: Trace, where: str) -> None:
+    """Shapes, id ranges and lengths; the header's fields are already known to be sane."""
+    layers, experts, top_k = trace.num_layers, trace.num_experts, trace.top_k
+
+    def fail(what: str) -> None:
+        raise TraceError(f"{where}: {what}")
+
+    if top_k > experts:
+        fail(f"top_k {top_k} is more than num_experts {experts}")
+    if trace.expert_bytes is not None and len(trace.expert_bytes) != layers:
+        fail(f"expert_bytes has {len(trace.expert_bytes)} values for {layers} layers")
+    step_tokens, ids, weights = trace.step_tokens, trace.ids, trace.weights
+    guess_counts, guesses = trace.guess_counts, trace.guesses
+    if step_tokens.ndim != 1:
+        fail(f"step_tokens has shape {list(step_tokens.shape)}, expected one dimension")
+    if (step_tokens < 1).any():
+        fail("a step has no tokens (step_tokens must all be >= 1)")
+    expected = [int(step_tokens.sum()), layers, top_k]
+    for name, array in (("ids", ids), ("weights", weights)):
+        if list(array.shape) != expected:
+            fail(f"{name} has shape {list(array.shape)}, expected {expected} (tokens, layers, top_k)")
+    if list(guess_counts.shape) != [len(step_tokens), layers]:
+        fail(f"guess_counts has shape {list(guess_counts.shape)}, expected {[len(step_tokens), layers]}")
+    if ((guess_counts < 0) | (guess_counts > experts)).any():
+        fail(f"a guess count is out of range (allowed 0..{experts})")
+    if guesses.ndim != 1 or len(guesses) != int(guess_counts.sum()):
+        fail(f"guesses has shape {list(guesses.shape)}, but guess_counts add up to {int(guess_counts.sum())}")
+    if ids.size and (ids.min() < 0 or ids.max() >= experts):
+        fail(f"an expert id is out of range: ids span {ids.min()}..{ids.max()}, allowed 0..{experts - 1}")
+    if guesses.size and (guesses.min() < 0 or guesses.max() >= experts):
+        fail(f"a guessed expert id is out of range (allowed 0..{experts - 1})")
+    if layers and guess_counts[:, 0].any():
+        fail("layer 0 has guesses, but guesses come from the layer before")
+    if top_k > 1 and ids.size and (np.diff(np.sort(ids, axis=-1), axis=-1) == 0).any():
+        fail("a token was routed to the same expert twice")
+    if not np.isfinite(weights).all() or (weights < 0).any():
+        fail("a router weight is negative or not finite")
+
+
+class TraceRecorder:
+    """Records a loaded MixtralModel's routing, one step per forward call, without changing its outputs.
+
+    It wraps each MoE block's ExpertSource in a pass-through that notes the experts asked for and
+    the prefetch guesses, and hooks each router gate to keep the token-level ids and weights::
+
+        with TraceRecorder(model, model_name="demo") as recorder:
+            generate_ids(model, prompt_ids, max_new_tokens=32)
+        save_trace(recorder.trace(), "demo.trace")
+
+    Guesses are recorded only when the source makes them (``OffloadedExperts`` with prefetch on).
+    """
+
+    def __init__(self, model: MixtralModel, *, model_name: str = "") -> None:
+        self.model = model
+        self.model_name = model_name
+        config = model.config
+        self.num_layers, self.num_experts = config.num_hidden_layers, config.num_local_experts
+        self.top_k = config.num_experts_per_tok
+        self._blocks = [layer.block_sparse_moe for layer in model.model.layers]
+        self._sources = [block.source for block in self._blocks]
+        self.expert_bytes = _expert_bytes(self._sources[0], self.num_layers)
+        self._steps: list[_Step] = []
+        self._pending: _Step | None = None
+        self._speculating = False  # the prefetcher runs the next layer's gate: not routing
+        wrappers: dict[int, _RecordingSource] = {}  # one wrapper per distinct real source
+        for block, source in zip(self._blocks, self._sources, strict=True):
+            block.source = wrappers.setdefault(id(source), _RecordingSource(source, self))
+        self._hooks = [
+            model.register_forward_pre_hook(self._begin_step),
+            model.register_forward_hook(self._end_step),
+        ]
+        for layer, block in enumerate(self._blocks):
+            self._hooks.append(block.gate.register_forward_hook(partial(self._on_gate, layer)))
+
+    def detach(self) -> None:
+        """Remove every hook and give each MoE block its own source back; the recorded steps stay."""
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks = []
+        for block, source in zip(self._blocks, self._sources, strict=True):
+            block.source = source
+        self._pending = None
+
+    def __enter__(self) -> TraceRecorder:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.detach()
+
+    @property
+    def steps(self) -> int:
+        """Forward calls recorded so far (an interrupted call is not one)."""
+        return len(self._steps)
+
+    def trace(self) -> Trace:
+        """Everything recorded so far, as a Trace."""
+        import torch
+
+        steps = self._steps
+        ids = [torch.stack(step.ids, dim=1) for step in steps]  # (T, L, k) per step
+        weights = [torch.stack(step.weights, dim=1) for step in steps]
+        shape = (0, self.num_layers, self.top_k)
+        trace = Trace(
+            model=self.model_name,
+            num_layers=self.num_layers,
+            num_experts=self.num_experts,
+            top_k=self.top_k,
+            step_tokens=np.array([len(step_ids) for step_ids in ids], dtype=np.int32),
+            ids=torch.cat(ids).cpu().numpy().astype(np.int32) if ids else np.zeros(shape, np.int32),
+            weights=torch.cat(weights).float().cpu().numpy() if ids else np.zeros(shape, np.float32),
+            guess_counts=np.array([[len(g) for g in step.guesses] for step in steps], dtype=np.int32).reshape(
+                len(steps), self.num_layers
+            ),
+            guesses=np.array([e for step in steps for g in step.guesses for e in g], dtype=np.int32),
+            expert_bytes=self.expert_bytes,
+        )
+        for index, step in enumerate(steps):
+            for layer in range(self.num_layers):
+                # The block asks for exactly the experts its router chose: a check on the recorder itself.
+                assert trace.needed(index, layer) == step.needed[layer], "recorded routing disagrees"
+        return trace
+
+    def _begin_step(self, module: object, args: object) -> None:
+        self._pending = _Step(self.num_layers)  # drops a step left unfinished by an interrupted call
+
+    def _end_step(self, module: object, args: object, output: object) -> None:
+        step, self._pending = self._pending, None
+        if step is not None:
+            assert step.complete(), "a forward call skipped a layer's router or experts"
+            self._steps.append(step)
+
+    def _on_gate(self, layer: int, module: object, args: object, logits: Tensor) -> None:
+        from offload.expert_source import route
+
+        if self._speculating or self._pending is None:
+            return
+        weights, ids = route(logits.reshape(-1, logits.shape[-1]), self.top_k)  # (T, k) each, on the device
+        self._pending.ids[layer], self._pending.weights[layer] = ids, weights
+
+    def _on_experts(self, layer: int, needed: list[int], guesses: list[int]) -> None:
+        if self._pending is None:
+            return
+        self._pending.needed[layer] = sorted(set(needed))
+        if layer + 1 < self.num_layers:  # guesses made at layer l are for layer l+1
+            self._pending.guesses[layer + 1] = list(guesses)
+
+
+class _Step:
+    """One forward call's routing while it is being recorded."""
+
+    def __init__(self, num_layers: int) -> None:
+        self.ids: list[Any] = [None] * num_layers  # (T, k) tensors
+        self.weights: list[Any] = [None] * num_layers
+        self.needed: list[Any] = [None] * num_layers
+        self.guesses: list[list[int]] = [[] for _ in range(num_layers)]
+
+    def complete(self) -> bool:
+        return all(x is not None for x in (*self.ids, *self.needed))
+
+
+class _RecordingSource:
+    """An ExpertSource that tells the recorder what the block asks for and forwards everything."""
+
+    def __init__(self, inner: Any, recorder: TraceRecorder) -> None:
+        self.inner = inner
+        self.recorder = recorder
+
+    def speculate(self, layer: int, hidden: Tensor) -> Tensor | None:
+        self.recorder._speculating = True
+        try:
+            return self.inner.speculate(layer, hidden)
+        finally:
+            self.recorder._speculating = False
+
+    def experts_for(self, layer: int, needed: list[int], guesses: list[int]) -> Iterator[tuple[int, Any]]:
+        self.recorder._on_experts(layer, needed, guesses)
+        return self.inner.experts_for(layer, needed, guesses)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)  # stats, describe, cache...: the real source's
+
+
+def _expert_bytes(source: Any, num_layers: int) -> tuple[int, ...] | None:
+    """One expert's size per layer: what the host store moves, or a resident dense expert's weights."""
+    store = getattr(getattr(source, "cache", None), "store", None)
+    if store is not None:
+        return tuple(store.layout(layer).nbytes for layer in range(num_layers))
+    experts = getattr(source, "experts", None)  # ResidentExperts: [layer][expert]
+    if not experts:
+        return None
+    sizes = []
+    for layer in experts:
+        weights = [getattr(layer[0], name, None) for name in ("w1", "w2", "w3")]
+        if not all(hasattr(w, "element_size") for w in weights):
+            return None  # a quantized resident expert: its moved size is not known here
+        sizes.append(sum(w.numel() * w.element_size() for w in weights))
+    return tuple(sizes)
