@@ -130,8 +130,12 @@ class Profile:
             generation=_generation(top.table("generation")),
         )
 
-    def for_model(self, config: ModelConfig) -> ResolvedProfile:
-        """Check the profile against a model: one K per layer, K ≤ E, override layers in range."""
+    def for_model(self, config: ModelConfig, *, strict_context: bool = True) -> ResolvedProfile:
+        """Check the profile against a model: one K per layer, K ≤ E, override layers in range.
+
+        ``strict_context=False`` lets a bundled profile's context (sized for Mixtral-8x7B) exceed a
+        smaller model's window; generation never runs past the model's window anyway.
+        """
         layers, experts = config.num_hidden_layers, config.num_local_experts
         k = self.cache.experts_per_layer
         if isinstance(k, tuple) and len(k) != layers:
@@ -164,7 +168,7 @@ class Profile:
             seen.add(layer % layers)
             specs[layer] = spec  # a negative index counts from the last layer, as in Python
         context, limit = self.generation.context, config.max_position_embeddings
-        if context is not None and context > limit:
+        if strict_context and context is not None and context > limit:
             self._fail("generation.context", context, f"allowed is at most the model's {limit} tokens")
         return ResolvedProfile(self, layers, per_layer, tuple(specs))
 

@@ -61,7 +61,7 @@ def resolve_settings(
     from offload.profile import load_profile
 
     chosen = load_profile(profile)
-    resolved = chosen.for_model(config)
+    resolved = chosen.for_model(config, strict_context=False)
     run_device = parse_device(device or (chosen.device.kind if profile else None))
 
     if quant is not None and quant != "none":
@@ -80,19 +80,12 @@ def resolve_settings(
 
     slots = parse_experts_per_layer(experts_per_layer)
     if slots is None:
-        slots = resolved.experts_per_layer if not resolved.is_auto else "auto"
+        profile_slots = chosen.cache.experts_per_layer
+        slots = profile_slots if profile_slots in ("all", "auto") else list(resolved.experts_per_layer)
     if slots == "auto":
         slots = _auto_slots(config, chosen, run_device, free_memory_bytes)
     if slots == "all":
-        slots = None
-    if isinstance(slots, tuple):
-        slots = list(slots)
-    if (
-        isinstance(slots, list)
-        and len(slots) == config.num_hidden_layers
-        and set(slots) == {config.num_local_experts}
-    ):
-        slots = None  # every expert fits: keep them resident and skip the cache entirely
+        slots = None  # every expert resident: no store, no cache, nothing moved
     if prefetch is None:
         prefetch = chosen.prefetch.experts if chosen.prefetch.enabled else 0
     if isinstance(prefetch, bool) or prefetch < 0:
