@@ -86,6 +86,10 @@ def resolve_settings(
         slots = _auto_slots(config, chosen, run_device, free_memory_bytes)
     if slots == "all":
         slots = None  # every expert resident: no store, no cache, nothing moved
+    else:
+        from offload.expert_cache import slot_counts
+
+        slot_counts(slots, config.num_hidden_layers, config.num_local_experts)  # fail before loading
     if prefetch is None:
         prefetch = chosen.prefetch.experts if chosen.prefetch.enabled else 0
     if isinstance(prefetch, bool) or prefetch < 0:

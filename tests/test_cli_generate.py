@@ -104,6 +104,13 @@ def test_generate_chat_reads_stdin(
         (["--model", "{baby}", "--device", "tpu"], None, "tpu"),
         (["--model", "{baby}", "--temperature", "-1"], None, "temperature"),
         (["--model", "{baby}", "-"], b"\xff\xfe bad", "UTF-8"),
+        (["--model", "{baby}", "-k", "0"], None, "from 1 to 8"),
+        (["--model", "{baby}", "-k", "9"], None, "from 1 to 8"),
+        (["--model", "{baby}", "-k", "1,2,3"], None, "lists 3 values but the model has 2 layers"),
+        (["--model", "{baby}", "-k", "two"], None, "'two' is not an integer"),
+        (["--model", "{baby}", "-k", "2", "--prefetch", "-1"], None, "--prefetch must be >= 0"),
+        (["--model", "{baby}", "--link", "emulated:fast"], None, "bad link 'emulated:fast'"),
+        (["--model", "{baby}", "--profile", "no-such-profile"], None, "profile 'no-such-profile' not found"),
     ],
 )
 def test_user_errors_are_one_line(
