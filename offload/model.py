@@ -52,29 +52,39 @@ class Attention(nn.Module):
             config.num_key_value_heads,
             config.head_dim,
         )
-        self.rope_theta = config.rope_theta
-        self.sliding_window = config.sliding_window
         hidden = config.hidden_size
         self.q_proj = nn.Linear(hidden, self.heads * self.head_dim, bias=False)
         self.k_proj = nn.Linear(hidden, self.kv_heads * self.head_dim, bias=False)
         self.v_proj = nn.Linear(hidden, self.kv_heads * self.head_dim, bias=False)
         self.o_proj = nn.Linear(self.heads * self.head_dim, hidden, bias=False)
 
-    def forward(self, x: Tensor, layer: int, cache: KVCache | None, start: int) -> Tensor:
+    def forward(self, x: Tensor, layer: int, cache: KVCache | None, positions: Positions) -> Tensor:
         batch, tokens, _ = x.shape
         q = self.q_proj(x).view(batch, tokens, self.heads, self.head_dim).transpose(1, 2)  # (B, H, T, K)
         k = self.k_proj(x).view(batch, tokens, self.kv_heads, self.head_dim).transpose(1, 2)  # (B, G, T, K)
         v = self.v_proj(x).view(batch, tokens, self.kv_heads, self.head_dim).transpose(1, 2)
-        positions = torch.arange(start, start + tokens, device=x.device)
-        cos, sin = rope_tables(positions, self.head_dim, self.rope_theta, x.dtype)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k = apply_rope(q, positions.cos, positions.sin), apply_rope(k, positions.cos, positions.sin)
         if cache is not None:
-            k, v = cache.update(layer, k, v, start)  # (B, G, S, K): every position so far
-        groups = self.heads // self.kv_heads
-        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)  # (B, H, S, K)
-        mask = attention_mask(start, tokens, k.shape[2], self.sliding_window, x.device)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            k, v = cache.update(layer, k, v, positions.start)  # (B, G, S, K): every position so far
+        # enable_gqa shares each key/value head among its query heads without copying the cache.
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=positions.mask, enable_gqa=True)
         return self.o_proj(out.transpose(1, 2).reshape(batch, tokens, self.heads * self.head_dim))
+
+
+class Positions:
+    """What every layer needs about the positions of one forward call, computed once per call."""
+
+    def __init__(
+        self, config: ModelConfig, start: int, tokens: int, dtype: torch.dtype, device: torch.device
+    ) -> None:
+        self.start = start
+        index = torch.arange(start, start + tokens, device=device)
+        self.cos, self.sin = rope_tables(index, config.head_dim, config.rope_theta, dtype)
+        keys = start + tokens
+        window = config.sliding_window
+        # A single new token that sees every cached key needs no mask at all.
+        needs_mask = tokens > 1 or (window is not None and keys > window)
+        self.mask = attention_mask(start, tokens, keys, window, device) if needs_mask else None
 
 
 def attention_mask(
@@ -128,8 +138,8 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.block_sparse_moe = MoEBlock(config, layer)
 
-    def forward(self, x: Tensor, cache: KVCache | None, start: int) -> Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), self.layer, cache, start)
+    def forward(self, x: Tensor, cache: KVCache | None, positions: Positions) -> Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), self.layer, cache, positions)
         return x + self.block_sparse_moe(self.post_attention_layernorm(x))
 
 
@@ -161,8 +171,9 @@ class MixtralModel(nn.Module):
         if cache is not None:
             cache.reserve(start + input_ids.shape[1])
         x = self.model.embed_tokens(input_ids)
+        positions = Positions(self.config, start, input_ids.shape[1], x.dtype, x.device)
         for layer in self.model.layers:
-            x = layer(x, cache, start)
+            x = layer(x, cache, positions)
         if cache is not None:
             cache.length = start + input_ids.shape[1]
         if last_only:
