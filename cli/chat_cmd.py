@@ -69,6 +69,10 @@ def chat(
         ),
     )
     _enable_line_editing()
+    # Bytes that are not UTF-8 then reach ChatSession.send, which refuses the line and keeps the chat;
+    # a strict stdin would raise in input() and lose the rest of what was typed or piped.
+    with contextlib.suppress(AttributeError, ValueError):
+        sys.stdin.reconfigure(errors="surrogateescape")
     out.print("[dim]Type a message, /help for commands, Ctrl-D to quit.[/dim]")
     while True:
         try:
@@ -90,6 +94,8 @@ def chat(
 
 
 def _reply(session, text: str, out) -> None:
+    import torch
+
     from offload.errors import OffloadError
 
     stream = session.send(text)
@@ -103,6 +109,14 @@ def _reply(session, text: str, out) -> None:
         out.print("\n[dim](reply stopped; the conversation is kept)[/dim]")
     except OffloadError as error:
         out.print(f"\n[red]error:[/red] {error}")
+    except (torch.OutOfMemoryError, MemoryError):
+        # The partial turn is kept (ChatSession.send's finally); hand the memory back and go on.
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        out.print(
+            "\n[red]error:[/red] out of memory during the reply; the conversation is kept. "
+            "Try /reset, a shorter message, --max-new-tokens, or a profile with fewer experts per layer"
+        )
     finally:
         stream.close()
     if session.dropped_turns > dropped:

@@ -84,5 +84,5 @@ def generate(
             "cache": engine.cache_stats(),
         }
         sys.stdout.write(json.dumps(result) + "\n")
-    else:
+    elif token_ids:
         sys.stdout.write("\n")

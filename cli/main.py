@@ -35,9 +35,11 @@ def main(
 
 
 def _register_commands() -> None:
-    from cli import chat_cmd, generate_cmd, plan_cmd, profiles_cmd, trace_cmd
+    from cli import bench_cmd, chat_cmd, convert_cmd, generate_cmd, plan_cmd, profiles_cmd, trace_cmd
 
+    bench_cmd.register(app)
     chat_cmd.register(app)
+    convert_cmd.register(app)
     generate_cmd.register(app)
     plan_cmd.register(app)
     profiles_cmd.register(app)
@@ -54,7 +56,8 @@ def run() -> None:
     try:
         app()  # typer's standalone mode handles usage errors (exit 2) and --help itself
     except OffloadError as err:
-        print(f"error: {err}", file=sys.stderr)
+        # A name read from a file may hold a newline; the error must stay one line.
+        print("error: " + str(err).replace("\n", "\\n"), file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

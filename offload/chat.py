@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from offload.config import read_json
 from offload.engine import Engine
 from offload.errors import ContextError, OffloadError
 from offload.generate import Response, SamplingParams
@@ -79,6 +80,9 @@ class ChatSession:
 
     def send(self, user_text: str) -> Iterator[Response]:
         """Stream the reply to ``user_text``. Stopping early (Ctrl-C) keeps the partial reply."""
+        if not _is_text(user_text):
+            # A terminal that sends bytes that are not UTF-8 gives Python lone surrogates, which no tokenizer takes.
+            raise OffloadError("this message is not valid UTF-8 text; type it again")
         ids = self._fit(user_text)
         # The cache holds a prefix of ids; only the rest is prefilled.
         if ids[: self.cache.length] != self.tokens[: self.cache.length]:
@@ -110,25 +114,57 @@ class ChatSession:
     def load(self, path: str | Path) -> None:
         """Replace the conversation with a saved one; the next turn prefills it."""
         path = Path(path).expanduser()
-        try:
-            payload = json.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise OffloadError(f"{path}: no such chat file") from None
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-            raise OffloadError(f"{path}: not a saved chat ({err})") from None
-        if not isinstance(payload, dict) or payload.get("format") != SAVE_FORMAT:
-            raise OffloadError(f'{path}: not a saved chat (expected "format": "{SAVE_FORMAT}")')
-        messages, system = payload.get("messages"), payload.get("system")
-        if not isinstance(messages, list) or not (system is None or isinstance(system, str)):
-            raise OffloadError(f"{path}: 'messages' must be a list and 'system' a string or null")
+        system, messages = read_chat_save(path)
         chat = ([{"role": "system", "content": system}] if system else []) + messages
         if messages:
             try:
-                self.engine.tokenizer.encode_chat(chat)  # validates roles and contents
+                self.engine.tokenizer.encode_chat(chat)  # the template's own checks, with this tokenizer
             except OffloadError as err:
                 raise OffloadError(f"{path}: {err}") from None
         self.reset()
-        self.system, self.messages = system, [dict(m) for m in messages]
+        self.system, self.messages = system, messages
+
+
+def read_chat_save(path: Path) -> tuple[str | None, list[dict[str, str]]]:
+    """The (system prompt, messages) of a file ``ChatSession.save`` wrote; any damage is an OffloadError.
+
+    The messages must be what a session holds: user and assistant turns in pairs, each with a string
+    content, so the chat can go on with a user turn. Extra keys in a message are dropped.
+    """
+    if not path.is_file():
+        raise OffloadError(f"{path}: no such chat file")
+    payload = read_json(path, OffloadError)
+    if not isinstance(payload, dict) or payload.get("format") != SAVE_FORMAT:
+        raise OffloadError(f'{path}: not a saved chat (expected "format": "{SAVE_FORMAT}")')
+    messages, system = payload.get("messages"), payload.get("system")
+    if not isinstance(messages, list) or not (system is None or isinstance(system, str)):
+        raise OffloadError(f"{path}: 'messages' must be a list and 'system' a string or null")
+    if system is not None and not _is_text(system):
+        raise OffloadError(f"{path}: 'system' is not valid Unicode text")
+    turns = []
+    for index, message in enumerate(messages):
+        role = "user" if index % 2 == 0 else "assistant"
+        if not isinstance(message, dict) or message.get("role") != role:
+            raise OffloadError(
+                f"{path}: message {index} must have role {role!r}; a saved chat alternates user and assistant"
+            )
+        if not isinstance(message.get("content"), str) or not _is_text(message["content"]):
+            raise OffloadError(f"{path}: message {index} needs a string 'content' of valid Unicode text")
+        turns.append({"role": role, "content": message["content"]})
+    if len(turns) % 2:
+        # A session always closes a user turn with a reply (maybe empty); two user turns in a row
+        # would make every later message fail.
+        raise OffloadError(f"{path}: the last message must be an assistant reply")
+    return system, turns
+
+
+def _is_text(text: str) -> bool:
+    # JSON may spell a lone surrogate ("\\ud800"); the tokenizers cannot encode it.
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def write_atomically(path: Path, text: str) -> None:

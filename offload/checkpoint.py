@@ -2,25 +2,40 @@
 
 A checkpoint is a directory with config.json and either ``model.safetensors`` or shards listed in
 ``model.safetensors.index.json``. Files are memory-mapped, so the whole model is never in RAM twice.
+
+Model files come from the internet, so nothing in them is trusted:
+
+- only safetensors and JSON are read (never a pickle, never code);
+- a file that offload reads may be a symbolic link only if the link stays inside the model directory,
+  or, for a snapshot in huggingface_hub's cache (``models--ORG--NAME/snapshots/REV/``), inside that
+  repo's ``blobs/`` folder, where the hub keeps the real files;
+- a safetensors header is checked against the file's size before it is parsed, and tensors must have
+  a dtype that a Mixtral checkpoint (or ``offload convert``) stores;
+- every tensor read goes through ``Checkpoint.get``, which refuses NaN and inf.
 """
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Iterator
+from fnmatch import fnmatch
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 
-from offload.config import ModelConfig
+from offload.config import ModelConfig, read_json
 from offload.errors import CheckpointError
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 # What a model directory may hold that we read; never pickles, never code.
 ALLOWED_PATTERNS = ["*.json", "*.safetensors", "tokenizer.model"]
+# Float weights in 32 or 16 bits, and the integer codes that `offload convert` writes. Anything else
+# (fp8, complex, bool) is not a checkpoint this engine can run, and some of it breaks the NaN check.
+STORED_DTYPES = ("F32", "F16", "BF16", "U8", "I8", "I16", "I32", "I64")
+# safetensors' own limit: a header is JSON describing the tensors, tens of kilobytes for a real shard.
+MAX_HEADER_BYTES = 100_000_000
 
 
 def expected_tensors(config: ModelConfig) -> dict[str, tuple[int, ...]]:
@@ -74,6 +89,7 @@ class Checkpoint:
         self.directory = Path(directory)
         if not self.directory.is_dir():
             raise CheckpointError(f"{self.directory}: no such model directory")
+        check_links(self.directory)
         self.config = ModelConfig.from_file(self.directory / "config.json")
         self._handles: dict[str, object] = {}
         self.files = self._shard_map()
@@ -87,18 +103,27 @@ class Checkpoint:
                 tensor_slice = handle.get_slice(name)
                 self._shapes[name] = tuple(tensor_slice.get_shape())
                 self._dtypes[name] = tensor_slice.get_dtype()
+                if self._dtypes[name] not in STORED_DTYPES:
+                    raise CheckpointError(
+                        f"{self.directory / filename}: tensor {name} is stored as {self._dtypes[name]}; "
+                        f"offload reads {', '.join(STORED_DTYPES)}"
+                    )
 
     def _shard_map(self) -> dict[str, str]:
         """Tensor name -> file name. Filled lazily from the index or the single file."""
         index_path = self.directory / INDEX_FILE
         if index_path.is_file():
-            try:
-                index = json.loads(index_path.read_text(encoding="utf-8"))
-                weight_map = index["weight_map"]
-            except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as err:
-                raise CheckpointError(f"{index_path}: not a valid safetensors index ({err})") from None
+            index = read_json(index_path, CheckpointError)
+            if not isinstance(index, dict) or "weight_map" not in index:
+                raise CheckpointError(f"{index_path}: not a valid safetensors index (no weight_map)")
+            weight_map = index["weight_map"]
             if not isinstance(weight_map, dict):
                 raise CheckpointError(f"{index_path}: weight_map must map tensor names to shard files")
+            for filename in weight_map.values():
+                if not isinstance(filename, str):  # checked first: a list or a dict cannot go in a set
+                    raise CheckpointError(
+                        f"{index_path}: shard {_shown(filename)} is not a .safetensors file name"
+                    )
             for filename in set(weight_map.values()):
                 self._check_shard_name(filename, index_path)
             return dict(weight_map)
@@ -113,22 +138,26 @@ class Checkpoint:
 
     def _check_shard_name(self, filename: object, index_path: Path) -> None:
         if not isinstance(filename, str) or not filename.endswith(".safetensors"):
-            raise CheckpointError(f"{index_path}: shard {filename!r} is not a .safetensors file name")
-        if os.path.isabs(filename) or ".." in Path(filename).parts:
-            raise CheckpointError(f"{index_path}: shard {filename!r} points outside the model directory")
+            raise CheckpointError(f"{index_path}: shard {_shown(filename)} is not a .safetensors file name")
+        if os.path.isabs(filename) or ".." in Path(filename).parts or "\0" in filename:
+            raise CheckpointError(
+                f"{index_path}: shard {_shown(filename)} points outside the model directory"
+            )
         path = self.directory / filename
         if not path.is_file():
             raise CheckpointError(f"{path}: shard named in {INDEX_FILE} is missing")
-        if not path.resolve().is_relative_to(self.directory.resolve()):
-            raise CheckpointError(f"{path}: shard is a link that points outside the model directory")
+        _check_inside(path, _allowed_roots(self.directory))
 
     def _open(self, filename: str):
         if filename not in self._handles:
             path = self.directory / filename
+            _check_header(path)
             try:
                 self._handles[filename] = safe_open(str(path), framework="pt", device="cpu")
             except Exception as err:  # safetensors raises its own error type for every kind of damage
-                raise CheckpointError(f"{path}: not a readable safetensors file ({err})") from None
+                raise CheckpointError(
+                    f"{path}: not a readable safetensors file ({_first_line(err)})"
+                ) from None
         return self._handles[filename]
 
     def names(self) -> set[str]:
@@ -146,8 +175,12 @@ class Checkpoint:
             raise CheckpointError(f"{self.directory}: tensor {name} is missing")
         try:
             tensor = self._open(filename).get_tensor(name)
+        except CheckpointError:
+            raise
         except Exception as err:
-            raise CheckpointError(f"{self.directory / filename}: cannot read tensor {name} ({err})") from None
+            raise CheckpointError(
+                f"{self.directory / filename}: cannot read tensor {name} ({_first_line(err)})"
+            ) from None
         if tensor.is_floating_point() and not torch.isfinite(tensor).all():
             raise CheckpointError(f"{self.directory / filename}: tensor {name} holds NaN or inf values")
         return tensor
@@ -175,7 +208,14 @@ class Checkpoint:
 
 
 def resolve_model_dir(model: str | Path) -> Path:
-    """A local directory, or a Hugging Face repo id fetched (or found offline) in huggingface_hub's cache."""
+    """A local directory, or a Hugging Face repo id fetched (or found offline) in huggingface_hub's cache.
+
+    Either way, no file that offload reads may be a link out of it (see ``check_links``).
+    """
+    return check_links(_find_model_dir(model))
+
+
+def _find_model_dir(model: str | Path) -> Path:
     path = Path(model).expanduser()
     if path.exists():
         if not path.is_dir():
@@ -198,3 +238,81 @@ def resolve_model_dir(model: str | Path) -> Path:
         raise CheckpointError(
             f"{text}: not a local directory, and the Hugging Face repo could not be fetched ({type(err).__name__})"
         ) from None
+
+
+def check_links(directory: Path) -> Path:
+    """Refuse ``directory`` if a file offload may read there is a link that leads out of it.
+
+    A hostile download could otherwise make ``tokenizer.model`` or a shard a link to any file on the
+    machine. A snapshot in huggingface_hub's cache is made of links into its repo's ``blobs/``
+    folder; those are allowed, and nothing further out. Returns ``directory``.
+    """
+    roots = _allowed_roots(directory)
+    try:
+        entries = sorted(directory.iterdir())
+    except OSError as err:
+        raise CheckpointError(
+            f"{directory}: cannot list the model directory ({err.strerror or err})"
+        ) from None
+    for path in entries:
+        if any(fnmatch(path.name, pattern) for pattern in ALLOWED_PATTERNS):
+            _check_inside(path, roots)
+    return directory
+
+
+def _allowed_roots(directory: Path) -> list[Path]:
+    """Where the files of ``directory`` may really live (resolved)."""
+    real = _resolve(directory)
+    roots = [real]
+    repo = real.parent.parent
+    # huggingface_hub's layout: CACHE/models--ORG--NAME/{blobs,refs,snapshots/REV}, files linking to ../../blobs.
+    if real.parent.name == "snapshots" and repo.name.startswith("models--") and (repo / "blobs").is_dir():
+        roots.append(repo / "blobs")
+    return roots
+
+
+def _check_inside(path: Path, roots: list[Path]) -> None:
+    real = _resolve(path)
+    if not any(real.is_relative_to(root) for root in roots):
+        raise CheckpointError(
+            f"{path}: a link to {real}, outside the model directory; offload reads only files inside it "
+            "(copy the file in instead of linking it)"
+        )
+
+
+def _resolve(path: Path) -> Path:
+    try:
+        return path.resolve()
+    except (OSError, RuntimeError) as err:  # Python 3.11 raises RuntimeError on a symlink loop
+        raise CheckpointError(f"{path}: cannot follow this link ({_first_line(err)})") from None
+
+
+def _check_header(path: Path) -> None:
+    """Check the 8-byte header length against the file before safetensors parses anything.
+
+    safetensors checks this too; doing it here gives the user the numbers (a truncated download shows
+    as a header longer than the file) and never relies on the library to refuse an absurd size.
+    """
+    try:
+        with path.open("rb") as file:
+            size = os.fstat(file.fileno()).st_size
+            head = file.read(8)
+    except OSError as err:
+        raise CheckpointError(f"{path}: cannot read it ({err.strerror or err})") from None
+    if len(head) < 8:
+        raise CheckpointError(f"{path}: not a safetensors file ({size} bytes, too short for a header)")
+    header_bytes = int.from_bytes(head, "little")
+    if header_bytes > min(size - 8, MAX_HEADER_BYTES):
+        raise CheckpointError(
+            f"{path}: not a readable safetensors file (its header claims {header_bytes} bytes; the file has "
+            f"{size}, and a header may have at most {MAX_HEADER_BYTES}); the file is damaged or truncated"
+        )
+
+
+def _first_line(err: BaseException) -> str:
+    return (str(err).splitlines() or [type(err).__name__])[0]
+
+
+def _shown(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."

@@ -8,13 +8,23 @@ Unknown keys are ignored, as mlx-lm does.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from offload.errors import ConfigError
+from offload.errors import ConfigError, OffloadError
 
 DTYPE_NAMES = ("float32", "bfloat16", "float16")
+# Far above any released MoE (DeepSeek-V3: 61 layers x 256 experts), yet small enough that a config.json
+# claiming billions of layers or experts fails here instead of in a loop or a huge allocation later.
+MAX_LAYERS = 4096
+MAX_EXPERTS = 4096
+MAX_TOTAL_EXPERTS = 2**16  # layers x experts per layer
+MAX_WIDTH = 2**20  # hidden_size, intermediate_size, head_dim, heads
+MAX_VOCAB = 2**24
+MAX_CONTEXT = 2**27
+MAX_JSON_BYTES = 64 * 2**20  # config.json, the shard index, a chat save: all far smaller in practice
 
 
 @dataclass(frozen=True)
@@ -50,7 +60,7 @@ class ModelConfig:
             raise ConfigError(f"{source}: expected a JSON object, got {type(raw).__name__}")
         model_type = raw.get("model_type", "mixtral")
         if model_type != "mixtral":
-            raise ConfigError(f"{source}: model_type is {model_type!r}; only 'mixtral' is supported")
+            raise ConfigError(f"{source}: model_type is {_short(model_type)}; only 'mixtral' is supported")
 
         def need(key: str, kind: type = int) -> Any:
             if key not in raw or raw[key] is None:
@@ -71,7 +81,7 @@ class ModelConfig:
             rope_theta = opt("rope_theta", 1e6, float)
         dtype = raw.get("torch_dtype") or raw.get("dtype") or "bfloat16"
         if dtype not in DTYPE_NAMES:
-            raise ConfigError(f"{source}: torch_dtype {dtype!r} is not one of {', '.join(DTYPE_NAMES)}")
+            raise ConfigError(f"{source}: torch_dtype {_short(dtype)} is not one of {', '.join(DTYPE_NAMES)}")
         sliding_window = raw.get("sliding_window")
         config = cls(
             vocab_size=need("vocab_size"),
@@ -89,7 +99,7 @@ class ModelConfig:
             sliding_window=None
             if sliding_window is None
             else _typed(sliding_window, "sliding_window", int, source),
-            tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
+            tie_word_embeddings=opt("tie_word_embeddings", False, bool),
             bos_token_id=opt("bos_token_id", None, int),
             eos_token_id=_eos(raw.get("eos_token_id"), source),
             torch_dtype=dtype,
@@ -104,11 +114,7 @@ class ModelConfig:
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"{path}: no such file (a model directory needs a config.json)")
-        try:
-            raw = json.loads(path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise ConfigError(f"{path}: not valid JSON ({err})") from None
-        return cls.from_dict(raw, source=str(path))
+        return cls.from_dict(read_json(path, ConfigError), source=str(path))
 
     def _check(self, source: str) -> None:
         positive = (
@@ -125,7 +131,28 @@ class ModelConfig:
         )
         for key in positive:
             if getattr(self, key) <= 0:
-                raise ConfigError(f"{source}: {key} must be a positive integer, got {getattr(self, key)}")
+                raise ConfigError(
+                    f"{source}: {key} must be a positive integer, got {_short(getattr(self, key))}"
+                )
+        limits = {
+            "num_hidden_layers": MAX_LAYERS,
+            "num_local_experts": MAX_EXPERTS,
+            "vocab_size": MAX_VOCAB,
+            "max_position_embeddings": MAX_CONTEXT,
+            **dict.fromkeys(
+                ("hidden_size", "intermediate_size", "head_dim", "num_attention_heads"), MAX_WIDTH
+            ),
+        }
+        for key, limit in limits.items():
+            if getattr(self, key) > limit:
+                raise ConfigError(
+                    f"{source}: {key} {_short(getattr(self, key))} is beyond what offload supports ({limit})"
+                )
+        if self.num_hidden_layers * self.num_local_experts > MAX_TOTAL_EXPERTS:
+            raise ConfigError(
+                f"{source}: {self.num_hidden_layers} layers x {self.num_local_experts} experts is beyond what "
+                f"offload supports ({MAX_TOTAL_EXPERTS} experts in all)"
+            )
         if self.hidden_size % self.num_attention_heads:
             raise ConfigError(
                 f"{source}: hidden_size {self.hidden_size} is not divisible by "
@@ -149,15 +176,57 @@ class ModelConfig:
             raise ConfigError(f"{source}: sliding_window must be a positive integer or null")
 
 
+def read_json(path: Path, error: type[OffloadError]) -> Any:
+    """Parse the JSON file ``path``; any damage (too big, not UTF-8, not JSON, NaN) raises ``error``."""
+    try:
+        size = path.stat().st_size
+        if size > MAX_JSON_BYTES:
+            raise error(f"{path}: {size} bytes is too large for this JSON file (at most {MAX_JSON_BYTES})")
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise error(f"{path}: no such file") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise error(f"{path}: cannot read it ({_reason(err)})") from None
+    try:
+        return json.loads(text, parse_constant=_reject_constant)
+    except RecursionError:
+        raise error(f"{path}: not valid JSON (nested too deeply)") from None
+    except ValueError as err:  # JSONDecodeError, NaN or Infinity, or an integer of thousands of digits
+        raise error(f"{path}: not valid JSON ({_reason(err)})") from None
+
+
+def _reject_constant(name: str) -> Any:
+    # Python's json reads NaN and Infinity, which are not JSON and are never a valid size or weight.
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _reason(err: BaseException) -> str:
+    return (str(err).splitlines() or [type(err).__name__])[0]
+
+
 def _typed(value: Any, key: str, kind: type, source: str) -> Any:
     # bool is an int in Python; a config that says `"hidden_size": true` is still wrong.
     if kind is int and (isinstance(value, bool) or not isinstance(value, int)):
-        raise ConfigError(f"{source}: {key} must be an integer, got {value!r}")
+        raise ConfigError(f"{source}: {key} must be an integer, got {_short(value)}")
+    if kind is bool and not isinstance(value, bool):
+        raise ConfigError(f"{source}: {key} must be true or false, got {_short(value)}")
     if kind is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{source}: {key} must be a number, got {value!r}")
-        return float(value)
+            raise ConfigError(f"{source}: {key} must be a number, got {_short(value)}")
+        # A huge integer overflows float(); inf and NaN pass every "> 0" check but poison the model.
+        number = float(value) if isinstance(value, float) or abs(value) < 2**1000 else math.inf
+        if not math.isfinite(number):
+            raise ConfigError(f"{source}: {key} must be a finite number, got {_short(value)}")
+        return number
     return value
+
+
+def _short(value: Any) -> str:
+    """``value`` for an error message: at most 60 characters."""
+    if isinstance(value, int) and abs(value) > 2**64:
+        return f"an integer of {value.bit_length()} bits"  # repr of a 4,300-digit int raises
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def _eos(value: Any, source: str) -> int | None:

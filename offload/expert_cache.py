@@ -21,7 +21,7 @@ from offload.expert_source import Expert
 from offload.experts import unpack_expert
 from offload.link import Link, LinkHandle
 from offload.stats import CacheStats
-from offload.store import HostStore
+from offload.store import HostStore, is_out_of_memory
 
 Materialize = Callable[[dict[str, Tensor]], Expert]  # a slot's tensor views -> a runnable expert
 
@@ -89,7 +89,18 @@ class ExpertCache:
         self._layers = []
         for layer, count in enumerate(self.experts_per_layer):
             nbytes = store.layout(layer).nbytes
-            slots = [_Slot(torch.zeros(nbytes, dtype=torch.uint8, device=device)) for _ in range(count)]
+            try:
+                slots = [_Slot(torch.zeros(nbytes, dtype=torch.uint8, device=device)) for _ in range(count)]
+            except (RuntimeError, MemoryError) as error:
+                if not is_out_of_memory(error):
+                    raise
+                self._layers = []  # the traceback keeps ``self`` alive: free the slots made so far
+                total = sum(store.layout(i).nbytes * k for i, k in enumerate(self.experts_per_layer))
+                raise CacheError(
+                    f"out of memory on {device} allocating the expert cache ({total / 2**20:.1f} MiB for "
+                    f"{max(self.experts_per_layer)} experts per layer); use a smaller profile or fewer experts "
+                    "per layer (--experts-per-layer)"
+                ) from None
             self._layers.append(_LayerSlots(slots, OrderedDict()))
         self.stats = CacheStats(store.num_layers)
         self._loads_begun = 0

@@ -56,6 +56,11 @@ class Sampler:
             kth_best = torch.topk(logits, params.top_k).values[-1]
             logits = logits.masked_fill(logits < kth_best, float("-inf"))
         probs = torch.softmax(logits, dim=-1)
+        if not torch.isfinite(probs).all():
+            raise OffloadError(
+                "the model produced NaN or inf logits (weights overflow in this dtype, or a damaged "
+                "checkpoint); try --dtype float32"
+            )
         if params.top_p < 1:
             sorted_probs, order = torch.sort(probs, descending=True)
             # Drop a token when the tokens before it already reach top_p; the first always stays.

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import math
 import os
+import re
+import reprlib
 import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -27,6 +29,7 @@ DEVICE_KINDS = ("cuda", "cpu")
 # "all" keeps every expert on the device: the CPU profile's K, whatever E the model has.
 K_WORDS = ("auto", "all")
 K_ALLOWED = "a positive integer, 'auto', 'all', or a list with one positive integer per layer"
+MAX_PROFILE_BYTES = 2**20  # a profile is a few hundred bytes; this refuses a wrong or hostile file
 QUANT_ROLES = ("attention", "experts", "gate", "embed", "lm_head")
 # 3-bit g64 experts: 3.5 stored bits/weight with fp16 scale and zero, less than 2-bit g16 (4.0), and a lower error.
 _DEFAULT_QUANT = {"attention": "hqq:4:64", "experts": "hqq:3:64", "gate": "none", "embed": "none"}
@@ -100,16 +103,23 @@ class Profile:
         """Read and validate one profile file."""
         path = Path(path)
         try:
+            if path.exists() and not path.is_file():
+                # A directory, or a device such as /dev/zero that would be read forever.
+                raise ProfileError(f"{path}: not a regular file; a profile is a TOML file")
+            if path.stat().st_size > MAX_PROFILE_BYTES:
+                raise ProfileError(f"{path}: too large for a profile (at most {MAX_PROFILE_BYTES} bytes)")
             text = path.read_text(encoding="utf-8")
         except FileNotFoundError:
             raise ProfileError(f"profile file {path} does not exist") from None
-        except (OSError, UnicodeDecodeError) as err:
-            raise ProfileError(f"{path}: cannot read profile ({err})") from None
+        except (OSError, ValueError) as err:  # ValueError: not UTF-8, or a NUL byte in the path
+            raise ProfileError(f"{path}: cannot read profile ({_first_line(err)})") from None
         try:
             raw = tomllib.loads(text)
-        except tomllib.TOMLDecodeError as err:
+        except ValueError as err:  # TOMLDecodeError, or an integer of thousands of digits
             # tomllib's message ends "(at line N, column M)".
-            raise ProfileError(f"{path}: not valid TOML: {err}") from None
+            raise ProfileError(f"{path}: not valid TOML: {_first_line(err)}") from None
+        except RecursionError:
+            raise ProfileError(f"{path}: not valid TOML: arrays or tables nested too deeply") from None
         return cls.from_dict(raw, source=path)
 
     @classmethod
@@ -295,7 +305,7 @@ class _Table:
             return None
         value = self.raw.get(key, default)
         # TOML has inf and nan; neither is a budget, a bandwidth or a temperature.
-        number = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        number = isinstance(value, (int, float)) and not isinstance(value, bool) and _finite(value)
         if not (number and check(value)):
             self.fail(key, value, allowed)
         return float(value)
@@ -366,7 +376,8 @@ def _quant(table: _Table) -> QuantSettings:
         table.fail("experts_overrides", raw, 'a table of layer index to spec, e.g. { "0" = "hqq:3:64" }')
     overrides = []
     for layer, spec in raw.items():
-        if not layer.removeprefix("-").isdigit():
+        # ASCII digits only: "²".isdigit() is True, yet int("²") fails.
+        if not (isinstance(layer, str) and re.fullmatch(r"-?[0-9]{1,9}", layer)):
             table.fail(
                 f'experts_overrides."{layer}"',
                 spec,
@@ -396,8 +407,22 @@ def _positive_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value > 0
 
 
+def _first_line(err: BaseException) -> str:
+    return (str(err).splitlines() or [type(err).__name__])[0]
+
+
+def _finite(value: float) -> bool:
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an integer too large for a float
+        return False
+
+
 def _show(value: Any) -> str:
-    text = _toml_value(value) if isinstance(value, (str, int, float, list, tuple, dict)) else repr(value)
+    try:
+        text = _toml_value(value) if isinstance(value, (str, int, float, list, tuple, dict)) else repr(value)
+    except (RecursionError, ValueError):  # deeply nested, or an int too long for str()
+        text = reprlib.repr(value)
     return text if len(text) <= 60 else text[:57] + "..."
 
 

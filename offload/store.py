@@ -40,10 +40,18 @@ class HostStore:
         layout = self._layouts[layer]
         if layout is None:
             layout = ExpertLayout.of(tensors)
+            nbytes = self.num_experts * layout.nbytes
+            try:
+                self._buffers[layer] = torch.zeros(nbytes, dtype=torch.uint8, pin_memory=self.pinned)
+            except (RuntimeError, MemoryError) as error:
+                if not is_out_of_memory(error):
+                    raise
+                raise CacheError(
+                    f"out of host memory for layer {layer}'s experts ({nbytes / 2**20:.1f} MiB"
+                    f"{', pinned' if self.pinned else ''}); use lower-bit experts (a profile or --experts "
+                    "with fewer bits) or close other programs"
+                ) from None
             self._layouts[layer] = layout
-            self._buffers[layer] = torch.zeros(
-                self.num_experts * layout.nbytes, dtype=torch.uint8, pin_memory=self.pinned
-            )
         try:
             pack_expert(tensors, layout, out=self._slice(layer, expert))
         except CacheError as error:
@@ -92,3 +100,11 @@ class HostStore:
             raise CacheError(
                 f"no expert ({layer}, {expert}) in a store of {self.num_layers} layers x {self.num_experts} experts"
             )
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """Whether ``error`` is an allocator running out of memory: CUDA's, the CPU's, or Python's."""
+    if isinstance(error, (MemoryError, torch.OutOfMemoryError)):
+        return True
+    text = str(error)
+    return isinstance(error, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)

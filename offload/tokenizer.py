@@ -158,9 +158,17 @@ class Tokenizer:
         backend = _HuggingFaceBackend(file) if file.suffix == ".json" else _SentencePieceBackend(file)
         return cls(backend, file)
 
+    def _text(self, text: str) -> str:
+        # Non-UTF-8 bytes in argv arrive as lone surrogates, which the libraries cannot encode.
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as err:
+            raise TokenizerError(f"the text is not valid UTF-8 (character {err.start})") from None
+        return text
+
     def encode(self, text: str, add_bos: bool = False) -> list[int]:
         """Token ids of `text` (with sentencepiece's leading "▁"); BOS first only when asked."""
-        ids = self._backend.encode(text)
+        ids = self._backend.encode(self._text(text))
         return [self._require("bos_id"), *ids] if add_bos else ids
 
     def decode(self, ids: list[int]) -> str:
@@ -179,14 +187,14 @@ class Tokenizer:
         """
         ids = [self._require("bos_id")]
         for segment in chat_segments(messages):
-            ids += self._backend.encode(segment.text)
+            ids += self._backend.encode(self._text(segment.text))
             if segment.role == "assistant":
                 ids.append(self._require("eos_id"))
         return ids
 
     def encode_reply(self, text: str) -> list[int]:
         """An assistant reply's ids as the chat template encodes them, without the closing EOS."""
-        return self._backend.encode(text)
+        return self._backend.encode(self._text(text))
 
     def encode_turn(self, user_text: str) -> list[int]:
         """The ids that start the next user turn after a finished reply (which ended with EOS).
@@ -194,7 +202,7 @@ class Tokenizer:
         `encode_chat(chat + [reply, user])` equals
         `encode_chat(chat) + encode_reply(reply) + [eos_id] + encode_turn(user)`.
         """
-        return self._backend.encode(user_block(user_text))
+        return self._backend.encode(self._text(user_block(user_text)))
 
     def stream_decoder(self) -> StreamDecoder:
         """A fresh incremental decoder for one reply."""

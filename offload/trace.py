@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from offload.config import MAX_EXPERTS, MAX_LAYERS
 from offload.errors import TraceError
 
 if TYPE_CHECKING:
@@ -39,6 +40,7 @@ if TYPE_CHECKING:
 FORMAT = "offload-routing-trace"
 VERSION = 1
 METADATA_KEY = "offload_trace"  # the safetensors metadata entry holding the JSON header
+MAX_TRACE_CELLS = 2**32  # steps x layers x experts: 4 GiB of booleans in ``Trace.used``
 TENSORS = {
     "step_tokens": np.int32,
     "ids": np.int32,
@@ -190,7 +192,7 @@ def _parse_header(metadata: dict[str, str], where: str) -> dict[str, Any]:
         raise TraceError(f"{where}: not an offload routing trace (no {METADATA_KEY!r} metadata)")
     try:
         header = json.loads(metadata[METADATA_KEY])
-    except json.JSONDecodeError:
+    except (ValueError, RecursionError):  # also a number of thousands of digits, or deep nesting
         raise TraceError(f"{where}: the trace header is not valid JSON") from None
     if not isinstance(header, dict):
         raise TraceError(f"{where}: the trace header is not a JSON object")
@@ -200,10 +202,11 @@ def _parse_header(metadata: dict[str, str], where: str) -> dict[str, Any]:
         raise TraceError(
             f"{where}: trace version {header.get('version')!r} is not supported (this offload reads {VERSION})"
         )
-    for key in ("num_layers", "num_experts", "top_k"):
+    for key, limit in (("num_layers", MAX_LAYERS), ("num_experts", MAX_EXPERTS), ("top_k", MAX_EXPERTS)):
         value = header.get(key)
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise TraceError(f"{where}: header {key} must be a whole number >= 1, got {value!r}")
+        # The same limits as config.json: a header claiming a billion layers would make a replay loop forever.
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= limit:
+            raise TraceError(f"{where}: header {key} must be a whole number from 1 to {limit}, got {value!r}")
     if not isinstance(header.get("model"), str):
         raise TraceError(f"{where}: header model must be a string, got {header.get('model')!r}")
     expert_bytes = header.get("expert_bytes")
@@ -232,6 +235,9 @@ def _check_tensors(trace: Trace, where: str) -> None:
     guess_counts, guesses = trace.guess_counts, trace.guesses
     if step_tokens.ndim != 1:
         fail(f"step_tokens has shape {list(step_tokens.shape)}, expected one dimension")
+    if len(step_tokens) * layers * experts > MAX_TRACE_CELLS:
+        # ``Trace.used`` holds one boolean per (step, layer, expert): refuse before it is allocated.
+        fail(f"{len(step_tokens)} steps x {layers} layers x {experts} experts is too large to replay")
     if (step_tokens < 1).any():
         fail("a step has no tokens (step_tokens must all be >= 1)")
     expected = [int(step_tokens.sum()), layers, top_k]

@@ -7,13 +7,15 @@ Both readers give the same dict for a module: ``{key: tensor}`` with the backend
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import Tensor
 
 from offload.checkpoint import Checkpoint, expected_tensors, expert_prefix
 from offload.errors import CheckpointError
 from offload.quant.codec import codec_for
-from offload.quant.linear import backend_for, quantize_linear
+from offload.quant.linear import backend_for, matrix_nbytes, quantize_linear
 from offload.quant.scheme import QuantScheme
 from offload.quant.spec import QuantSpec
 
@@ -57,7 +59,11 @@ class WeightReader:
 
 
 class ConvertedReader(WeightReader):
-    """Reads a checkpoint written by ``offload convert``: nothing is quantized again."""
+    """Reads a checkpoint written by ``offload convert``: nothing is quantized again.
+
+    Checks names and shapes up front, and each module's stored bytes against its spec as it is read,
+    so a quantization block that does not match the tensors is an error rather than garbage weights.
+    """
 
     def check(self) -> None:
         config = self.checkpoint.config
@@ -72,6 +78,14 @@ class ConvertedReader(WeightReader):
         unknown = sorted(present - wanted)
         if unknown:
             raise CheckpointError(f"{self.checkpoint.directory}: unexpected tensor {unknown[0]}")
+        for name, shape in self._shapes.items():
+            module = name.rpartition(".")[0]
+            spec = role_spec(module, self.scheme)
+            if (spec is None or spec.backend == "none") and self.checkpoint.shape(name) != shape:
+                raise CheckpointError(
+                    f"{self.checkpoint.directory}: tensor {name} has shape "
+                    f"{list(self.checkpoint.shape(name))}, expected {list(shape)}"
+                )
 
     def dense(self, name: str) -> Tensor:
         return self.checkpoint.get(name).to(self.dtype)
@@ -84,10 +98,23 @@ class ConvertedReader(WeightReader):
         prefix = expert_prefix(layer, expert)
         return {f"{m}.{key}": t for m in MATRICES for key, t in self._stored(f"{prefix}.{m}", spec).items()}
 
+    @functools.cached_property
+    def _shapes(self) -> dict[str, tuple[int, ...]]:
+        return expected_tensors(self.checkpoint.config)
+
     def _stored(self, module: str, spec: QuantSpec) -> dict[str, Tensor]:
         tensors = {key: self.checkpoint.get(f"{module}.{key}") for key in backend_for(spec).keys(spec)}
         if spec.backend == "none":
-            tensors = {key: t.to(self.dtype) for key, t in tensors.items()}
+            return {key: t.to(self.dtype) for key, t in tensors.items()}
+        shape = self._shapes[f"{module}.weight"]
+        stored = sum(t.numel() * t.element_size() for t in tensors.values())
+        wanted = matrix_nbytes(spec, shape)
+        if stored != wanted:
+            # Catches a block edited to another bit width or group size; only the sizes are read here.
+            raise CheckpointError(
+                f"{self.checkpoint.directory}: {module} stores {stored} bytes, but {spec} needs {wanted} "
+                f"for shape {list(shape)}; the quantization block in config.json does not match the tensors"
+            )
         return tensors
 
 

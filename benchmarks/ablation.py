@@ -1,0 +1,122 @@
+"""The paper's ablation (arXiv 2312.17238, Table 2) as a markdown table, from `offload bench --ablate`.
+
+One process, one emulated link sized so that one expert copy costs --copy-ratio times one layer's
+measured decode compute; K = half the experts; rows measured interleaved; medians of --runs runs.
+
+    python benchmarks/ablation.py --model offload/demo --copy-ratio 5 --runs 5 --json /tmp/ablation.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+TARGETS = {  # row -> the least full/row decode ratio asked for (resident: the least full/resident ratio)
+    "naive": ("full / naive", 3.0),
+    "no-prefetch": ("full / no-prefetch", 1.3),
+    "resident": ("full / all-resident", 0.8),
+}
+
+
+def markdown(report: dict[str, Any]) -> str:
+    """The rows with their ratios, the targets, the Belady comparison and the setup, as markdown."""
+    rows = {row["name"]: row for row in report["rows"]}
+    full = rows["full"]["decode_tokens_per_second"]
+    lines = [
+        "| row | K | prefetch | decode tok/s | full / row | prefill tok/s | TTFT ms | hit rate | recall | MB moved/token | wait ms/token |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in report["rows"]:
+        decode = row["decode"]
+        lines.append(
+            f"| {row['name']} | {row['experts_per_layer'] or 'all'} | {row['prefetch']} "
+            f"| {row['decode_tokens_per_second']:.1f} | {full / row['decode_tokens_per_second']:.2f} "
+            f"| {row['prefill_tokens_per_second']:.1f} | {row['ttft_seconds'] * 1e3:.1f} "
+            f"| {_percent(decode['hit_rate'])} | {_percent(decode['prefetch_recall'])} "
+            f"| {(decode['bytes_moved_per_token'] or 0) / 1e6:.2f} | {(decode['wait_seconds_per_token'] or 0) * 1e3:.2f} |"
+        )
+    lines += ["", "| target | measured | asked |", "|---|---|---|"]
+    for name, (label, least) in TARGETS.items():
+        if name in rows:
+            ratio = full / rows[name]["decode_tokens_per_second"]
+            lines.append(f"| {label} | {ratio:.2f} | ≥ {least} {'✓' if ratio >= least else '✗'} |")
+    check = report.get("policy_check")
+    if check is not None:
+        decode = check["decode"]
+        ratio = decode["lru_prefetch_over_belady"]
+        lines.append(
+            f"| bytes LRU+prefetch / Belady (decode steps) | {ratio:.2f} | ≤ 1.2 {'✓' if ratio <= 1.2 else '✗'} |"
+        )
+        lines.append(
+            f"| bytes LRU / Belady (decode steps) | {decode['lru_over_belady']:.2f} | (no prefetch) |"
+        )
+        lines.append(
+            f"| bytes measured / Belady (whole run, prefill included) | {check['whole']['measured_over_belady']:.2f} | |"
+        )
+    link, machine = report["link"], report["machine"]
+    lines += [
+        "",
+        f"Setup: {report['model']}, {report['dtype']}, experts {report['quant']}, {report['device']}; "
+        f"prompt {report['prompt']['tokens']} tokens ({report['prompt']['source']}), {report['new_tokens']} new tokens, "
+        f"median of {report['runs']} interleaved runs after a warm-up. "
+        f"Link {link['spec']}: one expert ({link['expert_bytes'] / 2**20:.2f} MiB) in "
+        f"{link['expert_copy_seconds'] * 1e3:.2f} ms"
+        + (
+            f" = {link['copy_ratio']:g} x one layer's decode compute ({link['layer_seconds'] * 1e3:.2f} ms, measured)"
+            if link["layer_seconds"]
+            else ""
+        )
+        + f". {machine['torch_threads']} torch threads, load average {machine['load_average_start']} -> "
+        f"{machine['load_average_end']}; every row gave the same tokens.",
+    ]
+    return "\n".join(lines)
+
+
+def _percent(value: float | None) -> str:
+    return "–" if value is None else f"{value:.0%}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="offload/demo")
+    parser.add_argument("--copy-ratio", type=float, default=5.0)
+    parser.add_argument("--experts-per-layer", "-k", default=None, help="default: half the experts")
+    parser.add_argument("--prefetch", type=int, default=2)
+    parser.add_argument("--dtype", default=None)
+    parser.add_argument("--prompt-tokens", type=int, default=32)
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: one per core)")
+    parser.add_argument("--rows", default=None, help="comma list of rows (default: all five)")
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+
+    from offload.ablation import VARIANTS
+    from offload.bench import run_bench
+
+    report = run_bench(
+        args.model,
+        dtype=args.dtype,
+        experts_per_layer=args.experts_per_layer,
+        prefetch=args.prefetch,
+        copy_ratio=args.copy_ratio,
+        prompt_tokens=args.prompt_tokens,
+        new_tokens=args.new_tokens,
+        runs=args.runs,
+        threads=args.threads,
+        ablate=True,
+        variants=args.rows.split(",") if args.rows else VARIANTS,
+        progress=lambda line: print(line, file=sys.stderr),
+    ).as_dict()
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=1) + "\n")
+    print(markdown(report))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,68 @@
+"""A random Mixtral checkpoint big enough that a layer's compute is not noise, written once to a cache dir.
+
+    python benchmarks/random_model.py --out /tmp/offload-bench/moe-1024
+
+Weights are drawn like tests/baby.py's (normal, std 2 / sqrt(fan_in)), which sharpens the routing a
+little over the default init. Routing of a random model is still near uniform, unlike a trained one:
+cache hit rates and prefetch recall here are a floor, not what a real model gets.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+DEFAULT_DIR = Path("/tmp/offload-bench/moe-1024")
+SHAPE = {  # Mixtral's structure (8 experts, top-2, GQA 4:1) at a width a CPU decodes in tens of ms
+    "hidden_size": 1024,
+    "intermediate_size": 3584,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 16,
+    "num_key_value_heads": 4,
+    "num_local_experts": 8,
+    "num_experts_per_tok": 2,
+    "vocab_size": 32000,
+}
+
+
+def write_random_model(
+    directory: Path = DEFAULT_DIR, dtype: torch.dtype = torch.bfloat16, seed: int = 0
+) -> Path:
+    """Write the model to ``directory`` unless a finished one is there; returns the directory."""
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    if (directory / "config.json").is_file():
+        return directory
+    config = MixtralConfig(
+        **SHAPE, max_position_embeddings=4096, rope_parameters={"rope_theta": 1e6, "rope_type": "default"}
+    )
+    torch.manual_seed(seed)
+    with torch.device("cpu"):
+        model = MixtralForCausalLM(config).to(dtype)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            if parameter.dim() > 1:
+                parameter.normal_(0, 2 / parameter.shape[-1] ** 0.5)
+    directory.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(directory, max_shard_size="2GB")
+    return directory
+
+
+def describe(directory: Path) -> str:
+    """One line: the shape and the size on disk."""
+    config = json.loads((directory / "config.json").read_text())
+    size = sum(p.stat().st_size for p in directory.glob("*.safetensors"))
+    return (
+        f"{directory}: hidden {config['hidden_size']}, FFN {config['intermediate_size']}, "
+        f"{config['num_hidden_layers']} layers x {config['num_local_experts']} experts, vocab {config['vocab_size']}, "
+        f"{size / 2**20:.0f} MiB of safetensors"
+    )
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=DEFAULT_DIR)
+    print(describe(write_random_model(parser.parse_args().out)))

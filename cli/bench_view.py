@@ -1,0 +1,110 @@
+"""Rendering a bench report (its JSON dict) as a rich table plus a few lines of context."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.console import Group
+from rich.table import Table
+from rich.text import Text
+
+from cli.stats_view import percent
+
+MIB = 2**20
+
+
+def bench_view(report: dict[str, Any]) -> Group:
+    """Two tables (speed; the decode steps' cache figures and memory) and a few lines of context.
+
+    Two narrow tables rather than one wide one, so an 80-column terminal shows every figure.
+    """
+    ablation = any(row["name"] == "full" for row in report["rows"])
+    speed = Table(title="offload bench: speed (medians over runs)", show_edge=False)
+    cache = Table(title="cache (decode steps) and memory", show_edge=False)
+    speed_columns = (
+        "row",
+        "K",
+        "prefetch",
+        "decode tok/s",
+        "× full" if ablation else None,
+        "prefill tok/s",
+        "TTFT ms",
+    )
+    cache_columns = ("row", "hit", "recall", "prec", "MB/tok", "wait ms", "dev MiB", "host MiB")
+    for table, titles in ((speed, speed_columns), (cache, cache_columns)):
+        for title in titles:
+            if title is not None:
+                table.add_column(title, justify="left" if title == "row" else "right")
+    for row in report["rows"]:
+        decode, memory = row["decode"], row["memory"]
+        speed.add_row(
+            row["name"],
+            _slots(row["experts_per_layer"]),
+            str(row["prefetch"]) if row["experts_per_layer"] is not None else "–",
+            f"{row['decode_tokens_per_second']:.1f}",
+            *([_ratio(row["ratio_to_full"])] if ablation else []),
+            f"{row['prefill_tokens_per_second']:.1f}",
+            f"{row['ttft_seconds'] * 1e3:.1f}",
+        )
+        cache.add_row(
+            row["name"],
+            percent(decode["hit_rate"]),
+            percent(decode["prefetch_recall"]),
+            percent(decode["prefetch_precision"]),
+            _per_token(decode["bytes_moved_per_token"], 1e-6, "{:.2f}"),
+            _per_token(decode["wait_seconds_per_token"], 1e3, "{:.2f}"),
+            f"{memory['device']['total_bytes'] / MIB:.1f}",
+            f"{memory['host']['store_bytes'] / MIB:.1f}",
+        )
+    return Group(speed, Text(""), cache, *(Text(line, style="dim") for line in context_lines(report)))
+
+
+def context_lines(report: dict[str, Any]) -> list[str]:
+    """What the table does not say: the setup, the link, the Belady comparison and the machine."""
+    link, machine, prompt = report["link"], report["machine"], report["prompt"]
+    lines = [
+        f"{report['model']} on {report['device']} ({report['dtype']}, experts {report['quant']}); "
+        f"prompt {prompt['tokens']} tokens ({prompt['source']}), {report['new_tokens']} new tokens, "
+        f"median of {report['runs']} runs after a warm-up; every row gave the same tokens",
+        f"link {link['spec']}" + _link_detail(link),
+    ]
+    check = report.get("policy_check")
+    if check is not None:
+        whole, decode = check["whole"], check["decode"]
+        lines.append(
+            f"bytes moved vs Belady at K={check['experts_per_layer']} (one cold run of full): "
+            f"whole run {_ratio(whole['measured_over_belady'])}, decode steps LRU+prefetch "
+            f"{_ratio(decode['lru_prefetch_over_belady'])}, LRU {_ratio(decode['lru_over_belady'])}"
+        )
+    lines.append(
+        f"peak RSS {machine['peak_rss_bytes'] / MIB:.0f} MiB; {machine['torch_threads']} torch threads; "
+        f"load average {machine['load_average_start']} -> {machine['load_average_end']}"
+    )
+    return lines
+
+
+def _link_detail(link: dict[str, Any]) -> str:
+    parts = []
+    if link["gbps"] is not None:
+        parts.append(f"{link['gbps']:.4g} GB/s")
+    if link["expert_copy_seconds"] is not None:
+        parts.append(
+            f"one expert ({link['expert_bytes'] / MIB:.2f} MiB) in {link['expert_copy_seconds'] * 1e3:.2f} ms"
+        )
+    if link["layer_seconds"] is not None:
+        parts.append(f"= {link['copy_ratio']:g} × one layer's compute ({link['layer_seconds'] * 1e3:.2f} ms)")
+    return f" ({', '.join(parts)})" if parts else ""
+
+
+def _slots(value: Any) -> str:
+    if value is None:
+        return "all"
+    return str(value) if isinstance(value, int) else ",".join(map(str, value))
+
+
+def _ratio(value: float | None) -> str:
+    return "–" if value is None else f"{value:.2f}"
+
+
+def _per_token(value: float | None, scale: float, form: str) -> str:
+    return "–" if value is None else form.format(value * scale)

@@ -1,0 +1,312 @@
+"""`offload bench`: prefill and decode speed, TTFT, cache figures and memory per tier, and the ablation.
+
+``run_bench`` loads the model once and measures one row per ExpertSource (``offload.ablation``):
+the configuration asked for, or with ``ablate`` the five rows resident, full, no-prefetch, no-cache
+and naive over one host store and one link. Every row decodes greedily the same prompt for exactly
+``new_tokens`` tokens (EOS does not stop it): one warm-up run, then ``runs`` measured ones, interleaved
+across rows so that a change in machine load slows every row alike; speeds are medians over runs.
+Every row must give the same tokens as the resident one, or the bench fails (``BenchError``).
+
+``copy_ratio`` sets an emulated link's bandwidth from a measurement: the resident row's decode time per
+token divided by the layers is one layer's compute (attention, the MoE block with its two experts, and
+a layer's share of embedding, lm_head and sampling); one copy of the largest expert then takes
+``copy_ratio`` times that.
+
+The report and its JSON schema: ``offload.bench_report``.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import resource
+import sys
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from offload.ablation import DESCRIPTIONS, VARIANTS, build_source
+from offload.bench_measure import RowResult
+from offload.bench_report import BenchError, BenchReport, LinkInfo
+from offload.errors import ContextError
+
+Progress = Callable[[str], None]  # receives one line of progress
+
+
+def run_bench(
+    model: str | Path | None = None,
+    *,
+    profile: str | None = None,
+    device: str | None = None,
+    dtype: str | None = None,
+    quant: str | None = None,
+    experts_per_layer: str | int | None = None,
+    prefetch: int | None = None,
+    link: str | None = None,
+    copy_ratio: float | None = None,
+    prompt_tokens: int = 32,
+    new_tokens: int = 32,
+    runs: int = 3,
+    ablate: bool = False,
+    variants: Sequence[str] = VARIANTS,
+    threads: int | None = None,
+    prompt_ids: list[int] | None = None,
+    progress: Progress | None = None,
+) -> BenchReport:
+    """Measure ``model`` (default: the demo model) as configured by the profile and flags.
+
+    ``ablate`` measures the rows of ``offload.ablation`` named in ``variants`` (default: all five) at
+    K = ``experts_per_layer`` (default: half the experts when the settings keep them all resident).
+    ``copy_ratio`` gives an emulated link whose expert copy costs that many layers of compute (instead
+    of ``link``). ``prompt_ids`` replaces the built-in prompt. ``threads`` sets torch's intra-op threads
+    while the bench runs (default: torch's own). ``progress`` receives a line before each step.
+    """
+    from offload.bench_measure import measure_rows
+
+    say = progress or (lambda _: None)
+    _check_settings(prompt_tokens, new_tokens, runs, copy_ratio, link, threads, variants)
+    with torch_threads(threads):
+        load_average_start = _load_average()
+        flags = dict(profile=profile, device=device, dtype=dtype, quant=quant, prefetch=prefetch, link=link)
+        flags = {name: value for name, value in flags.items() if value is not None}
+        mixtral, report, settings = _load(
+            model,
+            flags,
+            experts_per_layer,
+            ablate,
+            copy_ratio,
+            prompt_tokens,
+            prompt_ids,
+            new_tokens,
+            runs,
+            say,
+        )
+        if report.experts_per_layer is None:
+            say(f"measuring resident: a warm-up, then {runs} runs")
+            row = RowResult("resident", DESCRIPTIONS["resident"], None, 0)
+            report.rows = measure_rows(
+                [(row, mixtral.expert_source)], mixtral, report.prompt_ids, new_tokens, runs
+            )
+        else:
+            _measure_offloaded(
+                report, mixtral, settings.offload, copy_ratio, variants if ablate else None, say
+            )
+        _check_identical(report)
+        report.machine = _machine(mixtral, load_average_start)
+        return report
+
+
+def _load(
+    model: str | Path | None,
+    flags: dict[str, Any],
+    experts_per_layer: str | int | None,
+    ablate: bool,
+    copy_ratio: float | None,
+    prompt_tokens: int,
+    prompt_ids: list[int] | None,
+    new_tokens: int,
+    runs: int,
+    say: Progress,
+) -> tuple[Any, BenchReport, Any]:
+    """Resolve the settings, load the model and start the report: (model, report, settings).
+
+    Offloaded rows share the loader's host store, so the model loads with a one-slot cache that the
+    rows' own sources replace at once.
+    """
+    from offload.bench_prompt import bench_prompt
+    from offload.checkpoint import resolve_model_dir
+    from offload.config import ModelConfig
+    from offload.engine import default_model
+    from offload.loading import OffloadOptions, load_model
+    from offload.settings import resolve_settings
+
+    directory = resolve_model_dir(model) if model is not None else default_model()
+    config = ModelConfig.from_file(directory / "config.json")
+    settings = resolve_settings(config, experts_per_layer=experts_per_layer, **flags)
+    slots = settings.offload.experts_per_layer
+    if ablate and slots is None:
+        slots = max(1, config.num_local_experts // 2)
+    if copy_ratio is not None and slots is None:
+        raise BenchError("--copy-ratio sizes the link that moves experts: offload them with -k K or --ablate")
+    prompt_source = "given ids"
+    if prompt_ids is None:
+        prompt_ids, prompt_source = bench_prompt(
+            directory, config.vocab_size, prompt_tokens, config.bos_token_id
+        )
+    if len(prompt_ids) + new_tokens > config.max_position_embeddings:
+        raise ContextError(
+            f"{len(prompt_ids)} prompt tokens + {new_tokens} new tokens exceed the model's context of "
+            f"{config.max_position_embeddings}; lower --prompt-tokens or --new-tokens"
+        )
+    say(f"loading {directory}")
+    options = None if slots is None else OffloadOptions(experts_per_layer=1, prefetch=0, link="local")
+    mixtral = load_model(
+        directory, device=settings.device, dtype=settings.dtype, quant=settings.quant, offload=options
+    )
+    report = BenchReport(
+        model=str(directory),
+        device=str(mixtral.device),
+        dtype=str(mixtral.dtype).removeprefix("torch."),
+        quant=_describe_quant(mixtral),
+        prompt_ids=list(prompt_ids),
+        prompt_source=prompt_source,
+        new_tokens=new_tokens,
+        runs=runs,
+        experts_per_layer=slots,
+        prefetch=settings.offload.prefetch,
+        link=LinkInfo("none (every expert resident)" if slots is None else settings.offload.link),
+    )
+    return mixtral, report, settings
+
+
+def _measure_offloaded(
+    report: BenchReport,
+    mixtral: Any,
+    offload: Any,
+    copy_ratio: float | None,
+    variants: Sequence[str] | None,
+    say: Progress,
+) -> None:
+    """Fill ``report`` with the offloaded rows: the ablation's ``variants``, or (None) one "offloaded" row.
+
+    With ``copy_ratio``, a resident row is measured first and sizes the emulated link.
+    """
+    from offload.bench_measure import measure_rows
+    from offload.link import EmulatedLink, parse_link
+
+    store = mixtral.expert_source.cache.store
+    slots, prefetch = report.experts_per_layer, offload.prefetch
+    prompt_ids, new_tokens, runs = report.prompt_ids, report.new_tokens, report.runs
+    expert_bytes = max(store.layout(layer).nbytes for layer in range(store.num_layers))
+    rows: list[tuple[RowResult, object]] = []
+    if (variants is not None and "resident" in variants) or copy_ratio is not None:
+        resident = build_source("resident", mixtral, store, None, slots, 0)
+        rows.append((RowResult("resident", DESCRIPTIONS["resident"], None, 0), resident))
+    if copy_ratio is not None:
+        say(f"calibrating: {runs} runs of resident, to time one layer's compute")
+        calibration = RowResult("calibration", "", None, 0)
+        measure_rows([(calibration, resident)], mixtral, prompt_ids, new_tokens, runs)
+        layer_seconds = 1 / calibration.median("decode_tokens_per_second") / mixtral.config.num_hidden_layers
+        gbps = expert_bytes / (copy_ratio * layer_seconds) / 1e9
+        link = EmulatedLink(gbps)
+        report.link = LinkInfo(f"emulated:{gbps:.6g}:0", gbps, 0.0, copy_ratio, layer_seconds, expert_bytes)
+    else:
+        link = parse_link(offload.link)
+        gbps, latency = getattr(link, "gbps", None), getattr(link, "latency_us", None)
+        report.link = LinkInfo(offload.link, gbps, latency, None, None, expert_bytes)
+    with link:
+        names = ("offloaded",) if variants is None else [v for v in VARIANTS[1:] if v in variants]
+        for name in names:
+            variant = "full" if name == "offloaded" else name
+            row_prefetch = prefetch if variant == "full" else 0
+            description = DESCRIPTIONS[variant] if variants else f"offloaded, prefetch {row_prefetch}"
+            row = RowResult(name, description, 1 if name == "naive" else slots, row_prefetch)
+            rows.append((row, build_source(variant, mixtral, store, link, slots, prefetch)))
+        say(
+            f"measuring {', '.join(row.name for row, _ in rows)}: a warm-up each, then {runs} interleaved runs"
+        )
+        report.rows = measure_rows(rows, mixtral, prompt_ids, new_tokens, runs)
+        del rows  # frees every row's slots before the policy check makes its own
+        if variants is not None and "full" in variants and isinstance(slots, int):
+            from offload.bench_policy import policy_check
+
+            say("recording one cold run of full for the Belady comparison")
+            source = build_source("full", mixtral, store, link, slots, prefetch)
+            report.policy_check = policy_check(mixtral, source, prompt_ids, new_tokens, slots)
+
+
+def _machine(mixtral: Any, load_average_start: list[float] | None) -> dict[str, Any]:
+    import torch
+
+    on_cuda = mixtral.device.type == "cuda"
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "load_average_start": load_average_start,
+        "load_average_end": _load_average(),
+        "peak_rss_bytes": peak_rss_bytes(),
+        "cuda_peak_bytes": torch.cuda.max_memory_allocated(mixtral.device) if on_cuda else None,
+    }
+
+
+@contextmanager
+def torch_threads(threads: int | None) -> Iterator[None]:
+    """torch's intra-op threads set to ``threads`` (None: unchanged) inside the block, restored after."""
+    import torch
+
+    before = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _check_settings(
+    prompt_tokens: int,
+    new_tokens: int,
+    runs: int,
+    copy_ratio: float | None,
+    link: str | None,
+    threads: int | None,
+    variants: Sequence[str],
+) -> None:
+    if prompt_tokens < 1:
+        raise BenchError(f"--prompt-tokens must be >= 1, got {prompt_tokens}")
+    if new_tokens < 2:
+        raise BenchError(
+            f"--new-tokens must be >= 2 (the first token comes from the prefill), got {new_tokens}"
+        )
+    if runs < 1:
+        raise BenchError(f"--runs must be >= 1, got {runs}")
+    if copy_ratio is not None and not copy_ratio > 0:
+        raise BenchError(f"--copy-ratio must be > 0, got {copy_ratio}")
+    if copy_ratio is not None and link is not None:
+        raise BenchError(
+            "give either --copy-ratio (an emulated link sized from the model) or --link, not both"
+        )
+    if threads is not None and threads < 1:
+        raise BenchError(f"--threads must be >= 1, got {threads}")
+    unknown = [name for name in variants if name not in VARIANTS]
+    if unknown or not variants:
+        raise BenchError(f"unknown ablation rows {unknown}; choose from {', '.join(VARIANTS)}")
+
+
+def _check_identical(report: BenchReport) -> None:
+    """Offloading never changes the output: every row must give the first row's tokens."""
+    reference = report.rows[0]
+    others = [(row.name, row.tokens) for row in report.rows[1:]]
+    if report.policy_check is not None:
+        others.append(("policy check", report.policy_check["tokens"]))
+    for name, tokens in others:
+        if tokens != reference.tokens:
+            at = next(
+                (i for i, (a, b) in enumerate(zip(tokens, reference.tokens, strict=False)) if a != b), 0
+            )
+            raise BenchError(
+                f"row {name!r} generated other tokens than {reference.name!r} (first at position {at}): "
+                "offloading changed the output, which is a bug"
+            )
+
+
+def _describe_quant(mixtral: Any) -> str:
+    scheme = mixtral.quant_scheme
+    specs = [str(scheme.expert_spec(layer)) for layer in range(mixtral.config.num_hidden_layers)]
+    return specs[0] if len(set(specs)) == 1 else ",".join(specs)
+
+
+def _load_average() -> list[float] | None:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident set size so far."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024  # macOS reports bytes, Linux KiB

@@ -1,0 +1,184 @@
+"""Measuring benchmark rows: greedy runs of each row's ExpertSource, their timings, counters and memory.
+
+Every row gets one warm-up run, then ``runs`` measured ones, all with the same prompt and length. The
+measured runs are interleaved (run 1 of every row, then run 2 of every row, ...), so a change in the
+machine's load while the bench runs slows every row alike instead of one row. Each row keeps its own
+cache, warm between runs (a chat's next turn finds it so); only the counters are zeroed. Counters are
+split at the first token: the prefill's, and the decode's (every later token).
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Iterator
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from offload.config import ModelConfig
+from offload.expert_source import ResidentExperts
+from offload.experts import unpack_expert
+from offload.generate import SamplingParams, Timings, stream_generate
+from offload.loading import attach_source
+from offload.model import MixtralModel
+from offload.stats import LayerStats
+
+
+@dataclass(frozen=True)
+class Memory:
+    """Bytes per tier for one row, computed from tensor sizes (batch 1, context = prompt + new tokens)."""
+
+    device_dense_bytes: int  # attention, norms, gates, embeddings, lm_head
+    device_expert_bytes: int  # every expert (resident), or the slots plus what is built from them
+    device_kv_bytes: int  # the KV cache
+    host_store_bytes: int  # the host tier: every expert packed once (0 when all are resident)
+
+    @property
+    def device_total_bytes(self) -> int:
+        return self.device_dense_bytes + self.device_expert_bytes + self.device_kv_bytes
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "device": {
+                "dense_bytes": self.device_dense_bytes,
+                "expert_bytes": self.device_expert_bytes,
+                "kv_bytes": self.device_kv_bytes,
+                "total_bytes": self.device_total_bytes,
+            },
+            "host": {"store_bytes": self.host_store_bytes},
+        }
+
+
+@dataclass
+class RowResult:
+    """What one row measured: per-run timings, the tokens, and counters summed over the measured runs."""
+
+    name: str
+    description: str
+    experts_per_layer: int | list[int] | None  # None: every expert resident
+    prefetch: int
+    timings: list[Timings] = field(default_factory=list)  # one per measured run
+    tokens: list[int] = field(default_factory=list)  # the generated ids (the same in every run)
+    prefill: LayerStats = field(default_factory=LayerStats)
+    decode: LayerStats = field(default_factory=LayerStats)
+    memory: Memory | None = None
+
+    def median(self, figure: str) -> float:
+        """The median over runs of a Timings property, e.g. ``decode_tokens_per_second``."""
+        return statistics.median(getattr(t, figure) for t in self.timings)
+
+    @property
+    def decoded_tokens(self) -> int:
+        """Tokens that came out of decode steps, over all measured runs (the first of each is the prefill's)."""
+        return sum(t.generated_tokens - 1 for t in self.timings)
+
+
+@dataclass
+class RunFigures:
+    tokens: list[int]
+    timings: Timings
+    prefill: LayerStats
+    decode: LayerStats
+
+
+def run_once(model: MixtralModel, prompt_ids: list[int], new_tokens: int) -> RunFigures:
+    """One greedy generation of exactly ``new_tokens`` (EOS does not stop it), with its counters."""
+    stats = getattr(model.expert_source, "stats", None)
+    if stats is not None:
+        stats.reset()
+    tokens: list[int] = []
+    at_first_token = LayerStats()
+    response = None
+    for response in stream_generate(
+        model, prompt_ids, max_new_tokens=new_tokens, sampling=SamplingParams(temperature=0), stop_ids=()
+    ):
+        tokens.append(response.token)
+        if len(tokens) == 1 and stats is not None:
+            at_first_token = stats.total()
+    assert response is not None, "new_tokens >= 1 yields a response"
+    at_end = stats.total() if stats is not None else LayerStats()
+    return RunFigures(tokens, response.timings, at_first_token, minus(at_end, at_first_token))
+
+
+def measure_rows(
+    rows: list[tuple[RowResult, object]],
+    model: MixtralModel,
+    prompt_ids: list[int],
+    new_tokens: int,
+    runs: int,
+) -> list[RowResult]:
+    """Fill each (result, source) pair: a warm-up run each, then ``runs`` interleaved measured runs."""
+    from offload.errors import OffloadError
+
+    for result, source in rows:
+        attach_source(model, source)
+        result.tokens = run_once(model, prompt_ids, new_tokens).tokens
+    for _ in range(runs):
+        for result, source in rows:
+            attach_source(model, source)
+            figures = run_once(model, prompt_ids, new_tokens)
+            if figures.tokens != result.tokens:
+                raise OffloadError(f"bench row {result.name!r}: two runs of the same greedy prompt differ")
+            result.timings.append(figures.timings)
+            result.prefill += figures.prefill
+            result.decode += figures.decode
+    for result, source in rows:
+        result.memory = memory_of(model, source, len(prompt_ids) + new_tokens)
+    return [result for result, _ in rows]
+
+
+def minus(after: LayerStats, before: LayerStats) -> LayerStats:
+    """The counters gained between two snapshots."""
+    return LayerStats(
+        **{f.name: getattr(after, f.name) - getattr(before, f.name) for f in fields(LayerStats)}
+    )
+
+
+def memory_of(model: MixtralModel, source: object, context: int) -> Memory:
+    """Per-tier bytes of ``model`` served by ``source`` with a KV cache for ``context`` positions."""
+    tensors = {id(t): t for t in [*model.parameters(), *model.buffers()]}.values()
+    dense = sum(_nbytes(t) for t in tensors)
+    if isinstance(source, ResidentExperts):
+        experts = sum(_nbytes(t) for layer in source.experts for e in layer for t in expert_tensors(e))
+        store = 0
+    else:
+        cache = source.cache
+        experts = cache.nbytes + sum(
+            count * _built_bytes(model, cache, layer) for layer, count in enumerate(cache.experts_per_layer)
+        )
+        store = cache.store.nbytes
+    return Memory(dense, experts, kv_bytes(model.config, context, model.dtype), store)
+
+
+def kv_bytes(config: ModelConfig, context: int, dtype: torch.dtype) -> int:
+    """Keys and values of every layer for ``context`` positions, batch 1."""
+    per_position = config.num_key_value_heads * config.head_dim * torch.finfo(dtype).bits // 8
+    return 2 * config.num_hidden_layers * context * per_position
+
+
+def _built_bytes(model: MixtralModel, cache: Any, layer: int) -> int:
+    """What materializing one slot adds beyond its buffer: 0 when the expert runs on views of the
+    buffer (unquantized), the dequantized weights when a CPU slot holds a quantized expert.
+    """
+    layout = cache.store.layout(layer)
+    buffer = torch.empty(layout.nbytes, dtype=torch.uint8, device=model.device)
+    buffer.copy_(cache.store.buffer(layer, 0))
+    expert = cache.materialize[layer](unpack_expert(buffer, layout))
+    own = buffer.untyped_storage().data_ptr()
+    return sum(_nbytes(t) for t in expert_tensors(expert) if t.untyped_storage().data_ptr() != own)
+
+
+def expert_tensors(expert: object) -> Iterator[Tensor]:
+    """The tensors an expert holds (its attributes, and the parameters and buffers of its modules)."""
+    for value in vars(expert).values():
+        if isinstance(value, Tensor):
+            yield value
+        elif isinstance(value, nn.Module):
+            yield from value.parameters()
+            yield from value.buffers()
+
+
+def _nbytes(tensor: Tensor) -> int:
+    return tensor.numel() * tensor.element_size()

@@ -1,0 +1,330 @@
+"""``offload convert``: a float checkpoint in, a converted one out (safetensors shards plus a ``quantization`` block).
+
+Every module is quantized by ``WeightReader``, exactly as load-time quantization does, so loading the result
+gives bit-identical weights. Conversion streams: shard 1 holds the embedding, the final norm and lm_head, then
+there is one shard per layer. Each module gets a fresh memory-mapped reader that is dropped once the module is
+converted, because safetensors keeps every page it touched resident until its file is closed. Peak RSS is
+therefore about one layer's stored tensors (twice, while safetensors serializes them) plus one expert's float
+weights and the quantizer's temporaries, or the embedding shard, whatever the model size.
+
+The output appears atomically: everything is written and fsynced into ``DST.partial-PID-RANDOM`` next to DST,
+config.json last, and the directory is renamed to DST at the very end. A killed run leaves only a partial
+directory, which the next run removes once its process is gone.
+
+Test hook: ``OFFLOAD_TEST_SLOW_CONVERT=SECONDS`` sleeps that long after each shard, so a test can kill a
+conversion midway.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import secrets
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+from torch import Tensor
+
+from offload.checkpoint import INDEX_FILE, Checkpoint, expected_tensors, expert_prefix, resolve_model_dir
+from offload.config import ModelConfig
+from offload.convert_report import ConvertReport, ReportBuilder
+from offload.errors import CheckpointError, OffloadError, QuantError
+from offload.loading import ATTENTION, parse_dtype
+from offload.quant.linear import backend_for, matrix_nbytes
+from offload.quant.scheme import QuantScheme
+from offload.quant.spec import QuantSpec
+from offload.weights import MATRICES, WeightReader
+
+SHARD_NAME = "model-{index:05d}-of-{count:05d}.safetensors"
+# Tokenizer and generation settings travel with the weights; pickles and code never do.
+COPIED_FILES = (
+    "tokenizer.json",
+    "tokenizer.model",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "generation_config.json",
+)
+PARTIAL = ".partial-"  # DST.partial-PID-RANDOM: the directory being written
+ASIDE = ".old-"  # DST.old-PID-RANDOM: the directory --force replaces, until the new one is in place
+SLOW_ENV = "OFFLOAD_TEST_SLOW_CONVERT"
+
+
+@dataclass(frozen=True)
+class ConvertProgress:
+    """Where a conversion stands, after ``module`` was written into its shard."""
+
+    module: str  # what was just converted, e.g. "model.layers.3.block_sparse_moe.experts.5"
+    tensors_done: int  # source tensors read so far
+    tensors_total: int  # source tensors in the checkpoint
+    bytes_done: int  # bytes stored so far
+    bytes_total: int  # bytes the converted checkpoint will hold (exact, known up front)
+
+
+Progress = Callable[[ConvertProgress], None]
+
+
+@dataclass(frozen=True)
+class _Unit:
+    """One module to convert: a never-quantized tensor, a linear, or one expert."""
+
+    kind: str  # "dense" | "linear" | "expert"
+    role: str  # the report row: attention, experts, gate, embed, lm_head or norms
+    name: str  # dense: the tensor name; linear: the module; expert: the expert's prefix
+    spec: QuantSpec
+    source_tensors: int  # tensors read from the float checkpoint
+    layer: int = -1
+    expert: int = -1
+
+
+def convert_checkpoint(
+    src: str | Path,
+    dst: str | Path,
+    scheme: QuantScheme,
+    *,
+    force: bool = False,
+    progress: Progress | None = None,
+) -> ConvertReport:
+    """Quantize the float checkpoint ``src`` as ``scheme`` says and write it to the new directory ``dst``.
+
+    ``dst`` must not exist unless ``force``, which replaces it only once the new checkpoint is complete.
+    ``progress`` is called after every module. Raises OffloadError subclasses for user errors, before
+    anything is written where possible (a spec that does not fit a matrix, a damaged source).
+    """
+    started = time.perf_counter()
+    source = resolve_model_dir(src)
+    destination = Path(dst).expanduser().absolute()
+    checkpoint = Checkpoint(source)
+    config = checkpoint.config
+    if config.quantization is not None:
+        raise CheckpointError(
+            f"{source}: already converted (its config.json has a quantization block); "
+            "convert from the float checkpoint instead"
+        )
+    _check_destination(source, destination, force)
+    _check_scheme(scheme, config)
+    dtype = parse_dtype(None, config)  # what ``none`` stores: the checkpoint's own dtype
+    WeightReader(checkpoint, scheme, dtype).check()
+    del checkpoint
+    shards = _plan(config, scheme)
+    # Also checks every spec against every matrix shape, so a bad group fails before anything is written.
+    shapes = expected_tensors(config)
+    bytes_total = sum(_unit_nbytes(unit, shapes, dtype) for shard in shards for unit in shard)
+    tensors_total = sum(unit.source_tensors for shard in shards for unit in shard)
+
+    block = scheme.as_block(config.num_hidden_layers)
+    report = ConvertReport(str(source), str(destination), block, shards=len(shards))
+    builder = ReportBuilder()
+    _remove_stale(destination)
+    partial = destination.with_name(f"{destination.name}{PARTIAL}{os.getpid()}-{secrets.token_hex(4)}")
+    partial.mkdir(parents=True)
+    try:
+        weight_map: dict[str, str] = {}
+        tensors_done = bytes_done = 0
+        for index, units in enumerate(shards, start=1):
+            filename = SHARD_NAME.format(index=index, count=len(shards))
+            tensors: dict[str, Tensor] = {}
+            for unit in units:
+                # A fresh reader per module: dropping it releases the memory-mapped pages it touched.
+                stored = _convert_unit(WeightReader(Checkpoint(source), scheme, dtype), unit, builder)
+                tensors |= stored
+                tensors_done += unit.source_tensors
+                bytes_done += sum(t.numel() * t.element_size() for t in stored.values())
+                if progress is not None:
+                    progress(ConvertProgress(unit.name, tensors_done, tensors_total, bytes_done, bytes_total))
+            _save_shard(tensors, partial / filename)
+            weight_map |= dict.fromkeys(tensors, filename)
+            del tensors, stored
+            _test_delay()
+        _write_json(partial / INDEX_FILE, {"metadata": {"total_size": bytes_done}, "weight_map": weight_map})
+        for name in COPIED_FILES:
+            if (source / name).is_file():
+                shutil.copyfile(source / name, partial / name)
+                _fsync(partial / name)
+        raw_config = json.loads((source / "config.json").read_text(encoding="utf-8"))
+        # config.json is written last: a directory without it never loads as a checkpoint.
+        _write_json(partial / "config.json", {**raw_config, "quantization": block})
+        _fsync(partial)
+        _publish(partial, destination, force)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    report.seconds = time.perf_counter() - started
+    return builder.build(report)
+
+
+def _plan(config: ModelConfig, scheme: QuantScheme) -> list[list[_Unit]]:
+    """The shards in writing order: embedding, final norm and lm_head first, then one per layer."""
+    none = QuantSpec.parse("none")
+    first = [
+        _Unit("dense", "embed", "model.embed_tokens.weight", scheme.embed, 1),
+        _Unit("dense", "norms", "model.norm.weight", none, 1),
+    ]
+    if not config.tie_word_embeddings:
+        first.append(_Unit("linear", "lm_head", "lm_head", scheme.lm_head, 1))
+    shards = [first]
+    for layer in range(config.num_hidden_layers):
+        prefix = f"model.layers.{layer}"
+        units = [
+            _Unit("dense", "norms", f"{prefix}.input_layernorm.weight", none, 1),
+            _Unit("dense", "norms", f"{prefix}.post_attention_layernorm.weight", none, 1),
+        ]
+        units += [
+            _Unit("linear", "attention", f"{prefix}.self_attn.{name}", scheme.attention, 1)
+            for name in ATTENTION
+        ]
+        units.append(_Unit("linear", "gate", f"{prefix}.block_sparse_moe.gate", scheme.gate, 1))
+        spec = scheme.expert_spec(layer)
+        units += [
+            _Unit("expert", "experts", expert_prefix(layer, expert), spec, len(MATRICES), layer, expert)
+            for expert in range(config.num_local_experts)
+        ]
+        shards.append(units)
+    return shards
+
+
+def _unit_nbytes(unit: _Unit, shapes: dict[str, tuple[int, ...]], dtype: torch.dtype) -> int:
+    """Exact bytes ``unit`` stores, by arithmetic; raises QuantError naming the matrix its spec does not fit."""
+    if unit.kind == "dense":
+        return math.prod(shapes[unit.name]) * dtype.itemsize
+    names = (
+        [f"{unit.name}.{m}.weight" for m in MATRICES] if unit.kind == "expert" else [f"{unit.name}.weight"]
+    )
+    for name in names:
+        backend_for(unit.spec).check(unit.spec, shapes[name], name)
+    return sum(matrix_nbytes(unit.spec, shapes[name], dtype) for name in names)
+
+
+def _convert_unit(reader: WeightReader, unit: _Unit, builder: ReportBuilder) -> dict[str, Tensor]:
+    """Read and quantize one unit; returns its tensors under their names in the converted checkpoint."""
+    if unit.kind == "dense":
+        # A copy: the read tensor is a view of the memory-mapped shard, which must be released after it.
+        tensor = reader.dense(unit.name).clone()
+        builder.add(unit.role, unit.spec, {"weight": tensor}, matrices=1, weights=tensor.numel())
+        return {unit.name: tensor}
+    if unit.kind == "linear":
+        stored = reader.linear(unit.name, unit.spec)
+        weight = reader.checkpoint.get(f"{unit.name}.weight")
+        builder.add(unit.role, unit.spec, stored, matrices=1, weights=weight.numel())
+        builder.sample(unit.role, unit.spec, weight, stored)
+        return {f"{unit.name}.{key}": tensor for key, tensor in stored.items()}
+    stored = reader.expert(unit.layer, unit.expert)
+    hidden, ffn = reader.checkpoint.config.hidden_size, reader.checkpoint.config.intermediate_size
+    builder.add(unit.role, unit.spec, stored, matrices=len(MATRICES), weights=len(MATRICES) * hidden * ffn)
+    if unit.expert == 0:  # one expert per layer is a fair sample at a fraction of the cost
+        for matrix in MATRICES:
+            prefix = f"{matrix}."
+            part = {key[len(prefix) :]: t for key, t in stored.items() if key.startswith(prefix)}
+            weight = reader.checkpoint.get(f"{unit.name}.{matrix}.weight")
+            builder.sample(unit.role, unit.spec, weight, part)
+    return {f"{unit.name}.{key}": tensor for key, tensor in stored.items()}
+
+
+def _check_scheme(scheme: QuantScheme, config: ModelConfig) -> None:
+    layers = config.num_hidden_layers
+    if scheme.experts and len(scheme.experts) != layers:
+        raise QuantError(
+            f"the scheme has expert specs for {len(scheme.experts)} layers but the model has {layers}"
+        )
+    if scheme.embed.backend != "none":
+        raise QuantError(f"only 'none' is supported for the embedding, got {scheme.embed}")
+
+
+def _check_destination(source: Path, destination: Path, force: bool) -> None:
+    """DST must be new (or ``force``), and neither directory may lie inside the other."""
+    real_source, real_destination = source.resolve(), destination.resolve()
+    if real_destination == real_source or real_destination.is_relative_to(real_source):
+        raise CheckpointError(f"{destination}: the output must not be the source directory or lie inside it")
+    if real_source.is_relative_to(real_destination):
+        raise CheckpointError(f"{destination}: the output must not contain the source directory {source}")
+    if (destination.exists() or destination.is_symlink()) and not force:
+        raise CheckpointError(f"{destination} exists; pass --force to replace it")
+
+
+def _save_shard(tensors: dict[str, Tensor], path: Path) -> None:
+    save_file(tensors, str(path), metadata={"format": "pt"})
+    _fsync(path)
+
+
+def _write_json(path: Path, value: Any) -> None:
+    path.write_text(json.dumps(value, indent=2) + "\n", encoding="utf-8")
+    _fsync(path)
+
+
+def _fsync(path: Path) -> None:
+    """Flush a file's (or a directory's entries') data to disk."""
+    handle = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(handle)
+    finally:
+        os.close(handle)
+
+
+def _publish(partial: Path, destination: Path, force: bool) -> None:
+    """Rename the finished directory to DST; with ``force`` the old DST is moved aside first, then deleted."""
+    if not (destination.exists() or destination.is_symlink()):
+        partial.rename(destination)
+        _fsync(destination.parent)
+        return
+    if not force:  # DST appeared while we were converting
+        raise CheckpointError(f"{destination} exists; pass --force to replace it")
+    aside = destination.with_name(f"{destination.name}{ASIDE}{os.getpid()}-{secrets.token_hex(4)}")
+    destination.rename(aside)
+    try:
+        partial.rename(destination)
+    except BaseException:
+        aside.rename(destination)
+        raise
+    _fsync(destination.parent)
+    _remove(aside)
+
+
+def _remove_stale(destination: Path) -> None:
+    """Delete what killed runs left next to DST: partial directories, and old ones a finished swap left."""
+    if not destination.parent.is_dir():
+        return
+    for leftover in destination.parent.iterdir():
+        for marker in (PARTIAL, ASIDE):
+            prefix = destination.name + marker
+            if not leftover.name.startswith(prefix) or _running(leftover.name[len(prefix) :]):
+                continue
+            # An old directory without a new one in place is the user's data: keep it.
+            if marker == PARTIAL or destination.exists():
+                _remove(leftover)
+
+
+def _running(suffix: str) -> bool:
+    """Whether the process named by a ``PID-RANDOM`` suffix still runs (unknown suffixes count as running)."""
+    pid = suffix.partition("-")[0]
+    if not pid.isdigit():
+        return True
+    try:
+        os.kill(int(pid), 0)  # signal 0 only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def _test_delay() -> None:
+    text = os.environ.get(SLOW_ENV)
+    if not text:
+        return
+    try:
+        time.sleep(float(text))
+    except ValueError:
+        raise OffloadError(f"{SLOW_ENV}={text!r} must be a number of seconds") from None
