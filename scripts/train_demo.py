@@ -5,7 +5,7 @@ tokenize (reference prose as documents, question/answer pairs through our chat t
 with the router load-balancing loss, and save config.json + model.safetensors (bf16, the hub's
 layout) + tokenizer.json into `--out`, atomically.
 
-    python scripts/train_demo.py --config demo --steps 2000 --out offload/demo
+    python scripts/train_demo.py --config demo --steps 500 --out offload/demo
     python scripts/train_demo.py --config tiny --steps 3 --limit 40 --out /tmp/tiny-demo
 """
 
@@ -338,14 +338,14 @@ def main() -> None:
     )
     parser.add_argument("--out", type=Path, required=True, help="output directory (replaced atomically)")
     parser.add_argument("--config", choices=sorted(SIZES), default="demo", help="model and schedule size")
-    parser.add_argument("--steps", type=int, default=2000, help="optimiser steps")
+    parser.add_argument("--steps", type=int, default=500, help="optimiser steps")
     parser.add_argument("--seed", type=int, default=0, help="seed for the corpus, init and batch order")
     parser.add_argument("--limit", type=int, default=None, help="use only this many docs and pairs (tests)")
     parser.add_argument(
         "--corpus-cache", type=Path, default=None, help="corpus JSON to reuse (e.g. under /tmp)"
     )
     parser.add_argument(
-        "--aux-coef", type=float, default=0.03, help="weight of the per-layer router load-balancing loss"
+        "--aux-coef", type=float, default=0.05, help="weight of the per-layer router load-balancing loss"
     )
     parser.add_argument("--pair-repeats", type=int, default=1, help="times each Q/A pair appears per epoch")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
