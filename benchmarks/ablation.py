@@ -67,8 +67,14 @@ def markdown(report: dict[str, Any]) -> str:
         f"Link {link['spec']}: one expert ({link['expert_bytes'] / 2**20:.2f} MiB) in "
         f"{link['expert_copy_seconds'] * 1e3:.2f} ms"
         + (
-            f" = {link['copy_ratio']:g} x one layer's decode compute ({link['layer_seconds'] * 1e3:.2f} ms, measured)"
+            f" = {link['copy_ratio']:g} x one layer's decode compute ({link['layer_seconds'] * 1e3:.2f} ms, "
+            "measured by a calibration run)"
             if link["layer_seconds"]
+            else ""
+        )
+        + (
+            f", {link['effective_copy_ratio']:.2f} x the resident row's own layer time in the measured runs"
+            if link.get("effective_copy_ratio")
             else ""
         )
         + f". {machine['torch_threads']} torch threads, load average {machine['load_average_start']} -> "

@@ -65,7 +65,8 @@ def context_lines(report: dict[str, Any]) -> list[str]:
     lines = [
         f"{report['model']} on {report['device']} ({report['dtype']}, experts {report['quant']}); "
         f"prompt {prompt['tokens']} tokens ({prompt['source']}), {report['new_tokens']} new tokens, "
-        f"median of {report['runs']} runs after a warm-up; every row gave the same tokens",
+        f"median of {report['runs']} run{'s' if report['runs'] != 1 else ''} after a warm-up"
+        + ("; every row gave the same tokens" if len(report["rows"]) > 1 else ""),
         f"link {link['spec']}" + _link_detail(link),
     ]
     check = report.get("policy_check")
@@ -93,6 +94,8 @@ def _link_detail(link: dict[str, Any]) -> str:
         )
     if link["layer_seconds"] is not None:
         parts.append(f"= {link['copy_ratio']:g} × one layer's compute ({link['layer_seconds'] * 1e3:.2f} ms)")
+    if link.get("effective_copy_ratio") is not None:
+        parts.append(f"{link['effective_copy_ratio']:.2g} × the resident row's layer time")
     return f" ({', '.join(parts)})" if parts else ""
 
 

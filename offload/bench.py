@@ -155,6 +155,7 @@ def _load(
         runs=runs,
         experts_per_layer=slots,
         prefetch=settings.offload.prefetch,
+        num_layers=config.num_hidden_layers,
         link=LinkInfo("none (every expert resident)" if slots is None else settings.offload.link),
     )
     return mixtral, report, settings

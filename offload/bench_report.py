@@ -6,11 +6,15 @@ times seconds, speeds tokens per second; ratios are None where there is nothing 
     format, version            "offload-bench", 1
     model                      the model directory
     device, dtype, quant       where and how it ran (quant: the experts' spec per layer, e.g. "none")
+    num_layers                 the model's decoder layers
     prompt                     {tokens, source, ids}
     new_tokens, runs           tokens generated per run, measured runs per row (after one warm-up)
     experts_per_layer          K of the offloaded rows (int, list per layer, or None: resident only)
     prefetch                   guesses per layer of the "full"/"offloaded" row
-    link                       {spec, gbps, latency_us, copy_ratio, layer_seconds, expert_bytes, expert_copy_seconds}
+    link                       {spec, gbps, latency_us, copy_ratio, layer_seconds, expert_bytes, expert_copy_seconds,
+                                effective_copy_ratio}: layer_seconds is the calibration's (copy_ratio only);
+                               effective_copy_ratio divides the copy time by the resident row's own layer time
+                               in the measured runs, which the machine's load can make differ from the calibration
     rows[]                     one per ExpertSource, in the order measured:
       name                     resident | full | no-prefetch | no-cache | naive | offloaded
       description              one line
@@ -56,7 +60,7 @@ class LinkInfo:
     gbps: float | None = None  # an emulated link's bandwidth (1e9 bytes/s)
     latency_us: float | None = None
     copy_ratio: float | None = None  # one expert copy / one layer's compute, when asked for
-    layer_seconds: float | None = None  # one layer's decode compute, measured on the resident row
+    layer_seconds: float | None = None  # one layer's decode compute, measured by a calibration of resident
     expert_bytes: int | None = None  # the largest packed expert (what one copy moves)
 
     @property
@@ -82,6 +86,7 @@ class BenchReport:
     prefetch: int
     link: LinkInfo
     rows: list[RowResult] = field(default_factory=list)
+    num_layers: int | None = None
     policy_check: dict[str, Any] | None = None
     machine: dict[str, Any] = field(default_factory=dict)
 
@@ -96,6 +101,13 @@ class BenchReport:
             return None
         return row.median("decode_tokens_per_second") / full.median("decode_tokens_per_second")
 
+    def effective_copy_ratio(self) -> float | None:
+        """One expert copy over one layer of the resident row's measured decode, when both are known."""
+        resident, copy = self.row("resident"), self.link.expert_copy_seconds
+        if resident is None or copy is None or self.num_layers is None:
+            return None
+        return copy * resident.median("decode_tokens_per_second") * self.num_layers
+
     def as_dict(self) -> dict[str, Any]:
         link = self.link
         return {
@@ -105,6 +117,7 @@ class BenchReport:
             "device": self.device,
             "dtype": self.dtype,
             "quant": self.quant,
+            "num_layers": self.num_layers,
             "prompt": {"tokens": len(self.prompt_ids), "source": self.prompt_source, "ids": self.prompt_ids},
             "new_tokens": self.new_tokens,
             "runs": self.runs,
@@ -118,6 +131,7 @@ class BenchReport:
                 "layer_seconds": link.layer_seconds,
                 "expert_bytes": link.expert_bytes,
                 "expert_copy_seconds": link.expert_copy_seconds,
+                "effective_copy_ratio": self.effective_copy_ratio(),
             },
             "rows": [self._row_dict(row) for row in self.rows],
             "identical_tokens": True,  # run_bench raises BenchError otherwise
