@@ -118,6 +118,8 @@ class MoEBlock(nn.Module):
         # The layer's one host synchronisation: which experts were chosen (and guessed for the next layer).
         on_host = (flat_ids if guesses is None else torch.cat([flat_ids, guesses])).tolist()
         chosen, guessed = on_host[: flat_ids.numel()], on_host[flat_ids.numel() :]
+        if hidden.shape[0] == 1:
+            return self._one_token(hidden, weights, chosen, guessed).view(shape)
         ids_host = torch.tensor(chosen).view(ids.shape)
         # Each (token, slot) is written once and summed in slot order, so the order experts
         # arrive in (resident first, misses later) never changes the result.
@@ -127,6 +129,17 @@ class MoEBlock(nn.Module):
             tokens, slots = tokens.to(x.device), slots.to(x.device)
             out[tokens, slots] = expert(hidden[tokens]) * weights[tokens, slots, None].to(x.dtype)
         return out.sum(dim=1).view(shape)
+
+    def _one_token(self, hidden: Tensor, weights: Tensor, chosen: list[int], guessed: list[int]) -> Tensor:
+        """The decode step's block without the (token, slot) bookkeeping: the same operations on the
+        same values as the general path (scale each expert's output, then sum the slots in order),
+        so it gives the same bits.
+        """
+        parts: list[Tensor | None] = [None] * self.top_k
+        for expert_id, expert in self.source.experts_for(self.layer, sorted(set(chosen)), guessed):
+            slot = chosen.index(expert_id)
+            parts[slot] = expert(hidden) * weights[:, slot, None].to(hidden.dtype)
+        return torch.stack(parts, dim=1).sum(dim=1)  # (1, k, D) -> (1, D), as the general path sums
 
 
 class DecoderLayer(nn.Module):

@@ -6,6 +6,8 @@ Per layer, in ``experts_for``:
 2. submit copies for this layer's misses, as slots allow, never evicting a needed expert
    that has not been computed yet;
 3. once every miss is submitted, prefetch the next layer's guesses (misses go first on the link);
+   a guess never evicts an expert the previous token used in that layer (the likeliest to be used
+   again) and is skipped when no other slot is left, so prefetching cannot empty a small cache;
 4. yield ready experts first, then the others in the order the link delivers them.
 When a layer needs more experts than it has slots (a long prefill), a slot is reused as soon as
 the caller has finished with its expert.
@@ -40,6 +42,7 @@ class OffloadedExperts:
         self.gates = list(gates)
         self.prefetch = prefetch
         self._guesses_for: dict[int, list[int]] = {}  # layer -> the guesses made for it one layer earlier
+        self._last_used: dict[int, frozenset[int]] = {}  # layer -> the experts its latest step used
 
     @property
     def stats(self) -> CacheStats:
@@ -97,6 +100,7 @@ class OffloadedExperts:
         # Recency follows ``needed``, not arrival order, so the LRU state (and every stat) is the same
         # whichever link delivered the experts.
         cache.touch(layer, [e for e in needed if cache.contains(layer, e)])
+        self._last_used[layer] = frozenset(needed)
 
     def _next_usable(self, layer: int, remaining: list[int]) -> int:
         """A ready expert if there is one, else the one the link delivers first."""
@@ -109,9 +113,12 @@ class OffloadedExperts:
         return min(in_cache, key=lambda e: self.cache.load_number(layer, e))
 
     def _prefetch(self, layer: int, guesses: list[int]) -> None:
-        """Start copying the guesses not yet in ``layer``'s slots, evicting none of this batch."""
-        batch = set(guesses)
+        """Start copying the guesses not yet in ``layer``'s slots, best guess first, evicting neither
+        this batch nor the experts ``layer`` used last; stop at the first guess that finds no slot.
+        """
+        keep = set(guesses) | self._last_used.get(layer, frozenset())
         for expert in guesses:
-            if not self.cache.contains(layer, expert):
-                loaded = self.cache.load(layer, expert, protected=batch, prefetch=True)
-                assert loaded, "a batch no larger than the layer's slots always finds a slot"
+            if not self.cache.contains(layer, expert) and not self.cache.load(
+                layer, expert, protected=keep, prefetch=True
+            ):
+                return

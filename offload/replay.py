@@ -15,9 +15,10 @@ loads it (one expert's bytes over the link).
 - ``belady``: evict the expert whose next use is furthest away (never again counts as infinitely far;
   ties go to the lowest id). With full knowledge of the future this is the fewest misses possible.
 - ``lru+prefetch``: LRU plus the recorded guesses, loaded before the layer's step exactly as
-  ``OffloadedExperts`` does it: at most K of them, each missing guess evicting the least recently
-  used expert outside the guesses (the step's needs are not known yet, so any other may go). A
-  prefetched expert that is evicted unused is a wasted prefetch; its bytes still count.
+  ``OffloadedExperts`` does it: at most K of them, best first, each missing guess evicting the least
+  recently used expert that is neither a guess nor used by the layer's previous step; the batch stops
+  at the first guess that finds no such slot. A prefetched expert that is evicted unused is a wasted
+  prefetch; its bytes still count.
 
 With no step over K experts, ``lru`` and ``lru+prefetch`` give the very counters that
 ``OffloadedExperts`` reports for the same run.
@@ -187,11 +188,15 @@ def _replay_layer(
     for step, needed in enumerate(needed_steps):
         if guess_steps is not None:
             batch = list(dict.fromkeys(guess_steps[step]))[:k]
+            keep = set(batch) | set(needed_steps[step - 1] if step else ())
             for expert in batch:
                 if expert in last_used:
                     continue  # already in a slot: a prefetch neither reloads nor refreshes it
                 if len(last_used) >= k:
-                    evict([e for e in last_used if e not in batch])
+                    candidates = [e for e in last_used if e not in keep]
+                    if not candidates:
+                        break
+                    evict(candidates)
                 tick += 1
                 last_used[expert] = tick
                 prefetched.add(expert)

@@ -176,7 +176,8 @@ def test_perfect_guesses_turn_every_later_layer_into_hits():
     # Same gate everywhere and no residual update: layer l+1 routes exactly as guessed at layer l.
     moe = FakeMoE(torch.float32)
     moe.gates = [moe.gates[0]] * NUM_LAYERS
-    source = moe.offloaded(2, prefetch=TOP_K, link=LocalLink())
+    # Slots for every expert: no guess ever has to wait for a slot (see the guard test below).
+    source = moe.offloaded(NUM_EXPERTS, prefetch=TOP_K, link=LocalLink())
     for x in inputs(1, steps=5, dtype=torch.float32):
         for layer in range(NUM_LAYERS):
             _, ids = route(moe.gates[layer](x), TOP_K)
@@ -192,6 +193,24 @@ def test_perfect_guesses_turn_every_later_layer_into_hits():
     assert summary["prefetch_hits"] > 0 and summary["wasted_prefetches"] == 0
     source.reset_stats()
     assert source.stats.as_dict()["accesses"] == 0
+
+
+def test_a_guess_never_evicts_what_the_layer_used_last():
+    moe = FakeMoE(torch.float32)
+    source = moe.offloaded(3, prefetch=2, link=LocalLink())
+
+    def step(layer, needed, guesses=()):
+        for _ in source.experts_for(layer, needed, list(guesses)):
+            pass
+
+    step(1, [2])
+    step(1, [0, 1])  # layer 1 holds 2, 0, 1 and used 0 and 1 last
+    step(0, [0], guesses=[3, 2])  # 3 could only evict 0 or 1: skipped, and the batch stops
+    assert source.cache.resident(1) == [2, 0, 1]
+    assert source.stats.total().prefetch_loads == 0
+    step(0, [0], guesses=[3])  # now 2 is neither a guess nor last used: it makes room
+    assert sorted(source.cache.resident(1)) == [0, 1, 3]
+    assert source.stats.layers[1].prefetch_loads == 1
 
 
 def test_speculate_sums_probabilities_over_tokens_and_respects_slots():

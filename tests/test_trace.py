@@ -107,25 +107,28 @@ def test_a_step_needing_more_than_k_streams_the_overflow() -> None:
 
 
 def test_prefetch_by_hand() -> None:
-    # Two layers, top-2, one token per step, K=2. Layer 0 always needs {0,1}. Layer 1 needs {0,1},
+    # Two layers, top-2, one token per step, K=3. Layer 0 always needs {0,1}. Layer 1 needs {0,1},
     # then {2,3} twice; layer 0 guessed [2,3] for it at step 1 (right) and [0,1] at step 2 (wrong).
     # Layer 0: 2 misses, then 4 hits; 2 loads.
-    # Layer 1: step 0: 2 misses, 2 loads.
-    #   step 1: prefetch 2 (evicts 0), 3 (evicts 1): 2 prefetch loads; needs {2,3}: 2 prefetch hits.
-    #   step 2: prefetch 0 (evicts 2, the LRU), 1 (evicts 3); needs {2,3}: 2 misses, which evict
-    #   the unused prefetches 0 and 1: 2 wasted prefetches.
-    #   -> accesses 6, hits 2, misses 4, loads 2 + 2 + 2 + 2 = 8.
+    # Layer 1: step 0: 2 misses, 2 loads; slots {0,1}.
+    #   step 1: prefetch 2 into the free slot; 3 finds no slot outside the guesses and the experts
+    #   step 0 used ({0,1}), so the batch stops. Needs {2,3}: 2 is a prefetch hit, 3 misses and
+    #   evicts 0 (least recently used). 1 prefetch load + 1 demand load.
+    #   step 2: guess 0 could only evict 2 or 3 (used at step 1) or 1 (a guess): skipped. Needs {2,3}: hits.
+    #   -> accesses 6, hits 3, misses 3, loads 4, no wasted prefetch.
     steps = [[[[0, 1]], [[0, 1]]], [[[0, 1]], [[2, 3]]], [[[0, 1]], [[2, 3]]]]
     guesses = {(1, 1): [2, 3], (2, 1): [0, 1]}
     trace = make_trace(steps, num_experts=4, guesses=guesses, expert_bytes=(100, 1000))
-    result = replay(trace, "lru+prefetch", 2)
+    result = replay(trace, "lru+prefetch", 3)
     counters = (result.accesses, result.hits, result.misses, result.loads)
-    assert counters == (12, 6, 6, 10)
-    assert (result.prefetch_loads, result.prefetch_hits, result.wasted_prefetches) == (4, 2, 2)
-    assert result.bytes_moved == 2 * 100 + 8 * 1000
-    # Plain LRU ignores the guesses: layer 1 hits only at step 2, so the same hits for 4 fewer loads.
-    plain = replay(trace, "lru", 2)
+    assert counters == (12, 7, 5, 6)
+    assert (result.prefetch_loads, result.prefetch_hits, result.wasted_prefetches) == (1, 1, 0)
+    assert result.bytes_moved == 2 * 100 + 4 * 1000
+    # Plain LRU ignores the guesses: one hit fewer for the same loads.
+    plain = replay(trace, "lru", 3)
     assert (plain.hits, plain.loads, plain.prefetch_loads) == (6, 6, 0)
+    # With K=2 every slot holds an expert the previous step used, so no guess is ever loaded.
+    assert replay(trace, "lru+prefetch", 2).prefetch_loads == 0
 
 
 def test_prefetching_a_resident_expert_neither_loads_nor_refreshes_it() -> None:
