@@ -115,12 +115,10 @@ def rss_table(figures: dict[str, int]) -> str:
         f"| peak RSS (VmHWM) | {figures['peak_rss'] / MIB:.0f} |",
         f"| RSS after loading | {figures['rss_after_load'] / MIB:.0f} |",
         f"| of which anonymous (RssAnon: the process's own memory) | {figures['rss_anon_after_load'] / MIB:.0f} |",
-        f"| of which mapped file pages (RssFile: the checkpoint, clean page cache) | {figures['rss_file_after_load'] / MIB:.0f} |",
+        f"| of which mapped file pages (RssFile: shared libraries, and any checkpoint pages) | {figures['rss_file_after_load'] / MIB:.0f} |",
         "",
         f"Peak RSS grew by {grown / MIB:.0f} MiB while loading: {grown / model_bytes:.2f}x the loaded model's bytes. "
-        f"The process's own (anonymous) memory grew by {anon / MIB:.0f} MiB: {anon / model_bytes:.2f}x. The rest is "
-        "the checkpoint's file pages, mapped while it is read and still mapped afterwards because, on a CPU "
-        "device, the dense weights are zero-copy views of the memory-mapped safetensors file.",
+        f"The process's own (anonymous) memory grew by {anon / MIB:.0f} MiB: {anon / model_bytes:.2f}x.",
     ]
     return "\n".join(lines)
 

@@ -51,6 +51,60 @@ def write_random_model(
     return directory
 
 
+def write_random_tensors(
+    directory: Path, shape: dict[str, int], dtype: torch.dtype = torch.bfloat16, device: str = "cpu"
+) -> Path:
+    """The same kind of checkpoint without transformers: every tensor of offload's expected table,
+    drawn on ``device`` (a GPU draws billions of weights in seconds), in the hub's config dialect.
+    """
+    from safetensors.torch import save_file
+
+    from offload.checkpoint import expected_tensors
+    from offload.config import ModelConfig
+
+    if (directory / "config.json").is_file():
+        return directory
+    raw = {
+        "model_type": "mixtral",
+        **shape,
+        "head_dim": shape["hidden_size"] // shape["num_attention_heads"],
+        "rope_theta": 1e6,
+        "max_position_embeddings": 4096,
+        "rms_norm_eps": 1e-5,
+        "torch_dtype": str(dtype).removeprefix("torch."),
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+    }
+    generator = torch.Generator(device).manual_seed(0)
+    directory.mkdir(parents=True, exist_ok=True)
+    shard: dict[str, torch.Tensor] = {}
+    weight_map: dict[str, str] = {}
+    shards = 0
+
+    def flush() -> None:
+        nonlocal shards
+        shards += 1
+        name = f"model-{shards:05d}.safetensors"
+        save_file(shard, str(directory / name))
+        weight_map.update(dict.fromkeys(shard, name))
+        shard.clear()
+
+    for name, tensor_shape in expected_tensors(ModelConfig.from_dict(raw)).items():
+        if len(tensor_shape) == 1:
+            tensor = torch.ones(tensor_shape, dtype=dtype)
+        else:
+            std = 2 / tensor_shape[-1] ** 0.5
+            tensor = (torch.randn(tensor_shape, generator=generator, device=device) * std).to(dtype).cpu()
+        shard[name] = tensor
+        if sum(t.numel() * t.element_size() for t in shard.values()) > 2**31:
+            flush()
+    if shard:
+        flush()
+    (directory / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    (directory / "config.json").write_text(json.dumps(raw, indent=1))
+    return directory
+
+
 def describe(directory: Path) -> str:
     """One line: the shape and the size on disk."""
     config = json.loads((directory / "config.json").read_text())
@@ -65,4 +119,20 @@ def describe(directory: Path) -> str:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=DEFAULT_DIR)
-    print(describe(write_random_model(parser.parse_args().out)))
+    parser.add_argument("--hidden", type=int, help="with --ffn and --layers: another shape, written directly")
+    parser.add_argument("--ffn", type=int)
+    parser.add_argument("--layers", type=int)
+    parser.add_argument("--device", default="cpu", help="where to draw the weights of another shape")
+    args = parser.parse_args()
+    if args.hidden is None:
+        print(describe(write_random_model(args.out)))
+    else:
+        shape = {
+            **SHAPE,
+            "hidden_size": args.hidden,
+            "intermediate_size": args.ffn,
+            "num_hidden_layers": args.layers,
+            "num_attention_heads": args.hidden // 128,
+            "num_key_value_heads": args.hidden // 512,
+        }
+        print(describe(write_random_tensors(args.out, shape, device=args.device)))

@@ -16,6 +16,7 @@ Model files come from the internet, so nothing in them is trusted:
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Iterator
 from fnmatch import fnmatch
@@ -34,6 +35,16 @@ ALLOWED_PATTERNS = ["*.json", "*.safetensors", "tokenizer.model"]
 # Float weights in 32 or 16 bits, and the integer codes that `offload convert` writes. Anything else
 # (fp8, complex, bool) is not a checkpoint this engine can run, and some of it breaks the NaN check.
 STORED_DTYPES = ("F32", "F16", "BF16", "U8", "I8", "I16", "I32", "I64")
+TORCH_DTYPES = {
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "U8": torch.uint8,
+    "I8": torch.int8,
+    "I16": torch.int16,
+    "I32": torch.int32,
+    "I64": torch.int64,
+}
 # safetensors' own limit: a header is JSON describing the tensors, tens of kilobytes for a real shard.
 MAX_HEADER_BYTES = 100_000_000
 
@@ -92,6 +103,8 @@ class Checkpoint:
         check_links(self.directory)
         self.config = ModelConfig.from_file(self.directory / "config.json")
         self._handles: dict[str, object] = {}
+        self._data_starts: dict[str, int] = {}  # file -> where its data section begins
+        self._offsets: dict[str, tuple[int, int]] = {}  # tensor -> its bytes within the data section
         self.files = self._shard_map()
         self._shapes: dict[str, tuple[int, ...]] = {}
         self._dtypes: dict[str, str] = {}
@@ -158,7 +171,19 @@ class Checkpoint:
                 raise CheckpointError(
                     f"{path}: not a readable safetensors file ({_first_line(err)})"
                 ) from None
+            self._read_offsets(filename, path)
         return self._handles[filename]
+
+    def _read_offsets(self, filename: str, path: Path) -> None:
+        """Note where each tensor's bytes lie; safe_open has already validated the header."""
+        with path.open("rb") as file:
+            header_bytes = int.from_bytes(file.read(8), "little")
+            header = json.loads(file.read(header_bytes))
+        self._data_starts[filename] = 8 + header_bytes
+        for name, entry in header.items():
+            if name != "__metadata__":
+                begin, end = entry["data_offsets"]
+                self._offsets[name] = (int(begin), int(end))
 
     def names(self) -> set[str]:
         """Every tensor name in the checkpoint."""
@@ -169,18 +194,27 @@ class Checkpoint:
         return self._shapes[name]
 
     def get(self, name: str) -> torch.Tensor:
-        """Read one tensor (memory-mapped; copy it before the checkpoint closes)."""
+        """Read one tensor into memory of its own.
+
+        Plain reads, not safetensors' memory map: a mapped page counts in the process's RSS until the
+        whole mapping closes, so a loader reading every tensor through it peaks at twice the model.
+        """
         filename = self.files.get(name)
         if filename is None:
             raise CheckpointError(f"{self.directory}: tensor {name} is missing")
+        self._open(filename)
+        path = self.directory / filename
+        begin, end = self._offsets[name]
+        tensor = torch.empty(end - begin, dtype=torch.uint8)
         try:
-            tensor = self._open(filename).get_tensor(name)
-        except CheckpointError:
-            raise
-        except Exception as err:
-            raise CheckpointError(
-                f"{self.directory / filename}: cannot read tensor {name} ({_first_line(err)})"
-            ) from None
+            with path.open("rb") as file:
+                file.seek(self._data_starts[filename] + begin)
+                got = file.readinto(memoryview(tensor.numpy()))
+        except OSError as err:
+            raise CheckpointError(f"{path}: cannot read tensor {name} ({err.strerror or err})") from None
+        if got != end - begin:
+            raise CheckpointError(f"{path}: tensor {name} is cut short (the file is truncated)")
+        tensor = tensor.view(TORCH_DTYPES[self._dtypes[name]]).reshape(self._shapes[name])
         if tensor.is_floating_point() and not torch.isfinite(tensor).all():
             raise CheckpointError(f"{self.directory / filename}: tensor {name} holds NaN or inf values")
         return tensor

@@ -29,7 +29,7 @@ def run(model: torch.nn.Module, prompt: list[int]) -> tuple[torch.Tensor, list[i
     """Prefill logits, then a sampled continuation (sampling makes any logit difference visible)."""
     cache = KVCache(model.config, 64, dtype=model.dtype, device=model.device)
     with torch.no_grad():
-        logits = model(torch.tensor([prompt]), cache)
+        logits = model(torch.tensor([prompt], device=model.device), cache)
     tokens = generate_ids(model, prompt, max_new_tokens=12, sampling=SamplingParams(temperature=1.0, seed=3))
     return logits, tokens
 

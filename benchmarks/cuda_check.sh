@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# The checks that need a CUDA GPU, in one go: the `cuda`-marked tests, `offload generate` on the
+# default GPU path, and `offload bench --ablate` over a real host-to-device link (CudaLink).
+#
+#     OUT=/tmp/cuda-check bash benchmarks/cuda_check.sh
+#
+# Packages the GPU machine lacks (hqq, bitsandbytes, pexpect) may be unpacked into .whl/site.
+set -u
+OUT=${OUT:-/tmp/cuda-check}
+mkdir -p "$OUT"
+export PYTHONPATH="$PWD/.whl/site:$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+MODEL=${MODEL:-/tmp/offload-bench/moe-2048}
+
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/machine.txt"
+python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)" \
+    | tee -a "$OUT/machine.txt"
+
+echo "== cuda-marked tests"
+timeout 240 python3 -m pytest -q -p no:cacheprovider -m cuda \
+    tests/test_quant_codec.py tests/test_link.py tests/test_offload_equivalence.py 2>&1 | tee "$OUT/cuda_tests.log" | tail -25
+
+echo "== generate on the GPU (auto profile: hqq experts quantized at load), offloaded with K=2"
+timeout 120 python3 -m cli.main generate --device cuda -k 2 --prefetch 2 --temperature 0 --max-new-tokens 24 \
+    --json "What does json.dumps do?" 2>&1 | tee "$OUT/generate.json" | tail -5
+
+echo "== bench --ablate over CudaLink"
+timeout 120 python3 benchmarks/random_model.py --out "$MODEL" --hidden 2048 --ffn 7168 --layers 4 --device cuda
+timeout 300 python3 -m cli.main bench --model "$MODEL" --device cuda --dtype bfloat16 --ablate -k 4 --prefetch 2 \
+    --runs 5 --new-tokens 32 --json "$OUT/bench_cuda.json" 2>&1 | tee "$OUT/bench_cuda.txt" | tail -40
