@@ -26,4 +26,11 @@ timeout 120 python3 -m cli.main generate --device cuda -k 2 --prefetch 2 --tempe
 echo "== bench --ablate over CudaLink"
 timeout 120 python3 benchmarks/random_model.py --out "$MODEL" --hidden 2048 --ffn 7168 --layers 4 --device cuda
 timeout 300 python3 -m cli.main bench --model "$MODEL" --device cuda --dtype bfloat16 --ablate -k 4 --prefetch 2 \
-    --runs 5 --new-tokens 32 --json "$OUT/bench_cuda.json" 2>&1 | tee "$OUT/bench_cuda.txt" | tail -40
+    --runs 3 --new-tokens 32 --json "$OUT/bench_cuda.json" 2>&1 | tee "$OUT/bench_cuda.txt" | tail -40
+
+echo "== where the host time goes (cProfile), full and no-prefetch"
+for prefetch in 2 0; do
+    timeout 120 python3 benchmarks/profile_decode.py --model "$MODEL" --device cuda --dtype bfloat16 -k 4 \
+        --prefetch $prefetch --new-tokens 24 --top 30 > "$OUT/profile_prefetch$prefetch.txt" 2>&1
+    head -3 "$OUT/profile_prefetch$prefetch.txt"
+done

@@ -1,7 +1,8 @@
 """Reading Hugging Face Mixtral checkpoints: safetensors only, lazily, tensor by tensor.
 
 A checkpoint is a directory with config.json and either ``model.safetensors`` or shards listed in
-``model.safetensors.index.json``. Files are memory-mapped, so the whole model is never in RAM twice.
+``model.safetensors.index.json``. Each tensor is read with plain file reads into memory of its own, so
+neither a second copy of the model nor a mapping of the files stays in RAM.
 
 Model files come from the internet, so nothing in them is trusted:
 

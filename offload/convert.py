@@ -2,8 +2,8 @@
 
 Every module is quantized by ``WeightReader``, exactly as load-time quantization does, so loading the result
 gives bit-identical weights. Conversion streams: shard 1 holds the embedding, the final norm and lm_head, then
-there is one shard per layer. Each module gets a fresh memory-mapped reader that is dropped once the module is
-converted, because safetensors keeps every page it touched resident until its file is closed. Peak RSS is
+there is one shard per layer. Each module gets a fresh reader that is dropped once the module is converted,
+and the reader reads tensors into memory of their own (no memory map keeps pages resident). Peak RSS is
 therefore about one layer's stored tensors (twice, while safetensors serializes them) plus one expert's float
 weights and the quantizer's temporaries, or the embedding shard, whatever the model size.
 
@@ -131,7 +131,7 @@ def convert_checkpoint(
             filename = SHARD_NAME.format(index=index, count=len(shards))
             tensors: dict[str, Tensor] = {}
             for unit in units:
-                # A fresh reader per module: dropping it releases the memory-mapped pages it touched.
+                # A fresh reader per module: nothing it read outlives the module.
                 stored = _convert_unit(WeightReader(Checkpoint(source), scheme, dtype), unit, builder)
                 tensors |= stored
                 tensors_done += unit.source_tensors
@@ -204,8 +204,7 @@ def _unit_nbytes(unit: _Unit, shapes: dict[str, tuple[int, ...]], dtype: torch.d
 def _convert_unit(reader: WeightReader, unit: _Unit, builder: ReportBuilder) -> dict[str, Tensor]:
     """Read and quantize one unit; returns its tensors under their names in the converted checkpoint."""
     if unit.kind == "dense":
-        # A copy: the read tensor is a view of the memory-mapped shard, which must be released after it.
-        tensor = reader.dense(unit.name).clone()
+        tensor = reader.dense(unit.name)
         builder.add(unit.role, unit.spec, {"weight": tensor}, matrices=1, weights=tensor.numel())
         return {unit.name: tensor}
     if unit.kind == "linear":
