@@ -58,7 +58,11 @@ def main() -> None:
     def decode() -> float:
         started = time.perf_counter()
         generate_ids(
-            model, prompt.tolist(), max_new_tokens=args.new_tokens, sampling=SamplingParams(temperature=0)
+            model,
+            prompt.tolist(),
+            max_new_tokens=args.new_tokens,
+            sampling=SamplingParams(temperature=0),
+            stop_ids=(),
         )
         if model.device.type == "cuda":
             torch.cuda.synchronize(model.device)
