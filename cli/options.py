@@ -16,7 +16,10 @@ Device = Annotated[
     str | None, typer.Option(help="cpu, cuda or cuda:N. Default: cuda when present, else cpu.")
 ]
 Dtype = Annotated[
-    str | None, typer.Option(help="float32, bfloat16 or float16. Default: the checkpoint's own dtype.")
+    str | None,
+    typer.Option(
+        help="float32, bfloat16 or float16. Default: the checkpoint's own dtype, except float32 for a small half-precision model on a CPU (faster there)."
+    ),
 ]
 MaxNewTokens = Annotated[
     int | None, typer.Option(help="Stop after this many new tokens. Default: the profile's.")
