@@ -52,10 +52,18 @@ def write_random_model(
 
 
 def write_random_tensors(
-    directory: Path, shape: dict[str, int], dtype: torch.dtype = torch.bfloat16, device: str = "cpu"
+    directory: Path,
+    shape: dict[str, int],
+    dtype: torch.dtype = torch.bfloat16,
+    device: str = "cpu",
+    predictable: bool = False,
 ) -> Path:
     """The same kind of checkpoint without transformers: every tensor of offload's expected table,
     drawn on ``device`` (a GPU draws billions of weights in seconds), in the hub's config dialect.
+
+    ``predictable``: every layer shares one router and the blocks write little into the residual
+    stream (o_proj and w2 scaled by 1/1000), so the next layer's gate, applied to this layer's hidden
+    state, nearly always guesses its experts: a control for measuring prefetching with right guesses.
     """
     from safetensors.torch import save_file
 
@@ -89,12 +97,18 @@ def write_random_tensors(
         weight_map.update(dict.fromkeys(shard, name))
         shard.clear()
 
+    shared_gate = None
     for name, tensor_shape in expected_tensors(ModelConfig.from_dict(raw)).items():
         if len(tensor_shape) == 1:
             tensor = torch.ones(tensor_shape, dtype=dtype)
         else:
             std = 2 / tensor_shape[-1] ** 0.5
+            if predictable and name.endswith(("o_proj.weight", "w2.weight")):
+                std /= 1000
             tensor = (torch.randn(tensor_shape, generator=generator, device=device) * std).to(dtype).cpu()
+            if predictable and name.endswith("gate.weight"):
+                shared_gate = tensor if shared_gate is None else shared_gate
+                tensor = shared_gate.clone()
         shard[name] = tensor
         if sum(t.numel() * t.element_size() for t in shard.values()) > 2**31:
             flush()
@@ -123,6 +137,9 @@ if __name__ == "__main__":
     parser.add_argument("--ffn", type=int)
     parser.add_argument("--layers", type=int)
     parser.add_argument("--device", default="cpu", help="where to draw the weights of another shape")
+    parser.add_argument(
+        "--predictable", action="store_true", help="one router for every layer (see write_random_tensors)"
+    )
     args = parser.parse_args()
     if args.hidden is None:
         print(describe(write_random_model(args.out)))
@@ -135,4 +152,6 @@ if __name__ == "__main__":
             "num_attention_heads": args.hidden // 128,
             "num_key_value_heads": args.hidden // 512,
         }
-        print(describe(write_random_tensors(args.out, shape, device=args.device)))
+        print(
+            describe(write_random_tensors(args.out, shape, device=args.device, predictable=args.predictable))
+        )

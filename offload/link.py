@@ -58,10 +58,6 @@ class Link:
         """Whether ``wait(handle)`` would return without blocking."""
         return True
 
-    def is_idle(self) -> bool:
-        """Whether every submitted copy is done, so a new one would start at once."""
-        return True
-
     def close(self) -> None:
         """Release threads or streams; the link cannot be used afterwards."""
 
@@ -147,9 +143,6 @@ class EmulatedLink(Link):
         assert isinstance(handle, _EmulatedHandle), "handle comes from another link"
         return handle.copied.is_set() and time.perf_counter() >= handle.done_at
 
-    def is_idle(self) -> bool:
-        return time.perf_counter() >= self._link_free_at
-
     def close(self) -> None:
         if not self._closed:
             self._closed = True
@@ -173,7 +166,6 @@ class CudaLink(Link):
         super().__init__()
         self.device = torch.device(device if device is not None else "cuda")
         self.stream = torch.cuda.Stream(self.device)
-        self._last_event: torch.cuda.Event | None = None
 
     def _submit(self, src: Tensor, dst: Tensor, nbytes: int) -> LinkHandle:
         # dst is a cache slot that kernels already queued on the compute stream may still read.
@@ -181,7 +173,6 @@ class CudaLink(Link):
         with torch.cuda.stream(self.stream):
             dst.copy_(src, non_blocking=True)
             event = self.stream.record_event()
-        self._last_event = event
         return _CudaHandle(nbytes, event)
 
     def _wait(self, handle: LinkHandle) -> None:
@@ -191,9 +182,6 @@ class CudaLink(Link):
     def is_done(self, handle: LinkHandle) -> bool:
         assert isinstance(handle, _CudaHandle), "handle comes from another link"
         return handle.event.query()
-
-    def is_idle(self) -> bool:
-        return self._last_event is None or self._last_event.query()  # copies on one stream finish in order
 
     def close(self) -> None:
         self.stream.synchronize()

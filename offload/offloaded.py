@@ -5,10 +5,8 @@ Per layer, in ``experts_for``:
 1. score the guesses made for this layer one layer earlier (prefetch recall and precision);
 2. submit copies for this layer's misses, as slots allow, never evicting a needed expert
    that has not been computed yet;
-3. once every miss is submitted and the link is idle, prefetch the next layer's guesses: guesses
-   only fill idle link time and never queue ahead of this layer's misses (on a saturated link
-   a wrong guess would delay every later miss). A batch not started by the end of the layer is
-   dropped. A guess never evicts an expert the previous token used in that layer (the likeliest to be used
+3. once every miss is submitted, prefetch the next layer's guesses (misses go first on the link);
+   a guess never evicts an expert the previous token used in that layer (the likeliest to be used
    again) and is skipped when no other slot is left, so prefetching cannot empty a small cache;
 4. yield ready experts first, then the others in the order the link delivers them.
 When a layer needs more experts than it has slots (a long prefill), a slot is reused as soon as
@@ -90,14 +88,14 @@ class OffloadedExperts:
         while remaining:
             while to_load and cache.load(layer, to_load[0], protected=uncomputed):
                 to_load.popleft()
-            if not to_load and not prefetched and cache.link.is_idle():
+            if not to_load and not prefetched:
                 self._prefetch(layer + 1, next_guesses)
                 prefetched = True
             expert = self._next_usable(layer, remaining)
             yield expert, cache.acquire(layer, expert)
             remaining.remove(expert)
             uncomputed.discard(expert)
-        if not prefetched and cache.link.is_idle():
+        if not prefetched:
             self._prefetch(layer + 1, next_guesses)
         # Recency follows ``needed``, not arrival order, so the LRU state (and every stat) is the same
         # whichever link delivered the experts.

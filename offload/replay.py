@@ -21,9 +21,7 @@ loads it (one expert's bytes over the link).
   prefetch; its bytes still count.
 
 With no step over K experts, ``lru`` and ``lru+prefetch`` give the very counters that
-``OffloadedExperts`` reports for the same run over a link that is always idle (``LocalLink``). On a
-busy link the engine drops a batch of guesses that finds no idle moment during its layer, which
-depends on timing: then ``lru+prefetch`` is what prefetching would cost if every batch went out.
+``OffloadedExperts`` reports for the same run.
 """
 
 from __future__ import annotations

@@ -226,31 +226,6 @@ def test_speculate_sums_probabilities_over_tokens_and_respects_slots():
     assert moe.offloaded(2, prefetch=0, link=LocalLink()).speculate(0, hidden) is None
 
 
-class BusyLink(LocalLink):
-    """A link that copies at once but reports copies still on the wire until told otherwise."""
-
-    busy = True
-
-    def is_idle(self) -> bool:
-        return not self.busy
-
-
-def test_guesses_wait_for_an_idle_link_and_are_dropped_after_the_layer():
-    moe = FakeMoE(torch.float32)
-    link = BusyLink()
-    source = moe.offloaded(2, prefetch=2, link=link)
-    for _ in source.experts_for(0, [0, 1], [2, 3]):
-        pass
-    assert source.stats.total().prefetch_loads == 0 and source.cache.resident(1) == []
-    used = []  # the link frees up while the layer computes: the guesses go then
-    for expert, _ in source.experts_for(0, [0, 1], [2, 3]):
-        used.append(expert)
-        if len(used) == 1:
-            assert source.cache.resident(1) == [], "not before the link is idle"
-            link.busy = False
-    assert source.stats.layers[1].prefetch_loads == 2 and sorted(source.cache.resident(1)) == [2, 3]
-
-
 def test_misses_are_submitted_before_the_next_layers_prefetches():
     moe = FakeMoE(torch.float32)
     source = moe.offloaded(2, prefetch=2, link=LocalLink())
