@@ -23,14 +23,20 @@ echo "== generate on the GPU (auto profile: hqq experts quantized at load), offl
 timeout 120 python3 -m cli.main generate --device cuda -k 2 --prefetch 2 --temperature 0 --max-new-tokens 24 \
     --json "What does json.dumps do?" 2>&1 | tee "$OUT/generate.json" | tail -5
 
-echo "== bench --ablate over CudaLink"
+echo "== a random model of 3 GB, drawn on the GPU"
 timeout 120 python3 benchmarks/random_model.py --out "$MODEL" --hidden 2048 --ffn 7168 --layers 4 --device cuda
-timeout 300 python3 -m cli.main bench --model "$MODEL" --device cuda --dtype bfloat16 --ablate -k 4 --prefetch 2 \
-    --runs 3 --new-tokens 32 --json "$OUT/bench_cuda.json" 2>&1 | tee "$OUT/bench_cuda.txt" | tail -40
+# Quantize once (on the CPU, as load-time quantization would in every process), then load that.
+timeout 300 python3 -m cli.main convert "$MODEL" "$MODEL-hqq" --attention hqq:4:64 --experts hqq:3:64 --force \
+    > "$OUT/convert.txt" 2>&1; tail -3 "$OUT/convert.txt"
+MODEL="$MODEL-hqq"
 
 echo "== where the host time goes (cProfile), full and no-prefetch"
 for prefetch in 2 0; do
     timeout 120 python3 benchmarks/profile_decode.py --model "$MODEL" --device cuda --dtype bfloat16 -k 4 \
-        --prefetch $prefetch --new-tokens 24 --top 30 > "$OUT/profile_prefetch$prefetch.txt" 2>&1
+        --prefetch $prefetch --new-tokens 8 --top 30 > "$OUT/profile_prefetch$prefetch.txt" 2>&1
     head -3 "$OUT/profile_prefetch$prefetch.txt"
 done
+
+echo "== bench --ablate over CudaLink"
+timeout 300 python3 -m cli.main bench --model "$MODEL" --device cuda --dtype bfloat16 --ablate -k 4 --prefetch 2 \
+    --runs 3 --new-tokens 32 --json "$OUT/bench_cuda.json" 2>&1 | tee "$OUT/bench_cuda.txt" | tail -40

@@ -75,7 +75,7 @@ def main() -> None:
     profiler = cProfile.Profile()
     seconds = profiler.runcall(decode)
     print(
-        f"{args.model} on {model.device} ({model.dtype}, experts {settings.quant.expert_spec(0)}), "
+        f"{args.model} on {model.device} ({model.dtype}, experts {model.quant_scheme.expert_spec(0)}), "
         f"K={settings.offload.experts_per_layer}, prefetch {settings.offload.prefetch}, link {settings.offload.link}: "
         f"{args.prompt_tokens} + {args.new_tokens} tokens in {seconds * 1e3:.1f} ms under the profiler"
     )
