@@ -125,10 +125,8 @@ class Engine:
             )
         else:
             experts = "every expert resident on the device"
-        return (
-            f"{self.directory.name}: dense weights {dense / 2**20:.1f} MiB on {model.device} ({model.dtype}); "
-            f"{experts}"
-        )
+        dtype = str(model.dtype).removeprefix("torch.")
+        return f"{self.directory.name}: dense weights {dense / 2**20:.1f} MiB on {model.device} ({dtype}); {experts}"
 
     def cache_stats(self) -> dict[str, Any] | None:
         """The expert cache's counters, when the experts are offloaded."""
