@@ -118,17 +118,22 @@ class MoEBlock(nn.Module):
         # The layer's one host synchronisation: which experts were chosen (and guessed for the next layer).
         on_host = (flat_ids if guesses is None else torch.cat([flat_ids, guesses])).tolist()
         chosen, guessed = on_host[: flat_ids.numel()], on_host[flat_ids.numel() :]
-        if hidden.shape[0] == 1:
-            return self._one_token(hidden, weights, chosen, guessed).view(shape)
-        ids_host = torch.tensor(chosen).view(ids.shape)
-        # Each (token, slot) is written once and summed in slot order, so the order experts
-        # arrive in (resident first, misses later) never changes the result.
+        mix = self._one_token if hidden.shape[0] == 1 else self._tokens
+        return mix(hidden, weights, chosen, guessed).view(shape)
+
+    def _tokens(self, hidden: Tensor, weights: Tensor, chosen: list[int], guessed: list[int]) -> Tensor:
+        """(T, D) -> (T, D): every chosen expert on the tokens routed to it, weighted, summed per token.
+
+        Each (token, slot) is written once and summed in slot order, so the order experts arrive in
+        (resident first, misses later) never changes the result.
+        """
+        ids_host = torch.tensor(chosen).view(weights.shape)
         out = hidden.new_zeros(hidden.shape[0], self.top_k, hidden.shape[1])  # (T, k, D)
         for expert_id, expert in self.source.experts_for(self.layer, sorted(set(chosen)), guessed):
             tokens, slots = (ids_host == expert_id).nonzero(as_tuple=True)
-            tokens, slots = tokens.to(x.device), slots.to(x.device)
-            out[tokens, slots] = expert(hidden[tokens]) * weights[tokens, slots, None].to(x.dtype)
-        return out.sum(dim=1).view(shape)
+            tokens, slots = tokens.to(hidden.device), slots.to(hidden.device)
+            out[tokens, slots] = expert(hidden[tokens]) * weights[tokens, slots, None].to(hidden.dtype)
+        return out.sum(dim=1)
 
     def _one_token(self, hidden: Tensor, weights: Tensor, chosen: list[int], guessed: list[int]) -> Tensor:
         """The decode step's block without the (token, slot) bookkeeping: the same operations on the

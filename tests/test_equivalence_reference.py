@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from offload.expert_source import route
 from offload.kv_cache import KVCache
 from offload.loading import load_model
 from tests.baby import BABIES
@@ -61,3 +62,18 @@ def test_cached_decode_equals_recompute(baby_dirs: dict, name: str) -> None:
     cached = torch.cat(pieces, dim=1)
     assert cache.length == 24
     assert (cached - full).abs().max().item() < 1e-4
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_the_one_token_path_gives_the_bits_of_the_general_path(baby_dir, dtype: str) -> None:
+    model = load_model(baby_dir, dtype=dtype)
+    hidden = torch.randn(16, model.config.hidden_size, generator=torch.Generator().manual_seed(1)).to(
+        model.dtype
+    )
+    for layer in model.model.layers:
+        block = layer.block_sparse_moe
+        for row in hidden.split(1):
+            weights, ids = route(block.gate(row), block.top_k)
+            chosen = ids.flatten().tolist()
+            fast = block._one_token(row, weights, chosen, [])
+            assert torch.equal(fast, block._tokens(row, weights, chosen, []))
