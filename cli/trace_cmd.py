@@ -56,7 +56,8 @@ def record_command(
     Example: offload trace record mixtral.trace --model ./Mixtral-8x7B-Instruct-v0.1 --prompt-file q.txt
     """
     from cli.loading_view import load_engine
-    from offload.trace import TraceRecorder, save_trace
+    from offload.trace import save_trace
+    from offload.trace_recorder import TraceRecorder
 
     text = _read_prompt(prompt, prompt_file)
     flags = {

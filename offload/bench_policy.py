@@ -1,6 +1,6 @@
 """How far the real cache is from the optimum: one recorded run of ``full``, replayed against Belady.
 
-The run starts with empty slots and is recorded with ``offload.trace.TraceRecorder``. Its measured
+The run starts with empty slots and is recorded with ``offload.trace_recorder.TraceRecorder``. Its measured
 bytes (the cache's own counters) are compared with ``offload.replay`` of the same trace under
 ``belady`` (the fewest loads any demand policy can make, knowing the future), ``lru`` and
 ``lru+prefetch`` (what the cache should have done), twice:
@@ -30,7 +30,7 @@ def policy_check(
     Returns the JSON block ``policy_check`` of the bench report, plus ``tokens``: the run's ids.
     """
     from offload.replay import replay
-    from offload.trace import TraceRecorder
+    from offload.trace_recorder import TraceRecorder
 
     attach_source(model, source)
     with TraceRecorder(model, model_name="bench") as recorder:

@@ -11,7 +11,7 @@ Shapes: S steps (forward calls), N tokens over all steps, L layers, k experts pe
 | ``guess_counts`` | (S, L) | int32 | how many experts were guessed for each layer at each step (layer 0: none) |
 | ``guesses`` | (G,) | int32 | the guesses, step by step, layer by layer, in the order they were made |
 
-``TraceRecorder`` records a loaded model without changing what it computes; ``offload.replay``
+``offload.trace_recorder.TraceRecorder`` records a loaded model without changing what it computes; ``offload.replay``
 replays a trace against cache policies.
 """
 
@@ -21,7 +21,7 @@ import json
 import os
 import tempfile
 from dataclasses import dataclass
-from functools import cached_property, partial
+from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -31,11 +31,7 @@ from offload.config import MAX_EXPERTS, MAX_LAYERS
 from offload.errors import TraceError
 
 if TYPE_CHECKING:
-    from collections.abc import Iterator
-
-    from torch import Tensor
-
-    from offload.model import MixtralModel
+    pass
 
 FORMAT = "offload-routing-trace"
 VERSION = 1
@@ -260,163 +256,3 @@ def _check_tensors(trace: Trace, where: str) -> None:
         fail("a token was routed to the same expert twice")
     if not np.isfinite(weights).all() or (weights < 0).any():
         fail("a router weight is negative or not finite")
-
-
-class TraceRecorder:
-    """Records a loaded MixtralModel's routing, one step per forward call, without changing its outputs.
-
-    It wraps each MoE block's ExpertSource in a pass-through that notes the experts asked for and
-    the prefetch guesses, and hooks each router gate to keep the token-level ids and weights::
-
-        with TraceRecorder(model, model_name="demo") as recorder:
-            generate_ids(model, prompt_ids, max_new_tokens=32)
-        save_trace(recorder.trace(), "demo.trace")
-
-    Guesses are recorded only when the source makes them (``OffloadedExperts`` with prefetch on).
-    """
-
-    def __init__(self, model: MixtralModel, *, model_name: str = "") -> None:
-        self.model = model
-        self.model_name = model_name
-        config = model.config
-        self.num_layers, self.num_experts = config.num_hidden_layers, config.num_local_experts
-        self.top_k = config.num_experts_per_tok
-        self._blocks = [layer.block_sparse_moe for layer in model.model.layers]
-        self._sources = [block.source for block in self._blocks]
-        self.expert_bytes = _expert_bytes(self._sources[0], self.num_layers)
-        self._steps: list[_Step] = []
-        self._pending: _Step | None = None
-        self._speculating = False  # the prefetcher runs the next layer's gate: not routing
-        wrappers: dict[int, _RecordingSource] = {}  # one wrapper per distinct real source
-        for block, source in zip(self._blocks, self._sources, strict=True):
-            block.source = wrappers.setdefault(id(source), _RecordingSource(source, self))
-        self._hooks = [
-            model.register_forward_pre_hook(self._begin_step),
-            model.register_forward_hook(self._end_step),
-        ]
-        for layer, block in enumerate(self._blocks):
-            self._hooks.append(block.gate.register_forward_hook(partial(self._on_gate, layer)))
-
-    def detach(self) -> None:
-        """Remove every hook and give each MoE block its own source back; the recorded steps stay."""
-        for hook in self._hooks:
-            hook.remove()
-        self._hooks = []
-        for block, source in zip(self._blocks, self._sources, strict=True):
-            block.source = source
-        self._pending = None
-
-    def __enter__(self) -> TraceRecorder:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.detach()
-
-    @property
-    def steps(self) -> int:
-        """Forward calls recorded so far (an interrupted call is not one)."""
-        return len(self._steps)
-
-    def trace(self) -> Trace:
-        """Everything recorded so far, as a Trace."""
-        import torch
-
-        steps = self._steps
-        ids = [torch.stack(step.ids, dim=1) for step in steps]  # (T, L, k) per step
-        weights = [torch.stack(step.weights, dim=1) for step in steps]
-        shape = (0, self.num_layers, self.top_k)
-        trace = Trace(
-            model=self.model_name,
-            num_layers=self.num_layers,
-            num_experts=self.num_experts,
-            top_k=self.top_k,
-            step_tokens=np.array([len(step_ids) for step_ids in ids], dtype=np.int32),
-            ids=torch.cat(ids).cpu().numpy().astype(np.int32) if ids else np.zeros(shape, np.int32),
-            weights=torch.cat(weights).float().cpu().numpy() if ids else np.zeros(shape, np.float32),
-            guess_counts=np.array([[len(g) for g in step.guesses] for step in steps], dtype=np.int32).reshape(
-                len(steps), self.num_layers
-            ),
-            guesses=np.array([e for step in steps for g in step.guesses for e in g], dtype=np.int32),
-            expert_bytes=self.expert_bytes,
-        )
-        for index, step in enumerate(steps):
-            for layer in range(self.num_layers):
-                # The block asks for exactly the experts its router chose: a check on the recorder itself.
-                assert trace.needed(index, layer) == step.needed[layer], "recorded routing disagrees"
-        return trace
-
-    def _begin_step(self, module: object, args: object) -> None:
-        self._pending = _Step(self.num_layers)  # drops a step left unfinished by an interrupted call
-
-    def _end_step(self, module: object, args: object, output: object) -> None:
-        step, self._pending = self._pending, None
-        if step is not None:
-            assert step.complete(), "a forward call skipped a layer's router or experts"
-            self._steps.append(step)
-
-    def _on_gate(self, layer: int, module: object, args: object, logits: Tensor) -> None:
-        from offload.expert_source import route
-
-        if self._speculating or self._pending is None:
-            return
-        weights, ids = route(logits.reshape(-1, logits.shape[-1]), self.top_k)  # (T, k) each, on the device
-        self._pending.ids[layer], self._pending.weights[layer] = ids, weights
-
-    def _on_experts(self, layer: int, needed: list[int], guesses: list[int]) -> None:
-        if self._pending is None:
-            return
-        self._pending.needed[layer] = sorted(set(needed))
-        if layer + 1 < self.num_layers:  # guesses made at layer l are for layer l+1
-            self._pending.guesses[layer + 1] = list(guesses)
-
-
-class _Step:
-    """One forward call's routing while it is being recorded."""
-
-    def __init__(self, num_layers: int) -> None:
-        self.ids: list[Any] = [None] * num_layers  # (T, k) tensors
-        self.weights: list[Any] = [None] * num_layers
-        self.needed: list[Any] = [None] * num_layers
-        self.guesses: list[list[int]] = [[] for _ in range(num_layers)]
-
-    def complete(self) -> bool:
-        return all(x is not None for x in (*self.ids, *self.needed))
-
-
-class _RecordingSource:
-    """An ExpertSource that tells the recorder what the block asks for and forwards everything."""
-
-    def __init__(self, inner: Any, recorder: TraceRecorder) -> None:
-        self.inner = inner
-        self.recorder = recorder
-
-    def speculate(self, layer: int, hidden: Tensor) -> Tensor | None:
-        self.recorder._speculating = True
-        try:
-            return self.inner.speculate(layer, hidden)
-        finally:
-            self.recorder._speculating = False
-
-    def experts_for(self, layer: int, needed: list[int], guesses: list[int]) -> Iterator[tuple[int, Any]]:
-        self.recorder._on_experts(layer, needed, guesses)
-        return self.inner.experts_for(layer, needed, guesses)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.inner, name)  # stats, describe, cache...: the real source's
-
-
-def _expert_bytes(source: Any, num_layers: int) -> tuple[int, ...] | None:
-    """One expert's size per layer: what the host store moves, or a resident dense expert's weights."""
-    store = getattr(getattr(source, "cache", None), "store", None)
-    if store is not None:
-        return tuple(store.layout(layer).nbytes for layer in range(num_layers))
-    experts = getattr(source, "experts", None)  # ResidentExperts: [layer][expert]
-    if not experts:
-        return None
-    sizes = []
-    for layer in experts:
-        weights = [getattr(layer[0], name, None) for name in ("w1", "w2", "w3")]
-        if not all(hasattr(w, "element_size") for w in weights):
-            return None  # a quantized resident expert: its moved size is not known here
-        sizes.append(sum(w.numel() * w.element_size() for w in weights))
-    return tuple(sizes)

@@ -138,7 +138,8 @@ def test_every_supported_format_loads_without_unpickling(tmp_path: Path, no_unpi
     from offload.profile import Profile, load_profile
     from offload.quant.scheme import QuantScheme
     from offload.tokenizer import Tokenizer
-    from offload.trace import TraceRecorder, load_trace, save_trace
+    from offload.trace import load_trace, save_trace
+    from offload.trace_recorder import TraceRecorder
     from tests.test_tokenizer import train_metaspace_bpe
 
     sizes = {"hidden_size": 64, "intermediate_size": 64, "vocab_size": 32000, "num_hidden_layers": 2}

@@ -19,7 +19,8 @@ from typer.testing import CliRunner
 
 from offload.errors import TraceError
 from offload.replay import POLICIES, replay, replay_table
-from offload.trace import METADATA_KEY, Trace, TraceRecorder, load_trace, save_trace
+from offload.trace import METADATA_KEY, Trace, load_trace, save_trace
+from offload.trace_recorder import TraceRecorder
 from tests.baby import BabySpec, write_baby
 
 
