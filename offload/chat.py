@@ -8,12 +8,11 @@ turns are dropped and the rest is prefilled again.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from offload.atomic import write_text_atomically
 from offload.config import read_json
 from offload.engine import Engine
 from offload.errors import ContextError, OffloadError
@@ -108,7 +107,7 @@ class ChatSession:
         """Write the conversation as JSON, atomically: the old file or the new one, never half of one."""
         path = Path(path).expanduser()
         payload = {"format": SAVE_FORMAT, "system": self.system, "messages": self.messages}
-        write_atomically(path, json.dumps(payload, ensure_ascii=False, indent=2) + "\n")
+        write_text_atomically(path, json.dumps(payload, ensure_ascii=False, indent=2) + "\n")
         return path
 
     def load(self, path: str | Path) -> None:
@@ -165,18 +164,3 @@ def _is_text(text: str) -> bool:
     except UnicodeEncodeError:
         return False
     return True
-
-
-def write_atomically(path: Path, text: str) -> None:
-    """Write ``text`` to a temporary file beside ``path``, fsync it, then rename it over ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as file:
-            file.write(text)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise

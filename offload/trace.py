@@ -18,8 +18,6 @@ replays a trace against cache policies.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -27,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from offload.atomic import write_bytes_atomically
 from offload.config import MAX_EXPERTS, MAX_LAYERS
 from offload.errors import TraceError
 
@@ -138,21 +137,9 @@ def save_trace(trace: Trace, path: str | Path) -> None:
     }
     data = save(tensors, metadata={METADATA_KEY: json.dumps(trace.header())})
     try:
-        handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        write_bytes_atomically(path, data)
     except OSError as err:
-        raise TraceError(f"{path}: cannot write the trace ({err.strerror})") from None
-    try:
-        with os.fdopen(handle, "wb") as file:
-            file.write(data)
-            file.flush()
-            os.fsync(file.fileno())  # the bytes are on disk before the name points at them
-        os.replace(temporary, path)
-    except OSError as err:
-        Path(temporary).unlink(missing_ok=True)
         raise TraceError(f"{path}: cannot write the trace ({err.strerror or err})") from None
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
 
 
 def load_trace(path: str | Path) -> Trace:

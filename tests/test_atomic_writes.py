@@ -42,12 +42,13 @@ def kill_midway(writer: Callable[[int], None], load: Callable[[Path], None], pat
         os.kill(child.pid, signal.SIGKILL)
         child.join(10)
         assert child.exitcode == -signal.SIGKILL
-        leftovers = _temporaries(path)
-        torn += bool(leftovers)
+        torn += any(f".{child.pid}-" in leftover.name for leftover in _temporaries(path))
         if path.exists():  # no file at all is fine: the first write never finished
             load(path)
-        for leftover in leftovers:  # a killed writer cannot clean up after itself
-            leftover.unlink()
+    # A killed writer cannot clean up after itself; the next write removes what the dead ones left.
+    writer(0)
+    assert _temporaries(path) == []
+    load(path)
     return torn
 
 
@@ -59,7 +60,7 @@ def _write_forever(writer: Callable[[int], None]) -> None:
 
 
 def _temporaries(path: Path) -> list[Path]:
-    """The temporary files the atomic writers make beside ``path`` (``.NAME.XXXX``)."""
+    """Every file a writer has made beside ``path`` (``.NAME.PID-RANDOM.tmp``)."""
     return [other for other in path.parent.iterdir() if other.name.startswith(f".{path.name}.")]
 
 
