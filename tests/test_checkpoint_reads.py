@@ -30,13 +30,24 @@ def test_a_tensor_read_equals_the_file_and_owns_its_memory(baby_dir: Path) -> No
         assert torch.equal(checkpoint.get(name), stored[name]), name
 
 
+def private_copy(source: Path, directory: Path) -> Path:
+    """A copy of the checkpoint that no other test has open."""
+    directory.mkdir()
+    for path in source.iterdir():
+        (directory / path.name).write_bytes(path.read_bytes())
+    return directory
+
+
 @pytest.mark.skipif(not MAPS.is_file(), reason="needs /proc/self/maps (Linux)")
 @pytest.mark.parametrize(
     "offload", [None, OffloadOptions(experts_per_layer=1, prefetch=1)], ids=["resident", "K1"]
 )
-def test_no_weight_file_stays_mapped_after_loading(baby_dir: Path, offload: OffloadOptions | None) -> None:
-    model = load_model(baby_dir, dtype="float32", offload=offload)
-    assert mapped_weight_files(baby_dir) == []
+def test_no_weight_file_stays_mapped_after_loading(
+    tmp_path: Path, baby_dir: Path, offload: OffloadOptions | None
+) -> None:
+    directory = private_copy(baby_dir, tmp_path / "copy")
+    model = load_model(directory, dtype="float32", offload=offload)
+    assert mapped_weight_files(directory) == []
     with torch.no_grad():
         assert torch.isfinite(model(torch.tensor([[1, 5, 7]]))).all()
 
@@ -44,10 +55,7 @@ def test_no_weight_file_stays_mapped_after_loading(baby_dir: Path, offload: Offl
 def test_a_file_cut_short_after_opening_is_one_clear_line(tmp_path: Path, baby_dir: Path) -> None:
     from offload.errors import CheckpointError
 
-    directory = tmp_path / "cut"
-    directory.mkdir()
-    for path in baby_dir.iterdir():
-        (directory / path.name).write_bytes(path.read_bytes())
+    directory = private_copy(baby_dir, tmp_path / "cut")
     checkpoint = Checkpoint(directory)
     weights = directory / "model.safetensors"
     with weights.open("r+b") as file:
