@@ -2,8 +2,8 @@
 
 Every module is quantized by ``WeightReader``, exactly as load-time quantization does, so loading the result
 gives bit-identical weights. Conversion streams: shard 1 holds the embedding, the final norm and lm_head, then
-there is one shard per layer. Each module gets a fresh reader that is dropped once the module is converted,
-and the reader reads tensors into memory of their own (no memory map keeps pages resident). Peak RSS is
+there is one shard per layer. The reader reads each tensor into memory of its own (no memory map keeps pages
+resident), and a module's tensors are dropped once its shard is written. Peak RSS is
 therefore about one layer's stored tensors (twice, while safetensors serializes them) plus one expert's float
 weights and the quantizer's temporaries, or the embedding shard, whatever the model size.
 
@@ -110,8 +110,10 @@ def convert_checkpoint(
     _check_destination(source, destination, force)
     _check_scheme(scheme, config)
     dtype = parse_dtype(None, config)  # what ``none`` stores: the checkpoint's own dtype
-    WeightReader(checkpoint, scheme, dtype).check()
-    del checkpoint
+    # Tensors are read into memory of their own, so one reader serves every module; nothing it read
+    # outlives the module that read it.
+    reader = WeightReader(checkpoint, scheme, dtype)
+    reader.check()
     shards = _plan(config, scheme)
     # Also checks every spec against every matrix shape, so a bad group fails before anything is written.
     shapes = expected_tensors(config)
@@ -131,8 +133,7 @@ def convert_checkpoint(
             filename = SHARD_NAME.format(index=index, count=len(shards))
             tensors: dict[str, Tensor] = {}
             for unit in units:
-                # A fresh reader per module: nothing it read outlives the module.
-                stored = _convert_unit(WeightReader(Checkpoint(source), scheme, dtype), unit, builder)
+                stored = _convert_unit(reader, unit, builder)
                 tensors |= stored
                 tensors_done += unit.source_tensors
                 bytes_done += sum(t.numel() * t.element_size() for t in stored.values())

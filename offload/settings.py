@@ -6,6 +6,7 @@ built-in default. The result says where every weight goes and how to generate.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -132,13 +133,10 @@ SMALL_MODEL_PARAMETERS = 250_000_000  # 1 GB in float32
 
 
 def parameter_count(config: ModelConfig) -> int:
-    """Every weight of the model: embeddings, lm_head, attention, gates, experts (norms aside)."""
-    d, layers = config.hidden_size, config.num_hidden_layers
-    attention = 2 * d * config.num_attention_heads * config.head_dim
-    attention += 2 * d * config.num_key_value_heads * config.head_dim
-    experts = config.num_local_experts * 3 * d * config.intermediate_size
-    embeddings = config.vocab_size * d * (1 if config.tie_word_embeddings else 2)
-    return embeddings + layers * (attention + d * config.num_local_experts + experts)
+    """Every weight of the model, from the one table of its tensors."""
+    from offload.checkpoint import expected_tensors
+
+    return sum(math.prod(shape) for shape in expected_tensors(config).values())
 
 
 def cpu_compute_dtype(config: ModelConfig) -> str | None:
