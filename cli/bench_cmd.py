@@ -38,6 +38,7 @@ def bench(
     ] = None,
     experts_per_layer: options.ExpertsPerLayer = None,
     prefetch: options.Prefetch = None,
+    cache_policy: options.CachePolicy = None,
     ablate: Annotated[
         bool,
         typer.Option(
@@ -71,6 +72,7 @@ def bench(
         quant=quant,
         experts_per_layer=experts_per_layer,
         prefetch=prefetch,
+        cache_policy=cache_policy,
         link=link,
         copy_ratio=copy_ratio,
         prompt_tokens=prompt_tokens,

@@ -67,15 +67,16 @@ def context_lines(report: dict[str, Any]) -> list[str]:
         f"prompt {prompt['tokens']} tokens ({prompt['source']}), {report['new_tokens']} new tokens, "
         f"median of {report['runs']} run{'s' if report['runs'] != 1 else ''} after a warm-up"
         + ("; every row gave the same tokens" if len(report["rows"]) > 1 else ""),
-        f"link {link['spec']}" + _link_detail(link),
+        f"link {link['spec']}" + _link_detail(link) + f"; cache policy {report['cache_policy'].upper()}",
     ]
     check = report.get("policy_check")
     if check is not None:
         whole, decode = check["whole"], check["decode"]
         lines.append(
-            f"bytes moved vs Belady at K={check['experts_per_layer']} (one cold run of full): "
-            f"whole run {_ratio(whole['measured_over_belady'])}, decode steps LRU+prefetch "
-            f"{_ratio(decode['lru_prefetch_over_belady'])}, LRU {_ratio(decode['lru_over_belady'])}"
+            f"bytes moved vs Belady at K={check['experts_per_layer']} (one cold run of full, "
+            f"{check['cache_policy'].upper()}): whole run {_ratio(whole['measured_over_belady'])}; decode steps "
+            f"LRFU+prefetch {_ratio(decode['lrfu_prefetch_over_belady'])}, LRFU {_ratio(decode['lrfu_over_belady'])}, "
+            f"LRU+prefetch {_ratio(decode['lru_prefetch_over_belady'])}, LRU {_ratio(decode['lru_over_belady'])}"
         )
     lines.append(
         f"peak RSS {machine['peak_rss_bytes'] / MIB:.0f} MiB; {machine['torch_threads']} torch threads; "

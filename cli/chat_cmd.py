@@ -38,6 +38,7 @@ def chat(
     profile: options.Profile = None,
     experts_per_layer: options.ExpertsPerLayer = None,
     prefetch: options.Prefetch = None,
+    cache_policy: options.CachePolicy = None,
     link: options.Link = None,
     quant: options.Quant = None,
     dtype: options.Dtype = None,
@@ -56,6 +57,7 @@ def chat(
         dtype=dtype,
         experts_per_layer=experts_per_layer,
         prefetch=prefetch,
+        cache_policy=cache_policy,
         link=link,
         quant=quant,
     )

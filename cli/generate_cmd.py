@@ -33,6 +33,7 @@ def generate(
     profile: options.Profile = None,
     experts_per_layer: options.ExpertsPerLayer = None,
     prefetch: options.Prefetch = None,
+    cache_policy: options.CachePolicy = None,
     link: options.Link = None,
     quant: options.Quant = None,
     dtype: options.Dtype = None,
@@ -58,6 +59,7 @@ def generate(
         dtype=dtype,
         experts_per_layer=experts_per_layer,
         prefetch=prefetch,
+        cache_policy=cache_policy,
         link=link,
         quant=quant,
     )

@@ -44,6 +44,12 @@ ExpertsPerLayer = Annotated[
 Prefetch = Annotated[
     int | None, typer.Option(help="Guesses of the next layer's experts to prefetch; 0 is off.")
 ]
+CachePolicy = Annotated[
+    str | None,
+    typer.Option(
+        help="Which expert a full layer of the cache evicts: lrfu (least recently and frequently used) or lru."
+    ),
+]
 Link = Annotated[
     str | None, typer.Option(help="How experts move: local, emulated:GBPS[:LATENCY_US] or cuda.")
 ]

@@ -17,7 +17,7 @@ trace_app = typer.Typer(
 )
 
 DEFAULT_PROMPT = "Explain how a least-recently-used cache decides what to evict, with an example."
-ALL_POLICIES = "lru,lfu,belady,lru+prefetch"
+ALL_POLICIES = "lru,lrfu,lfu,belady,lru+prefetch,lrfu+prefetch"
 
 
 @trace_app.command("record")
@@ -182,7 +182,7 @@ def _parse_policies(text: str | None, has_guesses: bool) -> list[str]:
     from offload.replay import POLICIES
 
     if text is None:  # by default, skip the prefetch row when there is nothing to prefetch
-        return [p for p in POLICIES if has_guesses or p != "lru+prefetch"]
+        return [p for p in POLICIES if has_guesses or not p.endswith("+prefetch")]
     policies = [p.strip() for p in text.split(",") if p.strip()]
     unknown = [p for p in policies if p not in POLICIES]
     if unknown or not policies:
@@ -219,7 +219,7 @@ def _parse_ks(text: str | None, num_experts: int) -> list[int]:
 
 def _print_table(trace, rows, trace_path: Path, skipped_prefetch: bool) -> None:
     from rich.console import Console
-    from rich.table import Table
+    from rich.table import Column, Table
 
     console = Console()
     with_bytes = rows[0].bytes_moved is not None if rows else False
@@ -227,7 +227,7 @@ def _print_table(trace, rows, trace_path: Path, skipped_prefetch: bool) -> None:
         f"{trace.model or trace_path.name}: {trace.steps} steps, {trace.tokens} tokens, "
         f"{trace.num_layers} layers x {trace.num_experts} experts (top-{trace.top_k})"
     )
-    table = Table("K", "policy", "hit rate", "misses", "loads/token", title=title)
+    table = Table("K", Column("policy", no_wrap=True), "hit rate", "misses", "loads/token", title=title)
     if with_bytes:
         table.add_column("MiB/token", justify="right")
     table.add_column("loads vs Belady", justify="right")
@@ -258,7 +258,7 @@ def _print_table(trace, rows, trace_path: Path, skipped_prefetch: bool) -> None:
     if not with_bytes:
         console.print("The trace does not record an expert's size: give --expert-bytes for bytes per token.")
     if skipped_prefetch:
-        console.print("No prefetch guesses in this trace (record with --prefetch N), so no lru+prefetch row.")
+        console.print("No prefetch guesses in this trace (record with --prefetch N), so no +prefetch rows.")
 
 
 def _percent(value: float | None) -> str:

@@ -3,8 +3,8 @@
 | variant | what it is | the paper's row (arXiv 2312.17238, Table 2) |
 |---|---|---|
 | ``resident`` | every expert on the device (``ResidentExperts``): no link at all | — (the reference) |
-| ``full`` | K slots per layer with LRU, plus prefetching the next layer's guesses | full (LRU + prefetch) |
-| ``no-prefetch`` | the same LRU cache, no guesses | without prefetch |
+| ``full`` | K slots per layer under the cache policy (LRFU by default, LRU as in the paper), plus prefetching the next layer's guesses | full (LRU + prefetch) |
+| ``no-prefetch`` | the same cache, no guesses | without prefetch |
 | ``no-cache`` | K slots emptied at every forward pass, no guesses: a token reuses nothing a previous token loaded; within a layer its experts' copies are all in flight at once and the first one computes while the others arrive | without LRU and prefetch |
 | ``naive`` | one slot per layer, emptied at every forward pass, no guesses: each routed expert is copied when the block reaches it and the block waits before computing it, so no copy overlaps any compute | naive offloading (accelerate) |
 
@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterator
 import torch
 from torch import Tensor
 
+from offload.cache_policy import DEFAULT_CACHE_POLICY
 from offload.expert_cache import ExpertCache
 from offload.expert_source import Expert, ResidentExperts
 from offload.link import Link
@@ -31,8 +32,8 @@ from offload.store import HostStore
 VARIANTS = ("resident", "full", "no-prefetch", "no-cache", "naive")
 DESCRIPTIONS = {
     "resident": "every expert on the device",
-    "full": "LRU cache + prefetch",
-    "no-prefetch": "LRU cache, no prefetch",
+    "full": "{policy} cache + prefetch",
+    "no-prefetch": "{policy} cache, no prefetch",
     "no-cache": "slots emptied every token, no prefetch",
     "naive": "1 slot, load at use and wait (accelerate-like)",
 }
@@ -81,10 +82,12 @@ def build_source(
     link: Link,
     experts_per_layer: int,
     prefetch: int,
+    policy: str = DEFAULT_CACHE_POLICY,
 ) -> object:
     """The ExpertSource of ``variant`` (see VARIANTS) for ``model``, serving ``store``'s experts.
 
-    ``experts_per_layer`` and ``prefetch`` are the ``full`` row's; the other rows drop what they ablate.
+    ``experts_per_layer``, ``prefetch`` and the cache ``policy`` are the ``full`` row's; the other rows
+    drop what they ablate (no-cache and naive empty their slots, so no policy applies).
     Attach the result with ``offload.loading.attach_source``.
     """
     materialize = materializers(model)
@@ -100,7 +103,7 @@ def build_source(
         ]
         return ResidentExperts(experts)
     if variant in ("full", "no-prefetch"):
-        cache = ExpertCache(store, experts_per_layer, link, materialize, device=device)
+        cache = ExpertCache(store, experts_per_layer, link, materialize, device=device, policy=policy)
         return OffloadedExperts(cache, gates, prefetch=prefetch if variant == "full" else 0)
     if variant in ("no-cache", "naive"):
         slots = experts_per_layer if variant == "no-cache" else 1

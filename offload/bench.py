@@ -43,6 +43,7 @@ def run_bench(
     quant: str | None = None,
     experts_per_layer: str | int | None = None,
     prefetch: int | None = None,
+    cache_policy: str | None = None,
     link: str | None = None,
     copy_ratio: float | None = None,
     prompt_tokens: int = 32,
@@ -68,7 +69,15 @@ def run_bench(
     _check_settings(prompt_tokens, new_tokens, runs, copy_ratio, link, threads, variants)
     with torch_threads(threads):
         load_average_start = _load_average()
-        flags = dict(profile=profile, device=device, dtype=dtype, quant=quant, prefetch=prefetch, link=link)
+        flags = dict(
+            profile=profile,
+            device=device,
+            dtype=dtype,
+            quant=quant,
+            prefetch=prefetch,
+            cache_policy=cache_policy,
+            link=link,
+        )
         flags = {name: value for name, value in flags.items() if value is not None}
         mixtral, report, settings = _load(
             model,
@@ -155,6 +164,7 @@ def _load(
         runs=runs,
         experts_per_layer=slots,
         prefetch=settings.offload.prefetch,
+        cache_policy=settings.offload.cache_policy,
         num_layers=config.num_hidden_layers,
         link=LinkInfo("none (every expert resident)" if slots is None else settings.offload.link),
     )
@@ -177,12 +187,12 @@ def _measure_offloaded(
     from offload.link import EmulatedLink, parse_link
 
     store = mixtral.expert_source.cache.store
-    slots, prefetch = report.experts_per_layer, offload.prefetch
+    slots, prefetch, policy = report.experts_per_layer, offload.prefetch, offload.cache_policy
     prompt_ids, new_tokens, runs = report.prompt_ids, report.new_tokens, report.runs
     expert_bytes = max(store.layout(layer).nbytes for layer in range(store.num_layers))
     rows: list[tuple[RowResult, object]] = []
     if (variants is not None and "resident" in variants) or copy_ratio is not None:
-        resident = build_source("resident", mixtral, store, None, slots, 0)
+        resident = build_source("resident", mixtral, store, None, slots, 0, policy)
         rows.append((RowResult("resident", DESCRIPTIONS["resident"], None, 0), resident))
     if copy_ratio is not None:
         say(f"calibrating: {runs} runs of resident, to time one layer's compute")
@@ -201,9 +211,13 @@ def _measure_offloaded(
         for name in names:
             variant = "full" if name == "offloaded" else name
             row_prefetch = prefetch if variant == "full" else 0
-            description = DESCRIPTIONS[variant] if variants else f"offloaded, prefetch {row_prefetch}"
+            description = (
+                DESCRIPTIONS[variant].format(policy=policy.upper())
+                if variants
+                else f"offloaded, {policy.upper()} cache, prefetch {row_prefetch}"
+            )
             row = RowResult(name, description, 1 if name == "naive" else slots, row_prefetch)
-            rows.append((row, build_source(variant, mixtral, store, link, slots, prefetch)))
+            rows.append((row, build_source(variant, mixtral, store, link, slots, prefetch, policy)))
         say(
             f"measuring {', '.join(row.name for row, _ in rows)}: a warm-up each, then {runs} interleaved runs"
         )
@@ -213,8 +227,8 @@ def _measure_offloaded(
             from offload.bench_policy import policy_check
 
             say("recording one cold run of full for the Belady comparison")
-            source = build_source("full", mixtral, store, link, slots, prefetch)
-            report.policy_check = policy_check(mixtral, source, prompt_ids, new_tokens, slots)
+            source = build_source("full", mixtral, store, link, slots, prefetch, policy)
+            report.policy_check = policy_check(mixtral, source, prompt_ids, new_tokens, slots, policy)
 
 
 def _machine(mixtral: Any, load_average_start: list[float] | None) -> dict[str, Any]:

@@ -2,8 +2,9 @@
 
 The run starts with empty slots and is recorded with ``offload.trace_recorder.TraceRecorder``. Its measured
 bytes (the cache's own counters) are compared with ``offload.replay`` of the same trace under
-``belady`` (the fewest loads any demand policy can make, knowing the future), ``lru`` and
-``lru+prefetch`` (what the cache should have done), twice:
+``belady`` (the fewest loads any demand policy can make, knowing the future), ``lru``, ``lrfu``,
+``lfu`` and the two cache policies with the recorded guesses (``lru+prefetch`` is the paper's
+algorithm; the run's own policy with prefetch is what the cache should have done), twice:
 - ``whole``: the whole run, prefill included (a long prefill loads nearly every expert whatever the policy);
 - ``decode``: the decode steps alone, replayed from empty slots at the first decode step, which
   isolates the steady state that the cache policy is about.
@@ -19,13 +20,19 @@ from offload.bench_measure import run_once
 from offload.loading import attach_source
 from offload.model import MixtralModel
 
-POLICIES = ("belady", "lru", "lfu", "lru+prefetch")
+POLICIES = ("belady", "lru", "lrfu", "lfu", "lru+prefetch", "lrfu+prefetch")
 
 
 def policy_check(
-    model: MixtralModel, source: Any, prompt_ids: list[int], new_tokens: int, experts_per_layer: int
+    model: MixtralModel,
+    source: Any,
+    prompt_ids: list[int],
+    new_tokens: int,
+    experts_per_layer: int,
+    cache_policy: str,
 ) -> dict[str, Any]:
-    """Record one greedy run of ``source`` (fresh, empty slots) and replay it; see the module docstring.
+    """Record one greedy run of ``source`` (fresh, empty slots, evicting by ``cache_policy``) and replay
+    it; see the module docstring.
 
     Returns the JSON block ``policy_check`` of the bench report, plus ``tokens``: the run's ids.
     """
@@ -45,6 +52,7 @@ def policy_check(
     measured_whole = run.prefill.bytes_moved + run.decode.bytes_moved
     return {
         "experts_per_layer": experts_per_layer,
+        "cache_policy": cache_policy,
         "steps": trace.steps,
         "whole": {
             "measured_bytes": measured_whole,
@@ -55,6 +63,8 @@ def policy_check(
             "replay_bytes": decode,
             "lru_prefetch_over_belady": _ratio(decode["lru+prefetch"], decode["belady"]),
             "lru_over_belady": _ratio(decode["lru"], decode["belady"]),
+            "lrfu_prefetch_over_belady": _ratio(decode["lrfu+prefetch"], decode["belady"]),
+            "lrfu_over_belady": _ratio(decode["lrfu"], decode["belady"]),
         },
         "tokens": run.tokens,
     }

@@ -11,6 +11,7 @@ times seconds, speeds tokens per second; ratios are None where there is nothing 
     new_tokens, runs           tokens generated per run, measured runs per row (after one warm-up)
     experts_per_layer          K of the offloaded rows (int, list per layer, or None: resident only)
     prefetch                   guesses per layer of the "full"/"offloaded" row
+    cache_policy               the offloaded rows' eviction policy: lrfu | lru (offload.cache_policy)
     link                       {spec, gbps, latency_us, copy_ratio, layer_seconds, expert_bytes, expert_copy_seconds,
                                 effective_copy_ratio}: layer_seconds is the calibration's (copy_ratio only);
                                effective_copy_ratio divides the copy time by the resident row's own layer time
@@ -43,6 +44,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from offload.bench_measure import RowResult
+from offload.cache_policy import DEFAULT_CACHE_POLICY
 from offload.errors import OffloadError
 from offload.stats import LayerStats
 
@@ -85,6 +87,7 @@ class BenchReport:
     experts_per_layer: int | list[int] | None
     prefetch: int
     link: LinkInfo
+    cache_policy: str = DEFAULT_CACHE_POLICY
     rows: list[RowResult] = field(default_factory=list)
     num_layers: int | None = None
     policy_check: dict[str, Any] | None = None
@@ -123,6 +126,7 @@ class BenchReport:
             "runs": self.runs,
             "experts_per_layer": self.experts_per_layer,
             "prefetch": self.prefetch,
+            "cache_policy": self.cache_policy,
             "link": {
                 "spec": link.spec,
                 "gbps": link.gbps,

@@ -1,9 +1,10 @@
-"""The device tier: a fixed number of expert slots per layer, each layer with its own LRU.
+"""The device tier: a fixed number of expert slots per layer, each layer with its own eviction order.
 
 A slot is a device byte buffer of the layer's layout size plus the Expert materialized from it.
 The cache is inclusive: the host store keeps every expert, so an eviction copies nothing back.
-Loads go through a link; the cache never decides *what* to load, only *where* (the least
-recently used slot that holds no protected expert). ``OffloadedExperts`` is the policy.
+Loads go through a link; the cache never decides *what* to load, only *where*: the slot of the
+expert that the cache policy (``offload.cache_policy``) evicts among those not protected.
+``OffloadedExperts`` decides what to load.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from offload.cache_policy import CACHE_POLICIES, age_uses
 from offload.errors import CacheError
 from offload.expert_source import Expert
 from offload.experts import unpack_expert
@@ -40,6 +42,7 @@ class _Slot:
 class _LayerSlots:
     slots: list[_Slot]
     lru: OrderedDict[int, _Slot]  # expert -> its slot, least recently used first
+    uses: list[float]  # expert -> its decayed use count (every expert, in a slot or not)
 
 
 def slot_counts(experts_per_layer: int | Sequence[int], num_layers: int, num_experts: int) -> tuple[int, ...]:
@@ -77,7 +80,11 @@ class ExpertCache:
         link: Link,
         materialize: Materialize | Sequence[Materialize],
         device: torch.device | str = "cpu",
+        policy: str = "lru",
     ) -> None:
+        if policy not in CACHE_POLICIES:
+            raise CacheError(f"cache policy {policy!r} is not one of {', '.join(CACHE_POLICIES)}")
+        self.policy = policy
         self.store = store
         self.link = link
         if callable(materialize):
@@ -101,7 +108,7 @@ class ExpertCache:
                     f"{max(self.experts_per_layer)} experts per layer); use a smaller profile or fewer experts "
                     "per layer (--experts-per-layer)"
                 ) from None
-            self._layers.append(_LayerSlots(slots, OrderedDict()))
+            self._layers.append(_LayerSlots(slots, OrderedDict(), [0.0] * store.num_experts))
         self.stats = CacheStats(store.num_layers)
         self._loads_begun = 0
 
@@ -141,8 +148,9 @@ class ExpertCache:
         return hit
 
     def load(self, layer: int, expert: int, protected: Collection[int] = (), prefetch: bool = False) -> bool:
-        """Start copying ``expert`` into a free slot, or else into the least recently used slot whose
-        expert is not in ``protected``. Returns False, loading nothing, when every slot is protected.
+        """Start copying ``expert`` into a free slot, or else into the slot of the expert that the policy
+        evicts among those not in ``protected``. Returns False, loading nothing, when every slot is
+        protected.
 
         The loaded expert becomes the most recently used one.
         """
@@ -150,9 +158,11 @@ class ExpertCache:
         slots = self._layers[layer]
         slot = next((s for s in slots.slots if s.expert is None), None)
         if slot is None:
-            victim = next((e for e in slots.lru if e not in protected), None)
-            if victim is None:
+            candidates = [e for e in slots.lru if e not in protected]  # least recently used first
+            if not candidates:
                 return False
+            # min() keeps the first of equal counts: ties go to the least recently used.
+            victim = candidates[0] if self.policy == "lru" else min(candidates, key=slots.uses.__getitem__)
             slot = slots.lru.pop(victim)
             self.stats.layers[layer].wasted_prefetches += slot.prefetched
         self._loads_begun += 1
@@ -188,6 +198,10 @@ class ExpertCache:
         """Mark the contained ``experts`` as the most recently used, the last one most recent."""
         for expert in experts:
             self._layers[layer].lru.move_to_end(expert)
+
+    def note_step(self, layer: int, used: Collection[int]) -> None:
+        """Count one step of ``layer`` that used ``used`` (the lrfu policy's decayed use counts)."""
+        age_uses(self._layers[layer].uses, used)
 
     def reset_stats(self) -> None:
         """Zero the counters; the slots keep their experts."""

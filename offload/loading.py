@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from offload.cache_policy import DEFAULT_CACHE_POLICY
 from offload.checkpoint import Checkpoint, resolve_model_dir
 from offload.config import ModelConfig
 from offload.errors import OffloadError
@@ -36,6 +37,7 @@ class OffloadOptions:
 
     experts_per_layer: int | Sequence[int] | None = None  # K device slots per layer (int or one per layer)
     prefetch: int = 2  # guesses of the next layer's experts; 0 turns prefetching off
+    cache_policy: str = DEFAULT_CACHE_POLICY  # which expert a full layer evicts (offload.cache_policy)
     link: str = "local"  # local | emulated:GBPS[:LATENCY_US] | cuda
 
 
@@ -141,7 +143,7 @@ def load_offloaded_experts(
     options: OffloadOptions,
     progress: Progress | None = None,
 ) -> object:
-    """Every expert packed into the host store, behind a K-slot LRU cache per layer on the device."""
+    """Every expert packed into the host store, behind a K-slot cache per layer on the device."""
     from offload.expert_cache import ExpertCache
     from offload.link import parse_link
     from offload.offloaded import OffloadedExperts
@@ -157,8 +159,9 @@ def load_offloaded_experts(
     store.check_complete()
     codecs = [codec_for(reader.scheme.expert_spec(layer)) for layer in range(config.num_hidden_layers)]
     materialize = [_materializer(codec, reader.dtype, device) for codec in codecs]
+    link = parse_link(options.link)
     cache = ExpertCache(
-        store, options.experts_per_layer, parse_link(options.link), materialize, device=device
+        store, options.experts_per_layer, link, materialize, device=device, policy=options.cache_policy
     )
     gates = [layer.block_sparse_moe.gate for layer in mixtral.model.layers]
     return OffloadedExperts(cache, gates, prefetch=options.prefetch)

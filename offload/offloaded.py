@@ -100,6 +100,7 @@ class OffloadedExperts:
         # Recency follows ``needed``, not arrival order, so the LRU state (and every stat) is the same
         # whichever link delivered the experts.
         cache.touch(layer, [e for e in needed if cache.contains(layer, e)])
+        cache.note_step(layer, needed)
         self._last_used[layer] = frozenset(needed)
 
     def _next_usable(self, layer: int, remaining: list[int]) -> int:

@@ -160,7 +160,10 @@ class Profile:
             "name": self.name,
             "description": self.description,
             "device": vars(self.device),
-            "cache": {"experts_per_layer": list(k) if isinstance(k, tuple) else k},
+            "cache": {
+                "experts_per_layer": list(k) if isinstance(k, tuple) else k,
+                "policy": self.cache.policy,
+            },
             "prefetch": vars(self.prefetch),
             "quant": quant,
             "generation": vars(self.generation),

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from offload.cache_policy import CACHE_POLICIES, DEFAULT_CACHE_POLICY
 from offload.errors import ProfileError, QuantError
 
 DEVICE_KINDS = ("cuda", "cpu")
@@ -34,6 +35,7 @@ class DeviceSettings:
 @dataclass(frozen=True)
 class CacheSettings:
     experts_per_layer: int | str | tuple[int, ...]  # K: an int, "auto", "all", or one int per layer
+    policy: str = DEFAULT_CACHE_POLICY  # which expert a full layer evicts: offload.cache_policy
 
 
 @dataclass(frozen=True)
@@ -121,7 +123,7 @@ class ProfileTable:
 
 SECTIONS: dict[str, tuple[str, ...]] = {
     "device": ("kind", "memory_gib", "link_gbps"),
-    "cache": ("experts_per_layer",),
+    "cache": ("experts_per_layer", "policy"),
     "prefetch": ("enabled", "experts"),
     "quant": (*QUANT_ROLES, "experts_overrides"),
     "generation": ("max_new_tokens", "temperature", "top_p", "top_k", "context"),
@@ -146,12 +148,13 @@ def read_device(table: ProfileTable) -> DeviceSettings:
 
 
 def read_cache(table: ProfileTable) -> CacheSettings:
+    policy = table.string("policy", DEFAULT_CACHE_POLICY, CACHE_POLICIES)
     value = table.raw.get("experts_per_layer", "auto")
     if isinstance(value, list) and value and all(_positive_int(v) for v in value):
-        return CacheSettings(tuple(value))
+        return CacheSettings(tuple(value), policy)
     if not (value in K_WORDS or _positive_int(value)):
         table.fail("experts_per_layer", value, K_ALLOWED)
-    return CacheSettings(value)
+    return CacheSettings(value, policy)
 
 
 def read_prefetch(table: ProfileTable) -> PrefetchSettings:

@@ -10,18 +10,20 @@ loads it (one expert's bytes over the link).
   keep the lowest ids; Belady keeps the ones used again soonest.
 - ``lru``: evict the least recently used expert. Within a step, experts are used in ascending id
   order, as ``OffloadedExperts`` marks them.
+- ``lrfu``: evict the expert with the smallest decayed use count, ties to the least recently used
+  (``offload.cache_policy``, the engine's default).
 - ``lfu``: evict the expert used at the fewest steps so far (counted over the whole trace, in a slot
   or not); ties go to the least recently used.
 - ``belady``: evict the expert whose next use is furthest away (never again counts as infinitely far;
   ties go to the lowest id). With full knowledge of the future this is the fewest misses possible.
-- ``lru+prefetch``: LRU plus the recorded guesses, loaded before the layer's step exactly as
-  ``OffloadedExperts`` does it: at most K of them, best first, each missing guess evicting the least
-  recently used expert that is neither a guess nor used by the layer's previous step; the batch stops
+- ``lru+prefetch`` and ``lrfu+prefetch``: LRU or LRFU plus the recorded guesses, loaded before the layer's step exactly as
+  ``OffloadedExperts`` does it: at most K of them, best first, each missing guess evicting (by the
+  policy) an expert that is neither a guess nor used by the layer's previous step; the batch stops
   at the first guess that finds no such slot. A prefetched expert that is evicted unused is a wasted
   prefetch; its bytes still count.
 
-With no step over K experts, ``lru`` and ``lru+prefetch`` give the very counters that
-``OffloadedExperts`` reports for the same run.
+With no step over K experts, ``lru``, ``lrfu`` and their ``+prefetch`` forms give the very counters
+that ``OffloadedExperts`` reports for the same run under that cache policy.
 """
 
 from __future__ import annotations
@@ -32,10 +34,11 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from offload.cache_policy import age_uses
 from offload.errors import TraceError
 from offload.trace import Trace
 
-POLICIES = ("lru", "lfu", "belady", "lru+prefetch")
+POLICIES = ("lru", "lrfu", "lfu", "belady", "lru+prefetch", "lrfu+prefetch")
 NEVER = math.inf  # the next use of an expert that is not used again
 
 
@@ -114,8 +117,9 @@ def replay(
     total = _Counts()
     bytes_moved = 0
     for layer in range(trace.num_layers):
-        guesses = trace.guesses_by_layer[layer] if policy == "lru+prefetch" else None
-        counts = _replay_layer(trace.needed_by_layer[layer], guesses, policy, k)
+        guesses = trace.guesses_by_layer[layer] if policy.endswith("+prefetch") else None
+        base_policy = policy.removesuffix("+prefetch")
+        counts = _replay_layer(trace.needed_by_layer[layer], guesses, base_policy, k, trace.num_experts)
         for name, value in vars(counts).items():
             setattr(total, name, getattr(total, name) + value)
         if sizes is not None:
@@ -155,13 +159,14 @@ def _layer_bytes(trace: Trace, expert_bytes: int | Sequence[int] | None) -> list
 
 
 def _replay_layer(
-    needed_steps: list[list[int]], guess_steps: list[list[int]] | None, policy: str, k: int
+    needed_steps: list[list[int]], guess_steps: list[list[int]] | None, policy: str, k: int, num_experts: int
 ) -> _Counts:
     """One layer's cache through every step; ``needed_steps`` are ascending and distinct."""
     counts = _Counts()
     last_used: dict[int, int] = {}  # resident expert -> its recency tick (larger is more recent)
     prefetched: set[int] = set()  # resident experts a prefetch brought in, not used yet
     frequency: dict[int, int] = {}  # expert -> steps that used it so far
+    decayed = [0.0] * num_experts  # expert -> its decayed use count (lrfu)
     uses: dict[int, deque[int]] = {}  # expert -> the steps that use it and are still to come
     if policy == "belady":
         for step, needed in enumerate(needed_steps):
@@ -178,6 +183,8 @@ def _replay_layer(
             victim = max(candidates, key=lambda e: (next_use(e), -e))
         elif policy == "lfu":
             victim = min(candidates, key=lambda e: (frequency.get(e, 0), last_used[e]))
+        elif policy == "lrfu":
+            victim = min(candidates, key=lambda e: (decayed[e], last_used[e]))
         else:
             victim = min(candidates, key=last_used.__getitem__)
         del last_used[victim]
@@ -221,6 +228,7 @@ def _replay_layer(
                     break
                 evict(candidates)
             last_used[expert] = 0  # a placeholder: the step's use below sets the tick
+        age_uses(decayed, needed)
         for expert in needed:
             frequency[expert] = frequency.get(expert, 0) + 1
             if expert in last_used:

@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from offload.cache_policy import CACHE_POLICIES
 from offload.config import ModelConfig
 from offload.errors import CacheError, OffloadError
 from offload.loading import OffloadOptions, parse_device
@@ -52,6 +53,7 @@ def resolve_settings(
     dtype: str | None = None,
     experts_per_layer: str | int | None = None,
     prefetch: int | None = None,
+    cache_policy: str | None = None,
     link: str | None = None,
     quant: str | None = None,
     attention_spec: str | None = None,
@@ -95,6 +97,9 @@ def resolve_settings(
         prefetch = chosen.prefetch.experts if chosen.prefetch.enabled else 0
     if isinstance(prefetch, bool) or prefetch < 0:
         raise CacheError(f"--prefetch must be >= 0 (0 = off), got {prefetch}")
+    cache_policy = cache_policy or chosen.cache.policy
+    if cache_policy not in CACHE_POLICIES:
+        raise CacheError(f"--cache-policy {cache_policy!r} is not one of {', '.join(CACHE_POLICIES)}")
     link = link or ("cuda" if run_device.type == "cuda" else "local")
     _check_link(link)
     if dtype is None and run_device.type == "cpu" and scheme.is_float and config.quantization is None:
@@ -103,7 +108,9 @@ def resolve_settings(
         device=run_device,
         dtype=dtype,
         quant=scheme,
-        offload=OffloadOptions(experts_per_layer=slots, prefetch=prefetch, link=link),
+        offload=OffloadOptions(
+            experts_per_layer=slots, prefetch=prefetch, cache_policy=cache_policy, link=link
+        ),
         profile_name=chosen.name,
         generation=chosen.generation,
     )

@@ -109,6 +109,11 @@ def test_generate_chat_reads_stdin(
         (["--model", "{baby}", "-k", "1,2,3"], None, "lists 3 values but the model has 2 layers"),
         (["--model", "{baby}", "-k", "two"], None, "'two' is not an integer"),
         (["--model", "{baby}", "-k", "2", "--prefetch", "-1"], None, "--prefetch must be >= 0"),
+        (
+            ["--model", "{baby}", "-k", "2", "--cache-policy", "fifo"],
+            None,
+            "--cache-policy 'fifo' is not one of",
+        ),
         (["--model", "{baby}", "--link", "emulated:fast"], None, "bad link 'emulated:fast'"),
         (["--model", "{baby}", "--profile", "no-such-profile"], None, "profile 'no-such-profile' not found"),
     ],

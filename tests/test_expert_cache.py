@@ -216,3 +216,21 @@ def test_stats_summary_is_json_ready():
     assert set(summary) >= {"misses", "prefetch_hits", "wasted_prefetches", "loads", "wait_seconds"}
     stats.reset()
     assert stats.total() == LayerStats()
+
+
+@pytest.mark.parametrize(("policy", "evicted"), [("lru", 0), ("lrfu", 1)])
+def test_the_policy_picks_the_victim(policy: str, evicted: int) -> None:
+    cache = ExpertCache(make_store(), 2, LocalLink(), materialize_dense, policy=policy)
+    for expert in (0, 1):
+        cache.load(0, expert)
+    for _ in range(3):
+        cache.note_step(0, [0])  # 0 is used often...
+    cache.touch(0, [0, 1])
+    cache.note_step(0, [1])  # ...1 most recently: LRU evicts 0, LRFU evicts 1 (count 1 < 0's 2.44)
+    assert cache.load(0, 2)
+    assert sorted(cache.resident(0)) == sorted({0, 1, 2} - {evicted})
+
+
+def test_an_unknown_policy_is_one_clear_line() -> None:
+    with pytest.raises(CacheError, match=r"cache policy 'fifo' is not one of lrfu, lru"):
+        ExpertCache(make_store(), 2, LocalLink(), materialize_dense, policy="fifo")

@@ -63,6 +63,11 @@ BAD = {
         "experts_per_layer = [2, 2, 2]",
         ["cache.experts_per_layer", "3 entries", "32 layers"],
     ),
+    "bad cache policy": (
+        "experts_per_layer = 2",
+        'experts_per_layer = 2\npolicy = "fifo"',
+        ["cache.policy", '"fifo"', "'lrfu' or 'lru'"],
+    ),
     "negative prefetch": ("experts = 2\n[quant]", "experts = -1\n[quant]", ["prefetch.experts", "-1"]),
     "prefetch above E": ("experts = 2\n[quant]", "experts = 9\n[quant]", ["prefetch.experts", "9"]),
     "prefetch enabled string": ("enabled = true", 'enabled = "yes"', ["prefetch.enabled", "true or false"]),

@@ -82,6 +82,30 @@ def test_lfu_resists_a_scan_that_flushes_lru() -> None:
     assert hits(sequence([0, 0, 0, 1, 2, 0]), 2) == {"lru": 2, "lfu": 3, "belady": 3}
 
 
+def test_lrfu_forgets_a_hot_expert_that_went_cold_where_lfu_never_does() -> None:
+    # K=2, uses 0 0 0 1 2 1 2 1 2. LRFU counts (after each step: every count x 0.9, +1 if used):
+    # 0m 0h 0h (u0 = 2.71) 1m[0,1] (u0 2.439, u1 1) 2m evicts 1 (1 < 2.439)[0,2] (2.195, 0.9, 1)
+    # 1m evicts 2 (1 < 2.195)[0,1] (1.976, 1.81, 0.9) 2m evicts 1 (1.81 < 1.976)[0,2] (1.778, 1.629, 1.81)
+    # 1m evicts 0 (1.778 < 1.81)[2,1] 2h                                                         -> 3 hits
+    # LRU: ... 2m evicts 0 (used longest ago)[1,2], then 1 and 2 always hit                     -> 6 hits
+    # LFU: 0's three uses outweigh 1 and 2 until step 8, where 0 and 1 tie at 3 and 0 goes       -> 2 hits
+    # Belady: 2m evicts 0 (never used again), then every access hits                            -> 6 hits
+    trace = sequence([0, 0, 0, 1, 2, 1, 2, 1, 2])
+    assert hits(trace, 2) == {"lru": 6, "lfu": 2, "belady": 6}
+    assert replay(trace, "lrfu", 2).hits == 3
+
+
+def test_lrfu_keeps_an_expert_that_returns_often_where_lru_drops_it() -> None:
+    # K=2, uses 0 1 0 2 0 3 0 4 1 0: 0 comes back every other step, each time after a newcomer.
+    # Both keep 0 through the newcomers (it is always the most recent and the most used), so the
+    # difference is at step 8 (1 again) and 9 (0 again):
+    # LRU: [0,4] at step 8, 1m evicts 0 (used at 6; 4 at 7)[4,1], 0m                            -> 3 hits
+    # LRFU: u0 is about 2.70 and u4 1 before step 8, so 1m evicts 4[0,1], 0h                     -> 4 hits
+    trace = sequence([0, 1, 0, 2, 0, 3, 0, 4, 1, 0], num_experts=5)
+    assert replay(trace, "lru", 2).hits == 3
+    assert replay(trace, "lrfu", 2).hits == 4
+
+
 def test_a_cycle_longer_than_the_cache_defeats_lru_and_lfu() -> None:
     # K=2, uses (0 1 2) three times.
     # LRU always evicts the expert needed next: 9 misses. LFU: counts stay tied or favour the
@@ -328,10 +352,10 @@ def baby(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return directory
 
 
-def load(directory: Path, experts_per_layer: int | None = None, prefetch: int = 0):
+def load(directory: Path, experts_per_layer: int | None = None, prefetch: int = 0, policy: str = "lru"):
     from offload.loading import OffloadOptions, load_model
 
-    options = OffloadOptions(experts_per_layer=experts_per_layer, prefetch=prefetch)
+    options = OffloadOptions(experts_per_layer=experts_per_layer, prefetch=prefetch, cache_policy=policy)
     return load_model(directory, dtype="float32", offload=options)
 
 
@@ -376,24 +400,37 @@ SHARED_COUNTERS = (
 )
 
 
-@pytest.mark.parametrize(
-    ("experts_per_layer", "prefetch", "prompt"), [(2, 0, [1]), (3, 2, [1]), (8, 2, [1, 415, 2936, 9060])]
-)
+REPLAYED_RUNS = [(2, 0, [1]), (3, 2, [1]), (8, 2, [1, 415, 2936, 9060])]
+
+
+@pytest.mark.parametrize("policy", ["lru", "lrfu"])
+@pytest.mark.parametrize(("experts_per_layer", "prefetch", "prompt"), REPLAYED_RUNS)
 def test_replay_reproduces_the_offloaded_cache(
-    baby: Path, experts_per_layer: int, prefetch: int, prompt: list[int]
+    baby: Path, experts_per_layer: int, prefetch: int, prompt: list[int], policy: str
 ) -> None:
     """With no step needing more than K experts, replay gives OffloadedExperts' very counters."""
-    model = load(baby, experts_per_layer, prefetch)
+    model = load(baby, experts_per_layer, prefetch, policy)
     with TraceRecorder(model) as recorder:
-        run(model, prompt, 12)
+        run(model, prompt, 40)
     trace = recorder.trace()
-    assert list(trace.step_tokens) == [len(prompt)] + [1] * 11
+    assert list(trace.step_tokens) == [len(prompt)] + [1] * 39
     expected = model.expert_source.stats.total()
-    result = replay(trace, "lru+prefetch" if prefetch else "lru", experts_per_layer)
+    result = replay(trace, f"{policy}+prefetch" if prefetch else policy, experts_per_layer)
     for name in SHARED_COUNTERS:
         assert getattr(result, name) == getattr(expected, name), name
     assert result.bytes_moved == expected.bytes_moved
     assert result.streamed == 0
+
+
+def test_the_replayed_runs_tell_the_policies_apart(baby: Path) -> None:
+    """The runs above would hide an engine that ignored its policy unless LRU and LRFU differ on them.
+    (At K = top-k = 2 no policy has a choice: a miss can only evict the one expert not needed.)"""
+    model = load(baby, 3, 2)
+    with TraceRecorder(model) as recorder:
+        run(model, [1], 40)
+    trace = recorder.trace()
+    assert replay(trace, "lru", 3).misses != replay(trace, "lrfu", 3).misses
+    assert replay(trace, "lru+prefetch", 3).loads != replay(trace, "lrfu+prefetch", 3).loads
 
 
 # --- the commands ------------------------------------------------------------------------------
