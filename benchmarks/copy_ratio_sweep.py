@@ -27,6 +27,7 @@ def main() -> None:
     parser.add_argument("--prefetch", default="1,2")
     parser.add_argument("--experts-per-layer", "-k", default=None, help="default: half the experts")
     parser.add_argument("--dtype", default=None)
+    parser.add_argument("--cache-policy", default=None, help="lrfu or lru (default: the profile's, lrfu)")
     parser.add_argument("--prompt-tokens", type=int, default=32)
     parser.add_argument("--new-tokens", type=int, default=48)
     parser.add_argument("--runs", type=int, default=3)
@@ -49,6 +50,7 @@ def main() -> None:
                 dtype=args.dtype,
                 experts_per_layer=args.experts_per_layer,
                 prefetch=prefetch,
+                cache_policy=args.cache_policy,
                 copy_ratio=ratio,
                 prompt_tokens=args.prompt_tokens,
                 new_tokens=args.new_tokens,

@@ -43,7 +43,7 @@ def bench(
         bool,
         typer.Option(
             "--ablate",
-            help="Compare resident, full (LRU + prefetch), no prefetch, no cache and naive offloading at "
+            help="Compare resident, full (cache + prefetch), no prefetch, no cache and naive offloading at "
             "the same K (default half the experts) and link, in one process.",
         ),
     ] = False,

@@ -11,7 +11,7 @@ import typer
 from cli import options
 
 trace_app = typer.Typer(
-    help="Record which experts a run routes to, then replay it against LRU, LFU and Belady.\n\n"
+    help="Record which experts a run routes to, then replay it against LRU, LRFU, LFU and Belady.\n\n"
     "Example: offload trace record demo.trace --prompt 'Explain LRU caches' && offload trace replay demo.trace",
     no_args_is_help=True,
 )
@@ -140,7 +140,7 @@ def replay_command(
     Belady is the offline optimum (it knows the future); the last column says how many more
     loads each policy makes than Belady at the same K.
 
-    Example: offload trace replay demo.trace --policy lru,lfu,belady -k 1-8
+    Example: offload trace replay demo.trace --policy lru,lrfu,belady -k 1-8
     """
     from offload.replay import replay_table
     from offload.trace import load_trace

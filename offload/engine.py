@@ -121,7 +121,7 @@ class Engine:
                 f"experts: {source.cache.store.nbytes / 2**20:.1f} MiB in host RAM, "
                 f"{source.cache.nbytes / 2**20:.1f} MiB of device slots "
                 f"(K={slots[0] if len(set(slots)) == 1 else list(slots)} of {model.config.num_local_experts} "
-                f"per layer, prefetch {source.prefetch})"
+                f"per layer, {source.cache.policy.upper()}, prefetch {source.prefetch})"
             )
         else:
             experts = "every expert resident on the device"

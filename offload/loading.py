@@ -1,7 +1,7 @@
 """Building a ready-to-run MixtralModel from a checkpoint directory or repo id.
 
 Dense weights go to the device (quantized per role when the scheme says so). Experts either all
-go to the device (``ResidentExperts``) or into the host store behind a per-layer LRU device cache
+go to the device (``ResidentExperts``) or into the host store behind a per-layer device cache
 (``OffloadedExperts``). Either way each expert is encoded once, by the same codec, so both give
 bit-identical outputs.
 """
