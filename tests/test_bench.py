@@ -151,6 +151,21 @@ def test_ablation_can_measure_a_subset_of_rows(bench_baby: Path) -> None:
     assert [row["name"] for row in report["rows"]] == ["full", "naive"]  # always in the ablation's order
     assert report["machine"]["torch_threads"] == 1
     assert report["policy_check"]["experts_per_layer"] == 2
+    assert report["cache_policy"] == report["policy_check"]["cache_policy"] == "lrfu"  # the default
+
+
+def test_the_cache_policy_flag_reaches_the_rows_and_the_policy_check(bench_baby: Path) -> None:
+    report = run_bench(
+        bench_baby, dtype="float32", ablate=True, variants=("full", "no-prefetch"), experts_per_layer=3,
+        cache_policy="lru", link=FAST_LINK, prompt_tokens=1, new_tokens=12, runs=1, threads=1,
+    ).as_dict()  # fmt: skip
+    assert report["cache_policy"] == report["policy_check"]["cache_policy"] == "lru"
+    assert all(row["description"].startswith("LRU cache") for row in report["rows"])
+    # With no step needing more than K experts (a one-token prompt), the measured bytes are those of
+    # LRU + prefetch replayed on the same routing.
+    check = report["policy_check"]["whole"]
+    assert check["measured_bytes"] == check["replay_bytes"]["lru+prefetch"]
+    assert check["replay_bytes"]["lrfu+prefetch"] != check["replay_bytes"]["lru+prefetch"]  # tells them apart
 
 
 def test_resident_settings_measure_one_resident_row(bench_baby: Path) -> None:
