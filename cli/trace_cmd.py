@@ -194,17 +194,17 @@ def _parse_policies(text: str | None, has_guesses: bool) -> list[str]:
 
 
 def _parse_ks(text: str | None, num_experts: int) -> list[int]:
-    """'4', '1,2,4', '1-8' or a mix, as sorted distinct K values in 1..num_experts."""
+    """'4', '1,2,4', '1-8' (or '1..8') or a mix, as sorted distinct K values in 1..num_experts."""
     if text is None:
         return list(range(1, num_experts + 1))
     ks: set[int] = set()
     for part in text.split(","):
-        low, dash, high = part.strip().partition("-")
+        low, dash, high = part.strip().replace("..", "-", 1).partition("-")
         try:
             first, last = int(low), int(high if dash else low)
         except ValueError:
             raise typer.BadParameter(
-                f"{text!r}: expected numbers, comma lists or ranges such as 1-8",
+                f"{text!r}: expected numbers, comma lists or ranges such as 1-8 or 1..8",
                 param_hint="--experts-per-layer",
             ) from None
         if not 1 <= first <= last <= num_experts:

@@ -500,6 +500,21 @@ def test_replay_without_guesses_or_sizes(cli: typer.Typer, tmp_path: Path) -> No
     assert json.loads(sized.output)["rows"][0]["bytes_per_token"] == pytest.approx(4 * 2**20 / 6)
 
 
+def test_replay_takes_the_issue_s_range_syntax(cli: typer.Typer, tmp_path: Path) -> None:
+    """`--experts-per-layer 1..E`, as written in the issue, means the same as 1-E."""
+    path = tmp_path / "t.trace"
+    save_trace(sequence([0, 1, 0, 2, 1, 2]), path)
+    rows = {}
+    for ks in ("1..3", "1-3"):
+        shown = CliRunner().invoke(
+            cli, ["trace", "replay", str(path), "--policy", "lru", "--experts-per-layer", ks, "--json"]
+        )
+        assert shown.exit_code == 0, shown.output
+        rows[ks] = json.loads(shown.output)["rows"]
+    assert [r["experts_per_layer"] for r in rows["1..3"]] == [1, 2, 3]
+    assert rows["1..3"] == rows["1-3"]
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
