@@ -70,7 +70,9 @@ class ExpertCache:
 
     ``materialize`` turns the views of a slot's buffer into a runnable Expert (for dense experts,
     ``offload.experts.materialize_dense``); it runs once per load, after the copy is waited on.
-    Give one per layer when layers are encoded differently (mixed-bit experts).
+    Give one per layer when layers are encoded differently (mixed-bit experts). ``policy`` picks the
+    victim of a full layer (``offload.cache_policy``); plain LRU here, while the product's default,
+    LRFU, comes from the profile through ``offload.loading.OffloadOptions``.
     """
 
     def __init__(

@@ -16,10 +16,10 @@ loads it (one expert's bytes over the link).
   or not); ties go to the least recently used.
 - ``belady``: evict the expert whose next use is furthest away (never again counts as infinitely far;
   ties go to the lowest id). With full knowledge of the future this is the fewest misses possible.
-- ``lru+prefetch`` and ``lrfu+prefetch``: LRU or LRFU plus the recorded guesses, loaded before the layer's step exactly as
-  ``OffloadedExperts`` does it: at most K of them, best first, each missing guess evicting (by the
-  policy) an expert that is neither a guess nor used by the layer's previous step; the batch stops
-  at the first guess that finds no such slot. A prefetched expert that is evicted unused is a wasted
+- ``lru+prefetch`` and ``lrfu+prefetch``: LRU or LRFU plus the recorded guesses, loaded before the
+  layer's step exactly as ``OffloadedExperts`` does it: at most K of them, best first, each missing
+  guess evicting (by the policy) an expert that is neither a guess nor used by the layer's previous
+  step; the batch stops at the first guess that finds no such slot. A prefetched expert that is evicted unused is a wasted
   prefetch; its bytes still count.
 
 With no step over K experts, ``lru``, ``lrfu`` and their ``+prefetch`` forms give the very counters
