@@ -508,6 +508,7 @@ GOOD_PROFILE_VALUES: dict[str, list[Any]] = {
     "memory_gib": [4.0, 12, 0.5],
     "link_gbps": [12.0, 1],
     "experts_per_layer": [1, 2, "auto", "all", [1], [2, 2]],
+    "policy": ["lrfu", "lru"],
     "enabled": [True, False],
     "experts": [0, 1, 2],
     "experts_overrides": [{}, {"0": "hqq:3:64"}, {"-1": "none"}],
