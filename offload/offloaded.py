@@ -97,7 +97,7 @@ class OffloadedExperts:
             uncomputed.discard(expert)
         if not prefetched:
             self._prefetch(layer + 1, next_guesses)
-        # Recency follows ``needed``, not arrival order, so the LRU state (and every stat) is the same
+        # Recency follows ``needed``, not arrival order, so the eviction order (and every stat) is the same
         # whichever link delivered the experts.
         cache.touch(layer, [e for e in needed if cache.contains(layer, e)])
         cache.note_step(layer, needed)
