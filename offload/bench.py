@@ -192,7 +192,7 @@ def _measure_offloaded(
     expert_bytes = max(store.layout(layer).nbytes for layer in range(store.num_layers))
     rows: list[tuple[RowResult, object]] = []
     if (variants is not None and "resident" in variants) or copy_ratio is not None:
-        resident = build_source("resident", mixtral, store, None, slots, 0, policy)
+        resident = build_source("resident", mixtral, store, None, slots, 0)
         rows.append((RowResult("resident", DESCRIPTIONS["resident"], None, 0), resident))
     if copy_ratio is not None:
         say(f"calibrating: {runs} runs of resident, to time one layer's compute")
