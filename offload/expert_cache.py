@@ -203,7 +203,8 @@ class ExpertCache:
 
     def note_step(self, layer: int, used: Collection[int]) -> None:
         """Count one step of ``layer`` that used ``used`` (the lrfu policy's decayed use counts)."""
-        age_uses(self._layers[layer].uses, used)
+        if self.policy == "lrfu":  # LRU needs no counts; skip the work on the decode path
+            age_uses(self._layers[layer].uses, used)
 
     def reset_stats(self) -> None:
         """Zero the counters; the slots keep their experts."""
