@@ -68,6 +68,6 @@ def route(router_logits: Tensor, top_k: int) -> tuple[Tensor, Tensor]:
 
     (T, E) logits -> (T, k) weights in fp32 and (T, k) expert ids.
     """
-    probs = torch.softmax(router_logits.float(), dim=-1)
+    probs = torch.softmax(router_logits, dim=-1, dtype=torch.float32)  # upcast inside, as the reference
     weights, ids = torch.topk(probs, top_k, dim=-1)
     return weights / weights.sum(dim=-1, keepdim=True), ids

@@ -45,9 +45,11 @@ class KVCache:
         """Write (B, G, T, K) at positions [start, start+T); return every position up to start+T."""
         end = start + keys.shape[2]
         assert end <= self.capacity, "reserve() the cache before running past its capacity"
-        self.keys[layer][:, :, start:end] = keys
-        self.values[layer][:, :, start:end] = values
-        return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
+        # narrow() rather than slicing syntax: one call each, on the decode path of every layer.
+        cached_keys, cached_values = self.keys[layer], self.values[layer]
+        cached_keys.narrow(2, start, end - start).copy_(keys)
+        cached_values.narrow(2, start, end - start).copy_(values)
+        return cached_keys.narrow(2, 0, end), cached_values.narrow(2, 0, end)
 
     def truncate(self, length: int) -> None:
         """Forget positions from ``length`` on (the buffers stay allocated)."""

@@ -180,7 +180,10 @@ class MoEBlock(nn.Module):
 
 def _weighted_sum(outputs: Tensor, weights: Tensor) -> Tensor:
     """(T, k, D) expert outputs, (T, k) router weights -> (T, D): each slot scaled, then summed in order."""
-    return (outputs * weights[:, :, None].to(outputs.dtype)).sum(dim=1)
+    scale = weights.unsqueeze(-1)
+    if scale.dtype != outputs.dtype:  # a no-op .to() is still a dispatched call on the decode path
+        scale = scale.to(outputs.dtype)
+    return (outputs * scale).sum(dim=1)
 
 
 class DecoderLayer(nn.Module):
