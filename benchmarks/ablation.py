@@ -17,6 +17,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from cli.stats_view import percent
+
 TARGETS = {  # row -> the least full/row decode ratio asked for (resident: the least full/resident ratio)
     "naive": ("full / naive", 3.0),
     "no-prefetch": ("full / no-prefetch", 1.3),
@@ -38,7 +40,7 @@ def markdown(report: dict[str, Any]) -> str:
             f"| {row['name']} | {row['experts_per_layer'] or 'all'} | {row['prefetch']} "
             f"| {row['decode_tokens_per_second']:.1f} | {full / row['decode_tokens_per_second']:.2f} "
             f"| {row['prefill_tokens_per_second']:.1f} | {row['ttft_seconds'] * 1e3:.1f} "
-            f"| {_percent(decode['hit_rate'])} | {_percent(decode['prefetch_recall'])} "
+            f"| {percent(decode['hit_rate'])} | {percent(decode['prefetch_recall'])} "
             f"| {(decode['bytes_moved_per_token'] or 0) / 1e6:.2f} | {(decode['wait_seconds_per_token'] or 0) * 1e3:.2f} |"
         )
     lines += ["", "| target | measured | asked |", "|---|---|---|"]
@@ -87,10 +89,6 @@ def markdown(report: dict[str, Any]) -> str:
         f"{machine['load_average_end']}; every row gave the same tokens.",
     ]
     return "\n".join(lines)
-
-
-def _percent(value: float | None) -> str:
-    return "–" if value is None else f"{value:.0%}"
 
 
 def main() -> None:

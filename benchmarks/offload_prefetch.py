@@ -25,6 +25,8 @@ MIB = 2**20
 
 
 def prefetch_table(report: dict[str, Any]) -> str:
+    from cli.stats_view import percent
+
     rows = {row["name"]: row for row in report["rows"]}
     lines = [
         "| row | K | prefetch | decode tok/s (median) | runs | hit rate | recall | precision | MB moved/token | wait ms/token |",
@@ -35,7 +37,7 @@ def prefetch_table(report: dict[str, Any]) -> str:
         lines.append(
             f"| {row['name']} | {row['experts_per_layer'] or 'all'} | {row['prefetch']} "
             f"| {row['decode_tokens_per_second']:.2f} | {', '.join(f'{x:.2f}' for x in row['decode_tokens_per_second_runs'])} "
-            f"| {_percent(decode['hit_rate'])} | {_percent(decode['prefetch_recall'])} | {_percent(decode['prefetch_precision'])} "
+            f"| {percent(decode['hit_rate'])} | {percent(decode['prefetch_recall'])} | {percent(decode['prefetch_precision'])} "
             f"| {(decode['bytes_moved_per_token'] or 0) / 1e6:.1f} | {(decode['wait_seconds_per_token'] or 0) * 1e3:.1f} |"
         )
     full, bare = rows["full"]["decode_tokens_per_second"], rows["no-prefetch"]["decode_tokens_per_second"]
@@ -58,10 +60,6 @@ def prefetch_table(report: dict[str, Any]) -> str:
         f"{machine['torch_threads']} threads, load average {machine['load_average_start']} -> {machine['load_average_end']}.",
     ]
     return "\n".join(lines)
-
-
-def _percent(value: float | None) -> str:
-    return "–" if value is None else f"{value:.0%}"
 
 
 def rss_child(model: str, dtype: str | None) -> None:
