@@ -107,8 +107,8 @@ def main() -> None:
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
 
-    from offload.ablation import VARIANTS
-    from offload.bench import run_bench
+    from offload.bench.ablation import VARIANTS
+    from offload.bench.run import run_bench
 
     report = run_bench(
         args.model,

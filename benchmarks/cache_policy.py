@@ -31,7 +31,7 @@ def record(
     """The routing trace of one reply to ``text`` (``chat``: in the chat template; else a raw completion)."""
     from offload.config import ModelConfig
     from offload.engine import Engine
-    from offload.trace_recorder import TraceRecorder
+    from offload.trace.recorder import TraceRecorder
 
     experts = ModelConfig.from_file(Path(model) / "config.json").num_local_experts
     # A cache with a slot for every expert, so that the prefetcher runs and records its guesses.
@@ -52,7 +52,7 @@ def main() -> None:
     args = parser.parse_args()
     import build_demo_corpus
 
-    from offload.replay import replay
+    from offload.trace.replay import replay
 
     docs = build_demo_corpus.load_or_build(args.corpus_cache)["eval"]["docs"]
     low, _, high = args.experts_per_layer.partition("-")

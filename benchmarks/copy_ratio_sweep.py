@@ -35,7 +35,7 @@ def main() -> None:
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
 
-    from offload.bench import run_bench
+    from offload.bench.run import run_bench
 
     reports = []
     print(

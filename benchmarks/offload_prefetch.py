@@ -146,7 +146,7 @@ def main() -> None:
     print(describe(model) + "\n")
     results: dict[str, Any] = {}
     if not args.skip_speed:
-        from offload.bench import run_bench
+        from offload.bench.run import run_bench
 
         report = run_bench(
             model,

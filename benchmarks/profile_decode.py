@@ -38,7 +38,7 @@ def main() -> None:
     from offload.config import ModelConfig
     from offload.generate import SamplingParams, generate_ids
     from offload.loading import load_model
-    from offload.settings import resolve_settings
+    from offload.settings.resolve import resolve_settings
 
     config = ModelConfig.from_file(Path(args.model) / "config.json")
     flags = dict(device=args.device, dtype=args.dtype, experts_per_layer=args.experts_per_layer)

@@ -31,8 +31,8 @@ from offload.config import ModelConfig  # noqa: E402
 from offload.errors import OffloadError  # noqa: E402
 from offload.loading import load_model  # noqa: E402
 from offload.model import MixtralModel  # noqa: E402
-from offload.profile import load_profile  # noqa: E402
 from offload.quant.scheme import QuantScheme  # noqa: E402
+from offload.settings.profile import load_profile  # noqa: E402
 
 ATTENTION = "hqq:4:64"
 EXPERT_SPECS = ("hqq:3:64", "hqq:2:16", "hqq:4:64", "hqq:8:64", "bnb:nf4", "bnb:fp4", "bnb:int8")

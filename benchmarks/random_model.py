@@ -67,7 +67,7 @@ def write_random_tensors(
     """
     from safetensors.torch import save_file
 
-    from offload.checkpoint import expected_tensors
+    from offload.checkpoint.reader import expected_tensors
     from offload.config import ModelConfig
 
     if (directory / "config.json").is_file():

@@ -31,7 +31,7 @@ from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
-from offload.checkpoint import expected_tensors
+from offload.checkpoint.reader import expected_tensors
 from offload.config import ModelConfig
 
 SENTENCES = (

@@ -63,7 +63,7 @@ def time_transformers(
 
 def time_offload(model: object, prompt_ids: list[int], new_tokens: int) -> tuple[list[int], float, float]:
     """(tokens, TTFT seconds, decode tok/s) of one greedy offload generation, all experts resident."""
-    from offload.bench_measure import run_once
+    from offload.bench.measure import run_once
 
     run = run_once(model, prompt_ids, new_tokens)
     return run.tokens, run.timings.ttft_seconds, run.timings.decode_tokens_per_second
@@ -84,7 +84,7 @@ def main() -> None:
 
     from transformers import MixtralForCausalLM
 
-    from offload.bench_prompt import bench_prompt
+    from offload.bench.prompt import bench_prompt
     from offload.config import ModelConfig
     from offload.loading import load_model
 

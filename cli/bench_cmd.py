@@ -61,7 +61,7 @@ def bench(
     from rich.console import Console
 
     from cli.bench_view import bench_view
-    from offload.bench import run_bench
+    from offload.bench.run import run_bench
 
     err = Console(stderr=True, highlight=False)
     report = run_bench(

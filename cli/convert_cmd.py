@@ -58,9 +58,9 @@ def convert(
 ) -> None:
     from rich.console import Console
 
-    from offload.checkpoint import resolve_model_dir
+    from offload.checkpoint.convert import convert_checkpoint
+    from offload.checkpoint.reader import resolve_model_dir
     from offload.config import ModelConfig
-    from offload.convert import convert_checkpoint
 
     source = resolve_model_dir(src)
     config = ModelConfig.from_file(source / "config.json")
@@ -100,9 +100,9 @@ def build_scheme(
 ) -> Any:
     """The QuantScheme the flags ask for: the profile's (or the default) with each given flag on top."""
     from offload.errors import QuantError
-    from offload.profile import load_profile
     from offload.quant.scheme import QuantScheme
     from offload.quant.spec import QuantSpec
+    from offload.settings.profile import load_profile
 
     # Parsed one by one first, so that an error names the option that holds the bad spec.
     for option, text in (

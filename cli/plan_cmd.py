@@ -42,8 +42,8 @@ def plan_command(
     Example: offload plan --model ./Mixtral-8x7B-Instruct-v0.1 --profile rtx3060-12gb
     """
     from offload.config import ModelConfig
-    from offload.plan import GIB, default_context, plan_memory
-    from offload.profile import load_profile
+    from offload.settings.plan import GIB, default_context, plan_memory
+    from offload.settings.profile import load_profile
 
     config_path = _config_path(model)
     config = ModelConfig.from_file(config_path)
@@ -93,7 +93,7 @@ def _print_plan(plan) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from offload.plan import GIB
+    from offload.settings.plan import GIB
 
     console = Console()
     title = f"profile {plan.profile} ({plan.device_kind}), context {plan.context} tokens"

@@ -21,7 +21,7 @@ def list_command() -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from offload.profile import list_profiles
+    from offload.settings.profile import list_profiles
 
     table = Table("name", "device", "memory", "K", "attention / experts", "description")
     for entry in list_profiles():
@@ -49,7 +49,7 @@ def show_command(
 
     Example: offload profiles show laptop-8gb
     """
-    from offload.profile import load_profile
+    from offload.settings.profile import load_profile
 
     profile = load_profile(name)
     typer.echo(f"# {profile.source}")

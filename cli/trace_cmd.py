@@ -56,8 +56,8 @@ def record_command(
     Example: offload trace record mixtral.trace --model ./Mixtral-8x7B-Instruct-v0.1 --prompt-file q.txt
     """
     from cli.loading_view import load_engine
-    from offload.trace import save_trace
-    from offload.trace_recorder import TraceRecorder
+    from offload.trace.format import save_trace
+    from offload.trace.recorder import TraceRecorder
 
     text = _read_prompt(prompt, prompt_file)
     flags = {
@@ -91,10 +91,10 @@ def _slots_for_guesses(model: str | None, flags: dict) -> str | int | None:
     Only the prefetching source makes guesses, and a resident model has none; a cache with a slot
     for every expert fits wherever every expert is resident.
     """
-    from offload.checkpoint import resolve_model_dir
+    from offload.checkpoint.reader import resolve_model_dir
     from offload.config import ModelConfig
     from offload.engine import default_model
-    from offload.settings import resolve_settings
+    from offload.settings.resolve import resolve_settings
 
     if flags["experts_per_layer"] is not None:
         return flags["experts_per_layer"]
@@ -142,8 +142,8 @@ def replay_command(
 
     Example: offload trace replay demo.trace --policy lru,lrfu,belady -k 1-8
     """
-    from offload.replay import replay_table
-    from offload.trace import load_trace
+    from offload.trace.format import load_trace
+    from offload.trace.replay import replay_table
 
     trace = load_trace(trace_path)
     policies = _parse_policies(policy, trace.has_guesses)
@@ -179,7 +179,7 @@ def _read_prompt(prompt: str | None, prompt_file: Path | None) -> str:
 
 
 def _parse_policies(text: str | None, has_guesses: bool) -> list[str]:
-    from offload.replay import POLICIES
+    from offload.trace.replay import POLICIES
 
     if text is None:  # by default, skip the prefetch row when there is nothing to prefetch
         return [p for p in POLICIES if has_guesses or not p.endswith("+prefetch")]

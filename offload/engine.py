@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from offload.checkpoint import resolve_model_dir
+from offload.checkpoint.reader import resolve_model_dir
 from offload.errors import OffloadError
 from offload.generate import Response, SamplingParams, stream_generate
 from offload.kv_cache import KVCache
@@ -29,7 +29,7 @@ class Engine:
     tokenizer: Any  # offload.tokenizer.Tokenizer
     directory: Path
 
-    settings: Any = None  # offload.settings.RunSettings
+    settings: Any = None  # offload.settings.resolve.RunSettings
 
     @classmethod
     def load(cls, model: str | Path | None = None, *, progress: Any = None, **flags: Any) -> Engine:
@@ -40,7 +40,7 @@ class Engine:
         """
         from offload.config import ModelConfig
         from offload.loading import load_model
-        from offload.settings import resolve_settings
+        from offload.settings.resolve import resolve_settings
         from offload.tokenizer import Tokenizer
 
         directory = resolve_model_dir(model) if model is not None else default_model()

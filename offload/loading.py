@@ -15,16 +15,16 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from offload.cache_policy import DEFAULT_CACHE_POLICY
-from offload.checkpoint import Checkpoint, resolve_model_dir
+from offload.checkpoint.reader import Checkpoint, resolve_model_dir
+from offload.checkpoint.weights import WeightReader, reader_for
 from offload.config import ModelConfig
 from offload.errors import OffloadError
-from offload.expert_source import Expert, ResidentExperts
+from offload.experts.policy import DEFAULT_CACHE_POLICY
+from offload.experts.source import Expert, ResidentExperts
 from offload.model import MixtralModel
 from offload.quant.codec import codec_for
 from offload.quant.linear import build_linear
 from offload.quant.scheme import QuantScheme
-from offload.weights import WeightReader, reader_for
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -37,7 +37,7 @@ class OffloadOptions:
 
     experts_per_layer: int | Sequence[int] | None = None  # K device slots per layer (int or one per layer)
     prefetch: int = 2  # guesses of the next layer's experts; 0 turns prefetching off
-    cache_policy: str = DEFAULT_CACHE_POLICY  # which expert a full layer evicts (offload.cache_policy)
+    cache_policy: str = DEFAULT_CACHE_POLICY  # which expert a full layer evicts (offload.experts.policy)
     link: str = "local"  # local | emulated:GBPS[:LATENCY_US] | cuda
 
 
@@ -144,10 +144,10 @@ def load_offloaded_experts(
     progress: Progress | None = None,
 ) -> object:
     """Every expert packed into the host store, behind a K-slot cache per layer on the device."""
-    from offload.expert_cache import ExpertCache
-    from offload.link import parse_link
-    from offload.offloaded import OffloadedExperts
-    from offload.store import HostStore
+    from offload.experts.cache import ExpertCache
+    from offload.experts.link import parse_link
+    from offload.experts.offloaded import OffloadedExperts
+    from offload.experts.store import HostStore
 
     config = mixtral.config
     store = HostStore(config.num_hidden_layers, config.num_local_experts, device=device)

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from offload.config import ModelConfig
-from offload.expert_source import ExpertSource, route
+from offload.experts.source import ExpertSource, route
 from offload.kv_cache import KVCache
 
 

@@ -93,7 +93,7 @@ def test_killed_chat_save_leaves_the_old_file_or_none(tmp_path: Path) -> None:
 
 
 def trace_versions() -> list[Any]:
-    from offload.trace import Trace
+    from offload.trace.format import Trace
 
     traces = []
     for version, tokens in enumerate((400_000, 300_000)):  # 6.4 MB and 4.8 MB of ids and weights
@@ -115,7 +115,7 @@ def trace_versions() -> list[Any]:
 
 
 def test_killed_trace_save_leaves_the_old_file_or_none(tmp_path: Path) -> None:
-    from offload.trace import load_trace, save_trace
+    from offload.trace.format import load_trace, save_trace
 
     versions = trace_versions()
     path = tmp_path / "run.trace"

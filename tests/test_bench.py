@@ -14,9 +14,9 @@ import torch
 import typer
 from typer.testing import CliRunner
 
-from offload.ablation import VARIANTS, FlushingCache, build_source
-from offload.bench import BenchError, run_bench
-from offload.bench_prompt import bench_prompt
+from offload.bench.ablation import VARIANTS, FlushingCache, build_source
+from offload.bench.prompt import bench_prompt
+from offload.bench.run import BenchError, run_bench
 from offload.loading import OffloadOptions, attach_source, load_model
 from tests.baby import BabySpec, write_baby
 
@@ -181,7 +181,7 @@ def test_every_variant_gives_resident_logits_bit_for_bit(
     bench_baby: Path, variant: str, experts_per_layer: int
 ) -> None:
     """A prefill needing more experts than slots, then decode steps: each variant equals resident exactly."""
-    from offload.link import EmulatedLink
+    from offload.experts.link import EmulatedLink
 
     model = load_model(bench_baby, dtype="float32", offload=OffloadOptions(experts_per_layer=1, prefetch=0))
     store = model.expert_source.cache.store
@@ -206,8 +206,8 @@ def test_every_variant_gives_resident_logits_bit_for_bit(
 
 
 def test_flush_empties_a_layer_and_counts_unused_prefetches(bench_baby: Path) -> None:
-    from offload.ablation import materializers
-    from offload.link import LocalLink
+    from offload.bench.ablation import materializers
+    from offload.experts.link import LocalLink
 
     model = load_model(bench_baby, dtype="float32", offload=OffloadOptions(experts_per_layer=1, prefetch=0))
     store = model.expert_source.cache.store

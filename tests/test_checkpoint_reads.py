@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from offload.checkpoint import Checkpoint
+from offload.checkpoint.reader import Checkpoint
 from offload.loading import OffloadOptions, load_model
 
 MAPS = Path("/proc/self/maps")

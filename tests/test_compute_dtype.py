@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from offload.config import ModelConfig
-from offload.settings import resolve_settings
+from offload.settings.resolve import resolve_settings
 
 DEMO = Path(__file__).resolve().parent.parent / "offload" / "demo" / "config.json"
 MIXTRAL = Path(__file__).resolve().parent / "fixtures" / "mixtral-8x7b-instruct-v0.1" / "config.json"

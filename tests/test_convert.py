@@ -17,15 +17,15 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from offload.checkpoint import INDEX_FILE
-from offload.convert import ASIDE, PARTIAL, SLOW_ENV, convert_checkpoint
+from offload.checkpoint.convert import ASIDE, PARTIAL, SLOW_ENV, convert_checkpoint
+from offload.checkpoint.reader import INDEX_FILE
+from offload.checkpoint.weights import converted_names
 from offload.errors import CheckpointError, OffloadError, QuantError
 from offload.generate import SamplingParams, generate_ids
 from offload.kv_cache import KVCache
 from offload.loading import OffloadOptions, load_model
 from offload.quant.codec import expert_nbytes
 from offload.quant.scheme import QuantScheme
-from offload.weights import converted_names
 from tests.baby import BabySpec, write_baby
 from tests.test_cli_generate import offload_here
 

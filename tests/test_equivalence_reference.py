@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from offload.expert_source import route
+from offload.experts.source import route
 from offload.kv_cache import KVCache
 from offload.loading import load_model
 from tests.baby import BABIES

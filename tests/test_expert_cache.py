@@ -8,11 +8,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from offload.errors import CacheError
-from offload.expert_cache import ExpertCache
-from offload.experts import materialize_dense
-from offload.link import EmulatedLink, LocalLink
-from offload.stats import CacheStats, LayerStats
-from offload.store import HostStore
+from offload.experts.cache import ExpertCache
+from offload.experts.link import EmulatedLink, LocalLink
+from offload.experts.packing import materialize_dense
+from offload.experts.stats import CacheStats, LayerStats
+from offload.experts.store import HostStore
 
 NUM_EXPERTS = 6
 

@@ -6,9 +6,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from offload.errors import CacheError, OffloadError
-from offload.expert_source import DenseExpert
-from offload.experts import ALIGNMENT, ExpertLayout, materialize_dense, pack_expert, unpack_expert
-from offload.store import HostStore
+from offload.experts.packing import ALIGNMENT, ExpertLayout, materialize_dense, pack_expert, unpack_expert
+from offload.experts.source import DenseExpert
+from offload.experts.store import HostStore
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.uint8, torch.int8, torch.int32, torch.int64]
 

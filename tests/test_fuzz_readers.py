@@ -28,12 +28,12 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from benchmarks.soak import sentencepiece_model, write_random_mixtral
-from offload.checkpoint import INDEX_FILE, SINGLE_FILE, Checkpoint, resolve_model_dir
+from offload.checkpoint.reader import INDEX_FILE, SINGLE_FILE, Checkpoint, resolve_model_dir
 from offload.config import ModelConfig
 from offload.errors import CheckpointError, OffloadError
 from offload.loading import OffloadOptions, load_model
-from offload.profile import BUNDLED_DIR, Profile
 from offload.quant.scheme import BLOCK_FORMAT, QuantScheme
+from offload.settings.profile import BUNDLED_DIR, Profile
 
 EXAMPLES = int(os.environ.get("OFFLOAD_FUZZ_EXAMPLES", "50"))
 fuzz = settings(
@@ -661,7 +661,7 @@ def test_damaged_chat_save_is_refused_cleanly(
 def valid_trace_bytes() -> bytes:
     from safetensors.numpy import save
 
-    from offload.trace import Trace
+    from offload.trace.format import Trace
 
     ids = np.array([[[0, 1], [2, 3]], [[1, 2], [0, 3]], [[3, 0], [1, 2]], [[0, 2], [1, 3]], [[2, 1], [3, 0]]])
     trace = Trace(
@@ -677,7 +677,7 @@ def valid_trace_bytes() -> bytes:
         expert_bytes=(100, 100),
     )
     trace.check("valid")
-    from offload.trace import METADATA_KEY, TENSORS
+    from offload.trace.format import METADATA_KEY, TENSORS
 
     tensors = {
         name: np.ascontiguousarray(getattr(trace, name), dtype=dtype) for name, dtype in TENSORS.items()
@@ -689,7 +689,7 @@ def valid_trace_bytes() -> bytes:
 def damaged_traces(draw: st.DrawFn) -> bytes:
     from safetensors.numpy import load, save
 
-    from offload.trace import METADATA_KEY
+    from offload.trace.format import METADATA_KEY
 
     valid = valid_trace_bytes()
     how = draw(st.sampled_from(["bytes", "header", "header", "tensor", "tensor"]))
@@ -728,8 +728,8 @@ def damaged_traces(draw: st.DrawFn) -> bytes:
 @fuzz
 @given(data=damaged_traces())
 def test_damaged_trace_is_refused_cleanly(tmp_path_factory: pytest.TempPathFactory, data: bytes) -> None:
-    from offload.replay import replay_table
-    from offload.trace import load_trace
+    from offload.trace.format import load_trace
+    from offload.trace.replay import replay_table
 
     path = tmp_path_factory.getbasetemp() / "fuzz.trace"
     replace_file(path, data)
@@ -831,7 +831,7 @@ def test_only_checkpoint_and_trace_open_safetensors_files() -> None:
             for word in ("safe_open", "load_file(", "get_tensor(", "safetensors.torch import load")
         ):
             readers.add(path.relative_to(root).as_posix())
-    assert readers <= {"offload/checkpoint.py", "offload/trace.py"}, readers
+    assert readers <= {"offload/checkpoint/reader.py", "offload/trace/format.py"}, readers
 
 
 @pytest.mark.parametrize("offloaded", [False, True])

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from offload.errors import CacheError, OffloadError
-from offload.link import CudaLink, EmulatedLink, LocalLink, parse_link
+from offload.experts.link import CudaLink, EmulatedLink, LocalLink, parse_link
 
 
 def random_bytes(nbytes: int, seed: int = 0) -> torch.Tensor:

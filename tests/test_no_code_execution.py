@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from benchmarks.soak import sentencepiece_model
-from offload.checkpoint import INDEX_FILE, SINGLE_FILE, Checkpoint
+from offload.checkpoint.reader import INDEX_FILE, SINGLE_FILE, Checkpoint
 from offload.errors import CheckpointError
 from tests.test_fuzz_readers import tiny_model
 
@@ -131,15 +131,15 @@ def _sharded(directory: Path) -> Path:
 
 def test_every_supported_format_loads_without_unpickling(tmp_path: Path, no_unpickling: None) -> None:
     from offload.chat import ChatSession
-    from offload.convert import convert_checkpoint
+    from offload.checkpoint.convert import convert_checkpoint
     from offload.engine import Engine
     from offload.generate import SamplingParams, generate_ids
     from offload.loading import OffloadOptions, load_model
-    from offload.profile import Profile, load_profile
     from offload.quant.scheme import QuantScheme
+    from offload.settings.profile import Profile, load_profile
     from offload.tokenizer import Tokenizer
-    from offload.trace import load_trace, save_trace
-    from offload.trace_recorder import TraceRecorder
+    from offload.trace.format import load_trace, save_trace
+    from offload.trace.recorder import TraceRecorder
     from tests.test_tokenizer import train_metaspace_bpe
 
     sizes = {"hidden_size": 64, "intermediate_size": 64, "vocab_size": 32000, "num_hidden_layers": 2}

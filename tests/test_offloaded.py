@@ -12,12 +12,12 @@ from hypothesis import strategies as st
 from torch import nn
 
 from offload.errors import CacheError
-from offload.expert_cache import ExpertCache
-from offload.expert_source import DenseExpert, ExpertSource, ResidentExperts, route
-from offload.experts import materialize_dense
-from offload.link import EmulatedLink, Link, LocalLink
-from offload.offloaded import OffloadedExperts
-from offload.store import HostStore
+from offload.experts.cache import ExpertCache
+from offload.experts.link import EmulatedLink, Link, LocalLink
+from offload.experts.offloaded import OffloadedExperts
+from offload.experts.packing import materialize_dense
+from offload.experts.source import DenseExpert, ExpertSource, ResidentExperts, route
+from offload.experts.store import HostStore
 
 HIDDEN, WIDTH, NUM_EXPERTS, TOP_K, NUM_LAYERS = 16, 24, 4, 2, 3
 

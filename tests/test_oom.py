@@ -90,7 +90,7 @@ def test_host_store_out_of_memory_gives_advice(model_dir: Path, monkeypatch: pyt
 
 
 def test_other_allocation_errors_are_not_mistaken_for_out_of_memory(monkeypatch: pytest.MonkeyPatch) -> None:
-    from offload.store import HostStore
+    from offload.experts.store import HostStore
 
     def broken(*args: object, **kwargs: object) -> None:
         raise RuntimeError("pin_memory is not supported here")
@@ -122,7 +122,7 @@ def test_out_of_memory_during_a_reply_keeps_the_chat(
     from cli.chat_cmd import _reply
     from offload.chat import ChatSession
     from offload.engine import Engine
-    from offload.expert_source import DenseExpert
+    from offload.experts.source import DenseExpert
     from offload.generate import SamplingParams
     from offload.kv_cache import KVCache
 

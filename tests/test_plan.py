@@ -13,8 +13,8 @@ import pytest
 
 from offload.config import ModelConfig
 from offload.errors import ProfileError, QuantError
-from offload.plan import GIB, plan_memory, resolve_auto_experts
-from offload.profile import CacheSettings, Profile, load_profile
+from offload.settings.plan import GIB, plan_memory, resolve_auto_experts
+from offload.settings.profile import CacheSettings, Profile, load_profile
 from tests.test_profile import run_offload
 
 MIXTRAL = Path(__file__).parent / "fixtures" / "mixtral-8x7b-instruct-v0.1"

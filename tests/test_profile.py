@@ -10,7 +10,7 @@ import typer
 
 from offload.config import ModelConfig
 from offload.errors import ProfileError
-from offload.profile import BUNDLED_DIR, Profile, list_profiles, load_profile
+from offload.settings.profile import BUNDLED_DIR, Profile, list_profiles, load_profile
 
 MIXTRAL = Path(__file__).parent / "fixtures" / "mixtral-8x7b-instruct-v0.1"
 BUNDLED = sorted(path.stem for path in BUNDLED_DIR.glob("*.toml"))

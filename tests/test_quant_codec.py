@@ -15,7 +15,7 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
 from offload.errors import QuantError
-from offload.expert_source import DenseExpert
+from offload.experts.source import DenseExpert
 from offload.quant import QuantizedExpert, QuantSpec, build_linear, codec_for, expert_nbytes, quantize_linear
 from offload.quant.linear import backend_for
 

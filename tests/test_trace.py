@@ -18,9 +18,9 @@ from hypothesis import strategies as st
 from typer.testing import CliRunner
 
 from offload.errors import TraceError
-from offload.replay import POLICIES, replay, replay_table
-from offload.trace import METADATA_KEY, Trace, load_trace, save_trace
-from offload.trace_recorder import TraceRecorder
+from offload.trace.format import METADATA_KEY, Trace, load_trace, save_trace
+from offload.trace.recorder import TraceRecorder
+from offload.trace.replay import POLICIES, replay, replay_table
 from tests.baby import BabySpec, write_baby
 
 

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from offload.errors import QuantError
-from offload.expert_source import DenseExpert, Expert
+from offload.experts.source import DenseExpert, Expert
 from offload.quant.linear import build_linear, dequantize_linear, matrix_nbytes, quantize_linear
 from offload.quant.spec import QuantSpec
 

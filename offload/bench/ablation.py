@@ -20,14 +20,14 @@ from collections.abc import Callable, Iterator
 import torch
 from torch import Tensor
 
-from offload.cache_policy import DEFAULT_CACHE_POLICY
-from offload.expert_cache import ExpertCache
-from offload.expert_source import Expert, ResidentExperts
-from offload.link import Link
+from offload.experts.cache import ExpertCache
+from offload.experts.link import Link
+from offload.experts.offloaded import OffloadedExperts
+from offload.experts.policy import DEFAULT_CACHE_POLICY
+from offload.experts.source import Expert, ResidentExperts
+from offload.experts.store import HostStore
 from offload.model import MixtralModel
-from offload.offloaded import OffloadedExperts
 from offload.quant.codec import codec_for
-from offload.store import HostStore
 
 VARIANTS = ("resident", "full", "no-prefetch", "no-cache", "naive")
 DESCRIPTIONS = {

@@ -1,5 +1,5 @@
 """Which expert a full layer of the device cache evicts: the policies shared by the engine's
-``ExpertCache`` and ``offload.replay``, so that a replayed trace gives the engine's very counters.
+``ExpertCache`` and ``offload.trace.replay``, so that a replayed trace gives the engine's very counters.
 
 - ``lru``: the least recently used expert (the paper's policy, arXiv 2312.17238).
 - ``lrfu``: the expert with the smallest decayed use count. After each step of a layer, every

@@ -18,12 +18,12 @@ import torch
 from torch import Tensor, nn
 
 from offload.config import ModelConfig
-from offload.expert_source import ResidentExperts
-from offload.experts import unpack_expert
+from offload.experts.packing import unpack_expert
+from offload.experts.source import ResidentExperts
+from offload.experts.stats import LayerStats
 from offload.generate import SamplingParams, Timings, stream_generate
 from offload.loading import attach_source
 from offload.model import MixtralModel
-from offload.stats import LayerStats
 
 
 @dataclass(frozen=True)

@@ -22,9 +22,9 @@ import torch
 from torch import Tensor, nn
 
 from offload.errors import CacheError
-from offload.expert_cache import ExpertCache
-from offload.expert_source import Expert
-from offload.stats import CacheStats
+from offload.experts.cache import ExpertCache
+from offload.experts.source import Expert
+from offload.experts.stats import CacheStats
 
 
 class OffloadedExperts:

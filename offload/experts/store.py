@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from offload.errors import CacheError
-from offload.experts import ExpertLayout, pack_expert, unpack_expert
+from offload.experts.packing import ExpertLayout, pack_expert, unpack_expert
 
 
 class HostStore:

@@ -12,7 +12,7 @@ import functools
 import torch
 from torch import Tensor
 
-from offload.checkpoint import Checkpoint, expected_tensors, expert_prefix
+from offload.checkpoint.reader import Checkpoint, expected_tensors, expert_prefix
 from offload.errors import CheckpointError
 from offload.quant.codec import codec_for
 from offload.quant.linear import backend_for, matrix_nbytes, quantize_linear

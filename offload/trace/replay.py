@@ -11,7 +11,7 @@ loads it (one expert's bytes over the link).
 - ``lru``: evict the least recently used expert. Within a step, experts are used in ascending id
   order, as ``OffloadedExperts`` marks them.
 - ``lrfu``: evict the expert with the smallest decayed use count, ties to the least recently used
-  (``offload.cache_policy``, the engine's default).
+  (``offload.experts.policy``, the engine's default).
 - ``lfu``: evict the expert used at the fewest steps so far (counted over the whole trace, in a slot
   or not); ties go to the least recently used.
 - ``belady``: evict the expert whose next use is furthest away (never again counts as infinitely far;
@@ -34,9 +34,9 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from offload.cache_policy import age_uses
 from offload.errors import TraceError
-from offload.trace import Trace
+from offload.experts.policy import age_uses
+from offload.trace.format import Trace
 
 POLICIES = ("lru", "lrfu", "lfu", "belady", "lru+prefetch", "lrfu+prefetch")
 NEVER = math.inf  # the next use of an expert that is not used again

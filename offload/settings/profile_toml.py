@@ -1,5 +1,5 @@
 """A profile's TOML tables read into frozen settings: every value checked, and every error one line
-naming the file, the dotted key, the value and what is allowed. ``offload.profile`` assembles them.
+naming the file, the dotted key, the value and what is allowed. ``offload.settings.profile`` assembles them.
 """
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from offload.cache_policy import CACHE_POLICIES, DEFAULT_CACHE_POLICY
 from offload.errors import ProfileError, QuantError
+from offload.experts.policy import CACHE_POLICIES, DEFAULT_CACHE_POLICY
 
 DEVICE_KINDS = ("cuda", "cpu")
 # "all" keeps every expert on the device: the CPU profile's K, whatever E the model has.
@@ -35,7 +35,7 @@ class DeviceSettings:
 @dataclass(frozen=True)
 class CacheSettings:
     experts_per_layer: int | str | tuple[int, ...]  # K: an int, "auto", "all", or one int per layer
-    policy: str = DEFAULT_CACHE_POLICY  # which expert a full layer evicts: offload.cache_policy
+    policy: str = DEFAULT_CACHE_POLICY  # which expert a full layer evicts: offload.experts.policy
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,7 @@
 """How far the real cache is from the optimum: one recorded run of ``full``, replayed against Belady.
 
-The run starts with empty slots and is recorded with ``offload.trace_recorder.TraceRecorder``. Its measured
-bytes (the cache's own counters) are compared with ``offload.replay`` of the same trace under
+The run starts with empty slots and is recorded with ``offload.trace.recorder.TraceRecorder``. Its measured
+bytes (the cache's own counters) are compared with ``offload.trace.replay`` of the same trace under
 ``belady`` (the fewest loads any demand policy can make, knowing the future), ``lru``, ``lrfu``,
 ``lfu`` and the two cache policies with the recorded guesses (``lru+prefetch`` is the paper's
 algorithm; the run's own policy with prefetch is what the cache should have done), twice:
@@ -16,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from offload.bench_measure import run_once
+from offload.bench.measure import run_once
 from offload.loading import attach_source
 from offload.model import MixtralModel
 
@@ -36,8 +36,8 @@ def policy_check(
 
     Returns the JSON block ``policy_check`` of the bench report, plus ``tokens``: the run's ids.
     """
-    from offload.replay import replay
-    from offload.trace_recorder import TraceRecorder
+    from offload.trace.recorder import TraceRecorder
+    from offload.trace.replay import replay
 
     attach_source(model, source)
     with TraceRecorder(model, model_name="bench") as recorder:

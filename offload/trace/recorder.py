@@ -1,4 +1,4 @@
-"""Recording a routing trace from a loaded model (the format is ``offload.trace``'s)."""
+"""Recording a routing trace from a loaded model (the format is ``offload.trace.format``'s)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from offload.trace import Trace
+from offload.trace.format import Trace
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -110,7 +110,7 @@ class TraceRecorder:
             self._steps.append(step)
 
     def _on_gate(self, layer: int, module: object, args: object, logits: Tensor) -> None:
-        from offload.expert_source import route
+        from offload.experts.source import route
 
         if self._speculating or self._pending is None:
             return

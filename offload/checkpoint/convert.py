@@ -32,15 +32,21 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor
 
-from offload.checkpoint import INDEX_FILE, Checkpoint, expected_tensors, expert_prefix, resolve_model_dir
+from offload.checkpoint.convert_report import ConvertReport, ReportBuilder
+from offload.checkpoint.reader import (
+    INDEX_FILE,
+    Checkpoint,
+    expected_tensors,
+    expert_prefix,
+    resolve_model_dir,
+)
+from offload.checkpoint.weights import MATRICES, WeightReader
 from offload.config import ModelConfig
-from offload.convert_report import ConvertReport, ReportBuilder
 from offload.errors import CheckpointError, OffloadError, QuantError
 from offload.loading import ATTENTION, parse_dtype
 from offload.quant.linear import backend_for, matrix_nbytes
 from offload.quant.scheme import QuantScheme
 from offload.quant.spec import QuantSpec
-from offload.weights import MATRICES, WeightReader
 
 SHARD_NAME = "model-{index:05d}-of-{count:05d}.safetensors"
 # Tokenizer and generation settings travel with the weights; pickles and code never do.

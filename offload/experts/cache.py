@@ -3,7 +3,7 @@
 A slot is a device byte buffer of the layer's layout size plus the Expert materialized from it.
 The cache is inclusive: the host store keeps every expert, so an eviction copies nothing back.
 Loads go through a link; the cache never decides *what* to load, only *where*: the slot of the
-expert that the cache policy (``offload.cache_policy``) evicts among those not protected.
+expert that the cache policy (``offload.experts.policy``) evicts among those not protected.
 ``OffloadedExperts`` decides what to load.
 """
 
@@ -17,13 +17,13 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from offload.cache_policy import CACHE_POLICIES, age_uses
 from offload.errors import CacheError
-from offload.expert_source import Expert
-from offload.experts import unpack_expert
-from offload.link import Link, LinkHandle
-from offload.stats import CacheStats
-from offload.store import HostStore, is_out_of_memory
+from offload.experts.link import Link, LinkHandle
+from offload.experts.packing import unpack_expert
+from offload.experts.policy import CACHE_POLICIES, age_uses
+from offload.experts.source import Expert
+from offload.experts.stats import CacheStats
+from offload.experts.store import HostStore, is_out_of_memory
 
 Materialize = Callable[[dict[str, Tensor]], Expert]  # a slot's tensor views -> a runnable expert
 
@@ -69,9 +69,9 @@ class ExpertCache:
     """``experts_per_layer`` device slots per layer, filled from ``store`` through ``link``.
 
     ``materialize`` turns the views of a slot's buffer into a runnable Expert (for dense experts,
-    ``offload.experts.materialize_dense``); it runs once per load, after the copy is waited on.
+    ``offload.experts.packing.materialize_dense``); it runs once per load, after the copy is waited on.
     Give one per layer when layers are encoded differently (mixed-bit experts). ``policy`` picks the
-    victim of a full layer (``offload.cache_policy``); plain LRU here, while the product's default,
+    victim of a full layer (``offload.experts.policy``); plain LRU here, while the product's default,
     LRFU, comes from the profile through ``offload.loading.OffloadOptions``.
     """
 

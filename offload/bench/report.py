@@ -11,7 +11,7 @@ times seconds, speeds tokens per second; ratios are None where there is nothing 
     new_tokens, runs           tokens generated per run, measured runs per row (after one warm-up)
     experts_per_layer          K of the offloaded rows (int, list per layer, or None: resident only)
     prefetch                   guesses per layer of the "full"/"offloaded" row
-    cache_policy               the offloaded rows' eviction policy: lrfu | lru (offload.cache_policy)
+    cache_policy               the offloaded rows' eviction policy: lrfu | lru (offload.experts.policy)
     link                       {spec, gbps, latency_us, copy_ratio, layer_seconds, expert_bytes, expert_copy_seconds,
                                 effective_copy_ratio}: layer_seconds is the calibration's (copy_ratio only);
                                effective_copy_ratio divides the copy time by the resident row's own layer time
@@ -32,7 +32,7 @@ times seconds, speeds tokens per second; ratios are None where there is nothing 
                                from tensor sizes
       tokens                   the generated ids
     identical_tokens           true: every row (and the policy check) gave the resident row's tokens
-    policy_check               None, or (ablation with one K) offload.bench_policy's block: measured and
+    policy_check               None, or (ablation with one K) offload.bench.policy_check's block: measured and
                                replayed bytes of one recorded cold run of "full", against Belady
     machine                    {python, torch, cpu_count, torch_threads, load_average_start, load_average_end,
                                 peak_rss_bytes (the whole process, at the end), cuda_peak_bytes (torch's, or None)}
@@ -43,10 +43,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from offload.bench_measure import RowResult
-from offload.cache_policy import DEFAULT_CACHE_POLICY
+from offload.bench.measure import RowResult
 from offload.errors import OffloadError
-from offload.stats import LayerStats
+from offload.experts.policy import DEFAULT_CACHE_POLICY
+from offload.experts.stats import LayerStats
 
 FORMAT = "offload-bench"
 VERSION = 1

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from offload.errors import ProfileError
-from offload.profile_toml import (
+from offload.settings.profile_toml import (
     QUANT_ROLES,
     SECTIONS,
     CacheSettings,
@@ -38,7 +38,7 @@ from offload.profile_toml import (
 if TYPE_CHECKING:
     from offload.config import ModelConfig
 
-BUNDLED_DIR = Path(__file__).resolve().parent.parent / "profiles"
+BUNDLED_DIR = Path(__file__).resolve().parents[2] / "profiles"
 MAX_PROFILE_BYTES = 2**20  # a profile is a few hundred bytes; this refuses a wrong or hostile file
 
 

@@ -12,9 +12,9 @@ from typing import Any
 
 import torch
 
-from offload.cache_policy import CACHE_POLICIES
 from offload.config import ModelConfig
 from offload.errors import CacheError, OffloadError
+from offload.experts.policy import CACHE_POLICIES
 from offload.loading import OffloadOptions, parse_device
 from offload.quant.scheme import QuantScheme
 
@@ -61,7 +61,7 @@ def resolve_settings(
     free_memory_bytes: int | None = None,
 ) -> RunSettings:
     """Merge ``profile`` (default: cpu without CUDA, auto with it) and the flags for ``config``."""
-    from offload.profile import load_profile
+    from offload.settings.profile import load_profile
 
     chosen = load_profile(profile)
     resolved = chosen.for_model(config, strict_context=False)
@@ -90,7 +90,7 @@ def resolve_settings(
     if slots == "all":
         slots = None  # every expert resident: no store, no cache, nothing moved
     else:
-        from offload.expert_cache import slot_counts
+        from offload.experts.cache import slot_counts
 
         slot_counts(slots, config.num_hidden_layers, config.num_local_experts)  # fail before loading
     if prefetch is None:
@@ -120,7 +120,7 @@ def _auto_slots(
     config: ModelConfig, profile: Any, device: torch.device, free_memory_bytes: int | None
 ) -> list[int] | str:
     """Fill the free device memory with expert slots (all of them on a CPU device)."""
-    from offload.plan import resolve_auto_experts
+    from offload.settings.plan import resolve_auto_experts
 
     if device.type != "cuda" and free_memory_bytes is None:
         return "all"
@@ -131,7 +131,7 @@ def _auto_slots(
 
 def _check_link(spec: str) -> None:
     """A malformed --link is an error even when every expert is resident and no link is used."""
-    from offload.link import parse_link
+    from offload.experts.link import parse_link
 
     parse_link(spec).close()
 
@@ -141,7 +141,7 @@ SMALL_MODEL_PARAMETERS = 250_000_000  # 1 GB in float32
 
 def parameter_count(config: ModelConfig) -> int:
     """Every weight of the model, from the one table of its tensors."""
-    from offload.checkpoint import expected_tensors
+    from offload.checkpoint.reader import expected_tensors
 
     return sum(math.prod(shape) for shape in expected_tensors(config).values())
 

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from offload.errors import CacheError
-from offload.expert_source import DenseExpert
+from offload.experts.source import DenseExpert
 
 # Every tensor starts on a 64-byte boundary: a uint8 view can then be reinterpreted as any dtype,
 # and matmul kernels see the same alignment as a fresh allocation (so results stay bit-identical).

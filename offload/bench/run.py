@@ -1,6 +1,6 @@
 """`offload bench`: prefill and decode speed, TTFT, cache figures and memory per tier, and the ablation.
 
-``run_bench`` loads the model once and measures one row per ExpertSource (``offload.ablation``):
+``run_bench`` loads the model once and measures one row per ExpertSource (``offload.bench.ablation``):
 the configuration asked for, or with ``ablate`` the five rows resident, full, no-prefetch, no-cache
 and naive over one host store and one link. Every row decodes greedily the same prompt for exactly
 ``new_tokens`` tokens (EOS does not stop it): one warm-up run, then ``runs`` measured ones, interleaved
@@ -12,7 +12,7 @@ token divided by the layers is one layer's compute (attention, the MoE block wit
 a layer's share of embedding, lm_head and sampling); one copy of the largest expert then takes
 ``copy_ratio`` times that.
 
-The report and its JSON schema: ``offload.bench_report``.
+The report and its JSON schema: ``offload.bench.report``.
 """
 
 from __future__ import annotations
@@ -26,9 +26,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from offload.ablation import DESCRIPTIONS, VARIANTS, build_source
-from offload.bench_measure import RowResult
-from offload.bench_report import BenchError, BenchReport, LinkInfo
+from offload.bench.ablation import DESCRIPTIONS, VARIANTS, build_source
+from offload.bench.measure import RowResult
+from offload.bench.report import BenchError, BenchReport, LinkInfo
 from offload.errors import ContextError
 
 Progress = Callable[[str], None]  # receives one line of progress
@@ -57,13 +57,13 @@ def run_bench(
 ) -> BenchReport:
     """Measure ``model`` (default: the demo model) as configured by the profile and flags.
 
-    ``ablate`` measures the rows of ``offload.ablation`` named in ``variants`` (default: all five) at
+    ``ablate`` measures the rows of ``offload.bench.ablation`` named in ``variants`` (default: all five) at
     K = ``experts_per_layer`` (default: half the experts when the settings keep them all resident).
     ``copy_ratio`` gives an emulated link whose expert copy costs that many layers of compute (instead
     of ``link``). ``prompt_ids`` replaces the built-in prompt. ``threads`` sets torch's intra-op threads
     while the bench runs (default: torch's own). ``progress`` receives a line before each step.
     """
-    from offload.bench_measure import measure_rows
+    from offload.bench.measure import measure_rows
 
     say = progress or (lambda _: None)
     _check_settings(prompt_tokens, new_tokens, runs, copy_ratio, link, threads, variants)
@@ -123,12 +123,12 @@ def _load(
     Offloaded rows share the loader's host store, so the model loads with a one-slot cache that the
     rows' own sources replace at once.
     """
-    from offload.bench_prompt import bench_prompt
-    from offload.checkpoint import resolve_model_dir
+    from offload.bench.prompt import bench_prompt
+    from offload.checkpoint.reader import resolve_model_dir
     from offload.config import ModelConfig
     from offload.engine import default_model
     from offload.loading import OffloadOptions, load_model
-    from offload.settings import resolve_settings
+    from offload.settings.resolve import resolve_settings
 
     directory = resolve_model_dir(model) if model is not None else default_model()
     config = ModelConfig.from_file(directory / "config.json")
@@ -183,8 +183,8 @@ def _measure_offloaded(
 
     With ``copy_ratio``, a resident row is measured first and sizes the emulated link.
     """
-    from offload.bench_measure import measure_rows
-    from offload.link import EmulatedLink, parse_link
+    from offload.bench.measure import measure_rows
+    from offload.experts.link import EmulatedLink, parse_link
 
     store = mixtral.expert_source.cache.store
     slots, prefetch, policy = report.experts_per_layer, offload.prefetch, offload.cache_policy
@@ -224,7 +224,7 @@ def _measure_offloaded(
         report.rows = measure_rows(rows, mixtral, prompt_ids, new_tokens, runs)
         del rows  # frees every row's slots before the policy check makes its own
         if variants is not None and "full" in variants and isinstance(slots, int):
-            from offload.bench_policy import policy_check
+            from offload.bench.policy_check import policy_check
 
             say("recording one cold run of full for the Belady comparison")
             source = build_source("full", mixtral, store, link, slots, prefetch, policy)

@@ -11,7 +11,7 @@ Shapes: S steps (forward calls), N tokens over all steps, L layers, k experts pe
 | ``guess_counts`` | (S, L) | int32 | how many experts were guessed for each layer at each step (layer 0: none) |
 | ``guesses`` | (G,) | int32 | the guesses, step by step, layer by layer, in the order they were made |
 
-``offload.trace_recorder.TraceRecorder`` records a loaded model without changing what it computes; ``offload.replay``
+``offload.trace.recorder.TraceRecorder`` records a loaded model without changing what it computes; ``offload.trace.replay``
 replays a trace against cache policies.
 """
 

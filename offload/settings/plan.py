@@ -27,10 +27,10 @@ import torch
 
 from offload.config import ModelConfig
 from offload.errors import ConfigError, ProfileError, QuantError
-from offload.profile import CacheSettings, Profile
 from offload.quant.codec import expert_nbytes
 from offload.quant.linear import matrix_nbytes
 from offload.quant.spec import QuantSpec
+from offload.settings.profile import CacheSettings, Profile
 
 GIB = 1024**3
 # CUDA context, cuBLAS workspace and allocator fragmentation: what a CUDA process holds beyond its tensors.
