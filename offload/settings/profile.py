@@ -9,6 +9,7 @@ what is allowed. Checks that need the model (list lengths, K ≤ E, layer indice
 
 from __future__ import annotations
 
+import importlib.resources
 import os
 import tomllib
 from dataclasses import dataclass
@@ -38,7 +39,17 @@ from offload.settings.profile_toml import (
 if TYPE_CHECKING:
     from offload.config import ModelConfig
 
-BUNDLED_DIR = Path(__file__).resolve().parents[2] / "profiles"
+
+def _bundled_dir() -> Path:
+    """The bundled profiles: package data of an installed wheel, else the source tree's profiles/ folder."""
+    try:
+        found = importlib.resources.files("offload.profiles")
+    except ModuleNotFoundError:  # a source checkout, where the profiles are edited at the top level
+        return Path(__file__).resolve().parents[2] / "profiles"
+    return Path(str(found))
+
+
+BUNDLED_DIR = _bundled_dir()
 MAX_PROFILE_BYTES = 2**20  # a profile is a few hundred bytes; this refuses a wrong or hostile file
 
 
