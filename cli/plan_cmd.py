@@ -9,6 +9,8 @@ from typing import Annotated
 
 import typer
 
+MAX_FREE_GIB = 1024**2  # a PiB: far beyond any machine, small enough that bytes stay exact integers
+
 
 def plan_command(
     model: Annotated[
@@ -22,7 +24,9 @@ def plan_command(
     profile: Annotated[
         str | None,
         typer.Option(
-            help="Profile name or .toml path. Default: auto with CUDA, cpu without. Example: t4-16gb"
+            "--profile",
+            "-p",
+            help="Profile name or .toml path. Default: auto with CUDA, cpu without. Example: t4-16gb",
         ),
     ] = None,
     context: Annotated[
@@ -33,7 +37,7 @@ def plan_command(
     ] = None,
     free_gib: Annotated[
         float | None,
-        typer.Option(min=0.0, help="Free device memory in GiB, instead of measuring it. Example: 11.5"),
+        typer.Option(help="Free device memory in GiB, instead of measuring it. Example: 11.5"),
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the plan as JSON. Example: --json")] = False,
 ) -> None:
@@ -42,9 +46,12 @@ def plan_command(
     Example: offload plan --model ./Mixtral-8x7B-Instruct-v0.1 --profile rtx3060-12gb
     """
     from offload.config import ModelConfig
+    from offload.errors import OffloadError
     from offload.settings.plan import GIB, default_context, plan_memory
     from offload.settings.profile import load_profile
 
+    if free_gib is not None and not 0 <= free_gib <= MAX_FREE_GIB:  # also refuses nan
+        raise OffloadError(f"--free-gib {free_gib}: allowed is 0 to {MAX_FREE_GIB} (GiB of free memory)")
     config_path = _config_path(model)
     config = ModelConfig.from_file(config_path)
     chosen = load_profile(profile)

@@ -118,12 +118,6 @@ def test_overrides_and_per_layer_k_are_counted_per_layer(mixtral: ModelConfig) -
     assert plan.host_bytes == 8 * (four_bit + 31 * EXPERT_3_64)
 
 
-def test_converted_checkpoint_quantization_block_wins(mixtral: ModelConfig) -> None:
-    converted = replace(mixtral, quantization={"attention": "hqq:4:64", "experts": "hqq:2:32"})
-    plan = plan_memory(converted, load_profile("rtx3060-12gb"), 4096)
-    assert set(plan.expert_specs) == {"hqq:2:32"}
-
-
 @pytest.mark.parametrize("n", [32, 33, 47, 100, 255, 256])
 def test_auto_is_exact_at_hand_computed_boundaries(n: int, mixtral: ModelConfig) -> None:
     auto = load_profile("auto")

@@ -26,11 +26,12 @@ from typing import Any
 import torch
 
 from offload.config import ModelConfig
-from offload.errors import ConfigError, ProfileError, QuantError
+from offload.errors import ProfileError, QuantError
 from offload.quant.codec import expert_nbytes
 from offload.quant.linear import matrix_nbytes
+from offload.quant.scheme import QuantScheme
 from offload.quant.spec import QuantSpec
-from offload.settings.profile import CacheSettings, Profile
+from offload.settings.profile import CacheSettings, Profile, ResolvedProfile
 
 GIB = 1024**3
 # CUDA context, cuBLAS workspace and allocator fragmentation: what a CUDA process holds beyond its tensors.
@@ -70,6 +71,7 @@ class MemoryPlan:
     context: int  # KV cache length in tokens
     compute_dtype: str
     experts_per_layer: tuple[int, ...]  # K_l after "auto" / "all" resolution
+    offloaded: bool  # False for "all": every expert resident on the device, no host store behind it
     expert_specs: tuple[str, ...]  # per layer
     expert_bytes: tuple[int, ...]  # one expert's stored bytes, per layer
     num_local_experts: int
@@ -92,8 +94,8 @@ class MemoryPlan:
 
     @property
     def host_bytes(self) -> int:
-        """Every expert of every layer: the host tier is inclusive."""
-        return self.num_local_experts * sum(self.expert_bytes)
+        """Every expert of every layer when offloaded (the host tier is inclusive), else nothing."""
+        return self.num_local_experts * sum(self.expert_bytes) if self.offloaded else 0
 
     @property
     def needed_bytes(self) -> int:
@@ -124,7 +126,12 @@ class MemoryPlan:
             ("device", "KV cache", self.kv_cache_bytes, f"{self.context} tokens, {self.compute_dtype}"),
             ("device", "workspace", self.workspace_bytes, "activations, dequant scratch, runtime reserve"),
             ("device", "total", self.device_bytes, f"budget {self.budget_bytes / GIB:.2f} GiB"),
-            ("host", "all experts", self.host_bytes, f"{self.num_local_experts} per layer{shared}"),
+            (
+                "host",
+                "all experts",
+                self.host_bytes,
+                f"{self.num_local_experts} per layer{shared}" if self.offloaded else "none: all resident",
+            ),
         ]
 
     def as_dict(self) -> dict[str, Any]:
@@ -158,18 +165,21 @@ def plan_memory(
     The budget is the profile's ``device.memory_gib``, capped by ``free_memory_bytes`` when given; an
     ``auto`` profile fills it (``resolve_auto_experts``).
     """
+    # A bundled profile's context is sized for Mixtral; a smaller model's window caps it, as at load.
     resolved = profile.for_model(config)
+    context = min(context, config.max_position_embeddings)
     dtype_name = compute_dtype or config.torch_dtype
     dtype = getattr(torch, dtype_name)
-    specs = _role_specs(config, profile, resolved.expert_specs)
+    scheme, where = _scheme(config, resolved, source)
+    layer_specs = [scheme.expert_spec(layer) for layer in range(config.num_hidden_layers)]
     try:
-        dense = _dense_bytes(config, specs, dtype)
+        dense = _dense_bytes(config, scheme, dtype)
         d, f = config.hidden_size, config.intermediate_size
-        expert_bytes = tuple(expert_nbytes(spec, d, f, dtype) for spec in specs["layers"])
+        expert_bytes = tuple(expert_nbytes(spec, d, f, dtype) for spec in layer_specs)
     except QuantError as err:  # e.g. a group size that does not divide this model's rows
-        raise QuantError(f"{specs['where']}: {err}") from None
+        raise QuantError(f"{where}: {err}") from None
     kv = kv_cache_bytes(config, context, dtype)
-    workspace = workspace_bytes(config, profile.device.kind, context, dtype, specs["layers"])
+    workspace = workspace_bytes(config, profile.device.kind, context, dtype, layer_specs)
     budget = budget_bytes(profile, free_memory_bytes)
     if resolved.experts_per_layer is None:
         ks = _fill(budget - dense.total - kv - workspace, expert_bytes, config.num_local_experts, profile)
@@ -183,7 +193,8 @@ def plan_memory(
         context=context,
         compute_dtype=dtype_name,
         experts_per_layer=tuple(ks),
-        expert_specs=tuple(str(spec) for spec in specs["layers"]),
+        offloaded=profile.cache.experts_per_layer != "all",
+        expert_specs=tuple(str(spec) for spec in layer_specs),
         expert_bytes=expert_bytes,
         num_local_experts=config.num_local_experts,
         dense=dense,
@@ -252,38 +263,25 @@ def workspace_bytes(
     return activations + scores + dequant + logits + reserve
 
 
-def _role_specs(config: ModelConfig, profile: Profile, layer_specs: tuple[str, ...]) -> dict[str, Any]:
-    """Parsed specs per role and per layer; a converted checkpoint's block overrides the profile."""
-    block = config.quantization or {}
-    try:  # the same keys as a profile's [quant] table; layer -1 is the last one
-        raw = block.get("experts_overrides") or {}
-        overrides = {int(layer) % config.num_hidden_layers: spec for layer, spec in raw.items()}
-    except (AttributeError, TypeError, ValueError):
-        raise ConfigError(f"config.json: quantization = {block!r} is not a table of role specs") from None
-    if "experts" in block:
-        layer_specs = tuple(
-            overrides.get(layer, block["experts"]) for layer in range(config.num_hidden_layers)
+def _scheme(config: ModelConfig, resolved: ResolvedProfile, source: str) -> tuple[QuantScheme, str]:
+    """The stored weights' scheme and where it was read: a converted checkpoint's block wins over the profile."""
+    if config.quantization is not None:
+        return QuantScheme.from_block(config.quantization, config.num_hidden_layers, source), (
+            f"{source}: quantization"
         )
-    where = "config.json: quantization" if block else f"{profile.source}: quant"
-    specs: dict[str, Any] = {
-        role: QuantSpec.parse(block.get(role, getattr(profile.quant, role)), where=f"{where}.{role}")
-        for role in ("attention", "gate", "embed", "lm_head")
-    }
-    specs["layers"] = [QuantSpec.parse(text, where=f"{where}.experts") for text in layer_specs]
-    specs["where"] = where
-    return specs
+    return QuantScheme.from_profile(resolved), f"{resolved.profile.source}: quant"
 
 
-def _dense_bytes(config: ModelConfig, specs: dict[str, Any], dtype: torch.dtype) -> DenseBytes:
+def _dense_bytes(config: ModelConfig, scheme: QuantScheme, dtype: torch.dtype) -> DenseBytes:
     d, layers, hd = config.hidden_size, config.num_hidden_layers, config.head_dim
     q_out, kv_out = config.num_attention_heads * hd, config.num_key_value_heads * hd
     shapes = [(q_out, d), (kv_out, d), (kv_out, d), (d, q_out)]
-    attention = layers * sum(matrix_nbytes(specs["attention"], shape, dtype) for shape in shapes)
-    gate = layers * matrix_nbytes(specs["gate"], (config.num_local_experts, d), dtype)
+    attention = layers * sum(matrix_nbytes(scheme.attention, shape, dtype) for shape in shapes)
+    gate = layers * matrix_nbytes(scheme.gate, (config.num_local_experts, d), dtype)
     norms = (2 * layers + 1) * d * dtype.itemsize
-    embed = matrix_nbytes(specs["embed"], (config.vocab_size, d), dtype)
+    embed = matrix_nbytes(scheme.embed, (config.vocab_size, d), dtype)
     lm_head = (
-        0 if config.tie_word_embeddings else matrix_nbytes(specs["lm_head"], (config.vocab_size, d), dtype)
+        0 if config.tie_word_embeddings else matrix_nbytes(scheme.lm_head, (config.vocab_size, d), dtype)
     )
     return DenseBytes(attention=attention, gate=gate, norms=norms, embed=embed, lm_head=lm_head)
 
@@ -339,5 +337,5 @@ def _predict(
 
 
 def default_context(config: ModelConfig, profile: Profile) -> int:
-    """The profile's ``generation.context``, else 4096 tokens (or the model's window if shorter)."""
-    return profile.generation.context or min(4096, config.max_position_embeddings)
+    """The profile's ``generation.context``, else 4096 tokens; never more than the model's window."""
+    return min(profile.generation.context or 4096, config.max_position_embeddings)

@@ -120,11 +120,11 @@ class Profile:
             generation=read_generation(top.table("generation")),
         )
 
-    def for_model(self, config: ModelConfig, *, strict_context: bool = True) -> ResolvedProfile:
+    def for_model(self, config: ModelConfig) -> ResolvedProfile:
         """Check the profile against a model: one K per layer, K ≤ E, override layers in range.
 
-        ``strict_context=False`` lets a bundled profile's context (sized for Mixtral-8x7B) exceed a
-        smaller model's window; generation never runs past the model's window anyway.
+        A ``generation.context`` beyond the model's window is not an error: a bundled profile is sized
+        for Mixtral-8x7B, and every user of the context caps it at the model's window.
         """
         layers, experts = config.num_hidden_layers, config.num_local_experts
         k = self.cache.experts_per_layer
@@ -157,9 +157,6 @@ class Profile:
                 )
             seen.add(layer % layers)
             specs[layer] = spec  # a negative index counts from the last layer, as in Python
-        context, limit = self.generation.context, config.max_position_embeddings
-        if strict_context and context is not None and context > limit:
-            self._fail("generation.context", context, f"allowed is at most the model's {limit} tokens")
         return ResolvedProfile(self, layers, per_layer, tuple(specs))
 
     def as_dict(self) -> dict[str, Any]:

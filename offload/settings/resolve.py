@@ -64,7 +64,7 @@ def resolve_settings(
     from offload.settings.profile import load_profile
 
     chosen = load_profile(profile)
-    resolved = chosen.for_model(config, strict_context=False)
+    resolved = chosen.for_model(config)
     run_device = parse_device(device or (chosen.device.kind if profile else None))
 
     if quant is not None and quant != "none":
