@@ -116,7 +116,7 @@ def plan(num_layers: int, config: ModelConfig, extra: list[str], bf16: bool) -> 
             rows.append(Row("attention + experts", rows[-1].scheme, "bfloat16"))
     rows.append(Row("attention only", build(num_layers, attention=ATTENTION)))
     rows += [Row("experts only", build(num_layers, experts=experts)) for experts in EXPERTS_ONLY]
-    resolved = load_profile(PROFILE).for_model(config, strict_context=False)
+    resolved = load_profile(PROFILE).for_model(config)
     rows.append(Row(f"profile `{PROFILE}`", QuantScheme.from_profile(resolved)))
     return rows
 
