@@ -59,7 +59,7 @@ def convert(
     from rich.console import Console
 
     from offload.checkpoint.convert import convert_checkpoint
-    from offload.checkpoint.reader import resolve_model_dir
+    from offload.checkpoint.hub import resolve_model_dir
     from offload.config import ModelConfig
 
     source = resolve_model_dir(src)

@@ -10,7 +10,7 @@ from rich.progress import BarColumn, DownloadColumn, Progress, SpinnerColumn, Te
 
 def load_engine(model: str | None, *, quiet: bool = False, summary: bool = True, **flags: Any) -> Any:
     """``Engine.load`` with progress on stderr when it is a terminal, then a summary line; returns the Engine."""
-    from offload.checkpoint.reader import resolve_model_dir
+    from offload.checkpoint.hub import resolve_model_dir
     from offload.engine import Engine, default_model
 
     err = Console(stderr=True, highlight=False)

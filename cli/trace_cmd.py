@@ -91,7 +91,7 @@ def _slots_for_guesses(model: str | None, flags: dict) -> str | int | None:
     Only the prefetching source makes guesses, and a resident model has none; a cache with a slot
     for every expert fits wherever every expert is resident.
     """
-    from offload.checkpoint.reader import resolve_model_dir
+    from offload.checkpoint.hub import resolve_model_dir
     from offload.config import ModelConfig
     from offload.engine import default_model
     from offload.settings.resolve import resolve_settings

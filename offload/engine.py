@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from offload.checkpoint.reader import resolve_model_dir
+from offload.checkpoint.hub import resolve_model_dir
 from offload.errors import OffloadError
 from offload.generate import Response, SamplingParams, stream_generate
 from offload.kv_cache import KVCache

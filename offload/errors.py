@@ -35,3 +35,8 @@ class CacheError(OffloadError):
 
 class TraceError(OffloadError):
     """A routing trace file is missing, damaged or inconsistent, or a replay setting is out of range."""
+
+
+def first_line(err: BaseException) -> str:
+    """The first line of an exception's message (its type's name if it has none), for one-line errors."""
+    return (str(err).splitlines() or [type(err).__name__])[0]

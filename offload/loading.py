@@ -15,7 +15,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from offload.checkpoint.reader import Checkpoint, resolve_model_dir
+from offload.checkpoint.hub import resolve_model_dir
+from offload.checkpoint.reader import Checkpoint
 from offload.checkpoint.weights import WeightReader, reader_for
 from offload.config import ModelConfig
 from offload.errors import OffloadError

@@ -28,7 +28,8 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from benchmarks.soak import sentencepiece_model, write_random_mixtral
-from offload.checkpoint.reader import INDEX_FILE, SINGLE_FILE, Checkpoint, resolve_model_dir
+from offload.checkpoint.hub import resolve_model_dir
+from offload.checkpoint.reader import INDEX_FILE, SINGLE_FILE, Checkpoint
 from offload.config import ModelConfig
 from offload.errors import CheckpointError, OffloadError
 from offload.loading import OffloadOptions, load_model

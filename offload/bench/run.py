@@ -124,7 +124,7 @@ def _load(
     rows' own sources replace at once.
     """
     from offload.bench.prompt import bench_prompt
-    from offload.checkpoint.reader import resolve_model_dir
+    from offload.checkpoint.hub import resolve_model_dir
     from offload.config import ModelConfig
     from offload.engine import default_model
     from offload.loading import OffloadOptions, load_model

@@ -33,12 +33,12 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from offload.checkpoint.convert_report import ConvertReport, ReportBuilder
+from offload.checkpoint.hub import resolve_model_dir
 from offload.checkpoint.reader import (
     INDEX_FILE,
     Checkpoint,
     expected_tensors,
     expert_prefix,
-    resolve_model_dir,
 )
 from offload.checkpoint.weights import MATRICES, WeightReader
 from offload.config import ModelConfig

@@ -7,9 +7,8 @@ neither a second copy of the model nor a mapping of the files stays in RAM.
 Model files come from the internet, so nothing in them is trusted:
 
 - only safetensors and JSON are read (never a pickle, never code);
-- a file that offload reads may be a symbolic link only if the link stays inside the model directory,
-  or, for a snapshot in huggingface_hub's cache (``models--ORG--NAME/snapshots/REV/``), inside that
-  repo's ``blobs/`` folder, where the hub keeps the real files;
+- a file that offload reads may be a symbolic link only if the link stays inside the model directory
+  or its hub snapshot's ``blobs/`` folder (the rule lives in ``offload.checkpoint.hub``);
 - a safetensors header is checked against the file's size before it is parsed, and tensors must have
   a dtype that a Mixtral checkpoint (or ``offload convert``) stores;
 - every tensor read goes through ``Checkpoint.get``, which refuses NaN and inf.
@@ -20,19 +19,17 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Iterator
-from fnmatch import fnmatch
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 
+from offload.checkpoint.hub import allowed_roots, check_inside, check_links
 from offload.config import ModelConfig, read_json
-from offload.errors import CheckpointError
+from offload.errors import CheckpointError, first_line
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
-# What a model directory may hold that we read; never pickles, never code.
-ALLOWED_PATTERNS = ["*.json", "*.safetensors", "tokenizer.model"]
 # Float weights in 32 or 16 bits, and the integer codes that `offload convert` writes. Anything else
 # (fp8, complex, bool) is not a checkpoint this engine can run, and some of it breaks the NaN check.
 STORED_DTYPES = ("F32", "F16", "BF16", "U8", "I8", "I16", "I32", "I64")
@@ -160,7 +157,7 @@ class Checkpoint:
         path = self.directory / filename
         if not path.is_file():
             raise CheckpointError(f"{path}: shard named in {INDEX_FILE} is missing")
-        _check_inside(path, _allowed_roots(self.directory))
+        check_inside(path, allowed_roots(self.directory))
 
     def _open(self, filename: str):
         if filename not in self._handles:
@@ -170,7 +167,7 @@ class Checkpoint:
                 self._handles[filename] = safe_open(str(path), framework="pt", device="cpu")
             except Exception as err:  # safetensors raises its own error type for every kind of damage
                 raise CheckpointError(
-                    f"{path}: not a readable safetensors file ({_first_line(err)})"
+                    f"{path}: not a readable safetensors file ({first_line(err)})"
                 ) from None
             self._read_offsets(filename, path)
         return self._handles[filename]
@@ -242,86 +239,6 @@ class Checkpoint:
             yield name, self.get(name)
 
 
-def resolve_model_dir(model: str | Path) -> Path:
-    """A local directory, or a Hugging Face repo id fetched (or found offline) in huggingface_hub's cache.
-
-    Either way, no file that offload reads may be a link out of it (see ``check_links``).
-    """
-    return check_links(_find_model_dir(model))
-
-
-def _find_model_dir(model: str | Path) -> Path:
-    path = Path(model).expanduser()
-    if path.exists():
-        if not path.is_dir():
-            raise CheckpointError(f"{path}: expected a model directory, found a file")
-        return path
-    text = str(model)
-    looks_like_repo = text.count("/") == 1 and not text.startswith((".", "/", "~"))
-    if not looks_like_repo:
-        raise CheckpointError(f"{path}: no such model directory")
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
-
-    try:
-        return Path(snapshot_download(text, allow_patterns=ALLOWED_PATTERNS, local_files_only=True))
-    except (LocalEntryNotFoundError, FileNotFoundError, OSError, ValueError):
-        pass
-    try:
-        return Path(snapshot_download(text, allow_patterns=ALLOWED_PATTERNS))
-    except (HfHubHTTPError, LocalEntryNotFoundError, OSError, ValueError) as err:
-        raise CheckpointError(
-            f"{text}: not a local directory, and the Hugging Face repo could not be fetched ({type(err).__name__})"
-        ) from None
-
-
-def check_links(directory: Path) -> Path:
-    """Refuse ``directory`` if a file offload may read there is a link that leads out of it.
-
-    A hostile download could otherwise make ``tokenizer.model`` or a shard a link to any file on the
-    machine. A snapshot in huggingface_hub's cache is made of links into its repo's ``blobs/``
-    folder; those are allowed, and nothing further out. Returns ``directory``.
-    """
-    roots = _allowed_roots(directory)
-    try:
-        entries = sorted(directory.iterdir())
-    except OSError as err:
-        raise CheckpointError(
-            f"{directory}: cannot list the model directory ({err.strerror or err})"
-        ) from None
-    for path in entries:
-        if any(fnmatch(path.name, pattern) for pattern in ALLOWED_PATTERNS):
-            _check_inside(path, roots)
-    return directory
-
-
-def _allowed_roots(directory: Path) -> list[Path]:
-    """Where the files of ``directory`` may really live (resolved)."""
-    real = _resolve(directory)
-    roots = [real]
-    repo = real.parent.parent
-    # huggingface_hub's layout: CACHE/models--ORG--NAME/{blobs,refs,snapshots/REV}, files linking to ../../blobs.
-    if real.parent.name == "snapshots" and repo.name.startswith("models--") and (repo / "blobs").is_dir():
-        roots.append(repo / "blobs")
-    return roots
-
-
-def _check_inside(path: Path, roots: list[Path]) -> None:
-    real = _resolve(path)
-    if not any(real.is_relative_to(root) for root in roots):
-        raise CheckpointError(
-            f"{path}: a link to {real}, outside the model directory; offload reads only files inside it "
-            "(copy the file in instead of linking it)"
-        )
-
-
-def _resolve(path: Path) -> Path:
-    try:
-        return path.resolve()
-    except (OSError, RuntimeError) as err:  # Python 3.11 raises RuntimeError on a symlink loop
-        raise CheckpointError(f"{path}: cannot follow this link ({_first_line(err)})") from None
-
-
 def _check_header(path: Path) -> None:
     """Check the 8-byte header length against the file before safetensors parses anything.
 
@@ -342,10 +259,6 @@ def _check_header(path: Path) -> None:
             f"{path}: not a readable safetensors file (its header claims {header_bytes} bytes; the file has "
             f"{size}, and a header may have at most {MAX_HEADER_BYTES}); the file is damaged or truncated"
         )
-
-
-def _first_line(err: BaseException) -> str:
-    return (str(err).splitlines() or [type(err).__name__])[0]
 
 
 def _shown(value: object) -> str:
