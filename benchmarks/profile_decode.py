@@ -70,8 +70,7 @@ def main() -> None:
 
     decode()  # warm-up: fills the cache, compiles nothing, allocates the KV cache once
     source = model.expert_source
-    if hasattr(source, "reset_stats"):
-        source.reset_stats()
+    source.reset_stats()
     profiler = cProfile.Profile()
     seconds = profiler.runcall(decode)
     print(
@@ -79,7 +78,7 @@ def main() -> None:
         f"K={settings.offload.experts_per_layer}, prefetch {settings.offload.prefetch}, link {settings.offload.link}: "
         f"{args.prompt_tokens} + {args.new_tokens} tokens in {seconds * 1e3:.1f} ms under the profiler"
     )
-    if hasattr(source, "stats"):
+    if source.stats is not None:
         total = source.stats.total()
         print(
             f"cache: {total.accesses} accesses, {total.hits} hits, {total.loads} loads "

@@ -114,21 +114,11 @@ class Engine:
         model = self.model
         tensors = {id(t): t for t in [*model.parameters(), *model.buffers()]}.values()
         dense = sum(t.numel() * t.element_size() for t in tensors)
-        source = model.expert_source
-        if hasattr(source, "cache"):
-            slots = source.cache.experts_per_layer
-            experts = (
-                f"experts: {source.cache.store.nbytes / 2**20:.1f} MiB in host RAM, "
-                f"{source.cache.nbytes / 2**20:.1f} MiB of device slots "
-                f"(K={slots[0] if len(set(slots)) == 1 else list(slots)} of {model.config.num_local_experts} "
-                f"per layer, {source.cache.policy.upper()}, prefetch {source.prefetch})"
-            )
-        else:
-            experts = "every expert resident on the device"
+        experts = model.expert_source.describe()
         dtype = str(model.dtype).removeprefix("torch.")
         return f"{self.directory.name}: dense weights {dense / 2**20:.1f} MiB on {model.device} ({dtype}); {experts}"
 
     def cache_stats(self) -> dict[str, Any] | None:
         """The expert cache's counters, when the experts are offloaded."""
-        stats = getattr(self.model.expert_source, "stats", None)
+        stats = self.model.expert_source.stats
         return stats.as_dict() if stats is not None else None

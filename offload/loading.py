@@ -21,7 +21,7 @@ from offload.checkpoint.weights import WeightReader, reader_for
 from offload.config import ModelConfig
 from offload.errors import OffloadError
 from offload.experts.policy import DEFAULT_CACHE_POLICY
-from offload.experts.source import Expert, ResidentExperts
+from offload.experts.source import Expert, ExpertSource, ResidentExperts
 from offload.model import MixtralModel
 from offload.quant.codec import codec_for
 from offload.quant.linear import build_linear
@@ -143,7 +143,7 @@ def load_offloaded_experts(
     device: torch.device,
     options: OffloadOptions,
     progress: Progress | None = None,
-) -> object:
+) -> ExpertSource:
     """Every expert packed into the host store, behind a K-slot cache per layer on the device."""
     from offload.experts.cache import ExpertCache
     from offload.experts.link import parse_link
@@ -184,7 +184,7 @@ def set_parameter(root: nn.Module, name: str, value: torch.Tensor) -> None:
     setattr(owner, attribute, nn.Parameter(value, requires_grad=False))
 
 
-def attach_source(mixtral: MixtralModel, source: object) -> None:
+def attach_source(mixtral: MixtralModel, source: ExpertSource) -> None:
     """Give every MoE block the same ExpertSource."""
     for layer in mixtral.model.layers:
         layer.block_sparse_moe.source = source

@@ -221,6 +221,7 @@ class MixtralModel(nn.Module):
         self.rope = RopeTables(config.head_dim, config.rope_theta)
         self.model = MixtralBody(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.expert_source: ExpertSource | None = None  # every block's, set by offload.loading.attach_source
 
     def forward(self, input_ids: Tensor, cache: KVCache | None = None, last_only: bool = False) -> Tensor:
         """(B, T) token ids -> (B, T, V) logits, or (B, 1, V) with ``last_only``.

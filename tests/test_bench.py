@@ -14,9 +14,10 @@ import torch
 import typer
 from typer.testing import CliRunner
 
-from offload.bench.ablation import VARIANTS, FlushingCache, build_source
+from offload.bench.ablation import VARIANTS, build_source
 from offload.bench.prompt import bench_prompt
 from offload.bench.run import BenchError, run_bench
+from offload.experts.cache import ExpertCache
 from offload.loading import OffloadOptions, attach_source, load_model
 from tests.baby import BabySpec, write_baby
 
@@ -211,7 +212,7 @@ def test_flush_empties_a_layer_and_counts_unused_prefetches(bench_baby: Path) ->
 
     model = load_model(bench_baby, dtype="float32", offload=OffloadOptions(experts_per_layer=1, prefetch=0))
     store = model.expert_source.cache.store
-    cache = FlushingCache(store, 2, LocalLink(), materializers(model))
+    cache = ExpertCache(store, 2, LocalLink(), materializers(model))
     cache.load(0, 3)
     cache.load(0, 5, prefetch=True)
     cache.acquire(0, 3)

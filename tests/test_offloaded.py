@@ -16,7 +16,7 @@ from offload.experts.cache import ExpertCache
 from offload.experts.link import EmulatedLink, Link, LocalLink
 from offload.experts.offloaded import OffloadedExperts
 from offload.experts.packing import materialize_dense
-from offload.experts.source import DenseExpert, ExpertSource, ResidentExperts, route
+from offload.experts.source import DenseExpert, ExpertMemory, ExpertSource, ResidentExperts, route
 from offload.experts.store import HostStore
 
 HIDDEN, WIDTH, NUM_EXPERTS, TOP_K, NUM_LAYERS = 16, 24, 4, 2, 3
@@ -255,3 +255,44 @@ def test_one_gate_per_layer():
     source = moe.offloaded(2, prefetch=1, link=LocalLink())
     with pytest.raises(CacheError, match="got 2 gates for a cache of 3 layers"):
         OffloadedExperts(source.cache, moe.gates[:2], prefetch=1)
+
+
+def test_every_source_tells_its_counters_memory_and_sizes_without_being_probed():
+    moe = FakeMoE(torch.float32)
+    expert_bytes = 3 * WIDTH * HIDDEN * 4
+    resident = moe.resident()
+    assert resident.stats is None
+    assert resident.memory() == ExpertMemory(
+        device_bytes=NUM_LAYERS * NUM_EXPERTS * expert_bytes, host_bytes=0
+    )
+    assert resident.expert_bytes() == (expert_bytes,) * NUM_LAYERS
+    assert resident.describe() == "every expert resident on the device"
+    resident.reset_stats()
+    resident.flush()  # nothing to do: every expert stays
+
+    offloaded = moe.offloaded(2, prefetch=1, link=LocalLink())
+    store = offloaded.cache.store
+    assert offloaded.expert_bytes() == tuple(store.layout(layer).nbytes for layer in range(NUM_LAYERS))
+    # Dense experts run on views of their slot: the device holds the slots and nothing more.
+    assert offloaded.memory() == ExpertMemory(device_bytes=offloaded.cache.nbytes, host_bytes=store.nbytes)
+    assert offloaded.describe().endswith(f"(K=2 of {NUM_EXPERTS} per layer, LRU, prefetch 1)")
+    moe.forward(offloaded, torch.randn(3, HIDDEN))
+    assert offloaded.stats.total().accesses > 0
+    offloaded.reset_stats()
+    assert offloaded.stats.total().accesses == 0
+
+
+def test_a_flushed_source_loads_every_expert_again():
+    moe = FakeMoE(torch.float32)
+    source = moe.offloaded(NUM_EXPERTS, prefetch=0, link=LocalLink())
+    x = torch.randn(2, HIDDEN)
+    moe.forward(source, x)
+    source.reset_stats()
+    moe.forward(source, x)
+    assert source.stats.total().misses == 0  # every slot kept its expert
+    source.flush()
+    assert all(source.cache.resident(layer) == [] for layer in range(NUM_LAYERS))
+    source.reset_stats()
+    moe.forward(source, x)
+    total = source.stats.total()
+    assert total.misses == total.accesses > 0

@@ -24,7 +24,7 @@ from offload.experts.cache import ExpertCache
 from offload.experts.link import Link
 from offload.experts.offloaded import OffloadedExperts
 from offload.experts.policy import DEFAULT_CACHE_POLICY
-from offload.experts.source import Expert, ResidentExperts
+from offload.experts.source import Expert, ExpertSource, ResidentExperts
 from offload.experts.store import HostStore
 from offload.model import MixtralModel
 from offload.quant.codec import codec_for
@@ -39,28 +39,12 @@ DESCRIPTIONS = {
 }
 
 
-class FlushingCache(ExpertCache):
-    """An ExpertCache that can empty a layer's slots, so nothing survives from one token to the next."""
-
-    def flush(self, layer: int) -> None:
-        """Forget every expert in ``layer``'s slots (the buffers stay allocated; nothing is copied back)."""
-        slots = self._layers[layer]
-        for slot in slots.slots:
-            if slot.handle is not None:
-                self.link.wait(slot.handle)  # a copy still in flight must land before the slot is reused
-                slot.handle = None
-            self.stats.layers[layer].wasted_prefetches += slot.prefetched
-            slot.expert, slot.materialized, slot.prefetched = None, None, False
-        slots.lru.clear()
-
-
 class ColdOffloadedExperts(OffloadedExperts):
-    """OffloadedExperts over a FlushingCache that empties each layer's slots before the layer runs."""
-
-    cache: FlushingCache
+    """OffloadedExperts that empty every layer's slots at the start of each forward pass."""
 
     def experts_for(self, layer: int, needed: list[int], guesses: list[int]) -> Iterator[tuple[int, Expert]]:
-        self.cache.flush(layer)
+        if layer == 0:
+            self.flush()
         return super().experts_for(layer, needed, guesses)
 
 
@@ -83,7 +67,7 @@ def build_source(
     experts_per_layer: int,
     prefetch: int,
     policy: str = DEFAULT_CACHE_POLICY,
-) -> object:
+) -> ExpertSource:
     """The ExpertSource of ``variant`` (see VARIANTS) for ``model``, serving ``store``'s experts.
 
     ``experts_per_layer``, ``prefetch`` and the cache ``policy`` are the ``full`` row's; the other rows
@@ -107,6 +91,6 @@ def build_source(
         return OffloadedExperts(cache, gates, prefetch=prefetch if variant == "full" else 0)
     if variant in ("no-cache", "naive"):
         slots = experts_per_layer if variant == "no-cache" else 1
-        cache = FlushingCache(store, slots, link, materialize, device=device)
+        cache = ExpertCache(store, slots, link, materialize, device=device)
         return ColdOffloadedExperts(cache, gates, prefetch=0)
     raise ValueError(f"unknown ablation variant {variant!r}; expected one of {', '.join(VARIANTS)}")

@@ -10,16 +10,13 @@ split at the first token: the prefill's, and the decode's (every later token).
 from __future__ import annotations
 
 import statistics
-from collections.abc import Iterator
 from dataclasses import dataclass, field, fields
 from typing import Any
 
 import torch
-from torch import Tensor, nn
 
 from offload.config import ModelConfig
-from offload.experts.packing import unpack_expert
-from offload.experts.source import ResidentExperts
+from offload.experts.source import ExpertSource
 from offload.experts.stats import LayerStats
 from offload.generate import SamplingParams, Timings, stream_generate
 from offload.loading import attach_source
@@ -85,7 +82,7 @@ class RunFigures:
 
 def run_once(model: MixtralModel, prompt_ids: list[int], new_tokens: int) -> RunFigures:
     """One greedy generation of exactly ``new_tokens`` (EOS does not stop it), with its counters."""
-    stats = getattr(model.expert_source, "stats", None)
+    stats = model.expert_source.stats
     if stats is not None:
         stats.reset()
     tokens: list[int] = []
@@ -103,7 +100,7 @@ def run_once(model: MixtralModel, prompt_ids: list[int], new_tokens: int) -> Run
 
 
 def measure_rows(
-    rows: list[tuple[RowResult, object]],
+    rows: list[tuple[RowResult, ExpertSource]],
     model: MixtralModel,
     prompt_ids: list[int],
     new_tokens: int,
@@ -136,49 +133,17 @@ def minus(after: LayerStats, before: LayerStats) -> LayerStats:
     )
 
 
-def memory_of(model: MixtralModel, source: object, context: int) -> Memory:
+def memory_of(model: MixtralModel, source: ExpertSource, context: int) -> Memory:
     """Per-tier bytes of ``model`` served by ``source`` with a KV cache for ``context`` positions."""
     tensors = {id(t): t for t in [*model.parameters(), *model.buffers()]}.values()
-    dense = sum(_nbytes(t) for t in tensors)
-    if isinstance(source, ResidentExperts):
-        experts = sum(_nbytes(t) for layer in source.experts for e in layer for t in expert_tensors(e))
-        store = 0
-    else:
-        cache = source.cache
-        experts = cache.nbytes + sum(
-            count * _built_bytes(model, cache, layer) for layer, count in enumerate(cache.experts_per_layer)
-        )
-        store = cache.store.nbytes
-    return Memory(dense, experts, kv_bytes(model.config, context, model.dtype), store)
+    dense = sum(t.numel() * t.element_size() for t in tensors)
+    experts = source.memory()
+    return Memory(
+        dense, experts.device_bytes, kv_bytes(model.config, context, model.dtype), experts.host_bytes
+    )
 
 
 def kv_bytes(config: ModelConfig, context: int, dtype: torch.dtype) -> int:
     """Keys and values of every layer for ``context`` positions, batch 1."""
     per_position = config.num_key_value_heads * config.head_dim * torch.finfo(dtype).bits // 8
     return 2 * config.num_hidden_layers * context * per_position
-
-
-def _built_bytes(model: MixtralModel, cache: Any, layer: int) -> int:
-    """What materializing one slot adds beyond its buffer: 0 when the expert runs on views of the
-    buffer (unquantized), the dequantized weights when a CPU slot holds a quantized expert.
-    """
-    layout = cache.store.layout(layer)
-    buffer = torch.empty(layout.nbytes, dtype=torch.uint8, device=model.device)
-    buffer.copy_(cache.store.buffer(layer, 0))
-    expert = cache.materialize[layer](unpack_expert(buffer, layout))
-    own = buffer.untyped_storage().data_ptr()
-    return sum(_nbytes(t) for t in expert_tensors(expert) if t.untyped_storage().data_ptr() != own)
-
-
-def expert_tensors(expert: object) -> Iterator[Tensor]:
-    """The tensors an expert holds (its attributes, and the parameters and buffers of its modules)."""
-    for value in vars(expert).values():
-        if isinstance(value, Tensor):
-            yield value
-        elif isinstance(value, nn.Module):
-            yield from value.parameters()
-            yield from value.buffers()
-
-
-def _nbytes(tensor: Tensor) -> int:
-    return tensor.numel() * tensor.element_size()

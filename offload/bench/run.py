@@ -30,6 +30,7 @@ from offload.bench.ablation import DESCRIPTIONS, VARIANTS, build_source
 from offload.bench.measure import RowResult
 from offload.bench.report import BenchError, BenchReport, LinkInfo
 from offload.errors import ContextError
+from offload.experts.source import ExpertSource
 
 Progress = Callable[[str], None]  # receives one line of progress
 
@@ -190,7 +191,7 @@ def _measure_offloaded(
     slots, prefetch, policy = report.experts_per_layer, offload.prefetch, offload.cache_policy
     prompt_ids, new_tokens, runs = report.prompt_ids, report.new_tokens, report.runs
     expert_bytes = max(store.layout(layer).nbytes for layer in range(store.num_layers))
-    rows: list[tuple[RowResult, object]] = []
+    rows: list[tuple[RowResult, ExpertSource]] = []
     if (variants is not None and "resident" in variants) or copy_ratio is not None:
         resident = build_source("resident", mixtral, store, None, slots, 0)
         rows.append((RowResult("resident", DESCRIPTIONS["resident"], None, 0), resident))
@@ -204,7 +205,8 @@ def _measure_offloaded(
         report.link = LinkInfo(f"emulated:{gbps:.6g}:0", gbps, 0.0, copy_ratio, layer_seconds, expert_bytes)
     else:
         link = parse_link(offload.link)
-        gbps, latency = getattr(link, "gbps", None), getattr(link, "latency_us", None)
+        emulated = isinstance(link, EmulatedLink)
+        gbps, latency = (link.gbps, link.latency_us) if emulated else (None, None)
         report.link = LinkInfo(offload.link, gbps, latency, None, None, expert_bytes)
     with link:
         names = ("offloaded",) if variants is None else [v for v in VARIANTS[1:] if v in variants]

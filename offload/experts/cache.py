@@ -21,7 +21,7 @@ from offload.errors import CacheError
 from offload.experts.link import Link, LinkHandle
 from offload.experts.packing import unpack_expert
 from offload.experts.policy import CACHE_POLICIES, age_uses
-from offload.experts.source import Expert
+from offload.experts.source import Expert, expert_tensors
 from offload.experts.stats import CacheStats
 from offload.experts.store import HostStore, is_out_of_memory
 
@@ -205,6 +205,36 @@ class ExpertCache:
         """Count one step of ``layer`` that used ``used`` (the lrfu policy's decayed use counts)."""
         if self.policy == "lrfu":  # LRU needs no counts; skip the work on the decode path
             age_uses(self._layers[layer].uses, used)
+
+    def flush(self, layer: int) -> None:
+        """Forget every expert in ``layer``'s slots (the buffers stay allocated; nothing is copied back)."""
+        slots = self._layers[layer]
+        for slot in slots.slots:
+            if slot.handle is not None:
+                self.link.wait(slot.handle)  # a copy still in flight must land before the slot is reused
+                slot.handle = None
+            self.stats.layers[layer].wasted_prefetches += slot.prefetched
+            slot.expert, slot.materialized, slot.prefetched = None, None, False
+        slots.lru.clear()
+
+    def built_bytes(self, layer: int) -> int:
+        """What materializing one slot of ``layer`` adds beyond its buffer: 0 when the expert runs on views
+        of the buffer (unquantized), the dequantized weights when a CPU slot holds a quantized expert.
+
+        Measured by materializing expert 0 into a scratch buffer of its own.
+        """
+        layout = self.store.layout(layer)
+        buffer = torch.empty(
+            layout.nbytes, dtype=torch.uint8, device=self._layers[layer].slots[0].buffer.device
+        )
+        buffer.copy_(self.store.buffer(layer, 0))
+        expert = self.materialize[layer](unpack_expert(buffer, layout))
+        own = buffer.untyped_storage().data_ptr()
+        return sum(
+            t.numel() * t.element_size()
+            for t in expert_tensors(expert)
+            if t.untyped_storage().data_ptr() != own
+        )
 
     def reset_stats(self) -> None:
         """Zero the counters; the slots keep their experts."""

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from offload.errors import CacheError
 from offload.experts.cache import ExpertCache
-from offload.experts.source import Expert
+from offload.experts.source import Expert, ExpertMemory
 from offload.experts.stats import CacheStats
 
 
@@ -51,6 +51,34 @@ class OffloadedExperts:
     def reset_stats(self) -> None:
         """Zero the counters; the cache keeps its experts."""
         self.cache.reset_stats()
+
+    def flush(self) -> None:
+        """Empty every layer's slots and forget the pending guesses: the next step starts cold."""
+        for layer in range(self.cache.num_layers):
+            self.cache.flush(layer)
+        self._guesses_for.clear()
+        self._last_used.clear()
+
+    def memory(self) -> ExpertMemory:
+        """The slots, plus what materializing a full set of them builds beside their buffers; the store."""
+        cache = self.cache
+        built = sum(count * cache.built_bytes(layer) for layer, count in enumerate(cache.experts_per_layer))
+        return ExpertMemory(device_bytes=cache.nbytes + built, host_bytes=cache.store.nbytes)
+
+    def expert_bytes(self) -> tuple[int, ...]:
+        """What one load moves in each layer: the expert's packed buffer."""
+        store = self.cache.store
+        return tuple(store.layout(layer).nbytes for layer in range(store.num_layers))
+
+    def describe(self) -> str:
+        cache = self.cache
+        slots = cache.experts_per_layer
+        return (
+            f"experts: {cache.store.nbytes / 2**20:.1f} MiB in host RAM, "
+            f"{cache.nbytes / 2**20:.1f} MiB of device slots "
+            f"(K={slots[0] if len(set(slots)) == 1 else list(slots)} of {cache.store.num_experts} "
+            f"per layer, {cache.policy.upper()}, prefetch {self.prefetch})"
+        )
 
     def _guess_count(self, layer: int) -> int:
         if layer >= self.cache.num_layers:

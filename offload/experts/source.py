@@ -6,11 +6,14 @@ Shapes: T tokens, D hidden, F expert width.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Protocol
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
+
+from offload.experts.stats import CacheStats
 
 
 class Expert(Protocol):
@@ -30,8 +33,25 @@ class DenseExpert:
         return F.linear(F.silu(F.linear(x, self.w1)) * F.linear(x, self.w3), self.w2)
 
 
+@dataclass(frozen=True)
+class ExpertMemory:
+    """The bytes that a source's experts take in each tier."""
+
+    device_bytes: int  # every expert's tensors (resident), or the slots plus what is built from them
+    host_bytes: int  # the host store: every expert packed once (0 when every expert is resident)
+
+
 class ExpertSource(Protocol):
-    """Hands the MoE block its experts. Implementations: ResidentExperts, OffloadedExperts."""
+    """Hands the MoE block its experts. Implementations: ResidentExperts, OffloadedExperts.
+
+    Besides the two calls the block makes, a source declares what the engine, the bench and the trace
+    recorder ask of it, so that no caller has to probe which kind of source it holds.
+    """
+
+    @property
+    def stats(self) -> CacheStats | None:
+        """The cache's counters; None when nothing is cached or moved (every expert resident)."""
+        ...
 
     def speculate(self, layer: int, hidden: Tensor) -> Tensor | None:
         """Guess layer+1's experts from layer's normalised input (T, D), on the device, without syncing.
@@ -48,9 +68,31 @@ class ExpertSource(Protocol):
         """
         ...
 
+    def reset_stats(self) -> None:
+        """Zero the counters; the experts stay where they are."""
+        ...
+
+    def flush(self) -> None:
+        """Empty the device tier, so that the next step loads every expert it needs."""
+        ...
+
+    def memory(self) -> ExpertMemory:
+        """The bytes the experts take on the device and in host RAM."""
+        ...
+
+    def expert_bytes(self) -> tuple[int, ...] | None:
+        """One expert's bytes per layer, as a load moves them; None when that is not known."""
+        ...
+
+    def describe(self) -> str:
+        """One line for the load summary: where the experts live."""
+        ...
+
 
 class ResidentExperts:
     """Every expert on the device: the reference that offloading must reproduce bit for bit."""
+
+    stats: CacheStats | None = None  # nothing is cached or moved
 
     def __init__(self, experts: list[list[Expert]]) -> None:
         self.experts = experts  # [layer][expert]
@@ -61,6 +103,39 @@ class ResidentExperts:
     def experts_for(self, layer: int, needed: list[int], guesses: list[int]) -> Iterator[tuple[int, Expert]]:
         for expert_id in needed:
             yield expert_id, self.experts[layer][expert_id]
+
+    def reset_stats(self) -> None:
+        pass
+
+    def flush(self) -> None:
+        pass  # every expert stays on the device
+
+    def memory(self) -> ExpertMemory:
+        held = sum(_nbytes(t) for layer in self.experts for e in layer for t in expert_tensors(e))
+        return ExpertMemory(device_bytes=held, host_bytes=0)
+
+    def expert_bytes(self) -> tuple[int, ...] | None:
+        """A dense expert's weights per layer; None when a layer's experts are quantized modules."""
+        if not self.experts or not all(isinstance(layer[0], DenseExpert) for layer in self.experts):
+            return None
+        return tuple(sum(_nbytes(w) for w in expert_tensors(layer[0])) for layer in self.experts)
+
+    def describe(self) -> str:
+        return "every expert resident on the device"
+
+
+def expert_tensors(expert: object) -> Iterator[Tensor]:
+    """The tensors an expert holds (its attributes, and the parameters and buffers of its modules)."""
+    for value in vars(expert).values():
+        if isinstance(value, Tensor):
+            yield value
+        elif isinstance(value, nn.Module):
+            yield from value.parameters()
+            yield from value.buffers()
+
+
+def _nbytes(tensor: Tensor) -> int:
+    return tensor.numel() * tensor.element_size()
 
 
 def route(router_logits: Tensor, top_k: int) -> tuple[Tensor, Tensor]:

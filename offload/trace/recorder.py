@@ -14,6 +14,8 @@ if TYPE_CHECKING:
 
     from torch import Tensor
 
+    from offload.experts.source import ExpertMemory, ExpertSource
+    from offload.experts.stats import CacheStats
     from offload.model import MixtralModel
 
 
@@ -38,7 +40,7 @@ class TraceRecorder:
         self.top_k = config.num_experts_per_tok
         self._blocks = [layer.block_sparse_moe for layer in model.model.layers]
         self._sources = [block.source for block in self._blocks]
-        self.expert_bytes = _expert_bytes(self._sources[0], self.num_layers)
+        self.expert_bytes = self._sources[0].expert_bytes()
         self._steps: list[_Step] = []
         self._pending: _Step | None = None
         self._speculating = False  # the prefetcher runs the next layer's gate: not routing
@@ -141,7 +143,7 @@ class _Step:
 class _RecordingSource:
     """An ExpertSource that tells the recorder what the block asks for and forwards everything."""
 
-    def __init__(self, inner: Any, recorder: TraceRecorder) -> None:
+    def __init__(self, inner: ExpertSource, recorder: TraceRecorder) -> None:
         self.inner = inner
         self.recorder = recorder
 
@@ -156,22 +158,21 @@ class _RecordingSource:
         self.recorder._on_experts(layer, needed, guesses)
         return self.inner.experts_for(layer, needed, guesses)
 
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.inner, name)  # stats, describe, cache...: the real source's
+    @property
+    def stats(self) -> CacheStats | None:
+        return self.inner.stats
 
+    def reset_stats(self) -> None:
+        self.inner.reset_stats()
 
-def _expert_bytes(source: Any, num_layers: int) -> tuple[int, ...] | None:
-    """One expert's size per layer: what the host store moves, or a resident dense expert's weights."""
-    store = getattr(getattr(source, "cache", None), "store", None)
-    if store is not None:
-        return tuple(store.layout(layer).nbytes for layer in range(num_layers))
-    experts = getattr(source, "experts", None)  # ResidentExperts: [layer][expert]
-    if not experts:
-        return None
-    sizes = []
-    for layer in experts:
-        weights = [getattr(layer[0], name, None) for name in ("w1", "w2", "w3")]
-        if not all(hasattr(w, "element_size") for w in weights):
-            return None  # a quantized resident expert: its moved size is not known here
-        sizes.append(sum(w.numel() * w.element_size() for w in weights))
-    return tuple(sizes)
+    def flush(self) -> None:
+        self.inner.flush()
+
+    def memory(self) -> ExpertMemory:
+        return self.inner.memory()
+
+    def expert_bytes(self) -> tuple[int, ...] | None:
+        return self.inner.expert_bytes()
+
+    def describe(self) -> str:
+        return self.inner.describe()
