@@ -175,7 +175,7 @@ class Tokenizer:
         """The text of `ids`, skipping BOS, EOS and other control tokens; a leading "▁" becomes nothing."""
         ids = [int(token_id) for token_id in ids]  # numpy or tensor scalars become plain ints
         for token_id in ids:
-            self._check_id(token_id)
+            self.check_id(token_id)
         return self._backend.decode(ids)
 
     def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
@@ -215,7 +215,14 @@ class Tokenizer:
             raise TokenizerError(f"{self.source}: has no {token} token; the chat template needs <s> and </s>")
         return token_id
 
-    def _check_id(self, token_id: int) -> None:
+    def held_bytes(self, held: bytes, token_id: int) -> bytes:
+        """After ``token_id``, the trailing bytes whose text a later token may still change (``held``: those
+        held before it); b"" once the text is final.
+        """
+        return self._backend.held_bytes(held, token_id)
+
+    def check_id(self, token_id: int) -> None:
+        """Raise TokenizerError unless ``token_id`` is in the vocabulary."""
         if not 0 <= token_id < self.vocab_size:
             raise TokenizerError(
                 f"{self.source}: token id {token_id} is out of range; allowed: 0 to {self.vocab_size - 1}"
@@ -245,9 +252,9 @@ class StreamDecoder:
     def push(self, token_id: int) -> str:
         """Add one token; the new text, or "" while it may still change (a character split over byte pieces)."""
         token_id = int(token_id)
-        self._tokenizer._check_id(token_id)
+        self._tokenizer.check_id(token_id)
         self._ids.append(token_id)
-        self._held_bytes = self._tokenizer._backend.held_bytes(self._held_bytes, token_id)
+        self._held_bytes = self._tokenizer.held_bytes(self._held_bytes, token_id)
         if self._held_bytes:
             # A later byte piece may complete the character; decoding now could emit U+FFFD.
             return ""
@@ -259,7 +266,7 @@ class StreamDecoder:
         return self._emit()
 
     def _emit(self) -> str:
-        decode = self._tokenizer._backend.decode
+        decode = self._tokenizer.decode
         known = decode(self._ids[self._prefix : self._read])
         text = decode(self._ids[self._prefix :])
         if len(text) <= len(known):

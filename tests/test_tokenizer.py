@@ -333,15 +333,14 @@ def test_flush_returns_an_unfinished_character_as_decode_does(any_tokenizer: Tok
 def test_stream_decodes_a_short_window_per_token(
     sp_tokenizer: Tokenizer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    backend = sp_tokenizer._backend
     window_sizes: list[int] = []
-    original = backend.decode
+    original = sp_tokenizer.decode
 
     def spy(ids: list[int]) -> str:
         window_sizes.append(len(ids))
         return original(ids)
 
-    monkeypatch.setattr(backend, "decode", spy)
+    monkeypatch.setattr(sp_tokenizer, "decode", spy)
     text = pydoc_data.topics.topics["class"][:3000] + " 😀 東京" * 20
     ids = sp_tokenizer.encode(text)
     assert len(ids) > 500

@@ -10,7 +10,7 @@ import numpy as np
 from offload.trace.format import Trace
 
 if TYPE_CHECKING:
-    from collections.abc import Iterator
+    from collections.abc import Callable, Iterator
 
     from torch import Tensor
 
@@ -43,10 +43,10 @@ class TraceRecorder:
         self.expert_bytes = self._sources[0].expert_bytes()
         self._steps: list[_Step] = []
         self._pending: _Step | None = None
-        self._speculating = False  # the prefetcher runs the next layer's gate: not routing
         wrappers: dict[int, _RecordingSource] = {}  # one wrapper per distinct real source
         for block, source in zip(self._blocks, self._sources, strict=True):
-            block.source = wrappers.setdefault(id(source), _RecordingSource(source, self))
+            block.source = wrappers.setdefault(id(source), _RecordingSource(source, self._on_experts))
+        self._wrappers = list(wrappers.values())
         self._hooks = [
             model.register_forward_pre_hook(self._begin_step),
             model.register_forward_hook(self._end_step),
@@ -114,8 +114,8 @@ class TraceRecorder:
     def _on_gate(self, layer: int, module: object, args: object, logits: Tensor) -> None:
         from offload.experts.source import route
 
-        if self._speculating or self._pending is None:
-            return
+        if self._pending is None or any(wrapper.speculating for wrapper in self._wrappers):
+            return  # the prefetcher running the next layer's gate is not routing
         weights, ids = route(logits.reshape(-1, logits.shape[-1]), self.top_k)  # (T, k) each, on the device
         self._pending.ids[layer], self._pending.weights[layer] = ids, weights
 
@@ -143,19 +143,20 @@ class _Step:
 class _RecordingSource:
     """An ExpertSource that tells the recorder what the block asks for and forwards everything."""
 
-    def __init__(self, inner: ExpertSource, recorder: TraceRecorder) -> None:
+    def __init__(self, inner: ExpertSource, on_experts: Callable[[int, list[int], list[int]], None]) -> None:
         self.inner = inner
-        self.recorder = recorder
+        self.on_experts = on_experts  # told (layer, needed, guesses) before each experts_for
+        self.speculating = False  # True while the inner source runs a gate to guess, which is not routing
 
     def speculate(self, layer: int, hidden: Tensor) -> Tensor | None:
-        self.recorder._speculating = True
+        self.speculating = True
         try:
             return self.inner.speculate(layer, hidden)
         finally:
-            self.recorder._speculating = False
+            self.speculating = False
 
     def experts_for(self, layer: int, needed: list[int], guesses: list[int]) -> Iterator[tuple[int, Any]]:
-        self.recorder._on_experts(layer, needed, guesses)
+        self.on_experts(layer, needed, guesses)
         return self.inner.experts_for(layer, needed, guesses)
 
     @property
