@@ -148,7 +148,7 @@ def test_a_slow_copy_is_waited_for_and_counted():
         assert cache.is_ready(0, 3)
     assert torch.equal(expert.w2, store.tensors(0, 3)["w2"])
     assert cache.stats.layers[0].wait_seconds > 0
-    assert cache.stats.layers[0].bytes_moved == store.layout(0).nbytes == link.bytes_moved
+    assert cache.stats.layers[0].bytes_moved == store.layout(0).nbytes
 
 
 def test_materialize_may_differ_per_layer():
@@ -234,3 +234,12 @@ def test_the_policy_picks_the_victim(policy: str, evicted: int) -> None:
 def test_an_unknown_policy_is_one_clear_line() -> None:
     with pytest.raises(CacheError, match=r"cache policy 'fifo' is not one of lrfu, lru"):
         ExpertCache(make_store(), 2, LocalLink(), materialize_dense, policy="fifo")
+
+
+def test_the_victim_rule_is_the_engine_s_and_the_replay_s() -> None:
+    from offload.experts.policy import choose_victim
+
+    uses = [0.5, 2.0, 0.5, 1.0]
+    assert choose_victim("lru", [3, 1, 0], uses) == 3  # the least recently used, whatever its count
+    assert choose_victim("lrfu", [3, 1, 0], uses) == 0  # the smallest decayed count
+    assert choose_victim("lrfu", [2, 0, 1], uses) == 2  # equal counts: the least recently used goes

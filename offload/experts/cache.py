@@ -20,7 +20,7 @@ from torch import Tensor
 from offload.errors import CacheError
 from offload.experts.link import Link, LinkHandle
 from offload.experts.packing import unpack_expert
-from offload.experts.policy import CACHE_POLICIES, age_uses
+from offload.experts.policy import CACHE_POLICIES, age_uses, choose_victim
 from offload.experts.source import Expert, expert_tensors
 from offload.experts.stats import CacheStats
 from offload.experts.store import HostStore, is_out_of_memory
@@ -163,8 +163,7 @@ class ExpertCache:
             candidates = [e for e in slots.lru if e not in protected]  # least recently used first
             if not candidates:
                 return False
-            # min() keeps the first of equal counts: ties go to the least recently used.
-            victim = candidates[0] if self.policy == "lru" else min(candidates, key=slots.uses.__getitem__)
+            victim = choose_victim(self.policy, candidates, slots.uses)
             slot = slots.lru.pop(victim)
             self.stats.layers[layer].wasted_prefetches += slot.prefetched
         self._loads_begun += 1
@@ -175,7 +174,7 @@ class ExpertCache:
         stats = self.stats.layers[layer]
         stats.loads += 1
         stats.prefetch_loads += prefetch
-        stats.bytes_moved += slot.buffer.numel()
+        stats.bytes_moved += slot.handle.nbytes  # the link sized the copy; this is its one count
         return True
 
     def acquire(self, layer: int, expert: int) -> Expert:

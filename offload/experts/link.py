@@ -7,7 +7,8 @@ One interface, ``submit(src, dst) -> handle`` then ``wait(handle)``:
 - ``CudaLink``: a dedicated copy stream and events; waiting never blocks the host.
 
 Every link completes copies in submission order, so a later copy into the same ``dst`` wins.
-Each link counts the bytes it moved and the seconds its callers spent blocked in ``wait``.
+A handle carries its copy's size; the bytes moved and the seconds blocked are counted once, per layer,
+by the expert cache (``offload.experts.stats``), not again here.
 """
 
 from __future__ import annotations
@@ -32,27 +33,17 @@ class LinkHandle:
 
 
 class Link:
-    """The common part of every link: argument checks and the counters."""
-
-    def __init__(self) -> None:
-        self.bytes_moved = 0  # bytes of every copy submitted
-        self.copies = 0  # copies submitted
-        self.wait_seconds = 0.0  # host seconds spent blocked in wait()
+    """The common part of every link: the argument checks."""
 
     def submit(self, src: Tensor, dst: Tensor) -> LinkHandle:
         """Start copying ``src`` into ``dst`` (same shape and dtype); returns at once where it can."""
         if src.shape != dst.shape or src.dtype != dst.dtype:
             raise ValueError(f"cannot copy {src.dtype}{list(src.shape)} into {dst.dtype}{list(dst.shape)}")
-        nbytes = src.numel() * src.element_size()
-        self.bytes_moved += nbytes
-        self.copies += 1
-        return self._submit(src, dst, nbytes)
+        return self._submit(src, dst, src.numel() * src.element_size())
 
     def wait(self, handle: LinkHandle) -> None:
         """Return once ``dst`` of ``handle`` may be read by work issued after this call."""
-        started = time.perf_counter()
         self._wait(handle)
-        self.wait_seconds += time.perf_counter() - started
 
     def is_done(self, handle: LinkHandle) -> bool:
         """Whether ``wait(handle)`` would return without blocking."""
@@ -103,7 +94,6 @@ class EmulatedLink(Link):
     def __init__(self, gbps: float, latency_us: float = 0.0) -> None:
         if not gbps > 0 or not latency_us >= 0:
             raise CacheError(f"emulated link needs gbps > 0 and latency_us >= 0, got {gbps} and {latency_us}")
-        super().__init__()
         self.gbps = gbps
         self.latency_us = latency_us
         self._link_free_at = 0.0  # when the emulated link finishes the last submitted copy
@@ -163,7 +153,6 @@ class CudaLink(Link):
     """
 
     def __init__(self, device: torch.device | str | None = None) -> None:
-        super().__init__()
         self.device = torch.device(device if device is not None else "cuda")
         self.stream = torch.cuda.Stream(self.device)
 

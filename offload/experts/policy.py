@@ -10,7 +10,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 CACHE_POLICIES = ("lrfu", "lru")
 DEFAULT_CACHE_POLICY = "lrfu"
@@ -23,3 +23,16 @@ def age_uses(uses: list[float], used: Iterable[int]) -> None:
         uses[expert] *= LRFU_DECAY
     for expert in used:
         uses[expert] += 1.0
+
+
+def choose_victim(policy: str, candidates: Sequence[int], uses: Sequence[float]) -> int:
+    """The expert that a full layer evicts under ``policy`` (one of CACHE_POLICIES).
+
+    ``candidates`` are the experts that may go, least recently used first; ``uses`` are the layer's
+    decayed use counts (``age_uses``), which only lrfu reads.
+    """
+    if policy == "lru":
+        return candidates[0]
+    assert policy == "lrfu", f"unknown cache policy {policy!r}"
+    # min() keeps the first of equal counts: ties go to the least recently used.
+    return min(candidates, key=uses.__getitem__)

@@ -11,7 +11,8 @@ loads it (one expert's bytes over the link).
 - ``lru``: evict the least recently used expert. Within a step, experts are used in ascending id
   order, as ``OffloadedExperts`` marks them.
 - ``lrfu``: evict the expert with the smallest decayed use count, ties to the least recently used
-  (``offload.experts.policy``, the engine's default).
+  (the engine's default). Both choose their victim with the engine's own
+  ``offload.experts.policy.choose_victim``.
 - ``lfu``: evict the expert used at the fewest steps so far (counted over the whole trace, in a slot
   or not); ties go to the least recently used.
 - ``belady``: evict the expert whose next use is furthest away (never again counts as infinitely far;
@@ -35,7 +36,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from offload.errors import TraceError
-from offload.experts.policy import age_uses
+from offload.experts.policy import age_uses, choose_victim
 from offload.trace.format import Trace
 
 POLICIES = ("lru", "lrfu", "lfu", "belady", "lru+prefetch", "lrfu+prefetch")
@@ -183,10 +184,8 @@ def _replay_layer(
             victim = max(candidates, key=lambda e: (next_use(e), -e))
         elif policy == "lfu":
             victim = min(candidates, key=lambda e: (frequency.get(e, 0), last_used[e]))
-        elif policy == "lrfu":
-            victim = min(candidates, key=lambda e: (decayed[e], last_used[e]))
-        else:
-            victim = min(candidates, key=last_used.__getitem__)
+        else:  # the engine's own rule, given the candidates least recently used first
+            victim = choose_victim(policy, sorted(candidates, key=last_used.__getitem__), decayed)
         del last_used[victim]
         if victim in prefetched:
             prefetched.discard(victim)
