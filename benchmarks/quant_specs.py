@@ -131,7 +131,8 @@ def run_convert(source: Path, destination: Path, *flags: str) -> tuple[dict[str,
 
 def sizes() -> list[dict[str, Any]]:
     """Bytes and bits per weight of one Mixtral 8x7B expert per spec, by arithmetic (bf16 for none)."""
-    from offload.quant import QuantSpec, expert_nbytes
+    from offload.quant.codec import expert_nbytes
+    from offload.quant.spec import QuantSpec
 
     hidden, ffn = MIXTRAL["hidden_size"], MIXTRAL["intermediate_size"]
     experts = MIXTRAL["num_hidden_layers"] * MIXTRAL["num_local_experts"]

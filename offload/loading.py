@@ -17,8 +17,7 @@ from torch import nn
 
 from offload.checkpoint.hub import resolve_model_dir
 from offload.checkpoint.reader import Checkpoint
-from offload.checkpoint.weights import WeightReader, reader_for
-from offload.config import ModelConfig
+from offload.checkpoint.weights import ATTENTION, WeightReader, parse_dtype, reader_for
 from offload.errors import OffloadError
 from offload.experts.policy import DEFAULT_CACHE_POLICY
 from offload.experts.source import Expert, ExpertSource, ResidentExperts
@@ -27,8 +26,6 @@ from offload.quant.codec import codec_for
 from offload.quant.linear import build_linear
 from offload.quant.scheme import QuantScheme
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
 Progress = Callable[[str, int], None]  # (what was just loaded, its bytes)
 
 
@@ -40,16 +37,6 @@ class OffloadOptions:
     prefetch: int = 2  # guesses of the next layer's experts; 0 turns prefetching off
     cache_policy: str = DEFAULT_CACHE_POLICY  # which expert a full layer evicts (offload.experts.policy)
     link: str = "local"  # local | emulated:GBPS[:LATENCY_US] | cuda
-
-
-def parse_dtype(name: str | torch.dtype | None, config: ModelConfig) -> torch.dtype:
-    """A dtype name (or None: the checkpoint's own dtype) as a torch dtype."""
-    if isinstance(name, torch.dtype):
-        return name
-    name = name or config.torch_dtype
-    if name not in DTYPES:
-        raise OffloadError(f"--dtype {name!r} is not one of {', '.join(DTYPES)}")
-    return DTYPES[name]
 
 
 def parse_device(name: str | torch.device | None) -> torch.device:

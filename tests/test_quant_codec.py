@@ -16,8 +16,9 @@ from safetensors.torch import save as save_safetensors
 
 from offload.errors import QuantError
 from offload.experts.source import DenseExpert
-from offload.quant import QuantizedExpert, QuantSpec, build_linear, codec_for, expert_nbytes, quantize_linear
-from offload.quant.linear import backend_for
+from offload.quant.codec import QuantizedExpert, codec_for, expert_nbytes
+from offload.quant.linear import backend_for, build_linear, quantize_linear
+from offload.quant.spec import QuantSpec
 
 SPECS = ["hqq:2:16", "hqq:3:64", "hqq:4:64", "hqq:8:64", "bnb:nf4", "bnb:fp4", "bnb:int8", "none"]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]

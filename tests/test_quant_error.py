@@ -13,7 +13,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from offload.quant import QuantSpec, build_linear, codec_for, quantize_linear
+from offload.quant.codec import codec_for
+from offload.quant.linear import bits_per_weight, build_linear, quantize_linear
+from offload.quant.spec import QuantSpec
 
 HIDDEN, FFN, TOKENS = 128, 256, 16
 
@@ -96,6 +98,6 @@ def test_bits_per_weight_counts_the_stored_bytes(text, shape):
     if text.startswith("hqq:") and shape[1] % spec.group_size:
         pytest.skip("group does not divide the row")
     stored = sum(t.numel() * t.element_size() for t in quantize_linear(weight, spec).values())
-    assert spec.bits_per_weight(shape, torch.bfloat16) == pytest.approx(
+    assert bits_per_weight(spec, shape, torch.bfloat16) == pytest.approx(
         8 * stored / weight.numel(), rel=1e-12
     )

@@ -8,7 +8,9 @@ import sys
 import pytest
 
 from offload.errors import QuantError
-from offload.quant import ROLES, QuantSpec, codec_for, expert_nbytes
+from offload.quant.codec import codec_for, expert_nbytes
+from offload.quant.linear import bits_per_weight
+from offload.quant.spec import ROLES, QuantSpec
 
 VALID = [
     *(f"hqq:{bits}:{group}" for bits in (2, 3, 4, 8) for group in (16, 32, 64, 128)),
@@ -117,7 +119,7 @@ def test_roles():
     ],
 )
 def test_bits_per_weight_at_mixtral_scale(text, bits):
-    assert QuantSpec.parse(text).bits_per_weight((14336, 4096)) == pytest.approx(bits, abs=1e-4)
+    assert bits_per_weight(QuantSpec.parse(text), (14336, 4096)) == pytest.approx(bits, abs=1e-4)
 
 
 def test_expert_nbytes_at_mixtral_scale():
@@ -130,7 +132,7 @@ def test_a_group_that_does_not_divide_the_row_is_refused_before_quantizing():
     with pytest.raises(
         QuantError, match=r"hqq:4:64 cannot quantize weight of shape \(128, 40\).*row length 40"
     ):
-        QuantSpec.parse("hqq:4:64").bits_per_weight((128, 40))
+        bits_per_weight(QuantSpec.parse("hqq:4:64"), (128, 40))
 
 
 def test_importing_the_package_loads_neither_library():

@@ -40,10 +40,9 @@ from offload.checkpoint.reader import (
     expected_tensors,
     expert_prefix,
 )
-from offload.checkpoint.weights import MATRICES, WeightReader
+from offload.checkpoint.weights import ATTENTION, MATRICES, WeightReader, parse_dtype
 from offload.config import ModelConfig
 from offload.errors import CheckpointError, OffloadError, QuantError
-from offload.loading import ATTENTION, parse_dtype
 from offload.quant.linear import backend_for, matrix_nbytes
 from offload.quant.scheme import QuantScheme
 from offload.quant.spec import QuantSpec

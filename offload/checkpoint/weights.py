@@ -13,13 +13,26 @@ import torch
 from torch import Tensor
 
 from offload.checkpoint.reader import Checkpoint, expected_tensors, expert_prefix
-from offload.errors import CheckpointError
+from offload.config import ModelConfig
+from offload.errors import CheckpointError, OffloadError
 from offload.quant.codec import codec_for
 from offload.quant.linear import backend_for, matrix_nbytes, quantize_linear
 from offload.quant.scheme import QuantScheme
 from offload.quant.spec import QuantSpec
 
-MATRICES = ("w1", "w2", "w3")
+MATRICES = ("w1", "w2", "w3")  # an expert's gate, down and up projections, by the hub's names
+ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")  # a layer's attention projections
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def parse_dtype(name: str | torch.dtype | None, config: ModelConfig) -> torch.dtype:
+    """A dtype name (or None: the checkpoint's own dtype) as a torch dtype."""
+    if isinstance(name, torch.dtype):
+        return name
+    name = name or config.torch_dtype
+    if name not in DTYPES:
+        raise OffloadError(f"--dtype {name!r} is not one of {', '.join(DTYPES)}")
+    return DTYPES[name]
 
 
 class WeightReader:

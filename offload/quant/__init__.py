@@ -1,21 +1,9 @@
 """Quantization: specs per role, the hqq / bitsandbytes / none backends, and how experts and linears are stored.
 
-Importing this package is cheap: hqq and bitsandbytes are imported only when a matrix is quantized or rebuilt.
+``spec`` and ``scheme`` import neither torch nor a backend, so profiles and flags are checked without them;
+hqq and bitsandbytes are imported only when a matrix is quantized or rebuilt. ``spec`` must not import
+``linear`` (the byte arithmetic lives next to each backend, and ``linear`` imports ``spec``).
+
+May import ``offload.errors`` and ``offload.experts.source`` (the Expert that a codec materializes); never
+``bench``, ``trace`` or ``cli``.
 """
-
-from offload.quant.codec import ExpertCodec, QuantizedExpert, codec_for, expert_nbytes
-from offload.quant.linear import build_linear, dequantize_linear, matrix_nbytes, quantize_linear
-from offload.quant.spec import ROLES, QuantSpec
-
-__all__ = [
-    "ROLES",
-    "ExpertCodec",
-    "QuantSpec",
-    "QuantizedExpert",
-    "build_linear",
-    "codec_for",
-    "dequantize_linear",
-    "expert_nbytes",
-    "matrix_nbytes",
-    "quantize_linear",
-]

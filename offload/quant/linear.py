@@ -35,6 +35,15 @@ def matrix_nbytes(spec: QuantSpec, shape: tuple[int, int], dtype: torch.dtype = 
     return backend_for(spec).nbytes(spec, shape)
 
 
+def bits_per_weight(spec: QuantSpec, shape: tuple[int, int], dtype: torch.dtype = torch.bfloat16) -> float:
+    """Stored bits per weight of an (out, in) matrix, metadata included, from the exact stored byte count.
+
+    ``dtype`` is the float type a ``none`` matrix is kept in; the quantized backends ignore it.
+    """
+    out_features, in_features = shape
+    return 8 * matrix_nbytes(spec, shape, dtype) / (out_features * in_features)
+
+
 def quantize_linear(weight: Tensor, spec: QuantSpec, *, name: str = "weight") -> dict[str, Tensor]:
     """Quantize an (out, in) weight on the CPU with the backend's own quantizer.
 

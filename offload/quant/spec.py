@@ -1,14 +1,14 @@
 """Quantization specs: the short text a user writes (``hqq:4:64``, ``bnb:nf4``, ``none``) as a frozen value.
 
 A spec says how one weight matrix is stored. It is checked when it is built, so an invalid spec never exists;
-whether it fits a particular matrix is checked by the backend when that matrix is quantized.
+whether it fits a particular matrix is checked by the backend when that matrix is quantized, and what it
+costs in bytes is ``offload.quant.linear.matrix_nbytes``. This module imports neither torch nor a backend,
+so profiles and flags are checked without them.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-
-import torch
 
 from offload.errors import QuantError
 
@@ -104,17 +104,6 @@ class QuantSpec:
         if self.backend == "bnb":
             return f"bnb:{self.kind}"
         return "none"
-
-    def bits_per_weight(self, weight_shape: tuple[int, int], dtype: torch.dtype = torch.bfloat16) -> float:
-        """Stored bits per weight of a (out, in) matrix, metadata included, from the exact stored byte count.
-
-        ``dtype`` is the float type a ``none`` matrix is kept in; the quantized backends ignore it.
-        """
-        # Imported here because linear imports this module; the byte arithmetic lives next to each backend.
-        from offload.quant.linear import matrix_nbytes
-
-        out_features, in_features = weight_shape
-        return 8 * matrix_nbytes(self, weight_shape, dtype) / (out_features * in_features)
 
 
 def _parse_int(text: str) -> int | None:
