@@ -8,8 +8,10 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.console import Console
 
 from cli import options
+from cli.bench_view import bench_view
 
 
 def register(app: typer.Typer) -> None:
@@ -58,9 +60,7 @@ def bench(
         Path | None, typer.Option("--json", help="Also write the report as JSON to FILE ('-': stdout only).")
     ] = None,
 ) -> None:
-    from rich.console import Console
-
-    from cli.bench_view import bench_view
+    # Deferred: the engine imports torch, and `offload --help` must stay instant.
     from offload.bench.run import run_bench
 
     err = Console(stderr=True, highlight=False)

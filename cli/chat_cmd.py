@@ -6,8 +6,11 @@ import contextlib
 import sys
 
 import typer
+from rich.console import Console
 
 from cli import options
+from cli.stats_view import stats_table
+from offload.errors import OffloadError
 
 HELP = """Commands:
   /help          this list
@@ -44,8 +47,7 @@ def chat(
     dtype: options.Dtype = None,
     device: options.Device = None,
 ) -> None:
-    from rich.console import Console
-
+    # Deferred: the engine imports torch, and `offload --help` must stay instant.
     from cli.loading_view import load_engine
     from offload.chat import ChatSession
 
@@ -96,9 +98,8 @@ def chat(
 
 
 def _reply(session, text: str, out) -> None:
+    # Deferred: torch takes seconds to import, and `offload --help` must stay instant.
     import torch
-
-    from offload.errors import OffloadError
 
     stream = session.send(text)
     last = None
@@ -136,8 +137,6 @@ def _reply(session, text: str, out) -> None:
 
 
 def _command(text: str, session, out) -> str | None:
-    from offload.errors import OffloadError
-
     name, _, argument = text.partition(" ")
     argument = argument.strip()
     try:
@@ -149,8 +148,6 @@ def _command(text: str, session, out) -> str | None:
             session.reset()
             out.print("[dim]conversation cleared[/dim]")
         elif name == "/stats":
-            from cli.stats_view import stats_table
-
             out.print(stats_table(session))
         elif name in ("/save", "/load") and not argument:
             out.print(f"[red]usage:[/red] {name} FILE")

@@ -10,8 +10,17 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
 
 from cli import options
+from offload.checkpoint.hub import resolve_model_dir
+from offload.config import ModelConfig
+from offload.errors import QuantError
+from offload.quant.scheme import QuantScheme
+from offload.quant.spec import QuantSpec
+from offload.settings.profile import load_profile
 
 # The paper's scheme, used when neither --profile nor a spec flag says otherwise.
 DEFAULT_ATTENTION = "hqq:4:64"
@@ -56,11 +65,8 @@ def convert(
         bool, typer.Option("--json", help="Print the report as one JSON object instead of a table.")
     ] = False,
 ) -> None:
-    from rich.console import Console
-
+    # Deferred: the engine imports torch, and `offload --help` must stay instant.
     from offload.checkpoint.convert import convert_checkpoint
-    from offload.checkpoint.hub import resolve_model_dir
-    from offload.config import ModelConfig
 
     source = resolve_model_dir(src)
     config = ModelConfig.from_file(source / "config.json")
@@ -99,11 +105,6 @@ def build_scheme(
     lm_head: str | None = None,
 ) -> Any:
     """The QuantScheme the flags ask for: the profile's (or the default) with each given flag on top."""
-    from offload.errors import QuantError
-    from offload.quant.scheme import QuantScheme
-    from offload.quant.spec import QuantSpec
-    from offload.settings.profile import load_profile
-
     # Parsed one by one first, so that an error names the option that holds the bad spec.
     for option, text in (
         ("--attention", attention),
@@ -141,8 +142,6 @@ def build_scheme(
 
 def report_table(report: Any) -> Any:
     """The report as a rich table, with a caption for the totals."""
-    from rich.table import Table
-
     table = Table(
         title=f"{report.source} -> {report.destination}",
         caption=f"{report.total_bytes / 2**20:.1f} MiB in {report.shards} shards, "
@@ -168,8 +167,6 @@ def report_table(report: Any) -> Any:
 @contextmanager
 def _progress_bars(console: Any, *, quiet: bool) -> Iterator[Callable[[Any], None]]:
     """Two rich bars on stderr (source tensors read, bytes written); yields convert's progress hook."""
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-
     columns = (
         TextColumn("{task.description:>8}"),
         BarColumn(),

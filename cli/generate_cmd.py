@@ -9,6 +9,7 @@ from typing import Annotated
 import typer
 
 from cli import options
+from offload.errors import OffloadError
 
 
 def register(app: typer.Typer) -> None:
@@ -42,8 +43,8 @@ def generate(
         bool, typer.Option("--json", help="Print one JSON object with ids, text and timings.")
     ] = False,
 ) -> None:
+    # Deferred: the engine imports torch, and `offload --help` must stay instant.
     from cli.loading_view import load_engine
-    from offload.errors import OffloadError
 
     if prompt == "-":
         try:

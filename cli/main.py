@@ -7,7 +7,9 @@ from typing import Annotated
 
 import typer
 
+from cli import bench_cmd, chat_cmd, convert_cmd, generate_cmd, plan_cmd, profiles_cmd, trace_cmd
 from offload import __version__
+from offload.errors import OffloadError
 
 app = typer.Typer(
     name="offload",
@@ -35,8 +37,6 @@ def main(
 
 
 def _register_commands() -> None:
-    from cli import bench_cmd, chat_cmd, convert_cmd, generate_cmd, plan_cmd, profiles_cmd, trace_cmd
-
     bench_cmd.register(app)
     chat_cmd.register(app)
     convert_cmd.register(app)
@@ -51,8 +51,6 @@ _register_commands()
 
 def run() -> None:
     """Console-script entry point: user errors become one line on stderr and exit code 2."""
-    from offload.errors import OffloadError
-
     try:
         app()  # typer's standalone mode handles usage errors (exit 2) and --help itself
     except OffloadError as err:

@@ -8,6 +8,13 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.console import Console
+from rich.table import Table
+
+import offload
+from offload.config import ModelConfig
+from offload.errors import ConfigError, OffloadError
+from offload.settings.profile import load_profile
 
 MAX_FREE_GIB = 1024**2  # a PiB: far beyond any machine, small enough that bytes stay exact integers
 
@@ -45,10 +52,8 @@ def plan_command(
 
     Example: offload plan --model ./Mixtral-8x7B-Instruct-v0.1 --profile rtx3060-12gb
     """
-    from offload.config import ModelConfig
-    from offload.errors import OffloadError
+    # Deferred: the engine imports torch, and `offload --help` must stay instant.
     from offload.settings.plan import GIB, default_context, plan_memory
-    from offload.settings.profile import load_profile
 
     if free_gib is not None and not 0 <= free_gib <= MAX_FREE_GIB:  # also refuses nan
         raise OffloadError(f"--free-gib {free_gib}: allowed is 0 to {MAX_FREE_GIB} (GiB of free memory)")
@@ -68,11 +73,7 @@ def plan_command(
 
 
 def _config_path(model: str | None) -> Path:
-    from offload.errors import ConfigError
-
     if model is None:
-        import offload
-
         path = Path(offload.__file__).resolve().parent / "demo"
         if not path.is_dir():
             raise ConfigError(
@@ -87,7 +88,7 @@ def _config_path(model: str | None) -> Path:
 def _measure_free_memory(kind: str) -> int | None:
     """Free bytes on the device: CUDA's own figure, or the RAM the OS reports available."""
     if kind == "cuda":
-        import torch
+        import torch  # deferred: torch takes seconds to import, and only a CUDA device needs it here
 
         return torch.cuda.mem_get_info()[0] if torch.cuda.is_available() else None
     try:
@@ -97,9 +98,7 @@ def _measure_free_memory(kind: str) -> int | None:
 
 
 def _print_plan(plan) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
+    # Deferred: the engine imports torch, and `offload --help` must stay instant.
     from offload.settings.plan import GIB
 
     console = Console()

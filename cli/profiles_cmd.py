@@ -5,6 +5,10 @@ from __future__ import annotations
 from typing import Annotated
 
 import typer
+from rich.console import Console
+from rich.table import Table
+
+from offload.settings.profile import list_profiles, load_profile
 
 profiles_app = typer.Typer(
     help="List and show profiles (device classes).\n\nExample: offload profiles show rtx3060-12gb",
@@ -18,11 +22,6 @@ def list_command() -> None:
 
     Example: offload profiles list
     """
-    from rich.console import Console
-    from rich.table import Table
-
-    from offload.settings.profile import list_profiles
-
     table = Table("name", "device", "memory", "K", "attention / experts", "description")
     for entry in list_profiles():
         profile = entry.profile
@@ -49,8 +48,6 @@ def show_command(
 
     Example: offload profiles show laptop-8gb
     """
-    from offload.settings.profile import load_profile
-
     profile = load_profile(name)
     typer.echo(f"# {profile.source}")
     typer.echo(profile.to_toml(), nl=False)

@@ -7,8 +7,11 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.console import Console
+from rich.table import Column, Table
 
 from cli import options
+from offload.errors import OffloadError
 
 trace_app = typer.Typer(
     help="Record which experts a run routes to, then replay it against LRU, LRFU, LFU and Belady.\n\n"
@@ -55,6 +58,7 @@ def record_command(
 
     Example: offload trace record mixtral.trace --model ./Mixtral-8x7B-Instruct-v0.1 --prompt-file q.txt
     """
+    # Deferred: the engine imports torch, and `offload --help` must stay instant.
     from cli.loading_view import load_engine
     from offload.trace.format import save_trace
     from offload.trace.recorder import TraceRecorder
@@ -142,6 +146,7 @@ def replay_command(
 
     Example: offload trace replay demo.trace --policy lru,lrfu,belady -k 1-8
     """
+    # Deferred: traces need numpy, and `offload --help` must stay instant.
     from offload.trace.format import load_trace
     from offload.trace.replay import replay_table
 
@@ -164,8 +169,6 @@ def replay_command(
 
 
 def _read_prompt(prompt: str | None, prompt_file: Path | None) -> str:
-    from offload.errors import OffloadError
-
     if prompt is not None and prompt_file is not None:
         raise typer.BadParameter("give --prompt or --prompt-file, not both", param_hint="--prompt")
     if prompt_file is None:
@@ -179,6 +182,7 @@ def _read_prompt(prompt: str | None, prompt_file: Path | None) -> str:
 
 
 def _parse_policies(text: str | None, has_guesses: bool) -> list[str]:
+    # Deferred: traces need numpy, and `offload --help` must stay instant.
     from offload.trace.replay import POLICIES
 
     if text is None:  # by default, skip the prefetch row when there is nothing to prefetch
@@ -218,9 +222,6 @@ def _parse_ks(text: str | None, num_experts: int) -> list[int]:
 
 
 def _print_table(trace, rows, trace_path: Path, skipped_prefetch: bool) -> None:
-    from rich.console import Console
-    from rich.table import Column, Table
-
     console = Console()
     with_bytes = rows[0].bytes_moved is not None if rows else False
     title = (

@@ -19,8 +19,12 @@ from offload.checkpoint.hub import resolve_model_dir
 from offload.checkpoint.reader import Checkpoint
 from offload.checkpoint.weights import ATTENTION, WeightReader, parse_dtype, reader_for
 from offload.errors import OffloadError
+from offload.experts.cache import ExpertCache
+from offload.experts.link import parse_link
+from offload.experts.offloaded import OffloadedExperts
 from offload.experts.policy import DEFAULT_CACHE_POLICY
 from offload.experts.source import Expert, ExpertSource, ResidentExperts
+from offload.experts.store import HostStore
 from offload.model import MixtralModel
 from offload.quant.codec import codec_for
 from offload.quant.linear import build_linear
@@ -132,11 +136,6 @@ def load_offloaded_experts(
     progress: Progress | None = None,
 ) -> ExpertSource:
     """Every expert packed into the host store, behind a K-slot cache per layer on the device."""
-    from offload.experts.cache import ExpertCache
-    from offload.experts.link import parse_link
-    from offload.experts.offloaded import OffloadedExperts
-    from offload.experts.store import HostStore
-
     config = mixtral.config
     store = HostStore(config.num_hidden_layers, config.num_local_experts, device=device)
     for layer in range(config.num_hidden_layers):

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from offload.config import ModelConfig
+from offload.errors import OffloadError
 from offload.experts.source import ExpertSource
 from offload.experts.stats import LayerStats
 from offload.generate import SamplingParams, Timings, stream_generate
@@ -107,8 +108,6 @@ def measure_rows(
     runs: int,
 ) -> list[RowResult]:
     """Fill each (result, source) pair: a warm-up run each, then ``runs`` interleaved measured runs."""
-    from offload.errors import OffloadError
-
     for result, source in rows:
         attach_source(model, source)
         result.tokens = run_once(model, prompt_ids, new_tokens).tokens

@@ -19,6 +19,8 @@ from typing import Any
 from offload.bench.measure import run_once
 from offload.loading import attach_source
 from offload.model import MixtralModel
+from offload.trace.recorder import TraceRecorder
+from offload.trace.replay import replay
 
 POLICIES = ("belady", "lru", "lrfu", "lfu", "lru+prefetch", "lrfu+prefetch")
 
@@ -36,9 +38,6 @@ def policy_check(
 
     Returns the JSON block ``policy_check`` of the bench report, plus ``tokens``: the run's ids.
     """
-    from offload.trace.recorder import TraceRecorder
-    from offload.trace.replay import replay
-
     attach_source(model, source)
     with TraceRecorder(model, model_name="bench") as recorder:
         run = run_once(model, prompt_ids, new_tokens)

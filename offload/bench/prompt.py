@@ -9,9 +9,13 @@ with the same Python. Without a tokenizer, the ids are drawn from a fixed seed.
 
 from __future__ import annotations
 
+import pydoc_data.topics
 import random
 import zlib
 from pathlib import Path
+
+from offload.errors import TokenizerError
+from offload.tokenizer import Tokenizer
 
 HELD_OUT_PERCENT = 5  # as scripts/build_demo_corpus.py: a chunk is held out when crc32(key) % 100 < 5
 CHUNK_CHARS = 2000  # as scripts/build_demo_corpus.py: chunks end at the first blank line past 2000 chars
@@ -21,8 +25,6 @@ FIRST_ORDINARY_ID = 3  # ids 0, 1, 2 are <unk>, <s>, </s> in Mixtral's vocabular
 
 def held_out_text() -> str:
     """The first chunk of every held-out pydoc topic, in topic order, separated by blank lines."""
-    import pydoc_data.topics
-
     chunks = []
     for topic in sorted(pydoc_data.topics.topics):
         if zlib.crc32(f"topic:{topic}:0".encode()) % 100 < HELD_OUT_PERCENT:
@@ -48,9 +50,6 @@ def bench_prompt(
     The held-out text (repeated if it is too short) after BOS when the directory has a tokenizer;
     otherwise BOS then ids drawn uniformly from the ordinary ids with a fixed seed.
     """
-    from offload.errors import TokenizerError
-    from offload.tokenizer import Tokenizer
-
     try:
         tokenizer = Tokenizer.from_dir(directory)
     except TokenizerError:

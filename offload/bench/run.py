@@ -26,10 +26,14 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from offload.bench.ablation import DESCRIPTIONS, VARIANTS, build_source
-from offload.bench.measure import RowResult
+from offload.bench.measure import RowResult, measure_rows
+from offload.bench.policy_check import policy_check
 from offload.bench.report import BenchError, BenchReport, LinkInfo
 from offload.errors import ContextError
+from offload.experts.link import EmulatedLink, parse_link
 from offload.experts.source import ExpertSource
 
 Progress = Callable[[str], None]  # receives one line of progress
@@ -64,8 +68,6 @@ def run_bench(
     of ``link``). ``prompt_ids`` replaces the built-in prompt. ``threads`` sets torch's intra-op threads
     while the bench runs (default: torch's own). ``progress`` receives a line before each step.
     """
-    from offload.bench.measure import measure_rows
-
     say = progress or (lambda _: None)
     _check_settings(prompt_tokens, new_tokens, runs, copy_ratio, link, threads, variants)
     with torch_threads(threads):
@@ -184,9 +186,6 @@ def _measure_offloaded(
 
     With ``copy_ratio``, a resident row is measured first and sizes the emulated link.
     """
-    from offload.bench.measure import measure_rows
-    from offload.experts.link import EmulatedLink, parse_link
-
     store = mixtral.expert_source.cache.store
     slots, prefetch, policy = report.experts_per_layer, offload.prefetch, offload.cache_policy
     prompt_ids, new_tokens, runs = report.prompt_ids, report.new_tokens, report.runs
@@ -226,16 +225,12 @@ def _measure_offloaded(
         report.rows = measure_rows(rows, mixtral, prompt_ids, new_tokens, runs)
         del rows  # frees every row's slots before the policy check makes its own
         if variants is not None and "full" in variants and isinstance(slots, int):
-            from offload.bench.policy_check import policy_check
-
             say("recording one cold run of full for the Belady comparison")
             source = build_source("full", mixtral, store, link, slots, prefetch, policy)
             report.policy_check = policy_check(mixtral, source, prompt_ids, new_tokens, slots, policy)
 
 
 def _machine(mixtral: Any, load_average_start: list[float] | None) -> dict[str, Any]:
-    import torch
-
     on_cuda = mixtral.device.type == "cuda"
     return {
         "python": platform.python_version(),
@@ -252,8 +247,6 @@ def _machine(mixtral: Any, load_average_start: list[float] | None) -> dict[str, 
 @contextmanager
 def torch_threads(threads: int | None) -> Iterator[None]:
     """torch's intra-op threads set to ``threads`` (None: unchanged) inside the block, restored after."""
-    import torch
-
     before = torch.get_num_threads()
     if threads is not None:
         torch.set_num_threads(threads)

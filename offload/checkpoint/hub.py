@@ -35,6 +35,7 @@ def _find_model_dir(model: str | Path) -> Path:
     looks_like_repo = text.count("/") == 1 and not text.startswith((".", "/", "~"))
     if not looks_like_repo:
         raise CheckpointError(f"{path}: no such model directory")
+    # Deferred: huggingface_hub takes about half a second to import, and only a repo id needs it.
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -232,11 +231,6 @@ class Checkpoint:
             raise CheckpointError(
                 f"{self.directory}: unexpected tensor {unknown[0]} ({len(unknown)} unknown in all)"
             )
-
-    def iter_tensors(self, names: list[str]) -> Iterator[tuple[str, torch.Tensor]]:
-        """Read ``names`` one at a time."""
-        for name in names:
-            yield name, self.get(name)
 
 
 def _check_header(path: Path) -> None:

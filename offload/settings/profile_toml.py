@@ -14,6 +14,7 @@ from typing import Any
 
 from offload.errors import ProfileError, QuantError
 from offload.experts.policy import CACHE_POLICIES, DEFAULT_CACHE_POLICY
+from offload.quant.spec import QuantSpec
 
 DEVICE_KINDS = ("cuda", "cpu")
 # "all" keeps every expert on the device: the CPU profile's K, whatever E the model has.
@@ -131,8 +132,6 @@ SECTIONS: dict[str, tuple[str, ...]] = {
 
 
 def _check_spec(text: str, table: ProfileTable, key: str) -> None:
-    from offload.quant.spec import QuantSpec
-
     try:
         QuantSpec.parse(text, where=f"{table.source}: {table.prefix}{key}")
     except QuantError as err:

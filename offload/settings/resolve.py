@@ -12,11 +12,16 @@ from typing import Any
 
 import torch
 
+from offload.checkpoint.reader import expected_tensors
 from offload.config import ModelConfig
 from offload.errors import CacheError, OffloadError
+from offload.experts.cache import slot_counts
+from offload.experts.link import parse_link
 from offload.experts.policy import CACHE_POLICIES
 from offload.loading import OffloadOptions, parse_device
 from offload.quant.scheme import QuantScheme
+from offload.settings.plan import resolve_auto_experts
+from offload.settings.profile import load_profile
 
 
 @dataclass(frozen=True)
@@ -61,8 +66,6 @@ def resolve_settings(
     free_memory_bytes: int | None = None,
 ) -> RunSettings:
     """Merge ``profile`` (default: cpu without CUDA, auto with it) and the flags for ``config``."""
-    from offload.settings.profile import load_profile
-
     chosen = load_profile(profile)
     resolved = chosen.for_model(config)
     run_device = parse_device(device or (chosen.device.kind if profile else None))
@@ -90,8 +93,6 @@ def resolve_settings(
     if slots == "all":
         slots = None  # every expert resident: no store, no cache, nothing moved
     else:
-        from offload.experts.cache import slot_counts
-
         slot_counts(slots, config.num_hidden_layers, config.num_local_experts)  # fail before loading
     if prefetch is None:
         prefetch = chosen.prefetch.experts if chosen.prefetch.enabled else 0
@@ -120,8 +121,6 @@ def _auto_slots(
     config: ModelConfig, profile: Any, device: torch.device, free_memory_bytes: int | None
 ) -> list[int] | str:
     """Fill the free device memory with expert slots (all of them on a CPU device)."""
-    from offload.settings.plan import resolve_auto_experts
-
     if device.type != "cuda" and free_memory_bytes is None:
         return "all"
     if free_memory_bytes is None:
@@ -131,8 +130,6 @@ def _auto_slots(
 
 def _check_link(spec: str) -> None:
     """A malformed --link is an error even when every expert is resident and no link is used."""
-    from offload.experts.link import parse_link
-
     parse_link(spec).close()
 
 
@@ -141,8 +138,6 @@ SMALL_MODEL_PARAMETERS = 250_000_000  # 1 GB in float32
 
 def parameter_count(config: ModelConfig) -> int:
     """Every weight of the model, from the one table of its tensors."""
-    from offload.checkpoint.reader import expected_tensors
-
     return sum(math.prod(shape) for shape in expected_tensors(config).values())
 
 

@@ -21,16 +21,15 @@ import json
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
+from safetensors import safe_open
+from safetensors.numpy import save
 
 from offload.atomic import write_bytes_atomically
 from offload.config import MAX_EXPERTS, MAX_LAYERS
-from offload.errors import TraceError
-
-if TYPE_CHECKING:
-    pass
+from offload.errors import TraceError, first_line
 
 FORMAT = "offload-routing-trace"
 VERSION = 1
@@ -128,8 +127,6 @@ class Trace:
 
 def save_trace(trace: Trace, path: str | Path) -> None:
     """Write ``trace`` to ``path`` atomically: a reader sees the old file or the whole new one."""
-    from safetensors.numpy import save
-
     path = Path(path)
     trace.check(str(path))
     tensors = {
@@ -144,8 +141,6 @@ def save_trace(trace: Trace, path: str | Path) -> None:
 
 def load_trace(path: str | Path) -> Trace:
     """Read and validate a trace written by ``save_trace``; any problem is a one-line TraceError."""
-    from safetensors import safe_open
-
     path = Path(path)
     if not path.is_file():
         raise TraceError(f"{path}: no such trace file")
@@ -154,8 +149,7 @@ def load_trace(path: str | Path) -> Trace:
             metadata = file.metadata() or {}
             tensors = {name: file.get_tensor(name) for name in file.keys()}  # noqa: SIM118 (not a dict)
     except Exception as err:  # safetensors raises its own error type for every kind of damage
-        reason = (str(err).splitlines() or [type(err).__name__])[0]
-        raise TraceError(f"{path}: not a readable safetensors file ({reason})") from None
+        raise TraceError(f"{path}: not a readable safetensors file ({first_line(err)})") from None
     header = _parse_header(metadata, str(path))
     missing = sorted(set(TENSORS) - set(tensors))
     extra = sorted(set(tensors) - set(TENSORS))

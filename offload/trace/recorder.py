@@ -6,7 +6,9 @@ from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import torch
 
+from offload.experts.source import route
 from offload.trace.format import Trace
 
 if TYPE_CHECKING:
@@ -76,8 +78,6 @@ class TraceRecorder:
 
     def trace(self) -> Trace:
         """Everything recorded so far, as a Trace."""
-        import torch
-
         steps = self._steps
         ids = [torch.stack(step.ids, dim=1) for step in steps]  # (T, L, k) per step
         weights = [torch.stack(step.weights, dim=1) for step in steps]
@@ -112,8 +112,6 @@ class TraceRecorder:
             self._steps.append(step)
 
     def _on_gate(self, layer: int, module: object, args: object, logits: Tensor) -> None:
-        from offload.experts.source import route
-
         if self._pending is None or any(wrapper.speculating for wrapper in self._wrappers):
             return  # the prefetcher running the next layer's gate is not routing
         weights, ids = route(logits.reshape(-1, logits.shape[-1]), self.top_k)  # (T, k) each, on the device
