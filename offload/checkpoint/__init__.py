@@ -1,6 +1,6 @@
-"""Checkpoints on disk: finding a model directory, reading safetensors lazily, the weights as the loader
-wants them (quantized now or as stored), and ``offload convert``'s writer.
+"""Checkpoints on disk: finding a model directory (``hub``), reading safetensors lazily (``reader``), the
+weights as the loader wants them, quantized now or as stored (``weights``), and ``offload convert``'s writer.
 
-May import ``offload.config``, ``offload.errors``, ``offload.atomic`` and ``offload.quant``; never ``bench``,
-``trace`` or ``cli``.
+May import ``offload.config``, ``offload.errors``, ``offload.atomic`` and ``offload.quant``; never
+``offload.loading`` (which builds on this package), ``bench``, ``trace`` or ``cli``.
 """
