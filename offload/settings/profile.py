@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from offload.errors import ProfileError
+from offload.errors import ProfileError, first_line
 from offload.settings.profile_toml import (
     QUANT_ROLES,
     SECTIONS,
@@ -26,7 +26,6 @@ from offload.settings.profile_toml import (
     PrefetchSettings,
     ProfileTable,
     QuantSettings,
-    first_line,
     read_cache,
     read_device,
     read_generation,
