@@ -109,18 +109,21 @@ def main() -> None:
 
     from offload.bench.ablation import VARIANTS
     from offload.bench.run import run_bench
+    from offload.settings.flags import LoadFlags
 
     report = run_bench(
         args.model,
-        dtype=args.dtype,
-        experts_per_layer=args.experts_per_layer,
-        prefetch=args.prefetch,
-        cache_policy=args.cache_policy,
+        LoadFlags(
+            dtype=args.dtype,
+            experts_per_layer=args.experts_per_layer,
+            prefetch=args.prefetch,
+            cache_policy=args.cache_policy,
+            threads=args.threads,
+        ),
         copy_ratio=args.copy_ratio,
         prompt_tokens=args.prompt_tokens,
         new_tokens=args.new_tokens,
         runs=args.runs,
-        threads=args.threads,
         ablate=True,
         variants=args.rows.split(",") if args.rows else VARIANTS,
         progress=lambda line: print(line, file=sys.stderr),

@@ -31,11 +31,12 @@ def record(
     """The routing trace of one reply to ``text`` (``chat``: in the chat template; else a raw completion)."""
     from offload.config import ModelConfig
     from offload.engine import Engine
+    from offload.settings.flags import LoadFlags
     from offload.trace.recorder import TraceRecorder
 
     experts = ModelConfig.from_file(Path(model) / "config.json").num_local_experts
     # A cache with a slot for every expert, so that the prefetcher runs and records its guesses.
-    engine = Engine.load(model, experts_per_layer=experts, prefetch=prefetch)
+    engine = Engine.load(model, LoadFlags(experts_per_layer=experts, prefetch=prefetch))
     prompt_ids = engine.prompt_ids(text, chat=chat)
     sampling = engine.sampling(temperature=temperature, seed=seed)
     with TraceRecorder(engine.model, model_name="demo") as recorder:

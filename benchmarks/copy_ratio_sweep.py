@@ -36,6 +36,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from offload.bench.run import run_bench
+    from offload.settings.flags import LoadFlags
 
     reports = []
     print(
@@ -47,15 +48,17 @@ def main() -> None:
         for prefetch in (int(p) for p in args.prefetch.split(",")):
             report = run_bench(
                 args.model,
-                dtype=args.dtype,
-                experts_per_layer=args.experts_per_layer,
-                prefetch=prefetch,
-                cache_policy=args.cache_policy,
+                LoadFlags(
+                    dtype=args.dtype,
+                    experts_per_layer=args.experts_per_layer,
+                    prefetch=prefetch,
+                    cache_policy=args.cache_policy,
+                    threads=args.threads,
+                ),
                 copy_ratio=ratio,
                 prompt_tokens=args.prompt_tokens,
                 new_tokens=args.new_tokens,
                 runs=args.runs,
-                threads=args.threads,
                 ablate=True,
                 variants=("resident", "full", "no-prefetch", "naive"),
                 progress=lambda line: print(line, file=sys.stderr),

@@ -147,17 +147,20 @@ def main() -> None:
     results: dict[str, Any] = {}
     if not args.skip_speed:
         from offload.bench.run import run_bench
+        from offload.settings.flags import LoadFlags
 
         report = run_bench(
             model,
-            dtype=args.dtype,
-            experts_per_layer=args.experts_per_layer,
-            prefetch=args.prefetch,
+            LoadFlags(
+                dtype=args.dtype,
+                experts_per_layer=args.experts_per_layer,
+                prefetch=args.prefetch,
+                threads=args.threads,
+            ),
             copy_ratio=args.copy_ratio,
             prompt_tokens=args.prompt_tokens,
             new_tokens=args.new_tokens,
             runs=args.runs,
-            threads=args.threads,
             ablate=True,
             variants=("resident", "full", "no-prefetch"),
             progress=lambda line: print(line, file=sys.stderr),

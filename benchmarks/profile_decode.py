@@ -38,12 +38,13 @@ def main() -> None:
     from offload.config import ModelConfig
     from offload.generate import SamplingParams, generate_ids
     from offload.loading import load_model
+    from offload.settings.flags import LoadFlags
     from offload.settings.resolve import resolve_settings
 
     config = ModelConfig.from_file(Path(args.model) / "config.json")
     flags = dict(device=args.device, dtype=args.dtype, experts_per_layer=args.experts_per_layer)
     flags.update(prefetch=args.prefetch, link=args.link)
-    settings = resolve_settings(config, **{k: v for k, v in flags.items() if v is not None})
+    settings = resolve_settings(config, LoadFlags(**flags))
     model = load_model(
         args.model,
         device=settings.device,

@@ -145,13 +145,13 @@ def run_soak(
     from offload.chat import ChatSession
     from offload.engine import Engine
     from offload.generate import SamplingParams
+    from offload.settings.flags import LoadFlags
 
     with tempfile.TemporaryDirectory(prefix="offload-soak-") as scratch:
         directory = model_dir or write_random_mixtral(
             Path(scratch) / "model", tokenizer=sentencepiece_model(), max_position_embeddings=context
         )
-        engine = Engine.load(
-            directory,
+        flags = LoadFlags(
             profile="cpu",
             device="cpu",
             dtype="float32",
@@ -159,6 +159,7 @@ def run_soak(
             prefetch=2,
             link="local",
         )
+        engine = Engine.load(directory, flags)
         cache = engine.model.expert_source.cache
         session = ChatSession(
             engine,

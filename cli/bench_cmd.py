@@ -12,6 +12,10 @@ from rich.console import Console
 
 from cli import options
 from cli.bench_view import bench_view
+from offload.settings.flags import LoadFlags
+
+MAX_RUNS = 10_000
+MAX_COPY_RATIO = 1e6
 
 
 def register(app: typer.Typer) -> None:
@@ -21,26 +25,40 @@ def register(app: typer.Typer) -> None:
         "per token and memory per tier (median of --runs greedy runs after a warm-up).\n\n"
         "Example: offload bench -k 4 --link emulated:12\n\n"
         "Example: offload bench --ablate --copy-ratio 5 --json bench.json"
-    )(bench)
+    )(options.load_flags()(bench))
 
 
 def bench(
     model: options.Model = None,
-    profile: options.Profile = None,
-    prompt_tokens: Annotated[int, typer.Option(help="Prompt length in tokens.")] = 32,
-    new_tokens: Annotated[int, typer.Option(help="Tokens generated per run (EOS does not stop it).")] = 32,
-    runs: Annotated[int, typer.Option(help="Measured runs per row; speeds are their median.")] = 3,
-    link: options.Link = None,
+    prompt_tokens: Annotated[
+        int,
+        typer.Option(
+            help="Prompt length in tokens.",
+            callback=options.bounded("--prompt-tokens", 1, options.MAX_TOKENS),
+        ),
+    ] = 32,
+    new_tokens: Annotated[
+        int,
+        typer.Option(
+            help="Tokens generated per run (EOS does not stop it); at least 2.",
+            callback=options.bounded("--new-tokens", 2, options.MAX_TOKENS),
+        ),
+    ] = 32,
+    runs: Annotated[
+        int,
+        typer.Option(
+            help="Measured runs per row; speeds are their median.",
+            callback=options.bounded("--runs", 1, MAX_RUNS),
+        ),
+    ] = 3,
     copy_ratio: Annotated[
         float | None,
         typer.Option(
             help="Emulate a link on which one expert copy takes this many times one layer's compute "
-            "(measured on the resident model first). Replaces --link."
+            "(measured on the resident model first). Replaces --link.",
+            callback=options.bounded("--copy-ratio", 0, MAX_COPY_RATIO, above=True),
         ),
     ] = None,
-    experts_per_layer: options.ExpertsPerLayer = None,
-    prefetch: options.Prefetch = None,
-    cache_policy: options.CachePolicy = None,
     ablate: Annotated[
         bool,
         typer.Option(
@@ -49,13 +67,7 @@ def bench(
             "the same K (default half the experts) and link, in one process.",
         ),
     ] = False,
-    threads: Annotated[
-        int | None,
-        typer.Option(help="torch's CPU threads (default: one per core). 1 is steadier on a busy machine."),
-    ] = None,
-    dtype: options.Dtype = None,
-    device: options.Device = None,
-    quant: options.Quant = None,
+    flags: LoadFlags = options.FLAGS,
     json_file: Annotated[
         Path | None, typer.Option("--json", help="Also write the report as JSON to FILE ('-': stdout only).")
     ] = None,
@@ -66,20 +78,12 @@ def bench(
     err = Console(stderr=True, highlight=False)
     report = run_bench(
         model,
-        profile=profile,
-        device=device,
-        dtype=dtype,
-        quant=quant,
-        experts_per_layer=experts_per_layer,
-        prefetch=prefetch,
-        cache_policy=cache_policy,
-        link=link,
+        flags,
         copy_ratio=copy_ratio,
         prompt_tokens=prompt_tokens,
         new_tokens=new_tokens,
         runs=runs,
         ablate=ablate,
-        threads=threads,
         progress=lambda line: err.print(f"[dim]{line}[/dim]") if err.is_terminal else None,
     ).as_dict()
     text = json.dumps(report, indent=1) + "\n"

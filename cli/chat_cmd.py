@@ -11,6 +11,7 @@ from rich.console import Console
 from cli import options
 from cli.stats_view import stats_table
 from offload.errors import OffloadError
+from offload.settings.flags import LoadFlags
 
 HELP = """Commands:
   /help          this list
@@ -27,7 +28,7 @@ def register(app: typer.Typer) -> None:
     app.command(
         help="Chat in the terminal with streaming replies.\n\n"
         "Example: offload chat\n\nExample: offload chat --model ./my-mixtral --system 'Answer briefly.'"
-    )(chat)
+    )(options.load_flags()(chat))
 
 
 def chat(
@@ -38,31 +39,17 @@ def chat(
     top_p: options.TopP = None,
     top_k: options.TopK = None,
     seed: options.Seed = None,
-    profile: options.Profile = None,
-    experts_per_layer: options.ExpertsPerLayer = None,
-    prefetch: options.Prefetch = None,
-    cache_policy: options.CachePolicy = None,
-    link: options.Link = None,
-    quant: options.Quant = None,
-    dtype: options.Dtype = None,
-    device: options.Device = None,
+    flags: LoadFlags = options.FLAGS,
 ) -> None:
     # Deferred: the engine imports torch, and `offload --help` must stay instant.
     from cli.loading_view import load_engine
     from offload.chat import ChatSession
+    from offload.engine import resolve_model
 
     out = Console(highlight=False)
-    engine = load_engine(
-        model,
-        profile=profile,
-        device=device,
-        dtype=dtype,
-        experts_per_layer=experts_per_layer,
-        prefetch=prefetch,
-        cache_policy=cache_policy,
-        link=link,
-        quant=quant,
-    )
+    resolved = resolve_model(model, flags)  # every flag checked before a weight is read
+    options.check_max_new_tokens(max_new_tokens, resolved.config)
+    engine = load_engine(resolved)
     session = ChatSession(
         engine,
         system=system,

@@ -10,6 +10,7 @@ import typer
 
 from cli import options
 from offload.errors import OffloadError
+from offload.settings.flags import LoadFlags
 
 
 def register(app: typer.Typer) -> None:
@@ -18,7 +19,7 @@ def register(app: typer.Typer) -> None:
         help="Generate a reply to PROMPT ('-' reads stdin).\n\n"
         "Example: offload generate 'What does json.dumps do?'\n\n"
         "Example: offload generate --no-chat --temperature 0 --max-new-tokens 16 --json 'Hello'"
-    )(generate)
+    )(options.load_flags()(generate))
 
 
 def generate(
@@ -31,39 +32,23 @@ def generate(
     top_p: options.TopP = None,
     top_k: options.TopK = None,
     seed: options.Seed = None,
-    profile: options.Profile = None,
-    experts_per_layer: options.ExpertsPerLayer = None,
-    prefetch: options.Prefetch = None,
-    cache_policy: options.CachePolicy = None,
-    link: options.Link = None,
-    quant: options.Quant = None,
-    dtype: options.Dtype = None,
-    device: options.Device = None,
+    flags: LoadFlags = options.FLAGS,
     as_json: Annotated[
         bool, typer.Option("--json", help="Print one JSON object with ids, text and timings.")
     ] = False,
 ) -> None:
     # Deferred: the engine imports torch, and `offload --help` must stay instant.
     from cli.loading_view import load_engine
+    from offload.engine import resolve_model
 
     if prompt == "-":
         try:
             prompt = sys.stdin.buffer.read().decode("utf-8")
         except UnicodeDecodeError as err:
             raise OffloadError(f"stdin is not valid UTF-8 text (byte {err.start})") from None
-    engine = load_engine(
-        model,
-        quiet=as_json,
-        summary=False,
-        profile=profile,
-        device=device,
-        dtype=dtype,
-        experts_per_layer=experts_per_layer,
-        prefetch=prefetch,
-        cache_policy=cache_policy,
-        link=link,
-        quant=quant,
-    )
+    resolved = resolve_model(model, flags)  # every flag checked before a weight is read
+    options.check_max_new_tokens(max_new_tokens, resolved.config)
+    engine = load_engine(resolved, quiet=as_json, summary=False)
     sampling = engine.sampling(temperature, top_p, top_k, seed)
     prompt_ids = engine.prompt_ids(prompt, chat=not no_chat, system=system)
     max_new_tokens = engine.max_new_tokens(max_new_tokens, len(prompt_ids))

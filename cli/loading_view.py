@@ -8,14 +8,12 @@ from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
 
-def load_engine(model: str | None, *, quiet: bool = False, summary: bool = True, **flags: Any) -> Any:
-    """``Engine.load`` with progress on stderr when it is a terminal, then a summary line; returns the Engine."""
-    from offload.checkpoint.hub import resolve_model_dir
-    from offload.engine import Engine, default_model
+def load_engine(resolved: Any, *, quiet: bool = False, summary: bool = True) -> Any:
+    """``Engine.load`` of a ResolvedModel with progress on stderr when it is a terminal, then a summary line."""
+    from offload.engine import Engine
 
     err = Console(stderr=True, highlight=False)
-    directory = resolve_model_dir(model) if model is not None else default_model()
-    total = sum(path.stat().st_size for path in directory.glob("*.safetensors"))
+    total = sum(path.stat().st_size for path in resolved.directory.glob("*.safetensors"))
     columns = (
         SpinnerColumn(),
         TextColumn("loading {task.fields[tensors]} tensors"),
@@ -29,7 +27,7 @@ def load_engine(model: str | None, *, quiet: bool = False, summary: bool = True,
         def advance(_: str, nbytes: int) -> None:
             progress.update(task, advance=nbytes, tensors=progress.tasks[0].fields["tensors"] + 1)
 
-        engine = Engine.load(directory, progress=advance, **flags)
+        engine = Engine.load(resolved, progress=advance)
     if summary and not quiet:
         err.print(f"[dim]{engine.summary()}[/dim]", soft_wrap=True)
     return engine

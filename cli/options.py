@@ -1,10 +1,50 @@
-"""Options shared by several commands, declared once."""
+"""Options shared by several commands, declared once; ``load_flags`` gives a command the LoadFlags.
+
+Numeric options carry their bounds here (``bounded``), so that a value out of range is one line on
+stderr before any model is read.
+"""
 
 from __future__ import annotations
 
-from typing import Annotated
+import functools
+import inspect
+import math
+from collections.abc import Callable, Iterable
+from typing import Annotated, Any, TypeVar
 
 import typer
+
+from offload.errors import FlagError
+from offload.settings.flags import FIELDS, LoadFlags
+
+Command = TypeVar("Command", bound=Callable[..., Any])
+
+
+def bounded(flag: str, low: float, high: float, *, above: bool = False) -> Callable[[Any], Any]:
+    """A typer callback refusing a value outside ``low``..``high`` (``above``: strictly above ``low``), NaN or inf."""
+    allowed = f"{'above ' if above else ''}{low:g} to {high:g}"
+
+    def check(value: Any) -> Any:
+        if value is None:
+            return value
+        inside = (value > low if above else value >= low) and value <= high
+        if not (math.isfinite(value) and inside):
+            raise FlagError(f"{flag} {value} is out of range: {allowed}")
+        return value
+
+    return check
+
+
+def temperature_check(value: float | None) -> float | None:
+    """0 (greedy), or a temperature large enough that logits divided by it stay finite."""
+    if value is not None and value != 0:
+        bounded("--temperature", MIN_TEMPERATURE, MAX_TEMPERATURE)(value)
+    return value
+
+
+MIN_TEMPERATURE, MAX_TEMPERATURE = 1e-4, 100.0
+MAX_TOKENS = 1 << 31  # more than any context; the model's own context is checked once it is known
+MAX_SEED = (1 << 64) - 1  # torch.Generator.manual_seed takes 64 bits
 
 Model = Annotated[
     str | None,
@@ -22,15 +62,33 @@ Dtype = Annotated[
     ),
 ]
 MaxNewTokens = Annotated[
-    int | None, typer.Option(help="Stop after this many new tokens. Default: the profile's.")
+    int | None,
+    typer.Option(
+        help="Stop after this many new tokens. Default: the profile's.",
+        callback=bounded("--max-new-tokens", 0, MAX_TOKENS),
+    ),
 ]
 Temperature = Annotated[
-    float | None, typer.Option(help="Sampling temperature; 0 is greedy. Default: the profile's.")
+    float | None,
+    typer.Option(
+        help=f"Sampling temperature: 0 is greedy, else {MIN_TEMPERATURE:g} to {MAX_TEMPERATURE:g}. "
+        "Default: the profile's.",
+        callback=temperature_check,
+    ),
 ]
 TopP = Annotated[
-    float | None, typer.Option(help="Nucleus sampling: keep tokens up to this total probability.")
+    float | None,
+    typer.Option(
+        help="Nucleus sampling: keep tokens up to this total probability (above 0, at most 1).",
+        callback=bounded("--top-p", 0, 1, above=True),
+    ),
 ]
-TopK = Annotated[int | None, typer.Option(help="Keep only the k most likely tokens; 0 keeps all.")]
+TopK = Annotated[
+    int | None,
+    typer.Option(
+        help="Keep only the k most likely tokens; 0 keeps all.", callback=bounded("--top-k", 0, MAX_TOKENS)
+    ),
+]
 Profile = Annotated[
     str | None,
     typer.Option("--profile", "-p", help="Profile name or TOML path (see `offload profiles list`)."),
@@ -54,5 +112,80 @@ Link = Annotated[
     str | None, typer.Option(help="How experts move: local, emulated:GBPS[:LATENCY_US] or cuda.")
 ]
 Quant = Annotated[str | None, typer.Option(help="'none' loads the checkpoint's weights unquantized.")]
-Seed = Annotated[int | None, typer.Option(help="Random seed, for repeatable sampling.")]
+Seed = Annotated[
+    int | None,
+    typer.Option(
+        help=f"Random seed, for repeatable sampling: 0 to {MAX_SEED}.",
+        callback=bounded("--seed", 0, MAX_SEED),
+    ),
+]
 System = Annotated[str | None, typer.Option(help="A system prompt, placed before the first user message.")]
+Threads = Annotated[
+    int | None,
+    typer.Option(
+        "--threads",
+        "-t",
+        help="torch's CPU threads. Default: the physical cores the current load leaves free "
+        "(OMP_NUM_THREADS when set).",
+    ),
+]
+
+FLAGS = LoadFlags()  # what a command's ``flags`` parameter defaults to; ``load_flags`` replaces it
+
+# One typer option per LoadFlags field; the bounds that need the model are checked when it is resolved.
+LOAD_FLAG_OPTIONS: dict[str, Any] = {
+    "profile": Profile,
+    "experts_per_layer": ExpertsPerLayer,
+    "prefetch": Prefetch,
+    "cache_policy": CachePolicy,
+    "link": Link,
+    "quant": Quant,
+    "dtype": Dtype,
+    "device": Device,
+    "threads": Threads,
+}
+
+
+def load_flags(*, omit: Iterable[str] = ()) -> Callable[[Command], Command]:
+    """Give a command the load flags in place of its ``flags: LoadFlags`` parameter.
+
+    typer has no parameter objects, so the command's signature, as typer reads it, gets one option per
+    LoadFlags field where ``flags`` stood; the command is then called with the LoadFlags they make
+    (``omit``-ted fields stay None).
+    """
+    omitted = set(omit)
+    names = [name for name in FIELDS if name not in omitted]
+
+    def decorate(command: Command) -> Command:
+        signature = inspect.signature(command, eval_str=True)
+        parameters: list[inspect.Parameter] = []
+        for parameter in signature.parameters.values():
+            if parameter.name != "flags":
+                parameters.append(parameter)
+                continue
+            for name in names:
+                kind = inspect.Parameter.POSITIONAL_OR_KEYWORD
+                parameters.append(
+                    inspect.Parameter(name, kind, default=None, annotation=LOAD_FLAG_OPTIONS[name])
+                )
+
+        @functools.wraps(command)
+        def with_flags(**given: Any) -> Any:
+            flags = LoadFlags(**{name: given.pop(name) for name in names})
+            return command(**given, flags=flags)
+
+        with_flags.__signature__ = signature.replace(parameters=parameters)  # type: ignore[attr-defined]
+        with_flags.__annotations__ = {p.name: p.annotation for p in parameters}
+        return with_flags  # type: ignore[return-value]
+
+    return decorate
+
+
+def check_max_new_tokens(max_new_tokens: int | None, config: Any) -> None:
+    """Refuse --max-new-tokens that no prompt could fit in the model's context, before the model loads."""
+    window = config.max_position_embeddings
+    if max_new_tokens is not None and max_new_tokens >= window:
+        raise FlagError(
+            f"--max-new-tokens {max_new_tokens} does not fit the model's context of {window} tokens "
+            f"with a prompt; give at most {window - 1}"
+        )

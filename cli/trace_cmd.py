@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
@@ -12,6 +12,10 @@ from rich.table import Column, Table
 
 from cli import options
 from offload.errors import OffloadError
+from offload.settings.flags import LoadFlags
+
+if TYPE_CHECKING:
+    from offload.engine import ResolvedModel
 
 trace_app = typer.Typer(
     help="Record which experts a run routes to, then replay it against LRU, LRFU, LFU and Belady.\n\n"
@@ -24,6 +28,7 @@ ALL_POLICIES = "lru,lrfu,lfu,belady,lru+prefetch,lrfu+prefetch"
 
 
 @trace_app.command("record")
+@options.load_flags(omit=("cache_policy", "link"))  # routing and guesses depend on neither
 def record_command(
     out: Annotated[
         Path, typer.Argument(help="Where to write the trace (one safetensors file). Example: demo.trace")
@@ -37,18 +42,22 @@ def record_command(
         Path | None, typer.Option(help="Read the prompt from this UTF-8 file. Example: --prompt-file q.txt")
     ] = None,
     no_chat: Annotated[bool, typer.Option("--no-chat", help="Raw completion: no chat template.")] = False,
-    max_new_tokens: Annotated[int, typer.Option(min=0, help="Stop after this many new tokens.")] = 128,
+    max_new_tokens: Annotated[
+        int,
+        typer.Option(
+            help="Stop after this many new tokens.",
+            callback=options.bounded("--max-new-tokens", 0, options.MAX_TOKENS),
+        ),
+    ] = 128,
     temperature: Annotated[
         float,
-        typer.Option(help="Sampling temperature; 0 (greedy, the default here) makes traces repeatable."),
+        typer.Option(
+            help="Sampling temperature; 0 (greedy, the default here) makes traces repeatable.",
+            callback=options.temperature_check,
+        ),
     ] = 0.0,
     seed: options.Seed = None,
-    profile: options.Profile = None,
-    experts_per_layer: options.ExpertsPerLayer = None,
-    prefetch: options.Prefetch = None,
-    quant: options.Quant = None,
-    dtype: options.Dtype = None,
-    device: options.Device = None,
+    flags: LoadFlags = options.FLAGS,
 ) -> None:
     """Generate a reply while recording every layer's routing and the prefetcher's guesses.
 
@@ -60,20 +69,14 @@ def record_command(
     """
     # Deferred: the engine imports torch, and `offload --help` must stay instant.
     from cli.loading_view import load_engine
+    from offload.engine import resolve_model
     from offload.trace.format import save_trace
     from offload.trace.recorder import TraceRecorder
 
     text = _read_prompt(prompt, prompt_file)
-    flags = {
-        "profile": profile,
-        "device": device,
-        "dtype": dtype,
-        "experts_per_layer": experts_per_layer,
-        "prefetch": prefetch,
-        "quant": quant,
-    }
-    flags["experts_per_layer"] = _slots_for_guesses(model, flags)
-    engine = load_engine(model, **flags)
+    resolved = resolve_model(model, flags)  # every flag checked before a weight is read
+    options.check_max_new_tokens(max_new_tokens, resolved.config)
+    engine = load_engine(_with_guesses(resolved))
     sampling = engine.sampling(temperature=temperature, seed=seed)
     prompt_ids = engine.prompt_ids(text, chat=not no_chat)
     name = model if model is not None and not Path(model).expanduser().is_dir() else engine.directory.name
@@ -89,25 +92,20 @@ def record_command(
     )
 
 
-def _slots_for_guesses(model: str | None, flags: dict) -> str | int | None:
-    """--experts-per-layer as given; else every expert when the settings would skip the cache.
+def _with_guesses(resolved: ResolvedModel) -> ResolvedModel:
+    """The settings as resolved; but a cache of every expert where they would all be resident.
 
     Only the prefetching source makes guesses, and a resident model has none; a cache with a slot
-    for every expert fits wherever every expert is resident.
+    for every expert fits wherever every expert is resident. An explicit --experts-per-layer is kept.
     """
-    from offload.checkpoint.hub import resolve_model_dir
-    from offload.config import ModelConfig
-    from offload.engine import default_model
-    from offload.settings.resolve import resolve_settings
-
-    if flags["experts_per_layer"] is not None:
-        return flags["experts_per_layer"]
-    directory = resolve_model_dir(model) if model is not None else default_model()
-    config = ModelConfig.from_file(directory / "config.json")
-    settings = resolve_settings(config, **{key: value for key, value in flags.items() if value is not None})
-    if settings.offload.experts_per_layer is None and settings.offload.prefetch > 0:
-        return config.num_local_experts
-    return None
+    offload = resolved.settings.offload
+    if (
+        resolved.flags.experts_per_layer is None
+        and offload.experts_per_layer is None
+        and offload.prefetch > 0
+    ):
+        return resolved.with_offload(experts_per_layer=resolved.config.num_local_experts)
+    return resolved
 
 
 @trace_app.command("replay")

@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from offload.checkpoint.hub import resolve_model_dir
+from offload.config import ModelConfig
 from offload.errors import OffloadError
 from offload.generate import Response, SamplingParams, stream_generate
 from offload.kv_cache import KVCache
 from offload.model import MixtralModel
+from offload.settings.flags import LoadFlags
+from offload.settings.resolve import RunSettings
 
 DEMO_MODEL = Path(__file__).resolve().parent / "demo"
 
@@ -23,39 +27,85 @@ def default_model() -> Path:
     return DEMO_MODEL
 
 
+@dataclass(frozen=True)
+class ResolvedModel:
+    """A model found and its settings resolved: everything checked that can be without reading a weight.
+
+    ``offload.engine.resolve_model`` makes one; ``Engine.load`` loads it. Resolving once and passing the
+    result along is what keeps the directory found once, config.json parsed once, and the profile and
+    flags merged once.
+    """
+
+    directory: Path
+    config: ModelConfig
+    settings: RunSettings
+    flags: LoadFlags
+
+    def with_offload(self, **changes: Any) -> ResolvedModel:
+        """A copy whose offload options have ``changes`` (bench and trace record derive theirs this way)."""
+        return dataclasses.replace(self, settings=self.settings.with_offload(**changes))
+
+
+def resolve_model(model: str | Path | None = None, flags: LoadFlags | None = None) -> ResolvedModel:
+    """Find ``model`` (default: the demo model), read its config.json and resolve ``flags`` against it.
+
+    A bad flag, a bad config or a missing directory fails here, before any weight is read.
+    """
+    from offload.settings.resolve import resolve_settings
+
+    flags = flags or LoadFlags()
+    directory = resolve_model_dir(model) if model is not None else default_model()
+    config = ModelConfig.from_file(directory / "config.json")  # a bad config is reported first
+    return ResolvedModel(directory, config, resolve_settings(config, flags), flags)
+
+
 @dataclass
 class Engine:
     model: MixtralModel
-    tokenizer: Any  # offload.tokenizer.Tokenizer
+    tokenizer: Any  # offload.tokenizer.Tokenizer; None when loaded with tokenizer=False
     directory: Path
 
     settings: Any = None  # offload.settings.resolve.RunSettings
 
     @classmethod
-    def load(cls, model: str | Path | None = None, *, progress: Any = None, **flags: Any) -> Engine:
-        """Load ``model`` (default: the demo model) and its tokenizer.
+    def load(
+        cls,
+        model: str | Path | ResolvedModel | None = None,
+        flags: LoadFlags | None = None,
+        *,
+        progress: Any = None,
+        tokenizer: bool = True,
+    ) -> Engine:
+        """Load ``model`` (default: the demo model) and its tokenizer: the one loader every command uses.
 
-        ``flags`` are the command line's (profile, device, dtype, experts_per_layer, prefetch, link,
-        quant, attention_spec, experts_spec); unset ones come from the profile.
+        ``model`` is a directory or repo id, resolved here with ``flags`` (unset ones come from the
+        profile), or a ``ResolvedModel`` already resolved. torch's CPU threads are set to the settings'
+        before anything heavy runs.
         """
-        from offload.config import ModelConfig
+        import torch
+
+        from offload.checkpoint.reader import Checkpoint
         from offload.loading import load_model
-        from offload.settings.resolve import resolve_settings
         from offload.tokenizer import Tokenizer
 
-        directory = resolve_model_dir(model) if model is not None else default_model()
-        config = ModelConfig.from_file(directory / "config.json")  # a bad config is reported first
-        settings = resolve_settings(config, **{k: v for k, v in flags.items() if v is not None})
-        tokenizer = Tokenizer.from_dir(directory)
+        if isinstance(model, ResolvedModel):
+            if flags is not None:
+                raise TypeError("give flags to resolve_model, not with a ResolvedModel")
+            resolved = model
+        else:
+            resolved = resolve_model(model, flags)
+        settings = resolved.settings
+        torch.set_num_threads(settings.threads)
+        loaded_tokenizer = Tokenizer.from_dir(resolved.directory) if tokenizer else None
         mixtral = load_model(
-            directory,
+            Checkpoint(resolved.directory, resolved.config),
             device=settings.device,
             dtype=settings.dtype,
             quant=settings.quant,
             offload=settings.offload,
             progress=progress,
         )
-        return cls(mixtral, tokenizer, directory, settings)
+        return cls(mixtral, loaded_tokenizer, resolved.directory, settings)
 
     def sampling(
         self,

@@ -40,3 +40,7 @@ class TraceError(OffloadError):
 def first_line(err: BaseException) -> str:
     """The first line of an exception's message (its type's name if it has none), for one-line errors."""
     return (str(err).splitlines() or [type(err).__name__])[0]
+
+
+class FlagError(OffloadError):
+    """A command-line flag (or the same setting given in code) is out of range."""

@@ -54,7 +54,7 @@ def parse_device(name: str | torch.device | None) -> torch.device:
 
 
 def load_model(
-    model: str | Path,
+    model: str | Path | Checkpoint,
     *,
     device: str | torch.device | None = "cpu",
     dtype: str | torch.dtype | None = None,
@@ -62,12 +62,12 @@ def load_model(
     offload: OffloadOptions | None = None,
     progress: Progress | None = None,
 ) -> MixtralModel:
-    """Load ``model`` (a directory or a Hugging Face repo id).
+    """Load ``model`` (a directory, a Hugging Face repo id, or a Checkpoint already opened).
 
     ``quant`` quantizes a float checkpoint at load time (a converted checkpoint uses its own scheme);
     ``offload`` keeps experts in host RAM behind a device cache instead of all on the device.
     """
-    checkpoint = Checkpoint(resolve_model_dir(model))
+    checkpoint = model if isinstance(model, Checkpoint) else Checkpoint(resolve_model_dir(model))
     config = checkpoint.config
     device, dtype = parse_device(device), parse_dtype(dtype, config)
     reader = reader_for(checkpoint, quant, dtype)

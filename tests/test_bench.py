@@ -19,6 +19,7 @@ from offload.bench.prompt import bench_prompt
 from offload.bench.run import BenchError, run_bench
 from offload.experts.cache import ExpertCache
 from offload.loading import OffloadOptions, attach_source, load_model
+from offload.settings.flags import FIELDS, LoadFlags
 from tests.baby import BabySpec, write_baby
 
 FAST_LINK = "emulated:50"  # an emulated link, so copies really overlap, but fast enough for a test
@@ -100,9 +101,7 @@ def test_ablate_json_has_every_row_with_identical_tokens(bench_baby: Path, tmp_p
 def test_k_equal_to_experts_moves_nothing_once_warm(bench_baby: Path) -> None:
     report = run_bench(
         bench_baby,
-        dtype="float32",
-        experts_per_layer=8,
-        link=FAST_LINK,
+        LoadFlags(dtype="float32", experts_per_layer=8, link=FAST_LINK),
         prompt_tokens=10,
         new_tokens=5,
         runs=2,
@@ -115,9 +114,12 @@ def test_k_equal_to_experts_moves_nothing_once_warm(bench_baby: Path) -> None:
 
 def test_k_below_experts_moves_bytes_every_token(bench_baby: Path) -> None:
     report = run_bench(
-        bench_baby, dtype="float32", experts_per_layer="2", prefetch=1, link=FAST_LINK, prompt_tokens=10,
-        new_tokens=8, runs=1,
-    ).as_dict()  # fmt: skip
+        bench_baby,
+        LoadFlags(dtype="float32", experts_per_layer="2", prefetch=1, link=FAST_LINK),
+        prompt_tokens=10,
+        new_tokens=8,
+        runs=1,
+    ).as_dict()
     (row,) = report["rows"]
     decode = row["decode"]
     assert decode["bytes_moved"] > 0 and decode["bytes_moved_per_token"] > 0
@@ -130,8 +132,7 @@ def test_k_below_experts_moves_bytes_every_token(bench_baby: Path) -> None:
 def test_copy_ratio_sizes_the_link_from_the_resident_row(bench_baby: Path) -> None:
     report = run_bench(
         bench_baby,
-        dtype="float32",
-        experts_per_layer=4,
+        LoadFlags(dtype="float32", experts_per_layer=4),
         copy_ratio=5.0,
         prompt_tokens=6,
         new_tokens=4,
@@ -146,9 +147,14 @@ def test_copy_ratio_sizes_the_link_from_the_resident_row(bench_baby: Path) -> No
 
 def test_ablation_can_measure_a_subset_of_rows(bench_baby: Path) -> None:
     report = run_bench(
-        bench_baby, dtype="float32", ablate=True, variants=("naive", "full"), experts_per_layer=2,
-        link=FAST_LINK, prompt_tokens=5, new_tokens=3, runs=1, threads=1,
-    ).as_dict()  # fmt: skip
+        bench_baby,
+        LoadFlags(dtype="float32", experts_per_layer=2, link=FAST_LINK, threads=1),
+        ablate=True,
+        variants=("naive", "full"),
+        prompt_tokens=5,
+        new_tokens=3,
+        runs=1,
+    ).as_dict()
     assert [row["name"] for row in report["rows"]] == ["full", "naive"]  # always in the ablation's order
     assert report["machine"]["torch_threads"] == 1
     assert report["policy_check"]["experts_per_layer"] == 2
@@ -157,9 +163,14 @@ def test_ablation_can_measure_a_subset_of_rows(bench_baby: Path) -> None:
 
 def test_the_cache_policy_flag_reaches_the_rows_and_the_policy_check(bench_baby: Path) -> None:
     report = run_bench(
-        bench_baby, dtype="float32", ablate=True, variants=("full", "no-prefetch"), experts_per_layer=3,
-        cache_policy="lru", link=FAST_LINK, prompt_tokens=1, new_tokens=12, runs=1, threads=1,
-    ).as_dict()  # fmt: skip
+        bench_baby,
+        LoadFlags(dtype="float32", experts_per_layer=3, cache_policy="lru", link=FAST_LINK, threads=1),
+        ablate=True,
+        variants=("full", "no-prefetch"),
+        prompt_tokens=1,
+        new_tokens=12,
+        runs=1,
+    ).as_dict()
     assert report["cache_policy"] == report["policy_check"]["cache_policy"] == "lru"
     assert all(row["description"].startswith("LRU cache") for row in report["rows"])
     # With no step needing more than K experts (a one-token prompt), the measured bytes are those of
@@ -170,7 +181,9 @@ def test_the_cache_policy_flag_reaches_the_rows_and_the_policy_check(bench_baby:
 
 
 def test_resident_settings_measure_one_resident_row(bench_baby: Path) -> None:
-    report = run_bench(bench_baby, dtype="float32", prompt_tokens=4, new_tokens=3, runs=1).as_dict()
+    report = run_bench(
+        bench_baby, LoadFlags(dtype="float32"), prompt_tokens=4, new_tokens=3, runs=1
+    ).as_dict()
     (row,) = report["rows"]
     assert row["name"] == "resident" and row["experts_per_layer"] is None
     assert row["decode"]["accesses"] == 0 and row["decode"]["hit_rate"] is None
@@ -257,6 +270,7 @@ def test_bad_settings_are_clear_errors(bench_baby: Path, changes: dict, message:
     from offload.errors import OffloadError
 
     settings = {"dtype": "float32", "prompt_tokens": 4, "new_tokens": 3, "runs": 1, **changes}
+    flags = LoadFlags(**{name: settings.pop(name) for name in FIELDS if name in settings})
     with pytest.raises(OffloadError, match=message):
-        run_bench(bench_baby, **settings)
+        run_bench(bench_baby, flags, **settings)
     assert issubclass(BenchError, OffloadError)

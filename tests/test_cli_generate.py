@@ -108,7 +108,11 @@ def test_generate_chat_reads_stdin(
         (["--model", "{baby}", "-k", "9"], None, "from 1 to 8"),
         (["--model", "{baby}", "-k", "1,2,3"], None, "lists 3 values but the model has 2 layers"),
         (["--model", "{baby}", "-k", "two"], None, "'two' is not an integer"),
-        (["--model", "{baby}", "-k", "2", "--prefetch", "-1"], None, "--prefetch must be >= 0"),
+        (
+            ["--model", "{baby}", "-k", "2", "--prefetch", "-1"],
+            None,
+            "--prefetch -1 is out of range: 0 (off) to 8",
+        ),
         (
             ["--model", "{baby}", "-k", "2", "--cache-policy", "fifo"],
             None,

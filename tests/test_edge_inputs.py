@@ -97,7 +97,7 @@ def test_negative_max_new_tokens_is_one_line(
     models: dict[str, Path], monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture
 ) -> None:
     code, _, err = generate(monkeypatch, capfd, models["short"], "--max-new-tokens", "-1", "Hello")
-    one_line_error(code, err, "max_new_tokens must be >= 0")
+    one_line_error(code, err, "--max-new-tokens -1 is out of range: 0 to")
 
 
 @pytest.mark.parametrize(

@@ -589,12 +589,13 @@ def test_profile_that_is_not_a_regular_file_is_refused(tmp_path: Path) -> None:
 def chat_engine(tmp_path_factory: pytest.TempPathFactory) -> Any:
     """A tiny model with Mixtral's real tokenizer, for ChatSession.load."""
     from offload.engine import Engine
+    from offload.settings.flags import LoadFlags
 
     directory = tiny_model(
         tmp_path_factory.mktemp("fuzz-chat"), vocab_size=32000, max_position_embeddings=128
     )
     shutil.copy(sentencepiece_model(), directory / "tokenizer.model")
-    return Engine.load(directory, profile="cpu", device="cpu", dtype="float32")
+    return Engine.load(directory, LoadFlags(profile="cpu", device="cpu", dtype="float32"))
 
 
 chat_text = (

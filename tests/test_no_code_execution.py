@@ -136,6 +136,7 @@ def test_every_supported_format_loads_without_unpickling(tmp_path: Path, no_unpi
     from offload.generate import SamplingParams, generate_ids
     from offload.loading import OffloadOptions, load_model
     from offload.quant.scheme import QuantScheme
+    from offload.settings.flags import LoadFlags
     from offload.settings.profile import Profile, load_profile
     from offload.tokenizer import Tokenizer
     from offload.trace.format import load_trace, save_trace
@@ -157,7 +158,7 @@ def test_every_supported_format_loads_without_unpickling(tmp_path: Path, no_unpi
     (tmp_path / "mine.toml").write_text(load_profile("rtx3060-12gb").to_toml())
     assert Profile.from_file(tmp_path / "mine.toml").name == "rtx3060-12gb"
 
-    engine = Engine.load(single, profile="cpu", device="cpu", dtype="float32")
+    engine = Engine.load(single, LoadFlags(profile="cpu", device="cpu", dtype="float32"))
     session = ChatSession(engine, sampling=SamplingParams(temperature=0), max_new_tokens=3)
     list(session.send("Hello"))
     session.save(tmp_path / "chat.json")

@@ -125,8 +125,11 @@ def test_out_of_memory_during_a_reply_keeps_the_chat(
     from offload.experts.source import DenseExpert
     from offload.generate import SamplingParams
     from offload.kv_cache import KVCache
+    from offload.settings.flags import LoadFlags
 
-    engine = Engine.load(model_dir, profile="cpu", device="cpu", dtype="float32", experts_per_layer=2)
+    engine = Engine.load(
+        model_dir, LoadFlags(profile="cpu", device="cpu", dtype="float32", experts_per_layer=2)
+    )
     session = ChatSession(engine, sampling=SamplingParams(temperature=0), max_new_tokens=6)
     text = io.StringIO()
     out = Console(file=text, width=200, highlight=False)

@@ -35,65 +35,44 @@ from offload.bench.report import BenchError, BenchReport, LinkInfo
 from offload.errors import ContextError
 from offload.experts.link import EmulatedLink, parse_link
 from offload.experts.source import ExpertSource
+from offload.settings.flags import LoadFlags
 
 Progress = Callable[[str], None]  # receives one line of progress
 
 
 def run_bench(
     model: str | Path | None = None,
+    flags: LoadFlags | None = None,
     *,
-    profile: str | None = None,
-    device: str | None = None,
-    dtype: str | None = None,
-    quant: str | None = None,
-    experts_per_layer: str | int | None = None,
-    prefetch: int | None = None,
-    cache_policy: str | None = None,
-    link: str | None = None,
     copy_ratio: float | None = None,
     prompt_tokens: int = 32,
     new_tokens: int = 32,
     runs: int = 3,
     ablate: bool = False,
     variants: Sequence[str] = VARIANTS,
-    threads: int | None = None,
     prompt_ids: list[int] | None = None,
     progress: Progress | None = None,
 ) -> BenchReport:
-    """Measure ``model`` (default: the demo model) as configured by the profile and flags.
+    """Measure ``model`` (default: the demo model) as configured by the profile and ``flags``.
 
     ``ablate`` measures the rows of ``offload.bench.ablation`` named in ``variants`` (default: all five) at
-    K = ``experts_per_layer`` (default: half the experts when the settings keep them all resident).
+    K = ``flags.experts_per_layer`` (default: half the experts when the settings keep them all resident).
     ``copy_ratio`` gives an emulated link whose expert copy costs that many layers of compute (instead
-    of ``link``). ``prompt_ids`` replaces the built-in prompt. ``threads`` sets torch's intra-op threads
-    while the bench runs (default: torch's own). ``progress`` receives a line before each step.
+    of ``flags.link``). ``prompt_ids`` replaces the built-in prompt. torch's intra-op threads are the
+    settings' (``flags.threads``, else the default of ``offload.settings.threads``) while the bench runs.
+    ``progress`` receives a line before each step.
     """
+    from offload.bench.measure import measure_rows
+    from offload.engine import resolve_model
+
+    flags = flags or LoadFlags()
     say = progress or (lambda _: None)
-    _check_settings(prompt_tokens, new_tokens, runs, copy_ratio, link, threads, variants)
-    with torch_threads(threads):
+    _check_settings(prompt_tokens, new_tokens, runs, copy_ratio, flags.link, variants)
+    resolved = resolve_model(model, flags)
+    with torch_threads(resolved.settings.threads):
         load_average_start = _load_average()
-        flags = dict(
-            profile=profile,
-            device=device,
-            dtype=dtype,
-            quant=quant,
-            prefetch=prefetch,
-            cache_policy=cache_policy,
-            link=link,
-        )
-        flags = {name: value for name, value in flags.items() if value is not None}
-        mixtral, report, settings = _load(
-            model,
-            flags,
-            experts_per_layer,
-            ablate,
-            copy_ratio,
-            prompt_tokens,
-            prompt_ids,
-            new_tokens,
-            runs,
-            say,
-        )
+        engine, report = _load(resolved, ablate, copy_ratio, prompt_tokens, prompt_ids, new_tokens, runs, say)
+        mixtral = engine.model
         if report.experts_per_layer is None:
             say(f"measuring resident: a warm-up, then {runs} runs")
             row = RowResult("resident", DESCRIPTIONS["resident"], None, 0)
@@ -102,7 +81,7 @@ def run_bench(
             )
         else:
             _measure_offloaded(
-                report, mixtral, settings.offload, copy_ratio, variants if ablate else None, say
+                report, mixtral, resolved.settings.offload, copy_ratio, variants if ablate else None, say
             )
         _check_identical(report)
         report.machine = _machine(mixtral, load_average_start)
@@ -110,9 +89,7 @@ def run_bench(
 
 
 def _load(
-    model: str | Path | None,
-    flags: dict[str, Any],
-    experts_per_layer: str | int | None,
+    resolved: Any,
     ablate: bool,
     copy_ratio: float | None,
     prompt_tokens: int,
@@ -120,22 +97,16 @@ def _load(
     new_tokens: int,
     runs: int,
     say: Progress,
-) -> tuple[Any, BenchReport, Any]:
-    """Resolve the settings, load the model and start the report: (model, report, settings).
+) -> tuple[Any, BenchReport]:
+    """Load the resolved model through ``Engine.load`` and start the report: (engine, report).
 
     Offloaded rows share the loader's host store, so the model loads with a one-slot cache that the
     rows' own sources replace at once.
     """
     from offload.bench.prompt import bench_prompt
-    from offload.checkpoint.hub import resolve_model_dir
-    from offload.config import ModelConfig
-    from offload.engine import default_model
-    from offload.loading import OffloadOptions, load_model
-    from offload.settings.resolve import resolve_settings
+    from offload.engine import Engine
 
-    directory = resolve_model_dir(model) if model is not None else default_model()
-    config = ModelConfig.from_file(directory / "config.json")
-    settings = resolve_settings(config, experts_per_layer=experts_per_layer, **flags)
+    directory, config, settings = resolved.directory, resolved.config, resolved.settings
     slots = settings.offload.experts_per_layer
     if ablate and slots is None:
         slots = max(1, config.num_local_experts // 2)
@@ -152,10 +123,9 @@ def _load(
             f"{config.max_position_embeddings}; lower --prompt-tokens or --new-tokens"
         )
     say(f"loading {directory}")
-    options = None if slots is None else OffloadOptions(experts_per_layer=1, prefetch=0, link="local")
-    mixtral = load_model(
-        directory, device=settings.device, dtype=settings.dtype, quant=settings.quant, offload=options
-    )
+    loading = resolved.with_offload(experts_per_layer=None if slots is None else 1, prefetch=0, link="local")
+    engine = Engine.load(loading, tokenizer=False)
+    mixtral = engine.model
     report = BenchReport(
         model=str(directory),
         device=str(mixtral.device),
@@ -171,7 +141,7 @@ def _load(
         num_layers=config.num_hidden_layers,
         link=LinkInfo("none (every expert resident)" if slots is None else settings.offload.link),
     )
-    return mixtral, report, settings
+    return engine, report
 
 
 def _measure_offloaded(
@@ -262,7 +232,6 @@ def _check_settings(
     runs: int,
     copy_ratio: float | None,
     link: str | None,
-    threads: int | None,
     variants: Sequence[str],
 ) -> None:
     if prompt_tokens < 1:
@@ -279,8 +248,6 @@ def _check_settings(
         raise BenchError(
             "give either --copy-ratio (an emulated link sized from the model) or --link, not both"
         )
-    if threads is not None and threads < 1:
-        raise BenchError(f"--threads must be >= 1, got {threads}")
     unknown = [name for name in variants if name not in VARIANTS]
     if unknown or not variants:
         raise BenchError(f"unknown ablation rows {unknown}; choose from {', '.join(VARIANTS)}")

@@ -93,12 +93,13 @@ def expert_prefix(layer: int, expert: int) -> str:
 class Checkpoint:
     """A model directory opened for lazy reading. Use ``get(name)`` to read one tensor."""
 
-    def __init__(self, directory: str | Path) -> None:
+    def __init__(self, directory: str | Path, config: ModelConfig | None = None) -> None:
+        """Open ``directory``; ``config`` is its config.json when the caller has parsed it already."""
         self.directory = Path(directory)
         if not self.directory.is_dir():
             raise CheckpointError(f"{self.directory}: no such model directory")
         check_links(self.directory)
-        self.config = ModelConfig.from_file(self.directory / "config.json")
+        self.config = config or ModelConfig.from_file(self.directory / "config.json")
         self._handles: dict[str, object] = {}
         self._data_starts: dict[str, int] = {}  # file -> where its data section begins
         self._offsets: dict[str, tuple[int, int]] = {}  # tensor -> its bytes within the data section

@@ -6,6 +6,7 @@ built-in default. The result says where every weight goes and how to generate.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -18,10 +19,12 @@ from offload.errors import CacheError, OffloadError
 from offload.experts.cache import slot_counts
 from offload.experts.link import parse_link
 from offload.experts.policy import CACHE_POLICIES
-from offload.loading import OffloadOptions, parse_device
+from offload.loading import OffloadOptions, parse_device, parse_dtype
 from offload.quant.scheme import QuantScheme
+from offload.settings.flags import LoadFlags
 from offload.settings.plan import resolve_auto_experts
 from offload.settings.profile import load_profile
+from offload.settings.threads import check_threads, default_threads
 
 
 @dataclass(frozen=True)
@@ -32,6 +35,11 @@ class RunSettings:
     offload: OffloadOptions
     profile_name: str
     generation: Any  # the profile's GenerationSettings: defaults for flags left unset
+    threads: int = 1  # torch's CPU threads
+
+    def with_offload(self, **changes: Any) -> RunSettings:
+        """A copy whose OffloadOptions have ``changes`` (bench and trace record derive theirs this way)."""
+        return dataclasses.replace(self, offload=dataclasses.replace(self.offload, **changes))
 
 
 def parse_experts_per_layer(text: str | int | None) -> int | list[int] | str | None:
@@ -52,20 +60,21 @@ def parse_experts_per_layer(text: str | int | None) -> int | list[int] | str | N
 
 def resolve_settings(
     config: ModelConfig,
+    flags: LoadFlags | None = None,
     *,
-    profile: str | None = None,
-    device: str | None = None,
-    dtype: str | None = None,
-    experts_per_layer: str | int | None = None,
-    prefetch: int | None = None,
-    cache_policy: str | None = None,
-    link: str | None = None,
-    quant: str | None = None,
     attention_spec: str | None = None,
     experts_spec: str | None = None,
     free_memory_bytes: int | None = None,
 ) -> RunSettings:
-    """Merge ``profile`` (default: cpu without CUDA, auto with it) and the flags for ``config``."""
+    """Merge the profile (default: cpu without CUDA, auto with it) and ``flags`` for ``config``.
+
+    Every flag is checked here, against the model's config.json where it must be (``-k`` against its
+    experts), so that a typo fails before a weight is read.
+    """
+
+    flags = flags or LoadFlags()
+    profile, device, dtype, quant = flags.profile, flags.device, flags.dtype, flags.quant
+    prefetch, cache_policy, link = flags.prefetch, flags.cache_policy, flags.link
     chosen = load_profile(profile)
     resolved = chosen.for_model(config)
     run_device = parse_device(device or (chosen.device.kind if profile else None))
@@ -84,7 +93,7 @@ def resolve_settings(
             experts=experts_spec or str(base.expert_spec(0)),
         )
 
-    slots = parse_experts_per_layer(experts_per_layer)
+    slots = parse_experts_per_layer(flags.experts_per_layer)
     if slots is None:
         profile_slots = chosen.cache.experts_per_layer
         slots = profile_slots if profile_slots in ("all", "auto") else list(resolved.experts_per_layer)
@@ -94,15 +103,18 @@ def resolve_settings(
         slots = None  # every expert resident: no store, no cache, nothing moved
     else:
         slot_counts(slots, config.num_hidden_layers, config.num_local_experts)  # fail before loading
-    if prefetch is None:
-        prefetch = chosen.prefetch.experts if chosen.prefetch.enabled else 0
-    if isinstance(prefetch, bool) or prefetch < 0:
-        raise CacheError(f"--prefetch must be >= 0 (0 = off), got {prefetch}")
+    if prefetch is None:  # a profile's guesses are capped at what the model has
+        prefetch = min(chosen.prefetch.experts, config.num_local_experts) if chosen.prefetch.enabled else 0
+    if isinstance(prefetch, bool) or not 0 <= prefetch <= config.num_local_experts:
+        raise CacheError(
+            f"--prefetch {prefetch} is out of range: 0 (off) to {config.num_local_experts} (the experts per layer)"
+        )
     cache_policy = cache_policy or chosen.cache.policy
     if cache_policy not in CACHE_POLICIES:
         raise CacheError(f"--cache-policy {cache_policy!r} is not one of {', '.join(CACHE_POLICIES)}")
     link = link or ("cuda" if run_device.type == "cuda" else "local")
     _check_link(link)
+    parse_dtype(dtype, config)  # a bad --dtype fails here, before loading
     if dtype is None and run_device.type == "cpu" and scheme.is_float and config.quantization is None:
         dtype = cpu_compute_dtype(config)
     return RunSettings(
@@ -114,6 +126,7 @@ def resolve_settings(
         ),
         profile_name=chosen.name,
         generation=chosen.generation,
+        threads=default_threads() if flags.threads is None else check_threads(flags.threads),
     )
 
 

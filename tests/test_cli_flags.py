@@ -1,0 +1,147 @@
+"""The load flags and every numeric flag, through the real entry point: declared once, resolved once,
+checked before any weight is read, and bounded."""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import click
+import pytest
+import typer
+
+from offload.settings.flags import FIELDS
+from tests.baby import BabySpec, write_baby
+
+LOADING_COMMANDS = {
+    ("generate",): set(FIELDS),
+    ("chat",): set(FIELDS),
+    ("bench",): set(FIELDS),
+    ("trace", "record"): set(FIELDS) - {"cache_policy", "link"},  # routing depends on neither
+}
+
+
+def sentencepiece_v1() -> Path:
+    import mistral_common
+
+    return Path(mistral_common.__file__).parent / "data" / "tokenizer.model.v1"
+
+
+@pytest.fixture(scope="module")
+def baby(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A baby with Mixtral's real tokenizer (8 experts per layer, a context of 512)."""
+    directory = tmp_path_factory.mktemp("flags-baby")
+    write_baby(BabySpec("flags-baby", hidden_size=48, intermediate_size=64, vocab_size=32000), directory)
+    shutil.copy(sentencepiece_v1(), directory / "tokenizer.model")
+    return directory
+
+
+@pytest.fixture(scope="module")
+def garbage(baby: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The baby's config.json and tokenizer, with weights that are not safetensors at all.
+
+    Any command that reads a weight fails here with a checkpoint error, so a flag error seen instead
+    proves the flag was checked first.
+    """
+    directory = tmp_path_factory.mktemp("garbage")
+    shutil.copy(baby / "config.json", directory / "config.json")
+    shutil.copy(baby / "tokenizer.model", directory / "tokenizer.model")
+    (directory / "model.safetensors").write_bytes(b"\xff" * 64)
+    return directory
+
+
+def offload_here(
+    monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture, *args: str, stdin: bytes = b""
+) -> tuple[int, str, str]:
+    """The console script's entry point in this process: (exit code, stdout, stderr)."""
+    from cli.main import run
+
+    monkeypatch.setattr(sys, "argv", ["offload", *args])
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(stdin)))
+    with pytest.raises(SystemExit) as exited:
+        run()
+        sys.exit(0)
+    out, err = capfd.readouterr()
+    return exited.value.code or 0, out, err
+
+
+def command_args(command: tuple[str, ...], model: Path, tmp_path: Path) -> list[str]:
+    """The smallest run of ``command`` on ``model``."""
+    if command == ("generate",):
+        return ["generate", "--model", str(model), "--max-new-tokens", "2", "--json", "Hi"]
+    if command == ("chat",):
+        return ["chat", "--model", str(model), "--max-new-tokens", "2"]
+    if command == ("bench",):
+        return [
+            "bench",
+            "--model",
+            str(model),
+            "--prompt-tokens",
+            "3",
+            "--new-tokens",
+            "2",
+            "--runs",
+            "1",
+            "--json",
+            "-",
+        ]
+    return ["trace", "record", str(tmp_path / "t.trace"), "--model", str(model), "--max-new-tokens", "2"]
+
+
+def click_command(path: tuple[str, ...]) -> click.Command:
+    from cli.main import app
+
+    command = typer.main.get_command(app)
+    for name in path:
+        command = command.commands[name]  # type: ignore[attr-defined]
+    return command
+
+
+@pytest.mark.parametrize("command", list(LOADING_COMMANDS), ids=" ".join)
+def test_every_loading_command_declares_the_load_flags(command: tuple[str, ...]) -> None:
+    options = {param.name for param in click_command(command).params}
+    assert LOADING_COMMANDS[command] <= options
+
+
+@pytest.mark.parametrize("command", list(LOADING_COMMANDS), ids=" ".join)
+def test_one_loader_one_config_read_and_the_flags_reach_it(
+    command: tuple[str, ...],
+    baby: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capfd: pytest.CaptureFixture,
+) -> None:
+    """generate, chat, bench and trace record all load through Engine.load, parsing config.json once."""
+    from offload.config import ModelConfig
+    from offload.engine import Engine
+
+    loads: list[object] = []
+    configs: list[Path] = []
+    real_load, real_from_file = Engine.load.__func__, ModelConfig.from_file.__func__  # type: ignore[attr-defined]
+
+    def spy_load(cls: type, *args: object, **kwargs: object) -> Engine:
+        engine = real_load(cls, *args, **kwargs)
+        loads.append(engine)
+        return engine
+
+    def spy_from_file(cls: type, path: Path) -> ModelConfig:
+        configs.append(Path(path))
+        return real_from_file(cls, path)
+
+    monkeypatch.setattr(Engine, "load", classmethod(spy_load))
+    monkeypatch.setattr(ModelConfig, "from_file", classmethod(spy_from_file))
+    flags = ["--dtype", "float32", "--threads", "1", "-k", "3", "--prefetch", "1"]
+    code, out, err = offload_here(monkeypatch, capfd, *command_args(command, baby, tmp_path), *flags)
+    assert code == 0, err
+    assert len(loads) == 1, "one Engine.load per command"
+    assert configs == [baby / "config.json"], "config.json is parsed once"
+    settings = loads[0].settings
+    assert settings.threads == 1
+    if command == ("bench",):  # bench's loader holds one slot; its rows make their own caches of K
+        report = json.loads(out)
+        assert report["experts_per_layer"] == 3 and report["prefetch"] == 1
+    else:
+        assert settings.offload.experts_per_layer == 3 and settings.offload.prefetch == 1
