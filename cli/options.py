@@ -42,9 +42,10 @@ def temperature_check(value: float | None) -> float | None:
     return value
 
 
+# The engine's own limits (offload.generate imports torch, so they are repeated here; a test ties them).
 MIN_TEMPERATURE, MAX_TEMPERATURE = 1e-4, 100.0
+MAX_SEED = (1 << 64) - 1
 MAX_TOKENS = 1 << 31  # more than any context; the model's own context is checked once it is known
-MAX_SEED = (1 << 64) - 1  # torch.Generator.manual_seed takes 64 bits
 
 Model = Annotated[
     str | None,

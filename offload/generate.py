@@ -18,6 +18,9 @@ from offload.errors import ContextError, OffloadError
 from offload.kv_cache import KVCache
 from offload.model import MixtralModel
 
+MIN_TEMPERATURE, MAX_TEMPERATURE = 1e-4, 100.0  # beyond these, logits / temperature overflow or go flat
+MAX_SEED = (1 << 64) - 1  # what torch.Generator.manual_seed takes
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -27,12 +30,18 @@ class SamplingParams:
     seed: int | None = None  # fixes the random stream
 
     def __post_init__(self) -> None:
-        if self.temperature < 0:
-            raise OffloadError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
+        # NaN passes every comparison below, and a temperature too small or too large turns the logits
+        # into inf or NaN, which would then read as a damaged checkpoint: refuse them as settings.
+        if not (self.temperature == 0 or MIN_TEMPERATURE <= self.temperature <= MAX_TEMPERATURE):
+            raise OffloadError(
+                f"temperature must be 0 (greedy) or {MIN_TEMPERATURE:g} to {MAX_TEMPERATURE:g}, got {self.temperature}"
+            )
         if not 0 < self.top_p <= 1:
             raise OffloadError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.top_k < 0:
             raise OffloadError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
+        if self.seed is not None and not 0 <= self.seed <= MAX_SEED:
+            raise OffloadError(f"seed must be from 0 to {MAX_SEED} (64 bits), got {self.seed}")
 
 
 class Sampler:

@@ -145,3 +145,95 @@ def test_one_loader_one_config_read_and_the_flags_reach_it(
         assert report["experts_per_layer"] == 3 and report["prefetch"] == 1
     else:
         assert settings.offload.experts_per_layer == 3 and settings.offload.prefetch == 1
+
+
+ALL = tuple(LOADING_COMMANDS)
+SAMPLING = (("generate",), ("chat",))
+BAD_FLAGS = [
+    # (flag and value, the commands that have it, what the one-line error must say)
+    (["-k", "99"], ALL, "from 1 to 8"),  # against config.json's num_local_experts
+    (["--experts-per-layer", "1,2,3"], ALL, "lists 3 values but the model has 2 layers"),
+    (["--prefetch", "-1"], ALL, "--prefetch -1 is out of range: 0 (off) to 8"),
+    (["--prefetch", "99"], ALL, "--prefetch 99 is out of range: 0 (off) to 8"),
+    (["--link", "emulated:fast"], ALL[:3], "emulated:fast"),
+    (["--cache-policy", "fifo"], ALL[:3], "--cache-policy 'fifo'"),
+    (["--dtype", "float64"], ALL, "--dtype 'float64'"),
+    (["--device", "tpu"], ALL, "--device 'tpu'"),
+    (["--quant", "q4"], ALL, "--quant 'q4'"),
+    (["--profile", "no-such-profile"], ALL, "no-such-profile"),
+    (["--threads", "0"], ALL, "--threads 0 is out of range: 1 to"),
+    (["--threads", "100000"], ALL, "--threads 100000 is out of range: 1 to"),  # segfaulted (exit 139)
+    (["--seed", "99999999999999999999999"], (*SAMPLING, ALL[3]), "--seed 99999999999999999999999 is out of"),
+    (["--seed", "-1"], (*SAMPLING, ALL[3]), "--seed -1 is out of range"),
+    (["--temperature", "nan"], (*SAMPLING, ALL[3]), "--temperature nan is out of range"),
+    (["--temperature", "inf"], (*SAMPLING, ALL[3]), "--temperature inf is out of range"),
+    (["--temperature", "-1"], (*SAMPLING, ALL[3]), "--temperature -1.0 is out of range"),
+    (["--temperature", "1e-300"], (*SAMPLING, ALL[3]), "--temperature 1e-300 is out of range"),
+    (["--top-p", "nan"], SAMPLING, "--top-p nan is out of range"),
+    (["--top-p", "0"], SAMPLING, "--top-p 0.0 is out of range: above 0 to 1"),
+    (["--top-p", "1.5"], SAMPLING, "--top-p 1.5 is out of range"),
+    (["--top-k", "-1"], SAMPLING, "--top-k -1 is out of range"),
+    (["--max-new-tokens", "-1"], (*SAMPLING, ALL[3]), "--max-new-tokens -1 is out of range"),
+    (["--max-new-tokens", "512"], (*SAMPLING, ALL[3]), "does not fit the model's context of 512"),
+    (["--max-new-tokens", str(1 << 40)], (*SAMPLING, ALL[3]), "is out of range"),
+    (["--runs", "0"], (("bench",),), "--runs 0 is out of range"),
+    (["--runs", "100000000"], (("bench",),), "--runs 100000000 is out of range"),
+    (["--new-tokens", "1"], (("bench",),), "--new-tokens 1 is out of range: 2 to"),
+    (["--prompt-tokens", "0"], (("bench",),), "--prompt-tokens 0 is out of range"),
+    (["--prompt-tokens", "600"], (("bench",),), "context of 512"),
+    (["--copy-ratio", "nan"], (("bench",),), "--copy-ratio nan is out of range"),
+    (["--copy-ratio", "0"], (("bench",),), "--copy-ratio 0.0 is out of range"),
+]
+CASES = [
+    pytest.param(command, flag, message, id=f"{' '.join(command)} {' '.join(flag)}")
+    for flag, commands, message in BAD_FLAGS
+    for command in commands
+]
+
+
+@pytest.mark.parametrize(("command", "flag", "message"), CASES)
+def test_bad_flags_are_one_line_before_any_weight_is_read(
+    command: tuple[str, ...],
+    flag: list[str],
+    message: str,
+    garbage: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capfd: pytest.CaptureFixture,
+) -> None:
+    """On a checkpoint whose weights are garbage: the flag's error, never the checkpoint's."""
+    import offload.loading
+
+    def no_loading(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the model was loaded before its flags were checked")
+
+    monkeypatch.setattr(offload.loading, "load_model", no_loading)
+    args = [*command_args(command, garbage, tmp_path), *flag]
+    code, out, err = offload_here(monkeypatch, capfd, *args, stdin=b"Hello\n")
+    err = err.strip()
+    assert code == 2, err
+    assert message in err
+    assert len(err.splitlines()) == 1 and err.startswith("error: "), err
+    assert "Type a message" not in out  # chat refuses before its first prompt
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {"temperature": float("nan")},
+        {"temperature": float("inf")},
+        {"temperature": 1e-300},
+        {"seed": 1 << 64},
+    ],
+)
+def test_sampling_params_refuse_what_the_flags_refuse(changes: dict) -> None:
+    """Callers of the engine (chat's /set, a server) get the same limits as the flags."""
+    import cli.options
+    import offload.generate
+    from offload.errors import OffloadError
+    from offload.generate import SamplingParams
+
+    with pytest.raises(OffloadError, match=next(iter(changes))):
+        SamplingParams(**changes)
+    for name in ("MIN_TEMPERATURE", "MAX_TEMPERATURE", "MAX_SEED"):
+        assert getattr(cli.options, name) == getattr(offload.generate, name)
