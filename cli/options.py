@@ -22,7 +22,7 @@ Command = TypeVar("Command", bound=Callable[..., Any])
 
 def bounded(flag: str, low: float, high: float, *, above: bool = False) -> Callable[[Any], Any]:
     """A typer callback refusing a value outside ``low``..``high`` (``above``: strictly above ``low``), NaN or inf."""
-    allowed = f"{'above ' if above else ''}{low:g} to {high:g}"
+    allowed = f"{'above ' if above else ''}{_shown(low)} to {_shown(high)}"
 
     def check(value: Any) -> Any:
         if value is None:
@@ -33,6 +33,11 @@ def bounded(flag: str, low: float, high: float, *, above: bool = False) -> Calla
         return value
 
     return check
+
+
+def _shown(number: float) -> str:
+    """A bound as a person writes it: 100 rather than 100.0, every digit of an integer."""
+    return str(number) if isinstance(number, int) else f"{number:g}"
 
 
 def temperature_check(value: float | None) -> float | None:

@@ -129,8 +129,8 @@ def replay_command(
     expert_bytes: Annotated[
         int | None,
         typer.Option(
-            min=1,
             help="One expert's size in bytes, instead of the trace's. Example: --expert-bytes 176160768",
+            callback=options.bounded("--expert-bytes", 1, 1 << 40),  # 1 TiB: far above any expert
         ),
     ] = None,
     as_json: Annotated[

@@ -237,3 +237,13 @@ def test_sampling_params_refuse_what_the_flags_refuse(changes: dict) -> None:
         SamplingParams(**changes)
     for name in ("MIN_TEMPERATURE", "MAX_TEMPERATURE", "MAX_SEED"):
         assert getattr(cli.options, name) == getattr(offload.generate, name)
+
+
+@pytest.mark.parametrize("value", ["0", str(1 << 41)])
+def test_replay_expert_bytes_is_bounded(
+    value: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture
+) -> None:
+    code, _, err = offload_here(
+        monkeypatch, capfd, "trace", "replay", str(tmp_path / "none.trace"), "--expert-bytes", value
+    )
+    assert code == 2 and err.strip() == f"error: --expert-bytes {value} is out of range: 1 to 1099511627776"
