@@ -63,6 +63,8 @@ def generate(
             sys.stdout.write(last.text)
             sys.stdout.flush()
     if as_json:
+        import torch
+
         result = {
             "prompt_ids": prompt_ids,
             "token_ids": token_ids,
@@ -70,6 +72,7 @@ def generate(
             "finish_reason": last.finish_reason if last else None,
             "timings": last.timings.as_dict() if last else {},
             "cache": engine.cache_stats(),
+            "threads": torch.get_num_threads(),  # torch's CPU threads while it ran (--threads)
         }
         sys.stdout.write(json.dumps(result) + "\n")
     elif token_ids:

@@ -9,9 +9,13 @@ from rich.table import Table
 
 def stats_table(session: Any) -> Table:
     """Per-layer cache figures plus the totals, for a ChatSession."""
+    import torch
+
     engine = session.engine
     stats = engine.cache_stats()
-    table = Table(title="offload stats", show_edge=False)
+    table = Table(
+        title="offload stats", show_edge=False, caption=f"{torch.get_num_threads()} CPU threads (--threads)"
+    )
     if stats is None:
         table.add_column("experts")
         table.add_row("all resident on the device (no cache, nothing moved)")

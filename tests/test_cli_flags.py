@@ -247,3 +247,55 @@ def test_replay_expert_bytes_is_bounded(
         monkeypatch, capfd, "trace", "replay", str(tmp_path / "none.trace"), "--expert-bytes", value
     )
     assert code == 2 and err.strip() == f"error: --expert-bytes {value} is out of range: 1 to 1099511627776"
+
+
+@pytest.mark.parametrize(
+    ("load", "expected"),
+    [(0.0, 4), (0.9, 3), (1.9, 2), (3.5, 1), (12.0, 1)],  # 4 physical cores, busy ones left out
+)
+def test_default_threads_leave_out_the_cores_the_load_takes(
+    load: float, expected: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from offload.settings import threads
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(threads, "physical_cores", lambda: 4)
+    monkeypatch.setattr(threads.os, "cpu_count", lambda: 4)
+    monkeypatch.setattr(threads.os, "getloadavg", lambda: (load, load, load))
+    assert threads.default_threads() == expected
+
+
+def test_default_threads_follow_omp_num_threads(monkeypatch: pytest.MonkeyPatch) -> None:
+    from offload.settings import threads
+
+    monkeypatch.setattr(threads, "available_cpus", lambda: 8)
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert threads.default_threads() == 3
+    monkeypatch.setenv("OMP_NUM_THREADS", "64")  # never more than the CPUs there are
+    assert threads.default_threads() == 8
+
+
+def test_generate_json_and_chat_stats_say_how_many_threads_ran(
+    baby: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture
+) -> None:
+    import types
+
+    import torch
+    from rich.console import Console
+
+    from cli.stats_view import stats_table
+    from offload.settings.threads import available_cpus
+
+    before, wanted = torch.get_num_threads(), min(2, available_cpus())
+    try:
+        args = ["generate", "--model", str(baby), "--max-new-tokens", "2", "--json", "-t", str(wanted), "Hi"]
+        code, out, err = offload_here(monkeypatch, capfd, *args)
+        assert code == 0, err
+        assert json.loads(out)["threads"] == wanted == torch.get_num_threads()
+        console = Console(record=True, width=120)
+        console.print(
+            stats_table(types.SimpleNamespace(engine=types.SimpleNamespace(cache_stats=lambda: None)))
+        )
+        assert f"{wanted} CPU threads" in console.export_text()
+    finally:
+        torch.set_num_threads(before)
