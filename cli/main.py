@@ -7,15 +7,17 @@ from typing import Annotated
 
 import typer
 
-from cli import bench_cmd, chat_cmd, convert_cmd, generate_cmd, plan_cmd, profiles_cmd, trace_cmd
+from cli import bench_cmd, chat_cmd, convert_cmd, generate_cmd, help_format, plan_cmd, profiles_cmd, trace_cmd
 from offload import __version__
 from offload.errors import OffloadError
+
+help_format.apply()
 
 app = typer.Typer(
     name="offload",
     help="Run a quantized Mixtral on a GPU too small to hold it.\n\nExample: offload generate 'What does json.dumps do?'",
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,  # --install-completion and --show-completion for bash, zsh, fish and PowerShell
     pretty_exceptions_enable=False,
 )
 

@@ -55,7 +55,10 @@ MAX_TOKENS = 1 << 31  # more than any context; the model's own context is checke
 Model = Annotated[
     str | None,
     typer.Option(
-        "--model", "-m", help="Model directory or Hugging Face repo id. Default: the bundled demo model."
+        "--model",
+        "-m",
+        metavar="DIR|REPO",
+        help="Model directory or Hugging Face repo id. Default: the bundled demo model.",
     ),
 ]
 Device = Annotated[
@@ -97,12 +100,20 @@ TopK = Annotated[
 ]
 Profile = Annotated[
     str | None,
-    typer.Option("--profile", "-p", help="Profile name or TOML path (see `offload profiles list`)."),
+    typer.Option(
+        "--profile",
+        "-p",
+        metavar="NAME|FILE",
+        help="Profile name or TOML path (see `offload profiles list`).",
+    ),
 ]
 ExpertsPerLayer = Annotated[
     str | None,
     typer.Option(
-        "--experts-per-layer", "-k", help="Device slots per layer: K, a list 'K0,K1,...', 'all' or 'auto'."
+        "--experts-per-layer",
+        "-k",
+        metavar="K",
+        help="Device slots per layer: K, a list 'K0,K1,...', 'all' or 'auto'.",
     ),
 ]
 Prefetch = Annotated[
@@ -115,7 +126,8 @@ CachePolicy = Annotated[
     ),
 ]
 Link = Annotated[
-    str | None, typer.Option(help="How experts move: local, emulated:GBPS[:LATENCY_US] or cuda.")
+    str | None,
+    typer.Option(metavar="SPEC", help="How experts move: local, emulated:GBPS[:LATENCY_US] or cuda."),
 ]
 Quant = Annotated[str | None, typer.Option(help="'none' loads the checkpoint's weights unquantized.")]
 Seed = Annotated[

@@ -299,3 +299,76 @@ def test_generate_json_and_chat_stats_say_how_many_threads_ran(
         assert f"{wanted} CPU threads" in console.export_text()
     finally:
         torch.set_num_threads(before)
+
+
+HELP_COMMANDS = [
+    ["generate"], ["chat"], ["bench"], ["convert"], ["plan"], ["profiles", "list"], ["profiles", "show"],
+    ["trace", "record"], ["trace", "replay"], [],
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("command", HELP_COMMANDS, ids=lambda c: " ".join(c) or "offload")
+def test_help_shows_arguments_in_capitals_and_flags_without_a_type(command: list[str]) -> None:
+    from typer.testing import CliRunner
+
+    from cli.main import app
+
+    shown = CliRunner().invoke(app, [*command, "--help"], prog_name="offload", env={"COLUMNS": "200"})
+    assert shown.exit_code == 0, shown.output
+    assert "<bool>" not in shown.output  # --json, --help and the like take no value
+    assert "{" not in shown.output.splitlines()[1]  # the usage line: PROMPT, not {prompt}
+    if command == ["generate"]:
+        assert "Usage: offload generate [OPTIONS] PROMPT" in shown.output
+        assert "DIR|REPO" in shown.output  # --model says what it takes
+
+
+def test_a_missing_argument_is_named_as_in_the_usage_line(
+    monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture
+) -> None:
+    code, _, err = offload_here(monkeypatch, capfd, "generate")
+    assert code == 2 and "Missing argument 'PROMPT'" in err
+
+
+def test_shell_completion_is_on() -> None:
+    from typer.testing import CliRunner
+
+    from cli.main import app
+
+    runner = CliRunner()
+    assert "--install-completion" in runner.invoke(app, ["--help"], env={"COLUMNS": "200"}).output
+
+    def complete(words: str) -> str:
+        env = {
+            "_OFFLOAD_COMPLETE": "complete_bash",
+            "COMP_WORDS": words,
+            "COMP_CWORD": str(len(words.split()) - 1),
+        }
+        return runner.invoke(app, [], prog_name="offload", env=env).output
+
+    assert complete("offload gen").split() == ["generate"]
+    assert "--threads" in complete("offload bench --thr").split()
+
+
+def test_bitsandbytes_kernels_warning_is_not_printed() -> None:
+    """Only that warning: another one from the same bitsandbytes logger still shows."""
+    import subprocess
+
+    script = (
+        "import logging, torch\n"
+        "from offload.quant.spec import QuantSpec\n"
+        "from offload.quant import bnb_backend\n"
+        "bnb_backend.quantize(torch.randn(64, 64), QuantSpec.parse('bnb:nf4'), 'w')\n"
+        "log = logging.getLogger('bitsandbytes.backends.cpu.ops')\n"
+        "log.warning('Failed to load CPU gemm_4bit_forward from kernels-community: %s. pip install kernels', 'x')\n"
+        "log.warning('another warning')\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=Path(__file__).parents[1],
+    )
+    assert done.returncode == 0, done.stderr
+    assert "kernels" not in done.stderr
+    assert "another warning" in done.stderr

@@ -10,12 +10,14 @@ int8, as Linear8bitLt quantizes it (LLM.int8() row-wise absmax, no outlier colum
 
 The 16-entry nf4 / fp4 tables and the 256-entry dynamic map are bnb constants, rebuilt rather than stored.
 The matrix shape is read off the tensors' shapes, never their values, so rebuilding on CUDA needs no sync.
-bitsandbytes is imported inside the functions: importing it costs seconds.
+bitsandbytes is imported inside the functions, through ``_bitsandbytes``: importing it costs seconds.
 """
 
 from __future__ import annotations
 
+import logging
 import math
+from types import ModuleType
 from typing import TYPE_CHECKING
 
 import torch
@@ -26,8 +28,27 @@ from offload.errors import QuantError
 if TYPE_CHECKING:
     from offload.quant.spec import QuantSpec
 
+# On CPUs with AVX512-BF16, importing bitsandbytes warns that the optional `kernels` package (a faster
+# CPU 4-bit matmul fetched from the Hugging Face hub) is missing, on every bnb model. offload never runs
+# that kernel (on a CPU it dequantizes once at load), so the warning only alarms users.
+KERNELS_WARNING = "Failed to load CPU gemm_4bit_forward from kernels-community"
+KERNELS_LOGGER = "bitsandbytes.backends.cpu.ops"
+
 BLOCKSIZE = 64  # Linear4bit's default: one absmax per 64 weights
 NESTED_BLOCKSIZE = 256  # bnb compresses the absmax values in blocks of 256
+
+
+def _not_the_kernels_warning(record: logging.LogRecord) -> bool:
+    return not str(record.msg).startswith(KERNELS_WARNING)
+
+
+def _bitsandbytes() -> ModuleType:
+    """bitsandbytes (with ``functional`` loaded), imported without its warning about `kernels`."""
+    logging.getLogger(KERNELS_LOGGER).addFilter(_not_the_kernels_warning)  # added once: addFilter dedupes
+    import bitsandbytes
+    import bitsandbytes.functional
+
+    return bitsandbytes
 
 
 def keys(spec: QuantSpec) -> tuple[str, ...]:
@@ -60,7 +81,7 @@ def nbytes(spec: QuantSpec, shape: tuple[int, int]) -> int:
 
 def quantize(weight: Tensor, spec: QuantSpec, name: str) -> dict[str, Tensor]:
     """Quantize one (out, in) matrix on the CPU with bitsandbytes' quantizer."""
-    import bitsandbytes.functional as bnb_functional
+    bnb_functional = _bitsandbytes().functional
 
     check(spec, tuple(weight.shape), name)
     out_features, in_features = weight.shape
@@ -92,7 +113,7 @@ def _shape(tensors: dict[str, Tensor]) -> torch.Size:
 
 def _quant_state(tensors: dict[str, Tensor], spec: QuantSpec, dtype: torch.dtype):
     """bnb's QuantState for a 4-bit matrix, producing ``dtype`` when dequantized."""
-    import bitsandbytes.functional as bnb_functional
+    bnb_functional = _bitsandbytes().functional
 
     device = tensors["weight"].device
     absmax_state = bnb_functional.QuantState(
@@ -115,7 +136,7 @@ def _quant_state(tensors: dict[str, Tensor], spec: QuantSpec, dtype: torch.dtype
 
 def dequantize(tensors: dict[str, Tensor], spec: QuantSpec) -> Tensor:
     """The fp32 (out, in) matrix, with bitsandbytes' dequantizer, on the tensors' device."""
-    import bitsandbytes.functional as bnb_functional
+    bnb_functional = _bitsandbytes().functional
 
     if spec.kind == "int8":
         return bnb_functional.int8_vectorwise_dequant(tensors["CB"], tensors["SCB"])
@@ -133,7 +154,7 @@ class Bnb4bitLinear(nn.Module):
         self.dtype = dtype
 
     def forward(self, x: Tensor) -> Tensor:
-        import bitsandbytes as bnb
+        bnb = _bitsandbytes()
 
         return bnb.matmul_4bit(x.to(self.dtype), self.codes, quant_state=self.quant_state)
 
@@ -143,6 +164,7 @@ class BnbInt8Linear(nn.Module):
 
     def __init__(self, tensors: dict[str, Tensor]) -> None:
         super().__init__()
+        _bitsandbytes()
         from bitsandbytes.autograd._functions import MatmulLtState
 
         # Linear8bitLt's inference state: frozen int8 weights, no outlier decomposition.
@@ -152,7 +174,7 @@ class BnbInt8Linear(nn.Module):
         self.state.is_training = False
 
     def forward(self, x: Tensor) -> Tensor:
-        import bitsandbytes as bnb
+        bnb = _bitsandbytes()
 
         # bnb quantizes the activations from fp16 anyway, and logs a warning per call for any other dtype.
         return bnb.matmul(x.to(torch.float16), self.state.CB, state=self.state).to(x.dtype)
