@@ -41,9 +41,12 @@ def _shown(number: float) -> str:
 
 
 def temperature_check(value: float | None) -> float | None:
-    """0 (greedy), or a temperature large enough that logits divided by it stay finite."""
-    if value is not None and value != 0:
-        bounded("--temperature", MIN_TEMPERATURE, MAX_TEMPERATURE)(value)
+    """0 (greedy), or a temperature at which logits divided by it stay finite and still differ."""
+    if value is not None and not (value == 0 or MIN_TEMPERATURE <= value <= MAX_TEMPERATURE):
+        raise FlagError(
+            f"--temperature {value} is out of range: 0 (greedy) or {_shown(MIN_TEMPERATURE)} to "
+            f"{_shown(MAX_TEMPERATURE)}"
+        )
     return value
 
 
