@@ -18,6 +18,7 @@ import torch
 from offload.config import ModelConfig
 from offload.generate import SamplingParams, generate_ids
 from offload.loading import load_model
+from offload.settings.flags import LoadFlags
 from offload.settings.plan import GIB, default_context, plan_memory
 from offload.settings.profile import CacheSettings, load_profile
 from offload.settings.resolve import resolve_settings
@@ -85,7 +86,7 @@ def test_auto_profile_loads_convert_output_offloaded_and_bit_identical(
     auto = load_profile("auto")
     roomy = plan_memory(config, auto, default_context(config, auto), free_memory_bytes=GIB)
     free = roomy.device_bytes - roomy.expert_slot_bytes + 5 * roomy.expert_bytes[0]  # room for 5 slots
-    settings = resolve_settings(config, profile="auto", device="cpu", free_memory_bytes=free)
+    settings = resolve_settings(config, LoadFlags(profile="auto", device="cpu"), free_memory_bytes=free)
     slots = settings.offload.experts_per_layer
     assert sorted(slots) == [1, 2, 2], slots
     offloaded = load_model(converted, offload=settings.offload)
