@@ -23,7 +23,11 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 NOT_ENGINE = ("offload.bench", "offload.trace")
 # ``ModelConfig.from_dict`` checks the instance it has just built: its own class's private method.
-PRIVATE_ALLOWED = {("offload/config.py", "config._check")}
+# typer 0.29 has no public hook for the usage line's argument name; help_format replaces it, guarded.
+PRIVATE_ALLOWED = {
+    ("offload/config.py", "config._check"),
+    ("cli/help_format.py", "argument._usage_display_name"),
+}
 
 
 def module_name(path: Path, root: Path = ROOT) -> str:
