@@ -20,6 +20,10 @@ from offload.model import MixtralModel
 
 MIN_TEMPERATURE, MAX_TEMPERATURE = 1e-4, 100.0  # beyond these, logits / temperature overflow or go flat
 MAX_SEED = (1 << 64) - 1  # what torch.Generator.manual_seed takes
+NON_FINITE_LOGITS = (
+    "the model produced NaN or inf logits (weights overflow in this dtype, or a damaged checkpoint); "
+    "try --dtype float32"
+)
 
 
 @dataclass(frozen=True)
@@ -59,17 +63,19 @@ class Sampler:
         """A 0-d tensor holding the chosen id (on the logits' device, so nothing syncs here)."""
         params = self.params
         if params.temperature == 0:
-            return logits.argmax()
+            best = logits.argmax()
+            # argmax picks a NaN or +inf when there is one, so checking the chosen logit (one value,
+            # not the row) catches what the sampling path catches, at no cost to the decode step.
+            if not torch.isfinite(logits[best]):
+                raise OffloadError(NON_FINITE_LOGITS)
+            return best
         logits = logits.float() / params.temperature
         if params.top_k and params.top_k < logits.shape[-1]:
             kth_best = torch.topk(logits, params.top_k).values[-1]
             logits = logits.masked_fill(logits < kth_best, float("-inf"))
         probs = torch.softmax(logits, dim=-1)
         if not torch.isfinite(probs).all():
-            raise OffloadError(
-                "the model produced NaN or inf logits (weights overflow in this dtype, or a damaged "
-                "checkpoint); try --dtype float32"
-            )
+            raise OffloadError(NON_FINITE_LOGITS)
         if params.top_p < 1:
             sorted_probs, order = torch.sort(probs, descending=True)
             # Drop a token when the tokens before it already reach top_p; the first always stays.
