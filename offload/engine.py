@@ -97,6 +97,8 @@ class Engine:
         settings = resolved.settings
         torch.set_num_threads(settings.threads)
         loaded_tokenizer = Tokenizer.from_dir(resolved.directory) if tokenizer else None
+        if loaded_tokenizer is not None:
+            loaded_tokenizer.check_fits(resolved.config.vocab_size, resolved.directory / "config.json")
         mixtral = load_model(
             Checkpoint(resolved.directory, resolved.config),
             device=settings.device,

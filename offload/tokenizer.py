@@ -158,6 +158,19 @@ class Tokenizer:
         backend = _HuggingFaceBackend(file) if file.suffix == ".json" else _SentencePieceBackend(file)
         return cls(backend, file)
 
+    def check_fits(self, vocab_size: int, config_path: Path) -> None:
+        """Refuse a tokenizer whose ids run past the model's embedding (``vocab_size`` rows).
+
+        Such ids would fail deep in the model (an IndexError in the embedding) on the first prompt
+        that uses them; they mean the tokenizer belongs to another model.
+        """
+        if self.vocab_size > vocab_size:
+            raise TokenizerError(
+                f"{self.source}: the tokenizer has {self.vocab_size} tokens but {config_path} says "
+                f"vocab_size {vocab_size}, so ids {vocab_size}..{self.vocab_size - 1} have no embedding; "
+                "use the tokenizer that came with this model"
+            )
+
     def _text(self, text: str) -> str:
         # Non-UTF-8 bytes in argv arrive as lone surrogates, which the libraries cannot encode.
         try:

@@ -10,7 +10,17 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file, save_file
 
-from tests.test_cli_generate import offload_here, sentencepiece_v1
+from tests.test_cli_generate import offload_here
+
+
+def small_tokenizer(directory: Path) -> None:
+    """A word-level tokenizer.json within the baby's 97 ids (a larger one is refused at load)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocabulary = {"<unk>": 0, "<s>": 1, "</s>": 2, "Hello": 3, "[INST]": 4, "[/INST]": 5}
+    tokenizer = Tokenizer(models.WordLevel(vocabulary, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer.save(str(directory / "tokenizer.json"))
 
 
 def _sharded(directory: Path) -> dict:
@@ -97,7 +107,7 @@ def test_damaged_checkpoint_is_one_line(
 ) -> None:
     directory = tmp_path / "model"
     shutil.copytree(baby_dirs["sharded-tied-window"][0], directory)
-    shutil.copy(sentencepiece_v1(), directory / "tokenizer.model")
+    small_tokenizer(directory)
     damage(directory)
     code, _, stderr = offload_here(monkeypatch, capfd, "generate", "--model", str(directory), "Hello")
     assert code == 2

@@ -150,3 +150,16 @@ def test_version_and_help_do_not_import_torch() -> None:
     assert "generate" in done.stdout
     version = offload("--version")
     assert version.returncode == 0 and version.stdout.decode().startswith("offload ")
+
+
+def test_a_tokenizer_larger_than_the_model_vocabulary_is_refused_at_load(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture
+) -> None:
+    # A 128-row embedding with Mixtral's 32000-piece tokenizer: "Hello" alone encodes past row 127.
+    write_baby(BabySpec("small-vocab", vocab_size=128), tmp_path)
+    shutil.copy(sentencepiece_v1(), tmp_path / "tokenizer.model")
+    capfd.readouterr()  # transformers' progress bar while writing the baby
+    code, _, stderr = offload_here(monkeypatch, capfd, "generate", "--model", str(tmp_path), "Hello")
+    assert code == 2
+    assert "32000 tokens" in stderr and "vocab_size 128" in stderr
+    assert len(stderr.strip().splitlines()) == 1 and "Traceback" not in stderr

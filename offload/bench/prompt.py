@@ -55,6 +55,7 @@ def bench_prompt(
     except TokenizerError:
         tokenizer = None
     if tokenizer is not None:
+        tokenizer.check_fits(vocab_size, directory / "config.json")
         text_ids = tokenizer.encode(held_out_text())
         ids = [tokenizer.bos_id] if tokenizer.bos_id is not None else []
         while len(ids) < tokens:
