@@ -9,7 +9,6 @@ from typing import Annotated
 import typer
 
 from cli import options
-from offload.errors import OffloadError
 from offload.settings.flags import LoadFlags
 
 
@@ -39,15 +38,14 @@ def generate(
 ) -> None:
     # Deferred: the engine imports torch, and `offload --help` must stay instant.
     from cli.loading_view import load_engine
+    from cli.prompt_input import read_prompt
     from offload.engine import resolve_model
 
-    if prompt == "-":
-        try:
-            prompt = sys.stdin.buffer.read().decode("utf-8")
-        except UnicodeDecodeError as err:
-            raise OffloadError(f"stdin is not valid UTF-8 text (byte {err.start})") from None
     resolved = resolve_model(model, flags)  # every flag checked before a weight is read
     options.check_max_new_tokens(max_new_tokens, resolved.config)
+    if prompt == "-":
+        # Read once the model's context is known, so that the read stops where the context does.
+        prompt = read_prompt(sys.stdin.buffer, resolved.config.max_position_embeddings)
     engine = load_engine(resolved, quiet=as_json, summary=False)
     sampling = engine.sampling(temperature, top_p, top_k, seed)
     prompt_ids = engine.prompt_ids(prompt, chat=not no_chat, system=system)

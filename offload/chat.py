@@ -16,7 +16,7 @@ from offload.atomic import write_text_atomically
 from offload.config import read_json
 from offload.engine import Engine
 from offload.errors import ContextError, OffloadError
-from offload.generate import Response, SamplingParams
+from offload.generate import Response, SamplingParams, check_text_fits
 from offload.kv_cache import KVCache
 
 SAVE_FORMAT = "offload-chat/1"
@@ -82,6 +82,7 @@ class ChatSession:
         if not _is_text(user_text):
             # A terminal that sends bytes that are not UTF-8 gives Python lone surrogates, which no tokenizer takes.
             raise OffloadError("this message is not valid UTF-8 text; type it again")
+        check_text_fits(user_text, self._room(), "this message")
         ids = self._fit(user_text)
         # The cache holds a prefix of ids; only the rest is prefilled.
         if ids[: self.cache.length] != self.tokens[: self.cache.length]:

@@ -11,7 +11,7 @@ from typing import Any
 from offload.checkpoint.hub import resolve_model_dir
 from offload.config import ModelConfig
 from offload.errors import OffloadError
-from offload.generate import Response, SamplingParams, stream_generate
+from offload.generate import Response, SamplingParams, check_text_fits, stream_generate
 from offload.kv_cache import KVCache
 from offload.model import MixtralModel
 from offload.settings.flags import LoadFlags
@@ -133,7 +133,14 @@ class Engine:
         return max(0, min(self.settings.generation.max_new_tokens, room))
 
     def prompt_ids(self, prompt: str, *, chat: bool = True, system: str | None = None) -> list[int]:
-        """The prompt as ids: a one-turn Mixtral-Instruct chat, or raw text after BOS."""
+        """The prompt as ids: a one-turn Mixtral-Instruct chat, or raw text after BOS.
+
+        Text that cannot fit the context is refused before it is tokenized (ContextError).
+        """
+        context = self.model.config.max_position_embeddings
+        check_text_fits(prompt, context)
+        if system:
+            check_text_fits(system, context, "the system prompt")
         if not chat:
             return self.tokenizer.encode(prompt, add_bos=True)
         messages = [{"role": "system", "content": system}] if system else []

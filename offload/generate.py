@@ -123,6 +123,29 @@ class Response:
     timings: Timings = field(default_factory=Timings)
 
 
+# Text longer than this many UTF-8 bytes per context token cannot fit (a token rarely spans more
+# than a dozen bytes). Tokenizing costs about 200 times the text's size in memory, so text past
+# the cap is refused before it is tokenized.
+MAX_BYTES_PER_TOKEN = 16
+
+
+def text_byte_limit(context_tokens: int) -> int:
+    """The most UTF-8 bytes of text a context of ``context_tokens`` tokens is worth tokenizing."""
+    return MAX_BYTES_PER_TOKEN * context_tokens
+
+
+def check_text_fits(text: str, context_tokens: int, what: str = "the prompt") -> None:
+    """Raise ContextError, before any tokenizing, when ``text`` is too long to fit the context."""
+    limit = text_byte_limit(context_tokens)
+    # Every character is at least one byte: only text near the limit needs its bytes counted.
+    if len(text) > limit or len(text.encode("utf-8", "surrogatepass")) > limit:
+        size = len(text.encode("utf-8", "surrogatepass"))
+        raise ContextError(
+            f"{what} is {size:,} bytes, more than the {limit:,} bytes ({MAX_BYTES_PER_TOKEN} per token) "
+            f"that the model's context of {context_tokens:,} tokens can hold; shorten it"
+        )
+
+
 def check_context(model: MixtralModel, used: int, prompt_tokens: int, max_new_tokens: int) -> None:
     """Raise ContextError when the sequence would run past the context window."""
     window = model.config.max_position_embeddings
