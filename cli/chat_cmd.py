@@ -39,6 +39,9 @@ def chat(
     top_p: options.TopP = None,
     top_k: options.TopK = None,
     seed: options.Seed = None,
+    min_p: options.MinP = None,
+    repetition_penalty: options.RepetitionPenalty = None,
+    stop: options.Stop = None,
     flags: LoadFlags = options.FLAGS,
 ) -> None:
     # Deferred: the engine imports torch, and `offload --help` must stay instant.
@@ -53,7 +56,10 @@ def chat(
     session = ChatSession(
         engine,
         system=system,
-        sampling=engine.sampling(temperature, top_p, top_k, seed),
+        sampling=engine.sampling(
+            temperature, top_p, top_k, seed, min_p=min_p, repetition_penalty=repetition_penalty
+        ),
+        stop_strings=options.stop_strings(stop),
         # Half the context at most by default, so a reply always leaves room for the conversation.
         max_new_tokens=engine.max_new_tokens(
             max_new_tokens, engine.model.config.max_position_embeddings // 2
@@ -114,6 +120,8 @@ def _reply(session, text: str, out) -> None:
             f"\n[yellow]context full: dropped the {session.dropped_turns - dropped} oldest turn(s)[/yellow]"
         )
     out.print()
+    if last is not None and last.finish_reason == "length" and session.max_new_tokens > 0:
+        out.print(f"[yellow](reply cut at --max-new-tokens {session.max_new_tokens})[/yellow]")
     if last is not None:
         timings = last.timings
         status = f"{timings.decode_tokens_per_second:.1f} tok/s · TTFT {timings.ttft_seconds:.2f} s"

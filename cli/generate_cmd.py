@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -15,14 +16,21 @@ from offload.settings.flags import LoadFlags
 def register(app: typer.Typer) -> None:
     """Add `generate` to ``app``."""
     app.command(
-        help="Generate a reply to PROMPT ('-' reads stdin).\n\n"
+        help="Generate a reply to PROMPT ('-' reads stdin, --prompt-file reads a file).\n\n"
         "Example: offload generate 'What does json.dumps do?'\n\n"
+        "Example: offload generate --prompt-file question.txt --stop '\\n\\n' --repetition-penalty 1.1\n\n"
         "Example: offload generate --no-chat --temperature 0 --max-new-tokens 16 --json 'Hello'"
     )(options.load_flags()(generate))
 
 
 def generate(
-    prompt: Annotated[str, typer.Argument(help="The prompt, or '-' to read it from stdin.")],
+    prompt: Annotated[
+        str | None, typer.Argument(help="The prompt, or '-' to read it from stdin.", show_default=False)
+    ] = None,
+    prompt_file: Annotated[
+        Path | None,
+        typer.Option(help="Read the prompt from this UTF-8 file. Example: --prompt-file question.txt"),
+    ] = None,
     model: options.Model = None,
     no_chat: Annotated[bool, typer.Option("--no-chat", help="Raw completion: no chat template.")] = False,
     system: options.System = None,
@@ -31,6 +39,9 @@ def generate(
     top_p: options.TopP = None,
     top_k: options.TopK = None,
     seed: options.Seed = None,
+    min_p: options.MinP = None,
+    repetition_penalty: options.RepetitionPenalty = None,
+    stop: options.Stop = None,
     flags: LoadFlags = options.FLAGS,
     as_json: Annotated[
         bool, typer.Option("--json", help="Print one JSON object with ids, text and timings.")
@@ -38,22 +49,27 @@ def generate(
 ) -> None:
     # Deferred: the engine imports torch, and `offload --help` must stay instant.
     from cli.loading_view import load_engine
-    from cli.prompt_input import read_prompt
+    from cli.prompt_input import PromptSource
     from offload.engine import resolve_model
 
+    source = PromptSource.from_flags(prompt, prompt_file)
     resolved = resolve_model(model, flags)  # every flag checked before a weight is read
     options.check_max_new_tokens(max_new_tokens, resolved.config)
-    if prompt == "-":
-        # Read once the model's context is known, so that the read stops where the context does.
-        prompt = read_prompt(sys.stdin.buffer, resolved.config.max_position_embeddings)
+    # Read once the model's context is known, so that the read stops where the context does.
+    text = source.read(resolved.config.max_position_embeddings)
     engine = load_engine(resolved, quiet=as_json, summary=False)
-    sampling = engine.sampling(temperature, top_p, top_k, seed)
-    prompt_ids = engine.prompt_ids(prompt, chat=not no_chat, system=system)
+    sampling = engine.sampling(
+        temperature, top_p, top_k, seed, min_p=min_p, repetition_penalty=repetition_penalty
+    )
+    prompt_ids = engine.prompt_ids(text, chat=not no_chat, system=system)
     max_new_tokens = engine.max_new_tokens(max_new_tokens, len(prompt_ids))
     token_ids: list[int] = []
     pieces: list[str] = []
     last = None
-    for last in engine.stream(prompt_ids, max_new_tokens=max_new_tokens, sampling=sampling):
+    stop_strings = options.stop_strings(stop)
+    for last in engine.stream(
+        prompt_ids, max_new_tokens=max_new_tokens, sampling=sampling, stop_strings=stop_strings
+    ):
         if last.token is not None:
             token_ids.append(last.token)
         pieces.append(last.text)
@@ -73,5 +89,9 @@ def generate(
             "threads": torch.get_num_threads(),  # torch's CPU threads while it ran (--threads)
         }
         sys.stdout.write(json.dumps(result) + "\n")
-    elif token_ids:
-        sys.stdout.write("\n")
+    else:
+        if token_ids:
+            sys.stdout.write("\n")
+        if last is not None and last.finish_reason == "length" and max_new_tokens > 0:
+            sys.stdout.flush()
+            print(f"(reply cut at --max-new-tokens {max_new_tokens})", file=sys.stderr)

@@ -53,6 +53,7 @@ def temperature_check(value: float | None) -> float | None:
 # The engine's own limits (offload.generate imports torch, so they are repeated here; a test ties them).
 MIN_TEMPERATURE, MAX_TEMPERATURE = 1e-4, 100.0
 MAX_SEED = (1 << 64) - 1
+MIN_PENALTY, MAX_PENALTY = 0.01, 100.0
 MAX_TOKENS = 1 << 31  # more than any context; the model's own context is checked once it is known
 
 Model = Annotated[
@@ -210,3 +211,46 @@ def check_max_new_tokens(max_new_tokens: int | None, config: Any) -> None:
             f"--max-new-tokens {max_new_tokens} does not fit the model's context of {window} tokens "
             f"with a prompt; give at most {window - 1}"
         )
+
+
+MinP = Annotated[
+    float | None,
+    typer.Option(
+        "--min-p",
+        help="Drop tokens less likely than this times the likeliest one; 0 keeps all. Example: 0.05",
+        callback=bounded("--min-p", 0, 1),
+    ),
+]
+RepetitionPenalty = Annotated[
+    float | None,
+    typer.Option(
+        "--repetition-penalty",
+        help="Divide the logit of every token already in the text by this (multiply when negative); "
+        f"1 is off, {_shown(MIN_PENALTY)} to {_shown(MAX_PENALTY)}. Example: 1.1",
+        callback=bounded("--repetition-penalty", MIN_PENALTY, MAX_PENALTY),
+    ),
+]
+Stop = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--stop",
+        help="End the reply at this text, which is not printed; repeat for several. Example: --stop '\\n\\n'",
+    ),
+]
+
+
+def stop_strings(values: list[str] | None) -> tuple[str, ...]:
+    r"""--stop values with \n, \t and \\ read as a newline, a tab and a backslash (a shell cannot easily pass a newline)."""
+    escapes = {"n": "\n", "t": "\t", "\\": "\\"}
+
+    def unescape(text: str) -> str:
+        out, chars = [], iter(text)
+        for char in chars:
+            if char == "\\":
+                following = next(chars, "")
+                out.append(escapes.get(following, "\\" + following))
+            else:
+                out.append(char)
+        return "".join(out)
+
+    return tuple(unescape(value) for value in values or ())

@@ -28,6 +28,7 @@ class ChatSession:
     system: str | None = None
     sampling: SamplingParams = field(default_factory=SamplingParams)
     max_new_tokens: int = 512
+    stop_strings: tuple[str, ...] = ()  # a reply ends at any of these; the stop text is not kept
     messages: list[dict[str, str]] = field(default_factory=list)  # user/assistant turns, no system
     tokens: list[int] = field(default_factory=list)  # every id of the conversation so far
     dropped_turns: int = 0  # turns forgotten to make room, over the session's life
@@ -91,18 +92,35 @@ class ChatSession:
         self.messages.append({"role": "user", "content": user_text})
         self.tokens = ids
         reply: list[int] = []
+        shown: list[str] = []
+        stop = None
         try:
             for response in self.engine.stream(
-                fed, max_new_tokens=self.max_new_tokens, sampling=self.sampling, cache=self.cache
+                fed,
+                max_new_tokens=self.max_new_tokens,
+                sampling=self.sampling,
+                stop_strings=self.stop_strings,
+                cache=self.cache,
             ):
                 if response.token is not None:
                     reply.append(response.token)
+                shown.append(response.text)
+                stop = response.stop
                 yield response
         finally:
             # Runs on completion, on error and on Ctrl-C alike, so the turn is never lost.
-            self.tokens = ids + reply
-            text_ids = [t for t in reply if t != self.engine.tokenizer.eos_id]
-            self.messages.append({"role": "assistant", "content": self.engine.tokenizer.decode(text_ids)})
+            tokenizer = self.engine.tokenizer
+            if stop is None:
+                self.tokens = ids + reply
+                text = tokenizer.decode([t for t in reply if t != tokenizer.eos_id])
+            else:
+                # The reply ends where the stop string began: keep what was shown, and let the model
+                # see the reply as the transcript holds it (the cache keeps only the common prefix).
+                text = "".join(shown)
+                self.tokens = ids + tokenizer.encode_reply(text)
+                generated = ids + reply[:-1]  # what the cache holds: the last token was never fed
+                self.cache.truncate(min(self.cache.length, _common_prefix(generated, self.tokens)))
+            self.messages.append({"role": "assistant", "content": text})
 
     def save(self, path: str | Path) -> Path:
         """Write the conversation as JSON, atomically: the old file or the new one, never half of one."""
@@ -156,6 +174,14 @@ def read_chat_save(path: Path) -> tuple[str | None, list[dict[str, str]]]:
         # would make every later message fail.
         raise OffloadError(f"{path}: the last message must be an assistant reply")
     return system, turns
+
+
+def _common_prefix(first: list[int], second: list[int]) -> int:
+    """How many leading ids the two lists share."""
+    for index, (a, b) in enumerate(zip(first, second, strict=False)):
+        if a != b:
+            return index
+    return min(len(first), len(second))
 
 
 def _is_text(text: str) -> bool:

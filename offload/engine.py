@@ -115,14 +115,21 @@ class Engine:
         top_p: float | None = None,
         top_k: int | None = None,
         seed: int | None = None,
+        *,
+        min_p: float | None = None,
+        repetition_penalty: float | None = None,
     ) -> SamplingParams:
-        """Sampling from the flags, falling back to the profile's generation defaults."""
+        """Sampling from the flags, falling back to the profile's generation defaults (min-p and the
+        repetition penalty, which profiles do not set, default to off).
+        """
         defaults = self.settings.generation
         return SamplingParams(
             temperature=defaults.temperature if temperature is None else temperature,
             top_p=defaults.top_p if top_p is None else top_p,
             top_k=defaults.top_k if top_k is None else top_k,
             seed=seed,
+            min_p=0.0 if min_p is None else min_p,
+            repetition_penalty=1.0 if repetition_penalty is None else repetition_penalty,
         )
 
     def max_new_tokens(self, requested: int | None, prompt_tokens: int = 0) -> int:

@@ -20,6 +20,7 @@ from offload.model import MixtralModel
 
 MIN_TEMPERATURE, MAX_TEMPERATURE = 1e-4, 100.0  # beyond these, logits / temperature overflow or go flat
 MAX_SEED = (1 << 64) - 1  # what torch.Generator.manual_seed takes
+MIN_PENALTY, MAX_PENALTY = 0.01, 100.0  # beyond these, penalized logits overflow or a penalty means nothing
 NON_FINITE_LOGITS = (
     "the model produced NaN or inf logits (weights overflow in this dtype, or a damaged checkpoint); "
     "try --dtype float32"
@@ -28,10 +29,18 @@ NON_FINITE_LOGITS = (
 
 @dataclass(frozen=True)
 class SamplingParams:
+    """How the next token is chosen. The steps run in transformers' order: repetition penalty,
+    temperature, top-k, top-p, min-p; greedy (temperature 0) takes the best token after the penalty.
+    """
+
     temperature: float = 0.7  # 0 means greedy
     top_p: float = 1.0  # nucleus: keep the smallest set of tokens whose probability reaches top_p
     top_k: int = 0  # keep the k most likely tokens; 0 keeps all
     seed: int | None = None  # fixes the random stream
+    min_p: float = 0.0  # drop tokens less likely than min_p times the likeliest one; 0 keeps all
+    # Every id already in the prompt or the reply has its logit divided by this when positive and
+    # multiplied by it when negative (transformers' and llama.cpp's rule); 1 is off, > 1 discourages repeats.
+    repetition_penalty: float = 1.0
 
     def __post_init__(self) -> None:
         # NaN passes every comparison below, and a temperature too small or too large turns the logits
@@ -46,30 +55,57 @@ class SamplingParams:
             raise OffloadError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
         if self.seed is not None and not 0 <= self.seed <= MAX_SEED:
             raise OffloadError(f"seed must be from 0 to {MAX_SEED} (64 bits), got {self.seed}")
+        if not 0 <= self.min_p <= 1:  # written so that NaN fails too
+            raise OffloadError(f"min_p must be in [0, 1] (0 = off), got {self.min_p}")
+        if not MIN_PENALTY <= self.repetition_penalty <= MAX_PENALTY:  # NaN fails too
+            raise OffloadError(
+                f"repetition_penalty must be {MIN_PENALTY:g} to {MAX_PENALTY:g} (1 = off), "
+                f"got {self.repetition_penalty}"
+            )
 
 
 class Sampler:
-    """Picks the next token from (V,) logits; built once per generation."""
+    """Picks the next token from (V,) logits; built once per generation, it remembers the ids seen."""
 
-    def __init__(self, params: SamplingParams, device: torch.device) -> None:
+    def __init__(self, params: SamplingParams, device: torch.device, seen: Iterable[int] = ()) -> None:
         self.params = params
+        self.device = device
         self.generator = torch.Generator(device=device)
         if params.seed is None:
             self.generator.seed()
         else:
             self.generator.manual_seed(params.seed)
+        self._seen: set[int] = set()
+        self._seen_ids: Tensor | None = None  # the seen ids on the device, rebuilt when one is added
+        self.observe(seen)
+
+    def observe(self, ids: Iterable[int]) -> None:
+        """Note ids that are now part of the text (the repetition penalty's memory)."""
+        if self.params.repetition_penalty == 1:
+            return
+        before = len(self._seen)
+        self._seen.update(int(i) for i in ids)
+        if len(self._seen) != before:
+            self._seen_ids = None
 
     def __call__(self, logits: Tensor) -> Tensor:
         """A 0-d tensor holding the chosen id (on the logits' device, so nothing syncs here)."""
-        params = self.params
-        if params.temperature == 0:
+        if self.params.temperature == 0:
+            logits = self._penalized(logits)
             best = logits.argmax()
             # argmax picks a NaN or +inf when there is one, so checking the chosen logit (one value,
             # not the row) catches what the sampling path catches, at no cost to the decode step.
             if not torch.isfinite(logits[best]):
                 raise OffloadError(NON_FINITE_LOGITS)
             return best
-        logits = logits.float() / params.temperature
+        return torch.multinomial(self.weights(logits), 1, generator=self.generator)[0]
+
+    def weights(self, logits: Tensor) -> Tensor:
+        """(V,) weights proportional to the probability of drawing each id (not normalised: the draw
+        does not need it). Raises OffloadError on NaN or inf logits. Not for temperature 0.
+        """
+        params = self.params
+        logits = self._penalized(logits).float() / params.temperature
         if params.top_k and params.top_k < logits.shape[-1]:
             kth_best = torch.topk(logits, params.top_k).values[-1]
             logits = logits.masked_fill(logits < kth_best, float("-inf"))
@@ -81,7 +117,21 @@ class Sampler:
             # Drop a token when the tokens before it already reach top_p; the first always stays.
             drop = sorted_probs.cumsum(-1) - sorted_probs >= params.top_p
             probs = probs.scatter(0, order, sorted_probs.masked_fill(drop, 0.0))
-        return torch.multinomial(probs, 1, generator=self.generator)[0]
+        if params.min_p > 0:
+            # Relative to the likeliest token, which always stays (min_p <= 1).
+            probs = probs.masked_fill(probs < params.min_p * probs.max(), 0.0)
+        return probs
+
+    def _penalized(self, logits: Tensor) -> Tensor:
+        if self.params.repetition_penalty == 1 or not self._seen:
+            return logits
+        logits = logits.float()
+        if self._seen_ids is None:
+            self._seen_ids = torch.tensor(sorted(self._seen), device=self.device)
+        ids = self._seen_ids
+        scores = logits.gather(0, ids)
+        penalty = self.params.repetition_penalty
+        return logits.scatter(0, ids, torch.where(scores > 0, scores / penalty, scores * penalty))
 
 
 @dataclass
@@ -121,6 +171,7 @@ class Response:
     text: str  # the new text this step adds (may be empty mid-character or near a stop string)
     finish_reason: str | None = None  # "stop" (EOS or stop string), "length", or None while going on
     timings: Timings = field(default_factory=Timings)
+    stop: str | None = None  # the stop string that ended the reply (its text is not in any response)
 
 
 # Text longer than this many UTF-8 bytes per context token cannot fit (a token rarely spans more
@@ -192,7 +243,7 @@ def stream_generate(
         cache = KVCache(
             model.config, len(prompt_ids) + max_new_tokens, dtype=model.dtype, device=model.device
         )
-    sampler = Sampler(sampling, model.device)
+    sampler = Sampler(sampling, model.device, seen=prompt_ids)
     decoder = tokenizer.stream_decoder() if tokenizer is not None else None
     held = ""  # text withheld because it may be the start of a stop string
     start = time.perf_counter()
@@ -207,28 +258,34 @@ def stream_generate(
             else:
                 timings.decode_seconds = now - start - timings.prefill_seconds
             timings.generated_tokens += 1
+            sampler.observe((token,))
             if token in stops:
                 yield Response(token, held + (decoder.flush() if decoder else ""), "stop", timings)
                 return
             held += decoder.push(token) if decoder else ""
-            emit, held, stopped = _split_at_stop(held, stop_strings)
             last = step == max_new_tokens - 1
-            if stopped:
-                yield Response(token, emit, "stop", timings)
+            if last and decoder:
+                held += decoder.flush()  # an unfinished character, which may still end a stop string
+            emit, held, stop = _split_at_stop(held, stop_strings)
+            if stop is not None:
+                yield Response(token, emit, "stop", timings, stop=stop)
                 return
             if last:
-                yield Response(token, emit + held + (decoder.flush() if decoder else ""), "length", timings)
+                yield Response(token, emit + held, "length", timings)
                 return
             yield Response(token, emit, None, timings)
             inputs = torch.tensor([[token]], device=model.device)
 
 
-def _split_at_stop(text: str, stop_strings: list[str]) -> tuple[str, str, bool]:
-    """(text safe to emit, text to hold back, whether a stop string was reached)."""
-    for stop in stop_strings:
-        at = text.find(stop)
-        if at >= 0:
-            return text[:at], "", True
+def _split_at_stop(text: str, stop_strings: list[str]) -> tuple[str, str, str | None]:
+    """(text safe to emit, text to hold back, the stop string reached or None).
+
+    The earliest stop string in ``text`` wins; the text before it is emitted and the rest dropped.
+    """
+    found = [(at, stop) for stop in stop_strings if (at := text.find(stop)) >= 0]
+    if found:
+        at, stop = min(found)
+        return text[:at], "", stop
     # Hold back the longest tail that could still grow into a stop string.
     keep = 0
     for stop in stop_strings:
@@ -236,7 +293,7 @@ def _split_at_stop(text: str, stop_strings: list[str]) -> tuple[str, str, bool]:
             if text.endswith(stop[:size]):
                 keep = max(keep, size)
                 break
-    return text[: len(text) - keep], text[len(text) - keep :], False
+    return text[: len(text) - keep], text[len(text) - keep :], None
 
 
 def generate_ids(

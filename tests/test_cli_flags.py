@@ -318,7 +318,7 @@ def test_help_shows_arguments_in_capitals_and_flags_without_a_type(command: list
     assert "<bool>" not in shown.output  # --json, --help and the like take no value
     assert "{" not in shown.output.splitlines()[1]  # the usage line: PROMPT, not {prompt}
     if command == ["generate"]:
-        assert "Usage: offload generate [OPTIONS] PROMPT" in shown.output
+        assert "Usage: offload generate [OPTIONS] [PROMPT]" in shown.output  # or --prompt-file
         assert "DIR|REPO" in shown.output  # --model says what it takes
 
 
@@ -326,7 +326,7 @@ def test_a_missing_argument_is_named_as_in_the_usage_line(
     monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture
 ) -> None:
     code, _, err = offload_here(monkeypatch, capfd, "generate")
-    assert code == 2 and "Missing argument 'PROMPT'" in err
+    assert code == 2 and "give PROMPT" in err and "--prompt-file" in err
 
 
 def test_shell_completion_is_on() -> None:
