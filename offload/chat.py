@@ -52,7 +52,8 @@ class ChatSession:
     def _ids_for(self, user_text: str) -> list[int]:
         """All ids of the conversation with ``user_text`` appended, reusing what the cache holds."""
         tokenizer = self.engine.tokenizer
-        if not self.tokens:
+        if not self.tokens or not tokenizer.incremental_chat:
+            # A checkpoint's own template is encoded whole each turn; the cache keeps the common prefix.
             return tokenizer.encode_chat([*self._chat(), {"role": "user", "content": user_text}])
         ids = list(self.tokens)
         if ids[-1] != tokenizer.eos_id:
@@ -85,9 +86,8 @@ class ChatSession:
             raise OffloadError("this message is not valid UTF-8 text; type it again")
         check_text_fits(user_text, self._room(), "this message")
         ids = self._fit(user_text)
-        # The cache holds a prefix of ids; only the rest is prefilled.
-        if ids[: self.cache.length] != self.tokens[: self.cache.length]:
-            self.cache.truncate(0)
+        # The cache holds a prefix of self.tokens; what ids share of it stays, the rest is prefilled.
+        self.cache.truncate(_common_prefix(ids, self.tokens[: self.cache.length]))
         fed = ids[self.cache.length :]
         self.messages.append({"role": "user", "content": user_text})
         self.tokens = ids
@@ -110,13 +110,16 @@ class ChatSession:
         finally:
             # Runs on completion, on error and on Ctrl-C alike, so the turn is never lost.
             tokenizer = self.engine.tokenizer
-            if stop is None:
+            # A reply ended by a stop string ends where it began: the transcript keeps what was shown.
+            text = (
+                tokenizer.decode([t for t in reply if t != tokenizer.eos_id])
+                if stop is None
+                else "".join(shown)
+            )
+            if stop is None or not tokenizer.incremental_chat:
                 self.tokens = ids + reply
-                text = tokenizer.decode([t for t in reply if t != tokenizer.eos_id])
             else:
-                # The reply ends where the stop string began: keep what was shown, and let the model
-                # see the reply as the transcript holds it (the cache keeps only the common prefix).
-                text = "".join(shown)
+                # The model must see the reply as the transcript holds it; the cache keeps the common prefix.
                 self.tokens = ids + tokenizer.encode_reply(text)
                 generated = ids + reply[:-1]  # what the cache holds: the last token was never fed
                 self.cache.truncate(min(self.cache.length, _common_prefix(generated, self.tokens)))

@@ -48,9 +48,7 @@ def chat_segments(messages: Sequence[dict[str, str]]) -> list[Segment]:
     starting with a user message. The chat may end with either role. An empty system prompt
     is dropped, as mistral-common does. Raises `TokenizerError` on anything else.
     """
-    if isinstance(messages, (str, bytes)) or not isinstance(messages, Sequence):
-        raise TokenizerError(f"a chat must be a list of messages, got {type(messages).__name__}")
-    roles_and_contents = [_check_message(index, message) for index, message in enumerate(messages)]
+    roles_and_contents = check_messages(messages)
 
     system = None
     if roles_and_contents and roles_and_contents[0][0] == "system":
@@ -72,6 +70,16 @@ def chat_segments(messages: Sequence[dict[str, str]]) -> list[Segment]:
         else:
             segments.append(Segment(content, "assistant"))
     return segments
+
+
+def check_messages(messages: Sequence[dict[str, str]]) -> list[tuple[str, str]]:
+    """The (role, content) of each message; a TokenizerError if one is not a {role, content} dict.
+
+    Only the shape is checked here: the order of roles is each template's own rule.
+    """
+    if isinstance(messages, (str, bytes)) or not isinstance(messages, Sequence):
+        raise TokenizerError(f"a chat must be a list of messages, got {type(messages).__name__}")
+    return [_check_message(index, message) for index, message in enumerate(messages)]
 
 
 def _check_message(index: int, message: object) -> tuple[str, str]:

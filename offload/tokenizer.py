@@ -13,8 +13,9 @@ import re
 from pathlib import Path
 from typing import Protocol
 
-from offload.chat_template import chat_segments, user_block
+from offload.chat_template import chat_segments, check_messages, user_block
 from offload.errors import TokenizerError
+from offload.jinja_template import JinjaTemplate, TokenizerConfig
 
 _BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")
 
@@ -28,7 +29,14 @@ class _Backend(Protocol):
     # token id -> byte value for the byte-fallback pieces "<0x00>" ... "<0xFF>"
     byte_values: dict[int, int]
 
+    # the text of each special token (BOS, EOS, control tokens, a template's markers) -> its id
+    special_tokens: dict[str, int]
+
     def encode(self, text: str) -> list[int]: ...
+
+    def encode_special(self, text: str) -> list[int]:
+        """Like encode, but the text of a special token becomes that token (for a rendered template)."""
+        ...
 
     def decode(self, ids: list[int]) -> str: ...
 
@@ -55,9 +63,25 @@ class _SentencePieceBackend:
         self.byte_values = {
             i: int(model.id_to_piece(i)[3:5], 16) for i in range(self.vocab_size) if model.is_byte(i)
         }
+        self.special_tokens = {
+            model.id_to_piece(i): i
+            for i in range(self.vocab_size)
+            if model.is_control(i) or model.is_unknown(i)
+        }
+        self._special_pattern = _alternation(self.special_tokens)
 
     def encode(self, text: str) -> list[int]:
         return self._model.encode(text)
+
+    def encode_special(self, text: str) -> list[int]:
+        # sentencepiece reads "<s>" as text; split it out first, as transformers' slow tokenizers do.
+        ids: list[int] = []
+        for index, part in enumerate(self._special_pattern.split(text) if self._special_pattern else [text]):
+            if index % 2:
+                ids.append(self.special_tokens[part])
+            elif part:
+                ids += self._model.encode(part)
+        return ids
 
     def decode(self, ids: list[int]) -> str:
         # sentencepiece already drops control tokens (BOS, EOS) and the first piece's "▁".
@@ -107,14 +131,25 @@ class _HuggingFaceBackend:
             if match:
                 self.byte_values[token_id] = int(match.group(1), 16)
         # Byte pieces may be registered as special tokens (a trainer's `special_tokens`); they are text.
-        self._skip_ids = frozenset(
-            token_id
+        self.special_tokens = {
+            added.content: token_id
             for token_id, added in tokenizer.get_added_tokens_decoder().items()
             if added.special and token_id not in self.byte_values
-        ) | {i for i in (self.bos_id, self.eos_id) if i is not None}
+        }
+        self._skip_ids = frozenset(self.special_tokens.values()) | {
+            i for i in (self.bos_id, self.eos_id) if i is not None
+        }
 
     def encode(self, text: str) -> list[int]:
         return self._tokenizer.encode(text, add_special_tokens=False).ids
+
+    def encode_special(self, text: str) -> list[int]:
+        # Exactly what transformers' fast tokenizer does with a rendered chat template.
+        self._tokenizer.encode_special_tokens = False
+        try:
+            return self._tokenizer.encode(text, add_special_tokens=False).ids
+        finally:
+            self._tokenizer.encode_special_tokens = True
 
     def decode(self, ids: list[int]) -> str:
         return self._tokenizer.decode([i for i in ids if i not in self._skip_ids], skip_special_tokens=False)
@@ -131,32 +166,57 @@ class _HuggingFaceBackend:
 class Tokenizer:
     """Text <-> token ids, the Mixtral-Instruct v1 chat template, and streaming detokenization."""
 
-    def __init__(self, backend: _Backend, source: Path) -> None:
+    def __init__(self, backend: _Backend, source: Path, config: TokenizerConfig | None = None) -> None:
         self._backend = backend
         self.source = source  # the file the tokenizer was read from, for messages
         self.bos_id: int | None = backend.bos_id
         self.eos_id: int | None = backend.eos_id
         self.vocab_size: int = backend.vocab_size
+        # The checkpoint's own chat template; None means Mixtral-Instruct v1 (offload.chat_template).
+        self.template: JinjaTemplate | None = None
+        if config is not None:
+            self._configure(config)
 
     @classmethod
     def from_dir(cls, path: str | Path) -> Tokenizer:
-        """Load `tokenizer.json` from a model directory, or `tokenizer.model` when there is no json."""
+        """Load `tokenizer.json` from a model directory, or `tokenizer.model` when there is no json,
+        with the directory's chat template and special tokens (tokenizer_config.json) when it has them.
+        """
         directory = Path(path)
         if not directory.is_dir():
             raise TokenizerError(f"{directory}: not a directory; expected a model directory with a tokenizer")
         for name in ("tokenizer.json", "tokenizer.model"):
             if (directory / name).is_file():
-                return cls.from_file(directory / name)
+                return cls.from_file(directory / name, TokenizerConfig.from_dir(directory))
         raise TokenizerError(f"{directory}: no tokenizer found; expected tokenizer.json or tokenizer.model")
 
+    def _configure(self, config: TokenizerConfig) -> None:
+        """Take BOS and EOS from the config's names, and its template unless it is Mistral's v1."""
+        for attribute, name in (("bos_id", "bos_token"), ("eos_id", "eos_token")):
+            piece = config.special_tokens.get(name)
+            if piece is not None and piece in self._backend.special_tokens:
+                setattr(self, attribute, self._backend.special_tokens[piece])
+        # In v1, "[INST]" is text, not a special token; mistral-common's encoding of it is exact.
+        if config.template is not None and not _is_mistral_v1(config.template, self._backend.special_tokens):
+            self.template = JinjaTemplate(config.template, config.template_source, config.special_tokens)
+
+    @property
+    def incremental_chat(self) -> bool:
+        """Whether a chat's next turn is `encode_reply` and `encode_turn` appended (v1), or the whole
+        chat must be encoded again (a checkpoint's template, which may rewrite earlier turns).
+        """
+        return self.template is None
+
     @classmethod
-    def from_file(cls, path: str | Path) -> Tokenizer:
-        """Load one tokenizer file: `.json` through `tokenizers`, anything else through sentencepiece."""
+    def from_file(cls, path: str | Path, config: TokenizerConfig | None = None) -> Tokenizer:
+        """Load one tokenizer file: `.json` through `tokenizers`, anything else through sentencepiece;
+        ``config`` (the model directory's tokenizer_config.json) adds its template and special tokens.
+        """
         file = Path(path)
         if not file.is_file():
             raise TokenizerError(f"{file}: no such file; expected a tokenizer.json or tokenizer.model")
         backend = _HuggingFaceBackend(file) if file.suffix == ".json" else _SentencePieceBackend(file)
-        return cls(backend, file)
+        return cls(backend, file, config)
 
     def check_fits(self, vocab_size: int, config_path: Path) -> None:
         """Refuse a tokenizer whose ids run past the model's embedding (``vocab_size`` rows).
@@ -192,12 +252,17 @@ class Tokenizer:
         return self._backend.decode(ids)
 
     def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
-        """Token ids of a conversation in the Mixtral-Instruct v1 template, exactly as mistral-common's v1.
+        """Token ids of a conversation, ready for the assistant's reply.
 
-        One BOS, then `[INST] ... [/INST]` per user turn and `reply </s>` per assistant turn; the
-        system prompt, if any, opens the first user turn. A chat that ends with a user turn ends
-        with "[/INST]", ready for the model's reply. Raises `TokenizerError` if roles are out of order.
+        With the checkpoint's own template: the template rendered (as transformers renders it, with
+        the generation prompt), then encoded with its special tokens read as such. Otherwise the
+        Mixtral-Instruct v1 template, exactly as mistral-common's v1: one BOS, then
+        `[INST] ... [/INST]` per user turn and `reply </s>` per assistant turn; the system prompt, if
+        any, opens the first user turn. Raises `TokenizerError` if roles are out of order.
         """
+        if self.template is not None:
+            checked = [{"role": role, "content": content} for role, content in check_messages(messages)]
+            return self._backend.encode_special(self._text(self.template.render(checked)))
         ids = [self._require("bos_id")]
         for segment in chat_segments(messages):
             ids += self._backend.encode(self._text(segment.text))
@@ -309,6 +374,18 @@ def _unfinished_utf8(data: bytes) -> bytes:
             needed = 1
         return data[start:] if len(data) - start < needed else b""
     return b""
+
+
+def _is_mistral_v1(template: str, special_tokens: dict[str, int]) -> bool:
+    """Mixtral-Instruct's template: "[INST]" written as text (later Mistral tokenizers make it a token)."""
+    return "[INST]" in template and "[/INST]" in template and "[INST]" not in special_tokens
+
+
+def _alternation(pieces: dict[str, int]) -> re.Pattern[str] | None:
+    """A pattern that splits text at any of ``pieces`` (longest first), keeping them; None if none."""
+    if not pieces:
+        return None
+    return re.compile("(" + "|".join(re.escape(p) for p in sorted(pieces, key=len, reverse=True)) + ")")
 
 
 def _first_line(error: BaseException) -> str:

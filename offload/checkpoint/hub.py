@@ -14,7 +14,7 @@ from pathlib import Path
 from offload.errors import CheckpointError, first_line
 
 # What a model directory may hold that we read; never pickles, never code.
-ALLOWED_PATTERNS = ["*.json", "*.safetensors", "tokenizer.model"]
+ALLOWED_PATTERNS = ["*.json", "*.safetensors", "tokenizer.model", "chat_template.jinja"]
 
 
 def resolve_model_dir(model: str | Path) -> Path:
