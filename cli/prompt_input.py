@@ -7,12 +7,15 @@ known, before its weights load: never more bytes than the model's context can us
 from __future__ import annotations
 
 import os
+import stat
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
 import typer
+
+from offload.errors import ContextError, OffloadError
 
 
 @dataclass
@@ -24,8 +27,6 @@ class PromptSource:
     @classmethod
     def from_flags(cls, prompt: str | None, prompt_file: Path | None) -> PromptSource:
         """The prompt argument ('-' is stdin) or --prompt-file, exactly one of them."""
-        from offload.errors import OffloadError
-
         if prompt is not None and prompt_file is not None:
             raise typer.BadParameter("give PROMPT or --prompt-file, not both", param_hint="--prompt-file")
         if prompt_file is not None:
@@ -62,7 +63,7 @@ def read_prompt(stream: BinaryIO, context_tokens: int, name: str = "stdin") -> s
     At most one byte more than the limit is read, so an endless stream (``< /dev/zero``) costs
     the limit, not all memory.
     """
-    from offload.errors import ContextError, OffloadError
+    # Deferred: offload.generate imports torch, which the usage checks before loading do not need.
     from offload.generate import MAX_BYTES_PER_TOKEN, text_byte_limit
 
     limit = text_byte_limit(context_tokens)
@@ -87,6 +88,4 @@ def _file_size(stream: BinaryIO) -> int | None:
         status = os.fstat(stream.fileno())
     except (OSError, ValueError, AttributeError):  # io.BytesIO and other streams with no file
         return None
-    import stat
-
     return status.st_size if stat.S_ISREG(status.st_mode) else None

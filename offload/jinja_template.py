@@ -79,6 +79,7 @@ class JinjaTemplate:
     """A compiled chat template; ``render(messages)`` gives the prompt text, generation prompt included."""
 
     def __init__(self, text: str, source: str, special_tokens: dict[str, str]) -> None:
+        # Deferred (50 ms): only a model with its own template needs jinja2.
         import jinja2
         from jinja2.sandbox import ImmutableSandboxedEnvironment
 
