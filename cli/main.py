@@ -7,7 +7,17 @@ from typing import Annotated
 
 import typer
 
-from cli import bench_cmd, chat_cmd, convert_cmd, generate_cmd, help_format, plan_cmd, profiles_cmd, trace_cmd
+from cli import (
+    bench_cmd,
+    chat_cmd,
+    convert_cmd,
+    generate_cmd,
+    help_format,
+    models_cmd,
+    plan_cmd,
+    profiles_cmd,
+    trace_cmd,
+)
 from offload import __version__
 from offload.errors import OffloadError
 
@@ -43,6 +53,7 @@ def _register_commands() -> None:
     chat_cmd.register(app)
     convert_cmd.register(app)
     generate_cmd.register(app)
+    models_cmd.register(app)
     plan_cmd.register(app)
     profiles_cmd.register(app)
     trace_cmd.register(app)

@@ -11,6 +11,7 @@ from __future__ import annotations
 from fnmatch import fnmatch
 from pathlib import Path
 
+from offload.checkpoint.download import download_repo
 from offload.errors import CheckpointError, first_line
 
 # What a model directory may hold that we read; never pickles, never code.
@@ -18,7 +19,8 @@ ALLOWED_PATTERNS = ["*.json", "*.safetensors", "tokenizer.model", "chat_template
 
 
 def resolve_model_dir(model: str | Path) -> Path:
-    """A local directory, or a Hugging Face repo id fetched (or found offline) in huggingface_hub's cache.
+    """A local directory, or a Hugging Face repo id found in huggingface_hub's cache or downloaded into it
+    (``offload.checkpoint.download``: safe files only, asked first on a terminal).
 
     Either way, no file that offload reads may be a link out of it (see ``check_links``).
     """
@@ -37,18 +39,12 @@ def _find_model_dir(model: str | Path) -> Path:
         raise CheckpointError(f"{path}: no such model directory")
     # Deferred: huggingface_hub takes about half a second to import, and only a repo id needs it.
     from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
     try:
         return Path(snapshot_download(text, allow_patterns=ALLOWED_PATTERNS, local_files_only=True))
-    except (LocalEntryNotFoundError, FileNotFoundError, OSError, ValueError):
+    except (FileNotFoundError, OSError, ValueError):  # LocalEntryNotFoundError is an OSError
         pass
-    try:
-        return Path(snapshot_download(text, allow_patterns=ALLOWED_PATTERNS))
-    except (HfHubHTTPError, LocalEntryNotFoundError, OSError, ValueError) as err:
-        raise CheckpointError(
-            f"{text}: not a local directory, and the Hugging Face repo could not be fetched ({type(err).__name__})"
-        ) from None
+    return download_repo(text, ALLOWED_PATTERNS)
 
 
 def check_links(directory: Path) -> Path:
