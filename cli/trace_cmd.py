@@ -11,6 +11,7 @@ from rich.console import Console
 from rich.table import Column, Table
 
 from cli import options
+from cli.prompt_input import read_prompt
 from offload.errors import OffloadError
 from offload.settings.flags import LoadFlags
 
@@ -73,9 +74,11 @@ def record_command(
     from offload.trace.format import save_trace
     from offload.trace.recorder import TraceRecorder
 
-    text = _read_prompt(prompt, prompt_file)
+    if prompt is not None and prompt_file is not None:
+        raise typer.BadParameter("give --prompt or --prompt-file, not both", param_hint="--prompt")
     resolved = resolve_model(model, flags)  # every flag checked before a weight is read
     options.check_max_new_tokens(max_new_tokens, resolved.config)
+    text = _read_prompt(prompt, prompt_file, resolved.config.max_position_embeddings)
     engine = load_engine(_with_guesses(resolved))
     sampling = engine.sampling(temperature=temperature, seed=seed)
     prompt_ids = engine.prompt_ids(text, chat=not no_chat)
@@ -166,17 +169,15 @@ def replay_command(
     _print_table(trace, rows, trace_path, policy is None and not trace.has_guesses)
 
 
-def _read_prompt(prompt: str | None, prompt_file: Path | None) -> str:
-    if prompt is not None and prompt_file is not None:
-        raise typer.BadParameter("give --prompt or --prompt-file, not both", param_hint="--prompt")
+def _read_prompt(prompt: str | None, prompt_file: Path | None, context_tokens: int) -> str:
+    """--prompt, the default question, or --prompt-file read with a bound (no more than the context can use)."""
     if prompt_file is None:
         return prompt if prompt is not None else DEFAULT_PROMPT
     try:
-        return prompt_file.read_bytes().decode("utf-8")
+        with prompt_file.open("rb") as stream:
+            return read_prompt(stream, context_tokens, f"--prompt-file {prompt_file}")
     except OSError as err:
         raise OffloadError(f"--prompt-file {prompt_file}: {err.strerror}") from None
-    except UnicodeDecodeError as err:
-        raise OffloadError(f"--prompt-file {prompt_file}: not UTF-8 text (byte {err.start})") from None
 
 
 def _parse_policies(text: str | None, has_guesses: bool) -> list[str]:

@@ -111,3 +111,14 @@ def test_a_chat_line_too_long_is_refused_before_tokenizing_and_the_chat_goes_on(
     with pytest.raises(ContextError, match=f"this message is {LIMIT + 1:,} bytes.*context of 512 tokens"):
         list(session.send("x" * (LIMIT + 1)))
     assert session.messages == before
+
+
+def test_trace_record_reads_its_prompt_file_with_the_same_bound(
+    model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture
+) -> None:
+    (tmp_path / "big.txt").write_bytes(b"word " * 2000)
+    args = ("trace", "record", str(tmp_path / "out.trace"), "--model", str(model_dir))
+    code, _, err = offload_here(monkeypatch, capfd, *args, "--prompt-file", str(tmp_path / "big.txt"))
+    assert code == 2
+    assert f"--prompt-file {tmp_path / 'big.txt'} is 10,000 bytes, more than the {LIMIT:,} bytes" in err
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "out.trace").exists()
