@@ -274,3 +274,29 @@ def test_chat_says_when_a_reply_is_cut(baby) -> None:
     child.expect_exact(">>> ")
     child.sendeof()
     child.expect(pexpect.EOF)
+
+
+def test_chat_stop_flag_ends_replies_and_the_saved_chat_keeps_the_shown_text(
+    baby, monkeypatch, capfd, tmp_path: Path
+) -> None:
+    def chat_reply(*extra: str) -> str:
+        saved = tmp_path / f"chat{len(extra)}.json"
+        stdin = f"Hello\n/save {saved}\n".encode()
+        code, _, err = offload_here(
+            monkeypatch,
+            capfd,
+            "chat",
+            "--model",
+            str(baby[0]),
+            *GREEDY,
+            "--max-new-tokens",
+            "24",
+            *extra,
+            stdin=stdin,
+        )
+        assert code == 0, err
+        return json.loads(saved.read_text())["messages"][1]["content"]
+
+    full = chat_reply()
+    stop = full[len(full) // 2 : len(full) // 2 + 3]
+    assert chat_reply("--stop", stop) == full[: full.index(stop)]
