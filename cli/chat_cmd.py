@@ -153,9 +153,15 @@ def _command(text: str, session, out) -> str | None:
             out.print(f"[dim]loaded {len(session.messages)} messages from {argument}[/dim]")
         else:
             out.print(f"[red]unknown command {name}[/red]; /help lists them")
-    except OffloadError as error:
-        out.print(f"[red]error:[/red] {error}")
+    except (OffloadError, OSError) as error:
+        # OSError too: a file operation that fails must never end the chat and lose the conversation.
+        _error(out, error)
     return None
+
+
+def _error(out, error: object) -> None:
+    # soft_wrap: the terminal wraps the line itself, so a path in the message is never cut by a newline.
+    out.print(f"[red]error:[/red] {error}", soft_wrap=True)
 
 
 def _enable_line_editing() -> None:

@@ -126,15 +126,21 @@ class ChatSession:
             self.messages.append({"role": "assistant", "content": text})
 
     def save(self, path: str | Path) -> Path:
-        """Write the conversation as JSON, atomically: the old file or the new one, never half of one."""
-        path = Path(path).expanduser()
+        """Write the conversation as JSON, atomically: the old file or the new one, never half of one.
+
+        Any failure to write (no permission, a directory in the way, a full disk) is an OffloadError.
+        """
+        path = user_path(path)
         payload = {"format": SAVE_FORMAT, "system": self.system, "messages": self.messages}
-        write_text_atomically(path, json.dumps(payload, ensure_ascii=False, indent=2) + "\n")
+        try:
+            write_text_atomically(path, json.dumps(payload, ensure_ascii=False, indent=2) + "\n")
+        except (OSError, ValueError) as err:  # ValueError: a NUL byte in the name
+            raise OffloadError(f"{path}: cannot write the chat there ({_reason(err)})") from None
         return path
 
     def load(self, path: str | Path) -> None:
         """Replace the conversation with a saved one; the next turn prefills it."""
-        path = Path(path).expanduser()
+        path = user_path(path)
         system, messages = read_chat_save(path)
         chat = ([{"role": "system", "content": system}] if system else []) + messages
         if messages:
@@ -146,12 +152,26 @@ class ChatSession:
         self.system, self.messages = system, messages
 
 
+def user_path(path: str | Path) -> Path:
+    """A path the user typed, with ``~`` expanded; an unknown ``~user`` is an OffloadError."""
+    try:
+        return Path(path).expanduser()
+    except RuntimeError:
+        raise OffloadError(f"{path}: cannot find the home directory this path names") from None
+
+
+def _reason(err: Exception) -> str:
+    return (err.strerror if isinstance(err, OSError) else None) or str(err)
+
+
 def read_chat_save(path: Path) -> tuple[str | None, list[dict[str, str]]]:
     """The (system prompt, messages) of a file ``ChatSession.save`` wrote; any damage is an OffloadError.
 
     The messages must be what a session holds: user and assistant turns in pairs, each with a string
     content, so the chat can go on with a user turn. Extra keys in a message are dropped.
     """
+    if path.is_dir():
+        raise OffloadError(f"{path}: is a directory, not a chat file")
     if not path.is_file():
         raise OffloadError(f"{path}: no such chat file")
     payload = read_json(path, OffloadError)
