@@ -117,7 +117,8 @@ def _reply(session, text: str, out) -> None:
         stream.close()
     if session.dropped_turns > dropped:
         out.print(
-            f"\n[yellow]context full: dropped the {session.dropped_turns - dropped} oldest turn(s)[/yellow]"
+            f"\n[yellow]context full: the model no longer sees the {session.dropped_turns - dropped} oldest "
+            "turn(s); /save still writes every turn[/yellow]"
         )
     out.print()
     if last is not None and last.finish_reason == "length" and session.max_new_tokens > 0:

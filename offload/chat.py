@@ -1,8 +1,9 @@
 """A multi-turn chat that keeps its KV cache across turns, so earlier turns are never recomputed.
 
-The conversation is kept twice: as messages (what /save writes) and as the token ids the cache
-holds. A new turn feeds only the ids the cache has not seen. When the context fills, the oldest
-turns are dropped and the rest is prefilled again.
+The conversation is kept twice: as messages (the transcript, what /save writes) and as the token
+ids the cache holds. A new turn feeds only the ids the cache has not seen. When the context fills,
+the window the model sees slides past the oldest turns and the rest is prefilled again; the
+transcript keeps every turn.
 """
 
 from __future__ import annotations
@@ -29,9 +30,10 @@ class ChatSession:
     sampling: SamplingParams = field(default_factory=SamplingParams)
     max_new_tokens: int = 512
     stop_strings: tuple[str, ...] = ()  # a reply ends at any of these; the stop text is not kept
-    messages: list[dict[str, str]] = field(default_factory=list)  # user/assistant turns, no system
-    tokens: list[int] = field(default_factory=list)  # every id of the conversation so far
-    dropped_turns: int = 0  # turns forgotten to make room, over the session's life
+    messages: list[dict[str, str]] = field(default_factory=list)  # the transcript: every user/assistant turn
+    tokens: list[int] = field(default_factory=list)  # every id of the window so far
+    dropped_turns: int = 0  # turns slid out of the window to make room, over the session's life
+    window_start: int = 0  # messages[window_start:] is what the model sees
     cache: KVCache | None = None
 
     def __post_init__(self) -> None:
@@ -39,7 +41,7 @@ class ChatSession:
 
     def reset(self) -> None:
         """Forget the conversation (the system prompt stays)."""
-        self.messages, self.tokens = [], []
+        self.messages, self.tokens, self.window_start = [], [], 0
         if self.cache is None:
             model = self.engine.model
             self.cache = KVCache(model.config, 256, dtype=model.dtype, device=model.device)
@@ -47,7 +49,7 @@ class ChatSession:
 
     def _chat(self) -> list[dict[str, str]]:
         system = [{"role": "system", "content": self.system}] if self.system else []
-        return system + self.messages
+        return system + self.messages[self.window_start :]
 
     def _ids_for(self, user_text: str) -> list[int]:
         """All ids of the conversation with ``user_text`` appended, reusing what the cache holds."""
@@ -64,10 +66,10 @@ class ChatSession:
         return self.engine.model.config.max_position_embeddings
 
     def _fit(self, user_text: str) -> list[int]:
-        """Ids for the next turn, dropping the oldest turns until a reply of max_new_tokens fits."""
+        """Ids for the next turn, sliding the window past the oldest turns until a reply of max_new_tokens fits."""
         ids = self._ids_for(user_text)
-        while len(ids) + self.max_new_tokens > self._room() and self.messages:
-            self.messages = self.messages[2:]  # one user turn and its reply
+        while len(ids) + self.max_new_tokens > self._room() and self.window_start < len(self.messages):
+            self.window_start += 2  # one user turn and its reply; the transcript keeps both
             self.dropped_turns += 1
             self.tokens = []
             self.cache.truncate(0)
