@@ -17,7 +17,8 @@ HELP = """Commands:
   /help          this list
   /stats         cache hit rate per layer, prefetch recall, bytes moved, speed
   /reset         forget the conversation
-  /save FILE     write the conversation to FILE (JSON)
+  /save FILE     write the conversation to FILE (JSON); asks before replacing a file
+  /save! FILE    write it to FILE, replacing FILE if it exists
   /load FILE     restore a conversation saved with /save
   /exit          quit (Ctrl-D works too)
 Ctrl-C stops a reply and keeps the conversation."""
@@ -145,10 +146,10 @@ def _command(text: str, session, out) -> str | None:
             out.print("[dim]conversation cleared[/dim]")
         elif name == "/stats":
             out.print(stats_table(session))
-        elif name in ("/save", "/load") and not argument:
+        elif name in ("/save", "/save!", "/load") and not argument:
             out.print(f"[red]usage:[/red] {name} FILE")
-        elif name == "/save":
-            out.print(f"[dim]saved to {session.save(argument)}[/dim]")
+        elif name in ("/save", "/save!"):
+            _save(session, argument, force=name == "/save!", out=out)
         elif name == "/load":
             session.load(argument)
             out.print(f"[dim]loaded {len(session.messages)} messages from {argument}[/dim]")
@@ -158,6 +159,16 @@ def _command(text: str, session, out) -> str | None:
         # OSError too: a file operation that fails must never end the chat and lose the conversation.
         _error(out, error)
     return None
+
+
+def _save(session, argument: str, *, force: bool, out) -> None:
+    from cli.overwrite import check_new_file, terminal_question
+    from offload.chat import user_path
+
+    path = user_path(argument)
+    ask = terminal_question if sys.stdin.isatty() else None
+    check_new_file(path, force=force, how_to_force=f"/save! {argument}", ask=ask)
+    out.print(f"[dim]saved to {session.save(path)}[/dim]")
 
 
 def _error(out, error: object) -> None:

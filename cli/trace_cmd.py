@@ -59,6 +59,7 @@ def record_command(
     ] = 0.0,
     seed: options.Seed = None,
     flags: LoadFlags = options.FLAGS,
+    force: Annotated[bool, typer.Option("--force", "-f", help="Replace OUT if it exists.")] = False,
 ) -> None:
     """Generate a reply while recording every layer's routing and the prefetcher's guesses.
 
@@ -76,6 +77,7 @@ def record_command(
 
     if prompt is not None and prompt_file is not None:
         raise typer.BadParameter("give --prompt or --prompt-file, not both", param_hint="--prompt")
+    _check_out(out, force)
     resolved = resolve_model(model, flags)  # every flag checked before a weight is read
     options.check_max_new_tokens(max_new_tokens, resolved.config)
     text = _read_prompt(prompt, prompt_file, resolved.config.max_position_embeddings)
@@ -93,6 +95,19 @@ def record_command(
         f"wrote {out}: {trace.steps} steps, {trace.tokens} tokens ({len(prompt_ids)} in the prompt), "
         f"{trace.num_layers} layers x {trace.num_experts} experts, {guessed}"
     )
+
+
+def _check_out(out: Path, force: bool) -> None:
+    """Before the model loads: OUT can be written, and replacing a file was asked for or agreed to."""
+    import sys
+
+    from cli.overwrite import check_new_file, check_writable
+
+    def ask(question: str) -> bool:
+        return typer.confirm(question, default=False, err=True)
+
+    check_new_file(out, force=force, how_to_force="pass --force", ask=ask if sys.stdin.isatty() else None)
+    check_writable(out, "trace record")
 
 
 def _with_guesses(resolved: ResolvedModel) -> ResolvedModel:

@@ -1,7 +1,8 @@
 """Files written atomically: a reader sees the old file or the whole new one, never part of one.
 
 The bytes go to a temporary file beside the target (``.NAME.PID-RANDOM.tmp``), are fsynced, and the
-temporary is renamed over the target. A writer killed midway cannot remove its temporary; the next
+temporary is renamed over the target. The file gets the mode a plain ``open`` would give it (0o666
+less the umask), not the owner-only mode of a temporary file. A writer killed midway cannot remove its temporary; the next
 write to the same target removes the temporaries of writers that are no longer running.
 """
 
@@ -20,6 +21,7 @@ def write_bytes_atomically(path: Path, data: bytes) -> None:
         prefix=f".{path.name}.{os.getpid()}-", suffix=".tmp", dir=path.parent
     )
     try:
+        os.fchmod(handle, 0o666 & ~_umask())  # mkstemp makes files owner-only; the result is a normal file
         with os.fdopen(handle, "wb") as file:
             file.write(data)
             file.flush()
@@ -54,6 +56,14 @@ def remove_stale_temporaries(path: Path) -> None:
         pid = temporary.name[len(prefix) :].split("-", 1)[0]
         if pid.isdigit() and int(pid) != os.getpid() and not _running(int(pid)):
             temporary.unlink(missing_ok=True)
+
+
+def _umask() -> int:
+    # The only portable way to read the umask is to set it, so set it straight back. The brief
+    # 0o077 in between can only make a file another thread creates meanwhile more private.
+    mask = os.umask(0o077)
+    os.umask(mask)
+    return mask
 
 
 def _running(pid: int) -> bool:
