@@ -9,6 +9,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from cli import options
 from cli.bench_view import bench_view
@@ -84,7 +85,7 @@ def bench(
         new_tokens=new_tokens,
         runs=runs,
         ablate=ablate,
-        progress=lambda line: err.print(f"[dim]{line}[/dim]") if err.is_terminal else None,
+        progress=lambda line: err.print(f"[dim]{escape(line)}[/dim]") if err.is_terminal else None,
     ).as_dict()
     text = json.dumps(report, indent=1) + "\n"
     if json_file is not None and str(json_file) == "-":

@@ -7,6 +7,7 @@ import sys
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from cli import options
 from cli.stats_view import stats_table
@@ -105,7 +106,8 @@ def _reply(session, text: str, out) -> None:
     except KeyboardInterrupt:
         out.print("\n[dim](reply stopped; the conversation is kept)[/dim]")
     except OffloadError as error:
-        out.print(f"\n[red]error:[/red] {error}")
+        out.print()
+        _error(out, error)
     except (torch.OutOfMemoryError, MemoryError):
         # The partial turn is kept (ChatSession.send's finally); hand the memory back and go on.
         if torch.cuda.is_available():
@@ -152,9 +154,9 @@ def _command(text: str, session, out) -> str | None:
             _save(session, argument, force=name == "/save!", out=out)
         elif name == "/load":
             session.load(argument)
-            out.print(f"[dim]loaded {len(session.messages)} messages from {argument}[/dim]")
+            out.print(f"[dim]loaded {len(session.messages)} messages from {escape(argument)}[/dim]")
         else:
-            out.print(f"[red]unknown command {name}[/red]; /help lists them")
+            out.print(f"[red]unknown command {escape(name)}[/red]; /help lists them")
     except (OffloadError, OSError) as error:
         # OSError too: a file operation that fails must never end the chat and lose the conversation.
         _error(out, error)
@@ -168,12 +170,12 @@ def _save(session, argument: str, *, force: bool, out) -> None:
     path = user_path(argument)
     ask = terminal_question if sys.stdin.isatty() else None
     check_new_file(path, force=force, how_to_force=f"/save! {argument}", ask=ask)
-    out.print(f"[dim]saved to {session.save(path)}[/dim]")
+    out.print(f"[dim]saved to {escape(str(session.save(path)))}[/dim]")
 
 
 def _error(out, error: object) -> None:
     # soft_wrap: the terminal wraps the line itself, so a path in the message is never cut by a newline.
-    out.print(f"[red]error:[/red] {error}", soft_wrap=True)
+    out.print(f"[red]error:[/red] {escape(str(error))}", soft_wrap=True)
 
 
 def _enable_line_editing() -> None:

@@ -11,6 +11,7 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -143,7 +144,7 @@ def build_scheme(
 def report_table(report: Any) -> Any:
     """The report as a rich table, with a caption for the totals."""
     table = Table(
-        title=f"{report.source} -> {report.destination}",
+        title=escape(f"{report.source} -> {report.destination}"),
         caption=f"{report.total_bytes / 2**20:.1f} MiB in {report.shards} shards, "
         f"{report.bits_per_weight:.2f} bits/weight overall, {report.seconds:.1f} s; "
         "error: relative output error on a sample",

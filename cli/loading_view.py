@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, DownloadColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
 
@@ -29,5 +30,5 @@ def load_engine(resolved: Any, *, quiet: bool = False, summary: bool = True) -> 
 
         engine = Engine.load(resolved, progress=advance)
     if summary and not quiet:
-        err.print(f"[dim]{engine.summary()}[/dim]", soft_wrap=True)
+        err.print(f"[dim]{escape(engine.summary())}[/dim]", soft_wrap=True)
     return engine

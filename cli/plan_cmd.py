@@ -9,6 +9,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 import offload
@@ -102,8 +103,8 @@ def _print_plan(plan) -> None:
     from offload.settings.plan import GIB
 
     console = Console()
-    title = f"profile {plan.profile} ({plan.device_kind}), context {plan.context} tokens"
-    table = Table("tier", "item", "GiB", "note", title=title, caption=plan.model)
+    title = escape(f"profile {plan.profile} ({plan.device_kind}), context {plan.context} tokens")
+    table = Table("tier", "item", "GiB", "note", title=title, caption=escape(plan.model))
     for tier, item, nbytes, note in plan.rows():
         style = "bold" if item == "total" else None
         table.add_row(tier, item, f"{nbytes / GIB:.2f}", note, style=style)

@@ -6,6 +6,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from offload.settings.profile import list_profiles, load_profile
@@ -26,7 +27,7 @@ def list_command() -> None:
     for entry in list_profiles():
         profile = entry.profile
         if profile is None:
-            table.add_row(entry.name, "[red]error[/red]", "", "", "", entry.error or "")
+            table.add_row(escape(entry.name), "[red]error[/red]", "", "", "", escape(entry.error or ""))
             continue
         device, k = profile.device, profile.cache.experts_per_layer
         memory = "free" if device.memory_gib is None else f"{device.memory_gib:g} GiB"
@@ -34,7 +35,7 @@ def list_command() -> None:
         quant = f"{profile.quant.attention} / {profile.quant.experts}"
         if profile.quant.experts_overrides:
             quant += f" (+{len(profile.quant.experts_overrides)} overrides)"
-        table.add_row(profile.name, device.kind, memory, k_text, quant, profile.description)
+        table.add_row(escape(profile.name), device.kind, memory, k_text, quant, escape(profile.description))
     Console().print(table)
 
 

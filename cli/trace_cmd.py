@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Column, Table
 
 from cli import options
@@ -238,7 +239,7 @@ def _parse_ks(text: str | None, num_experts: int) -> list[int]:
 def _print_table(trace, rows, trace_path: Path, skipped_prefetch: bool) -> None:
     console = Console()
     with_bytes = rows[0].bytes_moved is not None if rows else False
-    title = (
+    title = escape(
         f"{trace.model or trace_path.name}: {trace.steps} steps, {trace.tokens} tokens, "
         f"{trace.num_layers} layers x {trace.num_experts} experts (top-{trace.top_k})"
     )
