@@ -42,7 +42,10 @@ def register(app: typer.Typer) -> None:
 
 def convert(
     src: Annotated[str, typer.Argument(help="The float checkpoint: a directory or a Hugging Face repo id.")],
-    dst: Annotated[Path, typer.Argument(help="The directory to write; it must not exist (see --force).")],
+    dst: Annotated[
+        Path,
+        typer.Argument(help="The directory to write: new or empty (see --force). Other files there stay."),
+    ],
     profile: options.Profile = None,
     attention: Annotated[
         str | None, typer.Option(help="Spec for the q, k, v and o projections, e.g. hqq:4:64.")
@@ -61,13 +64,21 @@ def convert(
     lm_head: Annotated[
         str | None, typer.Option(help="Spec for the output projection, e.g. bnb:int8.")
     ] = None,
-    force: Annotated[bool, typer.Option("--force", "-f", help="Replace DST if it exists.")] = False,
+    force: Annotated[
+        bool,
+        typer.Option(
+            "--force",
+            "-f",
+            help="Replace an earlier convert's output in DST; files convert did not write stay.",
+        ),
+    ] = False,
     as_json: Annotated[
         bool, typer.Option("--json", help="Print the report as one JSON object instead of a table.")
     ] = False,
 ) -> None:
     # Deferred: the engine imports torch, and `offload --help` must stay instant.
     from offload.checkpoint.convert import convert_checkpoint
+    from offload.checkpoint.convert_output import inspect_destination
 
     source = resolve_model_dir(src)
     config = ModelConfig.from_file(source / "config.json")
@@ -81,8 +92,9 @@ def convert(
         lm_head=lm_head,
     )
     destination = dst.expanduser()
-    if (destination.exists() or destination.is_symlink()) and not force and sys.stdin.isatty():
-        if not typer.confirm(f"{destination} exists; overwrite?", default=False, err=True):
+    target = inspect_destination(destination.absolute())  # refuses what would remove files it did not write
+    if target.needs_force and not force and sys.stdin.isatty():
+        if not typer.confirm(target.question(), default=False, err=True):
             typer.echo("not converted: the destination was left as it is", err=True)
             raise typer.Exit(1)
         force = True

@@ -17,7 +17,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from offload.checkpoint.convert import ASIDE, PARTIAL, SLOW_ENV, convert_checkpoint
+from offload.checkpoint.convert import SLOW_ENV, convert_checkpoint
+from offload.checkpoint.convert_output import PARTIAL
 from offload.checkpoint.reader import INDEX_FILE
 from offload.checkpoint.weights import converted_names
 from offload.errors import CheckpointError, OffloadError, QuantError
@@ -184,19 +185,23 @@ def test_existing_destination(
     out.mkdir()
     (out / "keep.txt").write_text("mine")
     code, _, err = offload_here(monkeypatch, capfd, "convert", str(source), str(out), "--experts", "bnb:nf4")
-    assert code == 2 and "exists; pass --force" in err and len(err.strip().splitlines()) == 1
+    assert code == 2 and "exists and is not empty; pass --force" in err and len(err.strip().splitlines()) == 1
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
 
-    assert convert_tty(monkeypatch, capfd, source, out, answer="n\n") == 1
+    question = f"write the converted checkpoint into {out}; other files there stay (keep.txt)? [y/N]"
+    assert convert_tty(monkeypatch, capfd, source, out, answer="n\n", question=question) == 1
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
-    assert convert_tty(monkeypatch, capfd, source, out, answer="y\n") == 0
-    assert not (out / "keep.txt").exists()
+    assert convert_tty(monkeypatch, capfd, source, out, answer="y\n", question=question) == 0
+    assert (out / "keep.txt").read_text() == "mine"
     load_model(out)
+    question = f"replace the converted checkpoint in {out} (config.json, "
+    assert convert_tty(monkeypatch, capfd, source, out, answer="n\n", question=question) == 1
 
     scheme = QuantScheme.build(LAYERS, experts="bnb:int8")
     convert_checkpoint(source, out, scheme, force=True)
     assert load_model(out).quant_scheme == scheme
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # nothing left aside
+    assert (out / "keep.txt").read_text() == "mine"
 
 
 class _Terminal(io.TextIOWrapper):
@@ -205,7 +210,12 @@ class _Terminal(io.TextIOWrapper):
 
 
 def convert_tty(
-    monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture, source: Path, out: Path, answer: str
+    monkeypatch: pytest.MonkeyPatch,
+    capfd: pytest.CaptureFixture,
+    source: Path,
+    out: Path,
+    answer: str,
+    question: str,
 ) -> int:
     """Run convert in this process as if stdin were a terminal that types ``answer``."""
     from cli.main import run
@@ -216,7 +226,7 @@ def convert_tty(
         run()
         sys.exit(0)
     _, err = capfd.readouterr()
-    assert "exists; overwrite? [y/N]" in err
+    assert question in err.replace("\n", "")
     return exited.value.code or 0
 
 
@@ -316,15 +326,13 @@ def test_killed_convert_leaves_nothing_loadable_and_reruns(
     shutil.rmtree(out)
 
 
-def test_leftovers_of_dead_runs_are_removed_but_never_the_only_copy(source: Path, tmp_path: Path) -> None:
+def test_leftovers_of_dead_runs_are_removed(source: Path, tmp_path: Path) -> None:
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()  # its process id now names no running process
-    partial, aside = tmp_path / f"out{PARTIAL}{dead.pid}-0", tmp_path / f"out{ASIDE}{dead.pid}-0"
+    partial = tmp_path / f"out{PARTIAL}{dead.pid}-0"
     partial.mkdir()
-    aside.mkdir()
     scheme = QuantScheme.build(LAYERS, experts="bnb:nf4")
     convert_checkpoint(source, tmp_path / "out", scheme)
     assert not partial.exists()
-    assert aside.exists(), "with no DST in place, a moved-aside directory may be the user's only copy"
     convert_checkpoint(source, tmp_path / "out", scheme, force=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]

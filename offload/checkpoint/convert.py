@@ -7,9 +7,9 @@ resident), and a module's tensors are dropped once its shard is written. Peak RS
 therefore about one layer's stored tensors (twice, while safetensors serializes them) plus one expert's float
 weights and the quantizer's temporaries, or the embedding shard, whatever the model size.
 
-The output appears atomically: everything is written and fsynced into ``DST.partial-PID-RANDOM`` next to DST,
-config.json last, and the directory is renamed to DST at the very end. A killed run leaves only a partial
-directory, which the next run removes once its process is gone.
+The output appears atomically: everything is written and fsynced into a partial directory, config.json last,
+and put in place at the very end. Convert never removes a file it did not write (see ``convert_output``).
+A write that fails (a read-only place, a full disk) is a one-line CheckpointError and leaves no partial output.
 
 Test hook: ``OFFLOAD_TEST_SLOW_CONVERT=SECONDS`` sleeps that long after each shard, so a test can kill a
 conversion midway.
@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import secrets
 import shutil
 import time
 from collections.abc import Callable
@@ -32,6 +31,16 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor
 
+from offload.checkpoint.convert_output import (
+    COPIED_FILES,
+    SHARD_NAME,
+    Destination,
+    discard,
+    fsync,
+    inspect_destination,
+    publish,
+    start,
+)
 from offload.checkpoint.convert_report import ConvertReport, ReportBuilder
 from offload.checkpoint.hub import resolve_model_dir
 from offload.checkpoint.reader import (
@@ -47,17 +56,6 @@ from offload.quant.linear import backend_for, matrix_nbytes
 from offload.quant.scheme import QuantScheme
 from offload.quant.spec import QuantSpec
 
-SHARD_NAME = "model-{index:05d}-of-{count:05d}.safetensors"
-# Tokenizer and generation settings travel with the weights; pickles and code never do.
-COPIED_FILES = (
-    "tokenizer.json",
-    "tokenizer.model",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "generation_config.json",
-)
-PARTIAL = ".partial-"  # DST.partial-PID-RANDOM: the directory being written
-ASIDE = ".old-"  # DST.old-PID-RANDOM: the directory --force replaces, until the new one is in place
 SLOW_ENV = "OFFLOAD_TEST_SLOW_CONVERT"
 
 
@@ -98,7 +96,8 @@ def convert_checkpoint(
 ) -> ConvertReport:
     """Quantize the float checkpoint ``src`` as ``scheme`` says and write it to the new directory ``dst``.
 
-    ``dst`` must not exist unless ``force``, which replaces it only once the new checkpoint is complete.
+    ``dst`` must be new or an empty directory unless ``force``, which replaces an earlier convert's output there
+    once the new checkpoint is complete; files convert did not write are never removed.
     ``progress`` is called after every module. Raises OffloadError subclasses for user errors, before
     anything is written where possible (a spec that does not fit a matrix, a damaged source).
     """
@@ -112,7 +111,7 @@ def convert_checkpoint(
             f"{source}: already converted (its config.json has a quantization block); "
             "convert from the float checkpoint instead"
         )
-    _check_destination(source, destination, force)
+    target = _check_destination(source, destination, force)
     _check_scheme(scheme, config)
     dtype = parse_dtype(None, config)  # what ``none`` stores: the checkpoint's own dtype
     # Tensors are read into memory of their own, so one reader serves every module; nothing it read
@@ -128,9 +127,12 @@ def convert_checkpoint(
     block = scheme.as_block(config.num_hidden_layers)
     report = ConvertReport(str(source), str(destination), block, shards=len(shards))
     builder = ReportBuilder()
-    _remove_stale(destination)
-    partial = destination.with_name(f"{destination.name}{PARTIAL}{os.getpid()}-{secrets.token_hex(4)}")
-    partial.mkdir(parents=True)
+    try:
+        partial = start(target)
+    except OSError as err:
+        raise CheckpointError(
+            f"{destination}: cannot write the converted checkpoint ({_reason(err)})"
+        ) from None
     try:
         weight_map: dict[str, str] = {}
         tensors_done = bytes_done = 0
@@ -152,14 +154,19 @@ def convert_checkpoint(
         for name in COPIED_FILES:
             if (source / name).is_file():
                 shutil.copyfile(source / name, partial / name)
-                _fsync(partial / name)
+                fsync(partial / name)
         raw_config = json.loads((source / "config.json").read_text(encoding="utf-8"))
         # config.json is written last: a directory without it never loads as a checkpoint.
         _write_json(partial / "config.json", {**raw_config, "quantization": block})
-        _fsync(partial)
-        _publish(partial, destination, force)
+        fsync(partial)
+        publish(partial, target)
+    except OSError as err:
+        discard(partial)
+        raise CheckpointError(
+            f"{destination}: cannot write the converted checkpoint ({_reason(err)})"
+        ) from None
     except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
+        discard(partial)
         raise
     report.seconds = time.perf_counter() - started
     return builder.build(report)
@@ -241,88 +248,34 @@ def _check_scheme(scheme: QuantScheme, config: ModelConfig) -> None:
         raise QuantError(f"only 'none' is supported for the embedding, got {scheme.embed}")
 
 
-def _check_destination(source: Path, destination: Path, force: bool) -> None:
-    """DST must be new (or ``force``), and neither directory may lie inside the other."""
+def _check_destination(source: Path, destination: Path, force: bool) -> Destination:
+    """DST must be new or empty (or ``force``), neither directory may lie inside the other, and nothing
+    convert did not write may be in the way."""
     real_source, real_destination = source.resolve(), destination.resolve()
     if real_destination == real_source or real_destination.is_relative_to(real_source):
         raise CheckpointError(f"{destination}: the output must not be the source directory or lie inside it")
     if real_source.is_relative_to(real_destination):
         raise CheckpointError(f"{destination}: the output must not contain the source directory {source}")
-    if (destination.exists() or destination.is_symlink()) and not force:
-        raise CheckpointError(f"{destination} exists; pass --force to replace it")
+    target = inspect_destination(destination)
+    if target.needs_force and not force:
+        raise CheckpointError(
+            f"{destination} exists and is not empty; pass --force to {target.question()[:-1]}"
+        )
+    return target
 
 
 def _save_shard(tensors: dict[str, Tensor], path: Path) -> None:
     save_file(tensors, str(path), metadata={"format": "pt"})
-    _fsync(path)
+    fsync(path)
 
 
 def _write_json(path: Path, value: Any) -> None:
     path.write_text(json.dumps(value, indent=2) + "\n", encoding="utf-8")
-    _fsync(path)
+    fsync(path)
 
 
-def _fsync(path: Path) -> None:
-    """Flush a file's (or a directory's entries') data to disk."""
-    handle = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(handle)
-    finally:
-        os.close(handle)
-
-
-def _publish(partial: Path, destination: Path, force: bool) -> None:
-    """Rename the finished directory to DST; with ``force`` the old DST is moved aside first, then deleted."""
-    if not (destination.exists() or destination.is_symlink()):
-        partial.rename(destination)
-        _fsync(destination.parent)
-        return
-    if not force:  # DST appeared while we were converting
-        raise CheckpointError(f"{destination} exists; pass --force to replace it")
-    aside = destination.with_name(f"{destination.name}{ASIDE}{os.getpid()}-{secrets.token_hex(4)}")
-    destination.rename(aside)
-    try:
-        partial.rename(destination)
-    except BaseException:
-        aside.rename(destination)
-        raise
-    _fsync(destination.parent)
-    _remove(aside)
-
-
-def _remove_stale(destination: Path) -> None:
-    """Delete what killed runs left next to DST: partial directories, and old ones a finished swap left."""
-    if not destination.parent.is_dir():
-        return
-    for leftover in destination.parent.iterdir():
-        for marker in (PARTIAL, ASIDE):
-            prefix = destination.name + marker
-            if not leftover.name.startswith(prefix) or _running(leftover.name[len(prefix) :]):
-                continue
-            # An old directory without a new one in place is the user's data: keep it.
-            if marker == PARTIAL or destination.exists():
-                _remove(leftover)
-
-
-def _running(suffix: str) -> bool:
-    """Whether the process named by a ``PID-RANDOM`` suffix still runs (unknown suffixes count as running)."""
-    pid = suffix.partition("-")[0]
-    if not pid.isdigit():
-        return True
-    try:
-        os.kill(int(pid), 0)  # signal 0 only asks whether the process exists
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _remove(path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path)
-    else:
-        path.unlink(missing_ok=True)
+def _reason(err: OSError) -> str:
+    return err.strerror or str(err)
 
 
 def _test_delay() -> None:
