@@ -99,7 +99,7 @@ def convert(
             raise typer.Exit(1)
         force = True
     err = Console(stderr=True, highlight=False)
-    with _progress_bars(err, quiet=as_json or not err.is_terminal) as advance:
+    with _progress(err, quiet=as_json) as advance:
         report = convert_checkpoint(source, destination, scheme, force=force, progress=advance)
     if as_json:
         sys.stdout.write(json.dumps(report.as_dict()) + "\n")
@@ -175,6 +175,30 @@ def report_table(report: Any) -> Any:
             "—" if error is None else f"{error:.4f}",
         )
     return table
+
+
+@contextmanager
+def _progress(console: Any, *, quiet: bool) -> Iterator[Callable[[Any], None]]:
+    """Bars on a terminal (unless ``quiet``); elsewhere, such as a log file, one line per shard written."""
+    if console.is_terminal:
+        with _progress_bars(console, quiet=quiet) as advance:
+            yield advance
+        return
+    shown = 0
+
+    def line(step: Any) -> None:
+        nonlocal shown
+        if step.shards_done == shown:
+            return
+        shown = step.shards_done
+        what = "embedding, norm and lm_head" if shown == 1 else f"layer {shown - 2}"
+        sys.stderr.write(
+            f"convert: shard {shown}/{step.shards_total} written ({what}); "
+            f"{step.bytes_done / 2**20:.1f} of {step.bytes_total / 2**20:.1f} MiB\n"
+        )
+        sys.stderr.flush()
+
+    yield line
 
 
 @contextmanager

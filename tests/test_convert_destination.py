@@ -1,4 +1,4 @@
-"""`offload convert` never removes what it did not write, and a write that fails is one line."""
+"""`offload convert` never removes what it did not write, fails in one line, and shows progress in a log."""
 
 from __future__ import annotations
 
@@ -164,3 +164,17 @@ def test_unwritable_destinations_are_one_line(
     assert code == 2 and len(err.strip().splitlines()) == 1, err
     assert "cannot write the converted checkpoint (Read-only file system)" in err
     assert not list(tmp_path.glob(f"*{PARTIAL}*"))
+
+
+def test_progress_outside_a_terminal_is_one_line_per_shard(
+    source: Path,  # noqa: F811
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capfd: pytest.CaptureFixture,
+) -> None:
+    code, _, err = offload_here(monkeypatch, capfd, "convert", str(source), str(tmp_path / "out"), *ARGS)
+    assert code == 0, err
+    lines = [line for line in err.splitlines() if line.startswith("convert: shard")]
+    assert len(lines) == 1 + LAYERS
+    assert lines[0].startswith(f"convert: shard 1/{1 + LAYERS} written (embedding, norm and lm_head)")
+    assert lines[-1].startswith(f"convert: shard {1 + LAYERS}/{1 + LAYERS} written (layer {LAYERS - 1})")

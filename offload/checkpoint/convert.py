@@ -68,6 +68,8 @@ class ConvertProgress:
     tensors_total: int  # source tensors in the checkpoint
     bytes_done: int  # bytes stored so far
     bytes_total: int  # bytes the converted checkpoint will hold (exact, known up front)
+    shards_done: int  # shards written so far; it grows in a call of its own after each shard
+    shards_total: int  # 1 for the embedding, norm and lm_head, then one per layer
 
 
 Progress = Callable[[ConvertProgress], None]
@@ -136,6 +138,12 @@ def convert_checkpoint(
     try:
         weight_map: dict[str, str] = {}
         tensors_done = bytes_done = 0
+
+        def step(module: str, shards_done: int) -> None:
+            if progress is not None:
+                done = (tensors_done, tensors_total, bytes_done, bytes_total, shards_done, len(shards))
+                progress(ConvertProgress(module, *done))
+
         for index, units in enumerate(shards, start=1):
             filename = SHARD_NAME.format(index=index, count=len(shards))
             tensors: dict[str, Tensor] = {}
@@ -144,9 +152,9 @@ def convert_checkpoint(
                 tensors |= stored
                 tensors_done += unit.source_tensors
                 bytes_done += sum(t.numel() * t.element_size() for t in stored.values())
-                if progress is not None:
-                    progress(ConvertProgress(unit.name, tensors_done, tensors_total, bytes_done, bytes_total))
+                step(unit.name, index - 1)
             _save_shard(tensors, partial / filename)
+            step(unit.name, index)
             weight_map |= dict.fromkeys(tensors, filename)
             del tensors, stored
             _test_delay()
