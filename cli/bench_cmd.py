@@ -70,12 +70,19 @@ def bench(
     ] = False,
     flags: LoadFlags = options.FLAGS,
     json_file: Annotated[
-        Path | None, typer.Option("--json", help="Also write the report as JSON to FILE ('-': stdout only).")
+        Path | None,
+        typer.Option(
+            "--json", help="Also write the report as JSON to FILE ('-': stdout only); checked before the run."
+        ),
     ] = None,
 ) -> None:
     # Deferred: the engine imports torch, and `offload --help` must stay instant.
     from offload.bench.run import run_bench
 
+    if json_file is not None and str(json_file) != "-":
+        from cli.overwrite import check_writable
+
+        check_writable(json_file, "--json")  # before the run, which may take minutes
     err = Console(stderr=True, highlight=False)
     report = run_bench(
         model,
@@ -91,6 +98,14 @@ def bench(
     if json_file is not None and str(json_file) == "-":
         sys.stdout.write(text)
         return
+    Console(highlight=False).print(bench_view(report))  # first, so a failed write below loses nothing
     if json_file is not None:
-        json_file.write_text(text)
-    Console(highlight=False).print(bench_view(report))
+        from offload.atomic import write_text_atomically
+        from offload.errors import OffloadError
+
+        try:
+            write_text_atomically(json_file, text)
+        except OSError as error:
+            raise OffloadError(
+                f"--json {json_file}: cannot write the report ({error.strerror or error}); the results are above"
+            ) from None
