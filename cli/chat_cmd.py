@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import signal
 import sys
+from collections.abc import Iterator
+from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -22,14 +25,16 @@ HELP = """Commands:
   /save! FILE    write it to FILE, replacing FILE if it exists
   /load FILE     restore a conversation saved with /save
   /exit          quit (Ctrl-D works too)
-Ctrl-C stops a reply and keeps the conversation."""
+Ctrl-C stops a reply and keeps the conversation. Every turn is saved to $OFFLOAD_HOME/chats;
+`offload chat --resume` goes on with the latest chat."""
 
 
 def register(app: typer.Typer) -> None:
     """Add `chat` to ``app``."""
     app.command(
         help="Chat in the terminal with streaming replies.\n\n"
-        "Example: offload chat\n\nExample: offload chat --model ./my-mixtral --system 'Answer briefly.'"
+        "Example: offload chat\n\nExample: offload chat --model ./my-mixtral --system 'Answer briefly.'\n\n"
+        "Example: offload chat --resume"
     )(options.load_flags()(chat))
 
 
@@ -45,12 +50,28 @@ def chat(
     repetition_penalty: options.RepetitionPenalty = None,
     stop: options.Stop = None,
     flags: LoadFlags = options.FLAGS,
+    resume: Annotated[
+        bool,
+        typer.Option("--resume", help="Go on with the latest chat saved in $OFFLOAD_HOME/chats, or NAME."),
+    ] = False,
+    name: Annotated[
+        str | None,
+        typer.Argument(
+            metavar="[NAME]",
+            help="With --resume: a chat in $OFFLOAD_HOME/chats (e.g. 20261201-154500-4242) or a chat file.",
+        ),
+    ] = None,
 ) -> None:
     # Deferred: the engine imports torch, and `offload --help` must stay instant.
     from cli.loading_view import load_engine
     from offload.chat import ChatSession
+    from offload.chat_autosave import Autosave, chats_dir, find_saved_chat
     from offload.engine import resolve_model
 
+    if name is not None and not resume:
+        raise typer.BadParameter(f"{name!r}: a chat NAME goes after --resume", param_hint="NAME")
+    directory = chats_dir()
+    resumed = find_saved_chat(name, directory) if resume else None  # before the model loads
     out = Console(highlight=False)
     resolved = resolve_model(model, flags)  # every flag checked before a weight is read
     options.check_max_new_tokens(max_new_tokens, resolved.config)
@@ -67,12 +88,33 @@ def chat(
             max_new_tokens, engine.model.config.max_position_embeddings // 2
         ),
     )
+    autosave = Autosave(directory)
+    if resumed is not None:
+        session.load(resumed)
+        if system is not None:
+            session.system = system
+        if resumed.parent.resolve() == directory.resolve():
+            autosave = Autosave(directory, resumed)  # the same conversation goes on in the same file
+        out.print(f"[dim]resumed {len(session.messages)} messages from {escape(str(resumed))}[/dim]")
     _enable_line_editing()
     # Bytes that are not UTF-8 then reach ChatSession.send, which refuses the line and keeps the chat;
     # a strict stdin would raise in input() and lose the rest of what was typed or piped.
     with contextlib.suppress(AttributeError, ValueError):
         sys.stdin.reconfigure(errors="surrogateescape")
-    out.print("[dim]Type a message, /help for commands, Ctrl-D to quit.[/dim]")
+    out.print(
+        "[dim]Type a message, /help for commands, Ctrl-D to quit. Each turn is saved to "
+        f"{escape(str(autosave.path))}; `offload chat --resume` goes on with it.[/dim]",
+        soft_wrap=True,
+    )
+    with _signals_end_the_chat():
+        try:
+            _loop(session, out, autosave)
+        finally:
+            # On /exit, Ctrl-D, SIGTERM and SIGHUP alike; a reply cut short is already in the transcript.
+            _autosave(autosave, session, out)
+
+
+def _loop(session, out, autosave) -> None:
     while True:
         try:
             line = input(">>> ")
@@ -86,10 +128,39 @@ def chat(
         if not text:
             continue
         if text.startswith("/"):
-            if _command(text, session, out) == "exit":
+            if _command(text, session, out, autosave) == "exit":
                 return
             continue
         _reply(session, text, out)
+        _autosave(autosave, session, out)
+
+
+def _autosave(autosave, session, out) -> None:
+    from offload.errors import OffloadError
+
+    try:
+        autosave.save(session)
+    except OffloadError as error:
+        with contextlib.suppress(OSError):  # the terminal may be gone (SIGHUP)
+            _error(out, f"autosave failed: {error}; /save FILE keeps this chat")
+
+
+@contextlib.contextmanager
+def _signals_end_the_chat() -> Iterator[None]:
+    """SIGTERM and SIGHUP (the terminal closed) end the chat as /exit does, so the last save runs."""
+
+    def end(signum: int, frame: object) -> None:
+        for number in handled:
+            signal.signal(number, signal.SIG_IGN)  # a second signal must not cut the final save short
+        raise SystemExit(128 + signum)
+
+    handled = [getattr(signal, name) for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name)]
+    previous = {number: signal.signal(number, end) for number in handled}
+    try:
+        yield
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
 
 
 def _reply(session, text: str, out) -> None:
@@ -135,7 +206,7 @@ def _reply(session, text: str, out) -> None:
         out.print(f"[dim]{status}[/dim]")
 
 
-def _command(text: str, session, out) -> str | None:
+def _command(text: str, session, out, autosave) -> str | None:
     name, _, argument = text.partition(" ")
     argument = argument.strip()
     try:
@@ -145,6 +216,7 @@ def _command(text: str, session, out) -> str | None:
             out.print(HELP, markup=False)
         elif name == "/reset":
             session.reset()
+            autosave.start_new()  # the cleared conversation stays in its file
             out.print("[dim]conversation cleared[/dim]")
         elif name == "/stats":
             out.print(stats_table(session))
@@ -154,6 +226,7 @@ def _command(text: str, session, out) -> str | None:
             _save(session, argument, force=name == "/save!", out=out)
         elif name == "/load":
             session.load(argument)
+            autosave.start_new()
             out.print(f"[dim]loaded {len(session.messages)} messages from {escape(argument)}[/dim]")
         else:
             out.print(f"[red]unknown command {escape(name)}[/red]; /help lists them")

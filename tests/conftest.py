@@ -46,3 +46,10 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "cuda" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _own_offload_home(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every test (and every process it starts) has its own $OFFLOAD_HOME: chats autosaved there and user
+    profiles never touch the real one."""
+    monkeypatch.setenv("OFFLOAD_HOME", str(tmp_path_factory.mktemp("offload-home")))
