@@ -17,8 +17,9 @@ def test_save_failures_keep_the_chat_going(slow_baby: Path, tmp_path: Path) -> N
     child.sendline("Hello")
     child.expect(r"tok/s · TTFT")
     child.expect_exact(PROMPT)
+    # /save! goes past the question about replacing an existing file, to the write itself.
     for place in (tmp_path, regular / "chat.json", "/proc/version"):
-        child.sendline(f"/save {place}")
+        child.sendline(f"/save! {place}")
         child.expect("error:.*(cannot write the chat there|is a directory)")
         child.expect_exact(PROMPT)
     saved = tmp_path / "chat.json"
