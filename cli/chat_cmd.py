@@ -13,20 +13,11 @@ from rich.console import Console
 from rich.markup import escape
 
 from cli import options
-from cli.stats_view import stats_table
+from cli.chat_commands import error as _error
+from cli.chat_commands import run_command
+from cli.chat_input import read_message
 from offload.errors import OffloadError
 from offload.settings.flags import LoadFlags
-
-HELP = """Commands:
-  /help          this list
-  /stats         cache hit rate per layer, prefetch recall, bytes moved, speed
-  /reset         forget the conversation
-  /save FILE     write the conversation to FILE (JSON); asks before replacing a file
-  /save! FILE    write it to FILE, replacing FILE if it exists
-  /load FILE     restore a conversation saved with /save
-  /exit          quit (Ctrl-D works too)
-Ctrl-C stops a reply and keeps the conversation. Every turn is saved to $OFFLOAD_HOME/chats;
-`offload chat --resume` goes on with the latest chat."""
 
 
 def register(app: typer.Typer) -> None:
@@ -115,28 +106,31 @@ def chat(
 
 
 def _loop(session, out, autosave) -> None:
+    def reply(text: str) -> None:
+        _reply(session, text, out)
+
     while True:
         try:
-            line = input(">>> ")
+            message = read_message(input)
         except KeyboardInterrupt:
             out.print("\n[dim](Ctrl-D or /exit quits)[/dim]")
             continue
         except EOFError:
             out.print()
             return
-        text = line.strip()
+        text = message.text.strip()
         if not text:
             continue
-        if text.startswith("/"):
-            if _command(text, session, out, autosave) == "exit":
+        # Only a plain line is a command: a block of lines is a message, even one starting with /.
+        if text.startswith("/") and message.plain:
+            if run_command(text, session, out, autosave, reply=reply) == "exit":
                 return
-            continue
-        _reply(session, text, out)
+        else:
+            reply(text)
         _autosave(autosave, session, out)
 
 
 def _autosave(autosave, session, out) -> None:
-    from offload.errors import OffloadError
 
     try:
         autosave.save(session)
@@ -204,51 +198,6 @@ def _reply(session, text: str, out) -> None:
         if stats is not None and stats.get("hit_rate") is not None:
             status += f" · hit rate {stats['hit_rate']:.0%}"
         out.print(f"[dim]{status}[/dim]")
-
-
-def _command(text: str, session, out, autosave) -> str | None:
-    name, _, argument = text.partition(" ")
-    argument = argument.strip()
-    try:
-        if name in ("/exit", "/quit"):
-            return "exit"
-        if name == "/help":
-            out.print(HELP, markup=False)
-        elif name == "/reset":
-            session.reset()
-            autosave.start_new()  # the cleared conversation stays in its file
-            out.print("[dim]conversation cleared[/dim]")
-        elif name == "/stats":
-            out.print(stats_table(session))
-        elif name in ("/save", "/save!", "/load") and not argument:
-            out.print(f"[red]usage:[/red] {name} FILE")
-        elif name in ("/save", "/save!"):
-            _save(session, argument, force=name == "/save!", out=out)
-        elif name == "/load":
-            session.load(argument)
-            autosave.start_new()
-            out.print(f"[dim]loaded {len(session.messages)} messages from {escape(argument)}[/dim]")
-        else:
-            out.print(f"[red]unknown command {escape(name)}[/red]; /help lists them")
-    except (OffloadError, OSError) as error:
-        # OSError too: a file operation that fails must never end the chat and lose the conversation.
-        _error(out, error)
-    return None
-
-
-def _save(session, argument: str, *, force: bool, out) -> None:
-    from cli.overwrite import check_new_file, terminal_question
-    from offload.chat import user_path
-
-    path = user_path(argument)
-    ask = terminal_question if sys.stdin.isatty() else None
-    check_new_file(path, force=force, how_to_force=f"/save! {argument}", ask=ask)
-    out.print(f"[dim]saved to {escape(str(session.save(path)))}[/dim]")
-
-
-def _error(out, error: object) -> None:
-    # soft_wrap: the terminal wraps the line itself, so a path in the message is never cut by a newline.
-    out.print(f"[red]error:[/red] {escape(str(error))}", soft_wrap=True)
 
 
 def _enable_line_editing() -> None:

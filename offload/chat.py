@@ -35,6 +35,8 @@ class ChatSession:
     dropped_turns: int = 0  # turns slid out of the window to make room, over the session's life
     window_start: int = 0  # messages[window_start:] is what the model sees
     cache: KVCache | None = None
+    # (tokens, window_start) just before the last turn, so /retry can rewind without a recompute
+    _before_turn: tuple[list[int], int] | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         self.reset()
@@ -42,6 +44,7 @@ class ChatSession:
     def reset(self) -> None:
         """Forget the conversation (the system prompt stays)."""
         self.messages, self.tokens, self.window_start = [], [], 0
+        self._before_turn = None
         if self.cache is None:
             model = self.engine.model
             self.cache = KVCache(model.config, 256, dtype=model.dtype, device=model.device)
@@ -71,7 +74,7 @@ class ChatSession:
         while len(ids) + self.max_new_tokens > self._room() and self.window_start < len(self.messages):
             self.window_start += 2  # one user turn and its reply; the transcript keeps both
             self.dropped_turns += 1
-            self.tokens = []
+            self.tokens, self._before_turn = [], None
             self.cache.truncate(0)
             ids = self._ids_for(user_text)
         if len(ids) + self.max_new_tokens > self._room():
@@ -87,7 +90,9 @@ class ChatSession:
             # A terminal that sends bytes that are not UTF-8 gives Python lone surrogates, which no tokenizer takes.
             raise OffloadError("this message is not valid UTF-8 text; type it again")
         check_text_fits(user_text, self._room(), "this message")
+        before = (list(self.tokens), self.window_start)
         ids = self._fit(user_text)
+        self._before_turn = before if self.window_start == before[1] else None  # a slid window recomputes
         # The cache holds a prefix of self.tokens; what ids share of it stays, the rest is prefilled.
         self.cache.truncate(_common_prefix(ids, self.tokens[: self.cache.length]))
         fed = ids[self.cache.length :]
@@ -126,6 +131,27 @@ class ChatSession:
                 generated = ids + reply[:-1]  # what the cache holds: the last token was never fed
                 self.cache.truncate(min(self.cache.length, _common_prefix(generated, self.tokens)))
             self.messages.append({"role": "assistant", "content": text})
+
+    def retry(self) -> str:
+        """Forget the last user turn and its reply, and return the user turn, to be sent again."""
+        if len(self.messages) - self.window_start < 2:
+            raise OffloadError("nothing to retry: no reply yet")
+        user_text = self.messages[-2]["content"]
+        self.messages = self.messages[:-2]
+        tokens = self._before_turn[0] if self._before_turn is not None else []
+        # The cache holds a prefix of self.tokens; what it shares with the earlier tokens stays, so
+        # only the turn is prefilled again.
+        self.cache.truncate(_common_prefix(self.tokens[: self.cache.length], tokens))
+        self.tokens, self._before_turn = tokens, None
+        return user_text
+
+    def set_system(self, system: str | None) -> None:
+        """A new system prompt; the conversation stays, and the next turn prefills it again."""
+        if system is not None and not _is_text(system):
+            raise OffloadError("this system prompt is not valid UTF-8 text; type it again")
+        self.system = system or None
+        self.tokens, self._before_turn = [], None
+        self.cache.truncate(0)
 
     def save(self, path: str | Path) -> Path:
         """Write the conversation as JSON, atomically: the old file or the new one, never half of one.
