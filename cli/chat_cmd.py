@@ -48,7 +48,7 @@ def chat(
     name: Annotated[
         str | None,
         typer.Argument(
-            metavar="[NAME]",
+            metavar="NAME",
             help="With --resume: a chat in $OFFLOAD_HOME/chats (e.g. 20261201-154500-4242) or a chat file.",
         ),
     ] = None,
