@@ -100,3 +100,24 @@ def test_chat_save_asks_on_a_terminal(slow_baby: Path, tmp_path: Path) -> None: 
     assert json.loads(existing.read_text())["messages"][0]["content"] == "Hi"
     child.sendline("/exit")
     child.expect(pexpect.EOF)
+
+
+def test_trace_record_asks_on_a_terminal(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture
+) -> None:
+    import io
+    import sys
+
+    from cli.main import run
+    from tests.test_convert import _Terminal
+
+    out = tmp_path / "notes.txt"
+    out.write_text("mine")
+    monkeypatch.setattr(sys, "argv", ["offload", "trace", "record", str(out)])
+    monkeypatch.setattr(sys, "stdin", _Terminal(io.BytesIO(b"n\n")))
+    with pytest.raises(SystemExit) as exited:
+        run()
+    _, err = capfd.readouterr()
+    assert f"{out} exists (4 bytes); replace it? [y/N]" in err
+    assert exited.value.code == 2 and "was left as it is" in err
+    assert out.read_text() == "mine"
