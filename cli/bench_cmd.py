@@ -83,7 +83,7 @@ def bench(
         from cli.overwrite import check_writable
 
         check_writable(json_file, "--json")  # before the run, which may take minutes
-    err = Console(stderr=True, highlight=False)
+    err = Console(stderr=True, highlight=False, emoji=False)
     report = run_bench(
         model,
         flags,
@@ -98,7 +98,9 @@ def bench(
     if json_file is not None and str(json_file) == "-":
         sys.stdout.write(text)
         return
-    Console(highlight=False).print(bench_view(report))  # first, so a failed write below loses nothing
+    Console(highlight=False, emoji=False).print(
+        bench_view(report)
+    )  # first, so a failed write below loses nothing
     if json_file is not None:
         from offload.atomic import write_text_atomically
         from offload.errors import OffloadError

@@ -63,7 +63,7 @@ def chat(
         raise typer.BadParameter(f"{name!r}: a chat NAME goes after --resume", param_hint="NAME")
     directory = chats_dir()
     resumed = find_saved_chat(name, directory) if resume else None  # before the model loads
-    out = Console(highlight=False)
+    out = Console(highlight=False, emoji=False)
     resolved = resolve_model(model, flags)  # every flag checked before a weight is read
     options.check_max_new_tokens(max_new_tokens, resolved.config)
     engine = load_engine(resolved)

@@ -98,13 +98,13 @@ def convert(
             typer.echo("not converted: the destination was left as it is", err=True)
             raise typer.Exit(1)
         force = True
-    err = Console(stderr=True, highlight=False)
+    err = Console(stderr=True, highlight=False, emoji=False)
     with _progress(err, quiet=as_json) as advance:
         report = convert_checkpoint(source, destination, scheme, force=force, progress=advance)
     if as_json:
         sys.stdout.write(json.dumps(report.as_dict()) + "\n")
     else:
-        Console(highlight=False).print(report_table(report))
+        Console(highlight=False, emoji=False).print(report_table(report))
 
 
 def build_scheme(

@@ -13,7 +13,7 @@ def load_engine(resolved: Any, *, quiet: bool = False, summary: bool = True) -> 
     """``Engine.load`` of a ResolvedModel with progress on stderr when it is a terminal, then a summary line."""
     from offload.engine import Engine
 
-    err = Console(stderr=True, highlight=False)
+    err = Console(stderr=True, highlight=False, emoji=False)
     total = sum(path.stat().st_size for path in resolved.directory.glob("*.safetensors"))
     columns = (
         SpinnerColumn(),

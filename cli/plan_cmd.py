@@ -102,7 +102,7 @@ def _print_plan(plan) -> None:
     # Deferred: the engine imports torch, and `offload --help` must stay instant.
     from offload.settings.plan import GIB
 
-    console = Console()
+    console = Console(emoji=False)
     title = escape(f"profile {plan.profile} ({plan.device_kind}), context {plan.context} tokens")
     table = Table("tier", "item", "GiB", "note", title=title, caption=escape(plan.model))
     for tier, item, nbytes, note in plan.rows():

@@ -36,7 +36,7 @@ def list_command() -> None:
         if profile.quant.experts_overrides:
             quant += f" (+{len(profile.quant.experts_overrides)} overrides)"
         table.add_row(escape(profile.name), device.kind, memory, k_text, quant, escape(profile.description))
-    Console().print(table)
+    Console(emoji=False).print(table)
 
 
 @profiles_app.command("show")

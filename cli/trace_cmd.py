@@ -237,7 +237,7 @@ def _parse_ks(text: str | None, num_experts: int) -> list[int]:
 
 
 def _print_table(trace, rows, trace_path: Path, skipped_prefetch: bool) -> None:
-    console = Console()
+    console = Console(emoji=False)
     with_bytes = rows[0].bytes_moved is not None if rows else False
     title = escape(
         f"{trace.model or trace_path.name}: {trace.steps} steps, {trace.tokens} tokens, "

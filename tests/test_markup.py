@@ -31,7 +31,7 @@ def test_chat_prints_bracketed_input_as_typed(
     capfd: pytest.CaptureFixture,
 ) -> None:
     monkeypatch.chdir(tmp_path)
-    notes = tmp_path / "notes [draft].json"
+    notes = tmp_path / "notes [draft] :smile:.json"  # neither markup nor an emoji code
     lines = f"Hi\n/x[/red]\n/load [/b].json\n/save {notes}\n/load {notes}\n".encode()
     args = ["chat", "--model", str(slow_baby), "--dtype", "float32", "--max-new-tokens", "2"]
     code, stdout, err = offload_here(monkeypatch, capfd, *args, stdin=lines)
