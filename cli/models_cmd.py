@@ -32,7 +32,7 @@ def models(
     if as_json:
         typer.echo(json.dumps([model.as_dict() for model in found]))
         return
-    out = Console(highlight=False)
+    out = Console(highlight=False, emoji=False)
     if not found:
         out.print(
             f"No models in the Hugging Face cache or in {escape(str(offload_home() / 'models'))}. "
