@@ -12,9 +12,9 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-import offload
+from offload.checkpoint.hub import model_dir
 from offload.config import ModelConfig
-from offload.errors import ConfigError, OffloadError
+from offload.errors import OffloadError
 from offload.settings.profile import load_profile
 
 MAX_FREE_GIB = 1024**2  # a PiB: far beyond any machine, small enough that bytes stay exact integers
@@ -26,7 +26,7 @@ def plan_command(
         typer.Option(
             "--model",
             "-m",
-            help="Model directory (or its config.json). Default: the bundled demo. Example: ./mixtral",
+            help="Model directory, its config.json, or a Hugging Face repo id. Default: the bundled demo. Example: ./mixtral",
         ),
     ] = None,
     profile: Annotated[
@@ -74,16 +74,10 @@ def plan_command(
 
 
 def _config_path(model: str | None) -> Path:
-    if model is None:
-        path = Path(offload.__file__).resolve().parent / "demo"
-        if not path.is_dir():
-            raise ConfigError(
-                "no --model given and the bundled demo model is not installed; pass --model DIR"
-            )
-    else:
-        path = Path(model).expanduser()
-    # plan reads config.json only, so a local directory is enough; a file given directly is used as it is.
-    return path if path.is_file() else path / "config.json"
+    """plan reads config.json only: a file given directly is used as it is, else the model's directory's."""
+    if model is not None and Path(model).expanduser().is_file():
+        return Path(model).expanduser()
+    return model_dir(model) / "config.json"
 
 
 def _measure_free_memory(kind: str) -> int | None:

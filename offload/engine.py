@@ -8,23 +8,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from offload.checkpoint.hub import resolve_model_dir
+from offload.checkpoint.hub import model_dir
 from offload.config import ModelConfig
-from offload.errors import OffloadError
 from offload.generate import Response, SamplingParams, check_text_fits, stream_generate
 from offload.kv_cache import KVCache
 from offload.model import MixtralModel
 from offload.settings.flags import LoadFlags
 from offload.settings.resolve import RunSettings
-
-DEMO_MODEL = Path(__file__).resolve().parent / "demo"
-
-
-def default_model() -> Path:
-    """The bundled demo model, used when no --model is given."""
-    if not (DEMO_MODEL / "config.json").is_file():
-        raise OffloadError(f"the bundled demo model is missing from {DEMO_MODEL}; pass --model DIR")
-    return DEMO_MODEL
 
 
 @dataclass(frozen=True)
@@ -54,7 +44,7 @@ def resolve_model(model: str | Path | None = None, flags: LoadFlags | None = Non
     from offload.settings.resolve import resolve_settings
 
     flags = flags or LoadFlags()
-    directory = resolve_model_dir(model) if model is not None else default_model()
+    directory = model_dir(model)
     config = ModelConfig.from_file(directory / "config.json")  # a bad config is reported first
     return ResolvedModel(directory, config, resolve_settings(config, flags), flags)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tomllib
@@ -29,8 +30,15 @@ def test_every_package_of_the_tree_is_listed_in_pyproject() -> None:
 def installed_wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The wheel, built as `pip wheel .` builds it and installed into a directory of its own."""
     work = tmp_path_factory.mktemp("wheel")
+    # Built from a copy of the tracked files: setuptools writes build/ into the tree it builds.
+    source = work / "source"
+    tracked = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, check=True).stdout
+    for name in tracked.decode().split("\0"):
+        if name and (ROOT / name).is_file():
+            (source / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / name, source / name)
     build = [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(work)]
-    subprocess.run([*build, str(ROOT)], check=True, cwd=work, capture_output=True)
+    subprocess.run([*build, str(source)], check=True, cwd=work, capture_output=True)
     (wheel,) = work.glob("offload-*.whl")
     target = work / "site"
     install = [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target), str(wheel)]

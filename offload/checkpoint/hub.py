@@ -14,8 +14,21 @@ from pathlib import Path
 from offload.checkpoint.download import download_repo
 from offload.errors import CheckpointError, first_line
 
+DEMO_MODEL = Path(__file__).resolve().parents[1] / "demo"  # shipped inside the package
 # What a model directory may hold that we read; never pickles, never code.
 ALLOWED_PATTERNS = ["*.json", "*.safetensors", "tokenizer.model", "chat_template.jinja"]
+
+
+def default_model() -> Path:
+    """The bundled demo model, used when no --model is given."""
+    if not (DEMO_MODEL / "config.json").is_file():
+        raise CheckpointError(f"the bundled demo model is missing from {DEMO_MODEL}; pass --model DIR")
+    return DEMO_MODEL
+
+
+def model_dir(model: str | Path | None) -> Path:
+    """The directory of ``model`` (see ``resolve_model_dir``), or the bundled demo model when it is None."""
+    return default_model() if model is None else resolve_model_dir(model)
 
 
 def resolve_model_dir(model: str | Path) -> Path:
