@@ -3,7 +3,6 @@ checked before any weight is read, and bounded."""
 
 from __future__ import annotations
 
-import io
 import json
 import shutil
 import sys
@@ -15,6 +14,7 @@ import typer
 
 from offload.settings.flags import FIELDS
 from tests.baby import BabySpec, write_baby
+from tests.test_cli_generate import offload_here
 
 LOADING_COMMANDS = {
     ("generate",): set(FIELDS),
@@ -51,21 +51,6 @@ def garbage(baby: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     shutil.copy(baby / "tokenizer.model", directory / "tokenizer.model")
     (directory / "model.safetensors").write_bytes(b"\xff" * 64)
     return directory
-
-
-def offload_here(
-    monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture, *args: str, stdin: bytes = b""
-) -> tuple[int, str, str]:
-    """The console script's entry point in this process: (exit code, stdout, stderr)."""
-    from cli.main import run
-
-    monkeypatch.setattr(sys, "argv", ["offload", *args])
-    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(stdin)))
-    with pytest.raises(SystemExit) as exited:
-        run()
-        sys.exit(0)
-    out, err = capfd.readouterr()
-    return exited.value.code or 0, out, err
 
 
 def command_args(command: tuple[str, ...], model: Path, tmp_path: Path) -> list[str]:

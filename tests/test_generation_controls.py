@@ -18,6 +18,7 @@ from offload.engine import Engine
 from offload.generate import SamplingParams, generate_ids
 from offload.settings.flags import LoadFlags
 from tests.baby import BabySpec, write_baby
+from tests.test_chat_pty import spawn_chat
 from tests.test_cli_generate import offload_here, sentencepiece_v1
 
 GREEDY = ("--temperature", "0", "--dtype", "float32")
@@ -252,23 +253,7 @@ def test_a_chat_reply_ends_at_a_stop_string_and_the_next_turn_sees_the_transcrip
 
 
 def test_chat_says_when_a_reply_is_cut(baby) -> None:
-    child = pexpect.spawn(
-        sys.executable,
-        [
-            "-c",
-            "from cli.main import run; run()",
-            "chat",
-            "--model",
-            str(baby[0]),
-            *GREEDY,
-            "--max-new-tokens",
-            "2",
-        ],
-        encoding="utf-8",
-        timeout=90,
-        dimensions=(40, 200),
-    )
-    child.expect_exact(">>> ")
+    child = spawn_chat(baby[0], *GREEDY, "--max-new-tokens", "2")
     child.sendline("Hello")
     child.expect_exact("(reply cut at --max-new-tokens 2)")
     child.expect_exact(">>> ")
