@@ -45,13 +45,18 @@ class _LayerSlots:
     uses: list[float]  # expert -> its decayed use count (every expert, in a slot or not)
 
 
-def slot_counts(experts_per_layer: int | Sequence[int], num_layers: int, num_experts: int) -> tuple[int, ...]:
-    """Validate ``experts_per_layer`` (one count, or one per layer) into one count per layer."""
+def slot_counts(
+    experts_per_layer: int | Sequence[int],
+    num_layers: int,
+    num_experts: int,
+    where: str = "experts_per_layer",
+) -> tuple[int, ...]:
+    """Validate ``experts_per_layer`` (one count, or one per layer) into one count per layer; errors name ``where``."""
     if isinstance(experts_per_layer, (list, tuple)):
         counts = list(experts_per_layer)
         if len(counts) != num_layers:
             raise CacheError(
-                f"experts_per_layer lists {len(counts)} values but the model has {num_layers} layers; "
+                f"{where} lists {len(counts)} values but the model has {num_layers} layers; "
                 "give one number, or one per layer"
             )
     else:
@@ -59,7 +64,7 @@ def slot_counts(experts_per_layer: int | Sequence[int], num_layers: int, num_exp
     for layer, count in enumerate(counts):
         if isinstance(count, bool) or not isinstance(count, int) or not 1 <= count <= num_experts:
             raise CacheError(
-                f"experts_per_layer must be a whole number from 1 to {num_experts} (the experts per layer), "
+                f"{where} must be a whole number from 1 to {num_experts} (the experts per layer), "
                 f"got {count!r} for layer {layer}"
             )
     return tuple(counts)

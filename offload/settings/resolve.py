@@ -102,7 +102,8 @@ def resolve_settings(
     if slots == "all":
         slots = None  # every expert resident: no store, no cache, nothing moved
     else:
-        slot_counts(slots, config.num_hidden_layers, config.num_local_experts)  # fail before loading
+        where = "--experts-per-layer" if flags.experts_per_layer is not None else "cache.experts_per_layer"
+        slot_counts(slots, config.num_hidden_layers, config.num_local_experts, where)  # fail before loading
     if prefetch is None:  # a profile's guesses are capped at what the model has
         prefetch = min(chosen.prefetch.experts, config.num_local_experts) if chosen.prefetch.enabled else 0
     if isinstance(prefetch, bool) or not 0 <= prefetch <= config.num_local_experts:
