@@ -16,6 +16,7 @@ from cli import (
     models_cmd,
     plan_cmd,
     profiles_cmd,
+    serve_cmd,
     trace_cmd,
 )
 from offload import __version__
@@ -56,6 +57,7 @@ def _register_commands() -> None:
     models_cmd.register(app)
     plan_cmd.register(app)
     profiles_cmd.register(app)
+    serve_cmd.register(app)
     trace_cmd.register(app)
 
 

@@ -1,0 +1,207 @@
+"""`offload serve` through the official openai client and raw HTTP, against a live server on the demo model."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+
+import pytest
+
+pytest.importorskip("uvicorn", reason="the serve extra is not installed (pip install 'offload[serve]')")
+openai = pytest.importorskip("openai", reason="the openai client is not installed")
+httpx = pytest.importorskip("httpx")
+
+from tests.serve_helpers import LiveServer  # noqa: E402
+
+HELLO = [{"role": "user", "content": "Hello"}]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
+    # 4 expert slots per layer of 8: the cache works, so the answers carry a hit rate.
+    live = LiveServer(tmp_path_factory.mktemp("serve"), "--experts-per-layer", "4", "--queue", "2")
+    yield live
+    live.stop()
+
+
+@pytest.fixture(scope="module")
+def client(server: LiveServer) -> openai.OpenAI:
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+def _chat(server: LiveServer, body: dict, **kwargs) -> httpx.Response:
+    return httpx.post(server.url + "/v1/chat/completions", json=body, timeout=120, **kwargs)
+
+
+def test_chat_answer_has_text_usage_and_the_engine_figures(client: openai.OpenAI) -> None:
+    answer = client.chat.completions.create(model="demo", messages=HELLO, temperature=0, max_tokens=24)
+    choice = answer.choices[0]
+    assert choice.message.role == "assistant" and choice.message.content
+    assert choice.finish_reason in ("stop", "length")
+    usage = answer.usage
+    assert usage.prompt_tokens > 0 and usage.completion_tokens > 0
+    assert usage.total_tokens == usage.prompt_tokens + usage.completion_tokens
+    figures = answer.model_extra["offload"]
+    assert figures["decode_tokens_per_second"] > 0 and figures["prompt_tokens_per_second"] > 0
+    assert 0 <= figures["hit_rate"] <= 1 and figures["bytes_moved"] > 0
+    assert figures["prefetch_precision"] is None or 0 <= figures["prefetch_precision"] <= 1
+
+
+def test_streamed_answer_is_the_same_text_with_usage_last(client: openai.OpenAI) -> None:
+    whole = client.chat.completions.create(model="demo", messages=HELLO, temperature=0, max_tokens=24)
+    chunks = list(
+        client.chat.completions.create(
+            model="demo",
+            messages=HELLO,
+            temperature=0,
+            max_tokens=24,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == whole.choices[0].message.content
+    finishing = [c for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert [c.choices[0].finish_reason for c in finishing] == [whole.choices[0].finish_reason]
+    assert chunks[-1].choices == [] and chunks[-1].usage.total_tokens == whole.usage.total_tokens
+
+
+def test_a_stop_string_ends_the_reply_before_it(client: openai.OpenAI) -> None:
+    full = client.chat.completions.create(model="demo", messages=HELLO, temperature=0, max_tokens=24)
+    text = full.choices[0].message.content
+    stop = text.split()[2]  # a word from the middle of the greedy reply
+    cut = client.chat.completions.create(
+        model="demo", messages=HELLO, temperature=0, max_tokens=24, stop=[stop]
+    )
+    assert cut.choices[0].message.content == text[: text.index(stop)]
+    assert cut.choices[0].finish_reason == "stop"
+
+
+def test_the_same_seed_gives_the_same_text(client: openai.OpenAI) -> None:
+    def sample(seed: int) -> str:
+        answer = client.chat.completions.create(
+            model="demo", messages=HELLO, temperature=1.0, seed=seed, max_tokens=24
+        )
+        return answer.choices[0].message.content
+
+    assert sample(7) == sample(7)
+
+
+def test_models_list_names_the_loaded_model(client: openai.OpenAI) -> None:
+    assert [model.id for model in client.models.list()] == ["demo"]
+
+
+def test_completions_endpoint_continues_a_raw_prompt(client: openai.OpenAI) -> None:
+    answer = client.completions.create(model="demo", prompt="def main(", temperature=0, max_tokens=6)
+    assert answer.choices[0].finish_reason in ("stop", "length") and answer.usage.completion_tokens <= 6
+    streamed = client.completions.create(
+        model="demo", prompt="def main(", temperature=0, max_tokens=6, stream=True
+    )
+    assert "".join(c.choices[0].text for c in streamed) == answer.choices[0].text
+
+
+def test_continuing_the_conversation_reuses_the_kv_cache(client: openai.OpenAI) -> None:
+    first = client.chat.completions.create(model="demo", messages=HELLO, temperature=0, max_tokens=16)
+    reply = {"role": "assistant", "content": first.choices[0].message.content}
+    follow = [*HELLO, reply, {"role": "user", "content": "And then?"}]
+    second = client.chat.completions.create(model="demo", messages=follow, temperature=0, max_tokens=8)
+    reused = second.usage.prompt_tokens_details.cached_tokens
+    assert reused == second.model_extra["offload"]["reused_prompt_tokens"]
+    assert first.usage.prompt_tokens < reused < second.usage.prompt_tokens
+    other = [{"role": "user", "content": "Something else"}]
+    fresh = client.chat.completions.create(model="demo", messages=other, temperature=0, max_tokens=4)
+    assert fresh.usage.prompt_tokens_details.cached_tokens == 0
+
+
+def test_sse_framing_is_data_lines_ending_with_done(server: LiveServer) -> None:
+    body = {"messages": HELLO, "temperature": 0, "max_tokens": 8, "stream": True}
+    with httpx.stream("POST", server.url + "/v1/chat/completions", json=body, timeout=120) as response:
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("text/event-stream")
+        raw = b"".join(response.iter_raw()).decode()
+    assert raw.endswith("data: [DONE]\n\n")
+    events = [e for e in raw.split("\n\n") if e and not e.startswith(":")]  # ":" lines are keep-alive pings
+    assert all(e.startswith("data: ") and "\n" not in e for e in events)
+    chunks = [json.loads(e.removeprefix("data: ")) for e in events[:-1]]
+    assert {c["object"] for c in chunks} == {"chat.completion.chunk"}
+    assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+    assert chunks[-1]["choices"][0]["finish_reason"] in ("stop", "length") and "offload" in chunks[-1]
+
+
+BAD_BODIES = {
+    "not json": (b"{messages: oops", "not valid JSON"),
+    "NaN temperature": (b'{"messages": [{"role": "user", "content": "hi"}], "temperature": NaN}', "NaN"),
+    "an array": (b"[1, 2]", "JSON object"),
+    "no messages": (b"{}", "messages"),
+    "unknown role": (b'{"messages": [{"role": "wizard", "content": "hi"}]}', "wizard"),
+    "content a number": (b'{"messages": [{"role": "user", "content": 5}]}', "content"),
+    "n = 2": (b'{"messages": [{"role": "user", "content": "hi"}], "n": 2}', "n must be 1"),
+    "negative max_tokens": (
+        b'{"messages": [{"role": "user", "content": "hi"}], "max_tokens": -1}',
+        "max_tokens",
+    ),
+    "huge max_tokens": (
+        b'{"messages": [{"role": "user", "content": "hi"}], "max_tokens": 1e30}',
+        "max_tokens",
+    ),
+    "string temperature": (
+        b'{"messages": [{"role": "user", "content": "hi"}], "temperature": "hot"}',
+        "temperature",
+    ),
+    "temperature 5": (b'{"messages": [{"role": "user", "content": "hi"}], "temperature": 5}', "temperature"),
+    "stop a number": (b'{"messages": [{"role": "user", "content": "hi"}], "stop": 3}', "stop"),
+    "stream a string": (b'{"messages": [{"role": "user", "content": "hi"}], "stream": "yes"}', "stream"),
+    "two users in a row": (
+        b'{"messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]}',
+        "alternate",
+    ),
+    "lone surrogate": (b'{"messages": [{"role": "user", "content": "\\ud800"}]}', "Unicode"),
+}
+
+
+@pytest.mark.parametrize("name", BAD_BODIES)
+def test_bad_requests_get_an_openai_error_object_with_400(server: LiveServer, name: str) -> None:
+    body, words = BAD_BODIES[name]
+    response = httpx.post(
+        server.url + "/v1/chat/completions",
+        content=body,
+        headers={"content-type": "application/json"},
+        timeout=60,
+    )
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["type"] == "invalid_request_error" and words in error["message"]
+
+
+def test_a_prompt_over_the_context_says_both_sizes(server: LiveServer) -> None:
+    long = {"messages": [{"role": "user", "content": "word " * 5000}]}
+    response = _chat(server, long)
+    assert response.status_code == 400
+    message = response.json()["error"]["message"]
+    assert "4096" in message and "the prompt is" in message
+    tokens = int(message.split("the prompt is ")[1].split()[0])
+    assert tokens > 4096
+    fits = {"messages": HELLO, "max_tokens": 4095}
+    response = _chat(server, fits)
+    message = response.json()["error"]["message"]
+    assert response.status_code == 400 and "4095" in message and "4096" in message
+
+
+def test_a_body_over_the_cap_is_refused(server: LiveServer) -> None:
+    huge = {"messages": [{"role": "user", "content": "x" * (2 << 20)}]}
+    response = _chat(server, huge)
+    assert response.status_code == 413 and "limit" in response.json()["error"]["message"]
+
+
+def test_unknown_routes_and_methods_are_json_errors(server: LiveServer) -> None:
+    missing = httpx.get(server.url + "/v1/nothing", timeout=30)
+    assert missing.status_code == 404 and "error" in missing.json()
+    wrong = httpx.get(server.url + "/v1/chat/completions", timeout=30)
+    assert wrong.status_code == 405 and "error" in wrong.json()
+
+
+def test_the_page_is_one_self_contained_html_file(server: LiveServer) -> None:
+    page = httpx.get(server.url + "/", timeout=30)
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    # Nothing fetched from elsewhere: no absolute URL in a src, href or fetch.
+    assert "http://" not in page.text and "https://" not in page.text and "<script src" not in page.text
