@@ -7,7 +7,7 @@ the one place that says what to install.
 
 from __future__ import annotations
 
-import importlib.util
+import importlib
 
 from offload.errors import OffloadError
 
@@ -16,7 +16,12 @@ EXTRA_MODULES = ("starlette", "uvicorn", "sse_starlette")
 
 def require_extra() -> None:
     """Raise a one-line OffloadError naming the install command when the serve extra is missing."""
-    missing = [name for name in EXTRA_MODULES if importlib.util.find_spec(name) is None]
+    missing = []
+    for name in EXTRA_MODULES:
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            missing.append(name)
     if missing:
         raise OffloadError(
             f"offload serve needs the 'serve' extra ({', '.join(missing)} missing): pip install 'offload[serve]'"
