@@ -134,6 +134,7 @@ BAD_BODIES = {
     "an array": (b"[1, 2]", "JSON object"),
     "no messages": (b"{}", "messages"),
     "unknown role": (b'{"messages": [{"role": "wizard", "content": "hi"}]}', "wizard"),
+    "role an array": (b'{"messages": [{"role": [], "content": "hi"}]}', "role"),
     "content a number": (b'{"messages": [{"role": "user", "content": 5}]}', "content"),
     "n = 2": (b'{"messages": [{"role": "user", "content": "hi"}], "n": 2}', "n must be 1"),
     "negative max_tokens": (

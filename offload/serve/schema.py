@@ -107,7 +107,7 @@ def _message(index: int, message: Any) -> dict[str, str]:
     if not isinstance(message, dict):
         raise RequestError(f"{param} must be an object with 'role' and 'content'", param=param)
     role = message.get("role")
-    if role not in ROLES:
+    if not isinstance(role, str) or role not in ROLES:  # a list or an object is no role (and unhashable)
         allowed = ", ".join(ROLES)
         raise RequestError(f"{param}.role is {_shown(role)}; allowed roles: {allowed}", param=f"{param}.role")
     content = message.get("content")
