@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 # On a CPU-only machine an unpinned torch resolves to a multi-GB CUDA build; pin it first.
 TORCH_PIN ?= torch==2.13.0
 
-.PHONY: setup chat test lint clean
+.PHONY: setup chat serve test lint clean
 
 setup: $(VENV)/.installed
 
@@ -16,6 +16,9 @@ $(VENV)/.installed: pyproject.toml
 
 chat: setup
 	$(VENV)/bin/offload chat $(ARGS)
+
+serve: setup
+	$(VENV)/bin/offload serve $(ARGS)
 
 test: setup
 	$(PY) -m ruff check .

@@ -16,7 +16,7 @@ import pytest
 pytest.importorskip("uvicorn", reason="the serve extra is not installed (pip install 'offload[serve]')")
 httpx = pytest.importorskip("httpx")
 
-from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import HealthCheck, event, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 from tests.serve_helpers import LiveServer  # noqa: E402
@@ -145,6 +145,45 @@ BODY = st.fixed_dictionaries(
     },
 )
 
+# Bodies that are mostly right, so the fuzz reaches generation too: each field right five times in six.
+TEXT = st.text(max_size=30)
+
+
+def _mostly(good: st.SearchStrategy) -> st.SearchStrategy:
+    return st.one_of(good, good, good, good, good, JSON_VALUES)
+
+
+CONVERSATION = st.lists(TEXT, min_size=1, max_size=5).map(
+    lambda texts: [{"role": ("user", "assistant")[i % 2], "content": text} for i, text in enumerate(texts)]
+)
+SAMPLING_FIELDS = {
+    "temperature": _mostly(st.floats(0, 2)),
+    "top_p": _mostly(st.floats(0.01, 1)),
+    "top_k": _mostly(st.integers(0, 50)),
+    "seed": _mostly(st.integers(0, 2**64 - 1)),
+    "stop": _mostly(st.lists(st.text(min_size=1, max_size=3), max_size=3) | st.text(max_size=3)),
+    "stream": _mostly(st.booleans()),
+    "stream_options": _mostly(st.fixed_dictionaries({"include_usage": st.booleans()})),
+    "n": _mostly(st.just(1)),
+}
+NEAR_CHAT = st.fixed_dictionaries(
+    {"messages": _mostly(CONVERSATION), "max_tokens": st.integers(1, 4)}, optional=SAMPLING_FIELDS
+)
+NEAR_COMPLETION = st.fixed_dictionaries(
+    {"prompt": _mostly(st.text(min_size=1, max_size=30)), "max_tokens": st.integers(1, 4)},
+    optional=SAMPLING_FIELDS,
+)
+
+
+CASES = (
+    st.tuples(st.just("/v1/chat/completions"), NEAR_CHAT)
+    | st.tuples(st.just("/v1/completions"), NEAR_COMPLETION)
+    | st.tuples(
+        st.sampled_from(["/v1/chat/completions", "/v1/completions"]),
+        BODY | JSON_VALUES | st.binary(max_size=64).map(lambda b: {"raw": b}),
+    )
+)
+
 
 @settings(
     max_examples=FUZZ_EXAMPLES,
@@ -152,11 +191,9 @@ BODY = st.fixed_dictionaries(
     derandomize=True,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
-@given(
-    body=BODY | JSON_VALUES | st.binary(max_size=64).map(lambda b: {"raw": b}),
-    path=st.sampled_from(["/v1/chat/completions", "/v1/completions"]),
-)
-def test_fuzzed_bodies_never_get_a_5xx(server: LiveServer, body: object, path: str) -> None:
+@given(case=CASES)
+def test_fuzzed_bodies_never_get_a_5xx(server: LiveServer, case: tuple[str, object]) -> None:
+    path, body = case
     if isinstance(body, dict) and isinstance(body.get("raw"), bytes):
         content = body["raw"]
     else:
@@ -164,6 +201,7 @@ def test_fuzzed_bodies_never_get_a_5xx(server: LiveServer, body: object, path: s
     response = httpx.post(
         server.url + path, content=content, headers={"content-type": "application/json"}, timeout=300
     )
+    event(f"{path} answered {response.status_code}")  # the spread, in --hypothesis-show-statistics
     assert response.status_code < 500, response.text
     if response.status_code >= 400:
         assert isinstance(response.json()["error"]["message"], str)

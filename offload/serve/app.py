@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator
 from importlib import resources
 from typing import Any
 
+import anyio
 from sse_starlette import EventSourceResponse
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -131,12 +132,9 @@ def create_app(
             return JSONResponse(refusal.body(), 503, headers={"Retry-After": str(busy.retry_after)})
         answer = streaming.Answer(server.model_name, job, chat=chat, include_usage=include_usage)
         if stream:
-            ending = asyncio.Event()
+            ending = anyio.Event()  # sse-starlette sets it on Ctrl-C or SIGTERM; the stream then ends itself
             return EventSourceResponse(
-                answer.events(ending),
-                sep="\n",
-                shutdown_event=_Bridge(ending),
-                shutdown_grace_period=2,
+                answer.events(ending), sep="\n", shutdown_event=ending, shutdown_grace_period=2
             )
         body = await answer.whole(request)
         if body is None:
@@ -178,16 +176,6 @@ def error(err: OffloadError) -> Response:
     if not isinstance(err, RequestError):
         err = RequestError(str(err))
     return JSONResponse(err.body(), err.status)
-
-
-class _Bridge:
-    """sse-starlette sets an anyio.Event on shutdown; the stream waits on an asyncio one."""
-
-    def __init__(self, event: asyncio.Event) -> None:
-        self._event = event
-
-    def set(self) -> None:
-        self._event.set()
 
 
 class _Auth:

@@ -15,6 +15,7 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
+import anyio
 from starlette.requests import Request
 
 from offload.serve.worker import Failure, Finish, Job, Piece
@@ -29,7 +30,7 @@ class Answer:
         self.id = f"{prefix}-{uuid.uuid4().hex[:24]}"
         self.created = int(time.time())
 
-    async def events(self, ending: asyncio.Event) -> AsyncIterator[str]:
+    async def events(self, ending: anyio.Event) -> AsyncIterator[str]:
         """The SSE data lines of a stream; ``ending`` is set when the server shuts down."""
         job = self.job
         try:
@@ -113,7 +114,7 @@ class Answer:
         }
 
 
-async def _next(job: Job, ending: asyncio.Event) -> Piece | Finish | Failure | None:
+async def _next(job: Job, ending: anyio.Event) -> Piece | Finish | Failure | None:
     """The job's next event, or None once the server is shutting down."""
     if ending.is_set():
         return None
