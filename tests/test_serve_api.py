@@ -182,6 +182,10 @@ def test_a_prompt_over_the_context_says_both_sizes(server: LiveServer) -> None:
     assert "4096" in message and "the prompt is" in message
     tokens = int(message.split("the prompt is ")[1].split()[0])
     assert tokens > 4096
+    # Text too long to fit however it tokenizes is refused before it is tokenized, with both sizes too.
+    longer = _chat(server, {"messages": [{"role": "user", "content": "x" * 200_000}]})
+    message = longer.json()["error"]["message"]
+    assert longer.status_code == 400 and "200,0" in message and "4,096 tokens" in message
     fits = {"messages": HELLO, "max_tokens": 4095}
     response = _chat(server, fits)
     message = response.json()["error"]["message"]

@@ -25,7 +25,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from offload.engine import Engine
 from offload.errors import OffloadError
-from offload.generate import MIN_TEMPERATURE
+from offload.generate import MIN_TEMPERATURE, check_text_fits
 from offload.serve import streaming
 from offload.serve.schema import RequestError, Sampling, chat_request, completion_request, parse_json
 from offload.serve.worker import Busy, Job, Worker
@@ -94,6 +94,7 @@ def create_app(
 ) -> ASGIApp:
     """The ASGI app serving ``engine``; its worker thread starts here."""
     server = Server(engine, queue_size=queue_size, api_key=api_key, max_body_bytes=max_body_bytes)
+    context = engine.model.config.max_position_embeddings
 
     async def page(request: Request) -> Response:
         html = resources.files("offload.serve").joinpath("page.html").read_text(encoding="utf-8")
@@ -109,7 +110,9 @@ def create_app(
     async def chat_completions(request: Request) -> Response:
         try:
             chat = chat_request(await server.body(request))
-            prompt_tokens = len(engine.tokenizer.encode_chat(list(chat.messages)))
+            check_text_fits("".join(m["content"] for m in chat.messages), context, "the messages")
+            # Off the event loop: tokenizing a long prompt must not hold up /health or a stream.
+            prompt_tokens = len(await asyncio.to_thread(engine.tokenizer.encode_chat, list(chat.messages)))
             job = server.job(chat.sampling, prompt_tokens, messages=chat.messages)
         except OffloadError as err:
             return error(err)
@@ -118,7 +121,8 @@ def create_app(
     async def completions(request: Request) -> Response:
         try:
             completion = completion_request(await server.body(request))
-            prompt_ids = engine.prompt_ids(completion.prompt, chat=False)
+            check_text_fits(completion.prompt, context, "the prompt")
+            prompt_ids = await asyncio.to_thread(engine.prompt_ids, completion.prompt, chat=False)
             job = server.job(completion.sampling, len(prompt_ids), prompt_ids=prompt_ids)
         except OffloadError as err:
             return error(err)
