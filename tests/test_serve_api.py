@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import signal
 from collections.abc import Iterator
 
 import pytest
@@ -21,7 +22,9 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
     # 4 expert slots per layer of 8: the cache works, so the answers carry a hit rate.
     live = LiveServer(tmp_path_factory.mktemp("serve"), "--experts-per-layer", "4", "--queue", "2")
     yield live
-    live.stop()
+    # Ctrl-C, as in a terminal: a clean stop, exit 0, no traceback (SIGTERM: test_serve_safety.py).
+    assert live.stop(signal.SIGINT) == 0
+    assert "Traceback" not in live.stderr() and live.stderr().rstrip().endswith("stopped")
 
 
 @pytest.fixture(scope="module")
