@@ -29,11 +29,16 @@ def register(app: typer.Typer) -> None:
 def serve(
     model: options.Model = None,
     host: Annotated[
-        str, typer.Option(help="The address to listen on; 0.0.0.0 lets other machines connect.")
+        str,
+        typer.Option(help="The address to listen on; 0.0.0.0 lets other machines connect.", metavar="HOST"),
     ] = "127.0.0.1",
     port: Annotated[
         int,
-        typer.Option(help="The TCP port (0 picks a free one).", callback=options.bounded("--port", 0, 65535)),
+        typer.Option(
+            help="The TCP port (0 picks a free one).",
+            callback=options.bounded("--port", 0, 65535),
+            metavar="PORT",
+        ),
     ] = 8000,
     api_key: Annotated[
         str | None,
@@ -48,6 +53,7 @@ def serve(
         typer.Option(
             help="Requests that may wait while one generates; more get 503 with Retry-After.",
             callback=options.bounded("--queue", 0, 1024),
+            metavar="N",
         ),
     ] = 4,
     flags: LoadFlags = options.FLAGS,
