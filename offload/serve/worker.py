@@ -23,6 +23,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
+
 from offload.chat import ChatSession
 from offload.engine import Engine
 from offload.errors import OffloadError
@@ -153,8 +155,6 @@ class Worker:
         self._jobs.put(None)
 
     def _run(self) -> None:
-        import torch
-
         # torch's thread count is per thread under OpenMP: give this one the engine's (--threads).
         torch.set_num_threads(self.engine.settings.threads)
         while (job := self._jobs.get()) is not None:
@@ -176,8 +176,6 @@ class Worker:
             self.cancelled += 1
             self.last_cancelled_tokens = 0
             return
-        import torch
-
         before = _counters(self.engine)
         stream, reused = self._stream(job)
         last: Response | None = None
