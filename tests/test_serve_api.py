@@ -116,6 +116,18 @@ def test_continuing_the_conversation_reuses_the_kv_cache(client: openai.OpenAI) 
     assert fresh.usage.prompt_tokens_details.cached_tokens == 0
 
 
+def test_a_reply_cut_by_a_stop_string_is_still_continued_from_the_cache(client: openai.OpenAI) -> None:
+    full = client.chat.completions.create(model="demo", messages=HELLO, temperature=0, max_tokens=24)
+    stop = full.choices[0].message.content.split()[2]
+    cut = client.chat.completions.create(
+        model="demo", messages=HELLO, temperature=0, max_tokens=24, stop=stop
+    )
+    reply = {"role": "assistant", "content": cut.choices[0].message.content}  # what the client got
+    follow = [*HELLO, reply, {"role": "user", "content": "And then?"}]
+    second = client.chat.completions.create(model="demo", messages=follow, temperature=0, max_tokens=4)
+    assert second.usage.prompt_tokens_details.cached_tokens >= cut.usage.prompt_tokens
+
+
 def test_sse_framing_is_data_lines_ending_with_done(server: LiveServer) -> None:
     body = {"messages": HELLO, "temperature": 0, "max_tokens": 8, "stream": True}
     with httpx.stream("POST", server.url + "/v1/chat/completions", json=body, timeout=120) as response:
@@ -193,6 +205,12 @@ def test_a_prompt_over_the_context_says_both_sizes(server: LiveServer) -> None:
     response = _chat(server, fits)
     message = response.json()["error"]["message"]
     assert response.status_code == 400 and "4095" in message and "4096" in message
+
+
+def test_a_raw_prompt_over_the_context_says_both_sizes(server: LiveServer) -> None:
+    response = httpx.post(server.url + "/v1/completions", json={"prompt": "word " * 5000}, timeout=120)
+    message = response.json()["error"]["message"]
+    assert response.status_code == 400 and "the prompt is" in message and "4096 tokens" in message
 
 
 def test_a_body_over_the_cap_is_refused(server: LiveServer) -> None:
