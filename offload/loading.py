@@ -61,11 +61,14 @@ def load_model(
     quant: QuantScheme | None = None,
     offload: OffloadOptions | None = None,
     progress: Progress | None = None,
+    host_kernels: bool = True,
 ) -> MixtralModel:
     """Load ``model`` (a directory, a Hugging Face repo id, or a Checkpoint already opened).
 
     ``quant`` quantizes a float checkpoint at load time (a converted checkpoint uses its own scheme);
     ``offload`` keeps experts in host RAM behind a device cache instead of all on the device.
+    On a CPU device, weights whose spec has a CPU kernel (``hqq:4:G``, ``bnb:int8``) stay quantized and run it;
+    ``host_kernels=False`` dequantizes every quantized weight to dense ``dtype`` at load instead.
     """
     checkpoint = model if isinstance(model, Checkpoint) else Checkpoint(resolve_model_dir(model))
     config = checkpoint.config
@@ -74,18 +77,23 @@ def load_model(
     reader.check()
     with torch.device("meta"):
         mixtral = MixtralModel(config)
-    load_dense_weights(mixtral, reader, device, progress)
+    load_dense_weights(mixtral, reader, device, progress, host_kernels=host_kernels)
     if offload is None or offload.experts_per_layer is None:
-        source = ResidentExperts(load_resident_experts(reader, device, progress))
+        source = ResidentExperts(load_resident_experts(reader, device, progress, host_kernels=host_kernels))
     else:
-        source = load_offloaded_experts(mixtral, reader, device, offload, progress)
+        source = load_offloaded_experts(mixtral, reader, device, offload, progress, host_kernels=host_kernels)
     attach_source(mixtral, source)
     mixtral.quant_scheme = reader.scheme
     return mixtral.eval()
 
 
 def load_dense_weights(
-    mixtral: MixtralModel, reader: WeightReader, device: torch.device, progress: Progress | None = None
+    mixtral: MixtralModel,
+    reader: WeightReader,
+    device: torch.device,
+    progress: Progress | None = None,
+    *,
+    host_kernels: bool = True,
 ) -> None:
     """Fill every non-expert weight of ``mixtral`` (built on the meta device), one tensor at a time."""
     config, scheme = mixtral.config, reader.scheme
@@ -100,7 +108,9 @@ def load_dense_weights(
         tensors = reader.linear(module, spec)
         owner_name, _, attribute = module.rpartition(".")
         owner = mixtral.get_submodule(owner_name) if owner_name else mixtral
-        setattr(owner, attribute, build_linear(tensors, spec, reader.dtype, device))
+        setattr(
+            owner, attribute, build_linear(tensors, spec, reader.dtype, device, host_kernels=host_kernels)
+        )
         _report(progress, module, tensors)
     for name, parameter in list(mixtral.named_parameters()):
         if parameter.is_meta and not name.startswith("lm_head"):
@@ -113,13 +123,17 @@ def load_dense_weights(
 
 
 def load_resident_experts(
-    reader: WeightReader, device: torch.device, progress: Progress | None = None
+    reader: WeightReader,
+    device: torch.device,
+    progress: Progress | None = None,
+    *,
+    host_kernels: bool = True,
 ) -> list[list[Expert]]:
     """Every expert materialized on the device."""
     config = reader.checkpoint.config
     experts: list[list[Expert]] = []
     for layer in range(config.num_hidden_layers):
-        codec = codec_for(reader.scheme.expert_spec(layer))
+        codec = codec_for(reader.scheme.expert_spec(layer), host_kernels=host_kernels)
         experts.append([])
         for expert in range(config.num_local_experts):
             tensors = reader.expert(layer, expert)
@@ -134,6 +148,8 @@ def load_offloaded_experts(
     device: torch.device,
     options: OffloadOptions,
     progress: Progress | None = None,
+    *,
+    host_kernels: bool = True,
 ) -> ExpertSource:
     """Every expert packed into the host store, behind a K-slot cache per layer on the device."""
     config = mixtral.config
@@ -144,7 +160,10 @@ def load_offloaded_experts(
             store.put(layer, expert, tensors)  # packed straight into the store; ``tensors`` is dropped
             _report(progress, f"layers.{layer}.experts.{expert}", tensors)
     store.check_complete()
-    codecs = [codec_for(reader.scheme.expert_spec(layer)) for layer in range(config.num_hidden_layers)]
+    codecs = [
+        codec_for(reader.scheme.expert_spec(layer), host_kernels=host_kernels)
+        for layer in range(config.num_hidden_layers)
+    ]
     materialize = [_materializer(codec, reader.dtype, device) for codec in codecs]
     link = parse_link(options.link)
     cache = ExpertCache(

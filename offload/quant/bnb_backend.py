@@ -24,6 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from offload.errors import QuantError
+from offload.quant.host_kernels import Int8Linear
 
 if TYPE_CHECKING:
     from offload.quant.spec import QuantSpec
@@ -186,3 +187,13 @@ def kernel_linear(
     """A module on ``device`` that keeps the codes and runs bitsandbytes' kernel."""
     on_device = {key: tensor.to(device) for key, tensor in tensors.items()}
     return BnbInt8Linear(on_device) if spec.kind == "int8" else Bnb4bitLinear(on_device, spec, dtype)
+
+
+def host_linear(tensors: dict[str, Tensor], spec: QuantSpec) -> nn.Module | None:
+    """For int8, the CPU int8 kernel's linear over the stored codes (W = CB * SCB / 127); None for nf4 / fp4.
+
+    torch has no CPU kernel for bnb's 4-bit tables. The row scale is rounded to bf16, the kernel's dtype.
+    """
+    if spec.kind != "int8":
+        return None
+    return Int8Linear(tensors["CB"].contiguous(), tensors["SCB"].float() / 127)

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from offload.errors import QuantError
 from offload.experts.source import DenseExpert, Expert
-from offload.quant.linear import build_linear, dequantize_linear, matrix_nbytes, quantize_linear
+from offload.quant.linear import build_linear, dequantize_linear, host_linear, matrix_nbytes, quantize_linear
 from offload.quant.spec import QuantSpec
 
 MATRICES = ("w1", "w2", "w3")  # gate projection, down projection, up projection (the hub's names)
@@ -38,7 +38,7 @@ class ExpertCodec(Protocol):
 
 
 class QuantizedExpert:
-    """A SwiGLU expert over three linear modules that keep their codes quantized (the CUDA path)."""
+    """A SwiGLU expert over three linear modules that keep their codes quantized (CUDA, or a CPU kernel)."""
 
     def __init__(self, w1: nn.Module, w2: nn.Module, w3: nn.Module) -> None:
         self.w1, self.w2, self.w3 = w1, w2, w3
@@ -48,10 +48,14 @@ class QuantizedExpert:
 
 
 class MatrixCodec:
-    """The ExpertCodec for every backend: each of w1, w2, w3 quantized on its own by ``linear.py``."""
+    """The ExpertCodec for every backend: each of w1, w2, w3 quantized on its own by ``linear.py``.
 
-    def __init__(self, spec: QuantSpec) -> None:
+    ``host_kernels=False`` makes a CPU expert dense even where a CPU kernel fits (the reference it is tested on).
+    """
+
+    def __init__(self, spec: QuantSpec, *, host_kernels: bool = True) -> None:
         self.spec = spec
+        self.host_kernels = host_kernels
 
     def __repr__(self) -> str:
         return f"MatrixCodec({self.spec})"
@@ -78,15 +82,23 @@ class MatrixCodec:
     ) -> Expert:
         """Rebuild the expert on ``device``, computing in ``dtype``.
 
-        On CUDA the matrices stay quantized and run the library's kernels. Elsewhere they are dequantized once
-        into a DenseExpert, so that a cached expert costs a dense matmul rather than a dequantization per call
-        (hqq's CPU forward dequantizes at every call, ~16-20 ms per expert). With ``none`` in the stored dtype
-        the DenseExpert's weights are the given tensors themselves, not copies.
+        On CUDA the matrices stay quantized and run the library's kernels. On a CPU, a spec with a CPU kernel
+        (``hqq:4:G``, ``bnb:int8``; ``linear.host_linear``) keeps its codes, repacked here once per
+        materialization (so once per load into a slot, never per call). Otherwise the matrices are dequantized
+        once into a DenseExpert, so that a cached expert costs a dense matmul rather than a dequantization per
+        call (hqq's CPU forward dequantizes at every call, ~16-20 ms per expert). With ``none`` in the stored
+        dtype the DenseExpert's weights are the given tensors themselves, not copies.
         """
         device = torch.device(device)
         parts = [_matrix(tensors, name) for name in MATRICES]
         if device.type == "cuda" and self.spec.backend != "none":
             return QuantizedExpert(*(build_linear(part, self.spec, dtype, device) for part in parts))
+        if device.type == "cpu" and self.host_kernels:
+            kernels = [
+                host_linear(part, self.spec, name=name) for name, part in zip(MATRICES, parts, strict=True)
+            ]
+            if all(kernel is not None for kernel in kernels):
+                return QuantizedExpert(*kernels)
         return DenseExpert(
             *(
                 dequantize_linear(part, self.spec, dtype, device, name=name)
@@ -101,9 +113,9 @@ def _matrix(tensors: dict[str, Tensor], name: str) -> dict[str, Tensor]:
     return {key[len(prefix) :]: tensor for key, tensor in tensors.items() if key.startswith(prefix)}
 
 
-def codec_for(spec: QuantSpec) -> ExpertCodec:
-    """The codec that stores experts as ``spec`` says."""
-    return MatrixCodec(spec)
+def codec_for(spec: QuantSpec, *, host_kernels: bool = True) -> ExpertCodec:
+    """The codec that stores experts as ``spec`` says; ``host_kernels`` as in ``MatrixCodec``."""
+    return MatrixCodec(spec, host_kernels=host_kernels)
 
 
 def expert_nbytes(spec: QuantSpec, hidden: int, ffn: int, dtype: torch.dtype = torch.bfloat16) -> int:

@@ -53,6 +53,11 @@ def kernel_linear(
     return DenseLinear(tensors["weight"].to(device=device, dtype=dtype))
 
 
+def host_linear(tensors: dict[str, Tensor], spec: QuantSpec) -> nn.Module | None:
+    """None: a float matrix has no codes for a CPU kernel to read."""
+    return None
+
+
 class DenseLinear(nn.Module):
     """``nn.Linear`` without a bias, over a weight that is already in its final dtype and device."""
 

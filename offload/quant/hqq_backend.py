@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from offload.errors import QuantError
+from offload.quant.host_kernels import Int4Linear, int4_fits
 from offload.quant.spec import HQQ_GROUP_SIZES
 
 if TYPE_CHECKING:
@@ -162,3 +163,22 @@ def kernel_linear(
     state["W_q"] = tensors["W_q"].to(device)
     layer.load_state_dict(state)
     return layer
+
+
+def host_linear(tensors: dict[str, Tensor], spec: QuantSpec) -> torch.nn.Module | None:
+    """The CPU int4 kernel's linear over the stored 4-bit codes, or None when the spec or shape does not fit it.
+
+    hqq dequantizes ``(q - zero) * scale``; the kernel computes ``(q - 8) * scale + offset``, so the offset is
+    ``(8 - zero) * scale``, rounded once to bf16 with the scale (the kernel's dtype). Both group along a row
+    (axis 1), which is the kernel's K: no regrouping. The codes are unpacked from hqq's layout (the first half of
+    the code rows in the high nibbles, the second half in the low ones) and repacked in torch's.
+    """
+    scale = tensors["scale"]
+    out_features, groups_per_row = scale.shape
+    in_features = groups_per_row * spec.group_size
+    if spec.bits != 4 or not int4_fits(out_features, in_features, spec.group_size):
+        return None
+    packed = tensors["W_q"]
+    codes = torch.cat([packed >> 4, packed & 0xF]).reshape(out_features, in_features)
+    offset = (8 - tensors["zero"].float()) * scale.float()
+    return Int4Linear.from_affine(codes, scale, offset, spec.group_size)

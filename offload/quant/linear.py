@@ -2,7 +2,8 @@
 
 Used directly for the attention, gate and lm_head roles, and three times per expert by ``codec.py``.
 Every backend module (hqq_backend, bnb_backend, dense) offers the same functions: ``keys``, ``check``,
-``nbytes``, ``quantize``, ``dequantize`` (to fp32, or the stored dtype for ``none``) and ``kernel_linear``.
+``nbytes``, ``quantize``, ``dequantize`` (to fp32, or the stored dtype for ``none``), ``kernel_linear`` (CUDA) and
+``host_linear`` (a CPU kernel over the codes, or None).
 """
 
 from __future__ import annotations
@@ -83,16 +84,36 @@ def dequantize_linear(
     return weight.to(device=device, dtype=dtype)
 
 
+def host_linear(tensors: dict[str, Tensor], spec: QuantSpec, *, name: str = "weight") -> nn.Module | None:
+    """A CPU module that computes from the stored codes (``offload.quant.host_kernels``), built once.
+
+    None when no CPU kernel fits: bnb's 4-bit tables, hqq at 2, 3 or 8 bits, an output width that is not a
+    multiple of 16, a group of 16, or ``none``.
+    """
+    return backend_for(spec).host_linear(_checked(tensors, spec, name), spec)
+
+
 def build_linear(
-    tensors: dict[str, Tensor], spec: QuantSpec, dtype: torch.dtype, device: torch.device | str
+    tensors: dict[str, Tensor],
+    spec: QuantSpec,
+    dtype: torch.dtype,
+    device: torch.device | str,
+    *,
+    host_kernels: bool = True,
 ) -> nn.Module:
     """A module whose forward(x) is ``F.linear(x, W)`` for the stored weight W.
 
     On CUDA the codes stay quantized and the library's kernel runs (hqq's HQQLinear, bitsandbytes' matmul).
-    Elsewhere the weight is dequantized once to a dense ``dtype`` matrix: hqq's CPU forward dequantizes at
-    every call (tens of ms per matrix), so a dense copy trades memory (``dtype``'s bits per weight) for speed.
+    On a CPU, a spec with a CPU kernel (``hqq:4:G`` with G 32 to 128, ``bnb:int8``) keeps its codes, repacked once
+    for that kernel, which computes in bf16 (``host_kernels=False`` turns this off). Any other weight is
+    dequantized once to a dense ``dtype`` matrix: hqq's CPU forward dequantizes at every call (tens of ms per
+    matrix), so a dense copy trades memory (``dtype``'s bits per weight) for speed.
     """
     device = torch.device(device)
     if device.type == "cuda":
         return backend_for(spec).kernel_linear(_checked(tensors, spec, "weight"), spec, dtype, device)
+    if host_kernels and device.type == "cpu":
+        module = host_linear(tensors, spec)
+        if module is not None:
+            return module
     return DenseLinear(dequantize_linear(tensors, spec, dtype, device))
