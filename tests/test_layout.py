@@ -27,6 +27,10 @@ NOT_ENGINE = ("offload.bench", "offload.trace")
 PRIVATE_ALLOWED = {
     ("offload/config.py", "config._check"),
     ("cli/help_format.py", "argument._usage_display_name"),
+    # torch's CPU kernels for weight-only quantized matmuls have no public name.
+    ("offload/quant/host_kernels.py", "torch.ops.aten._convert_weight_to_int4pack_for_cpu"),
+    ("offload/quant/host_kernels.py", "torch.ops.aten._weight_int4pack_mm_for_cpu"),
+    ("offload/quant/host_kernels.py", "torch._weight_int8pack_mm"),
 }
 
 
