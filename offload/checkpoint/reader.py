@@ -213,7 +213,7 @@ class Checkpoint:
         if got != end - begin:
             raise CheckpointError(f"{path}: tensor {name} is cut short (the file is truncated)")
         tensor = tensor.view(TORCH_DTYPES[self._dtypes[name]]).reshape(self._shapes[name])
-        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+        if tensor.is_floating_point() and not _all_finite(tensor):
             raise CheckpointError(f"{self.directory / filename}: tensor {name} holds NaN or inf values")
         return tensor
 
@@ -232,6 +232,13 @@ class Checkpoint:
             raise CheckpointError(
                 f"{self.directory}: unexpected tensor {unknown[0]} ({len(unknown)} unknown in all)"
             )
+
+
+def _all_finite(tensor: torch.Tensor, chunk: int = 1 << 22) -> bool:
+    """``torch.isfinite(tensor).all()`` in slices: on a whole embedding, isfinite's temporaries (an abs copy and
+    two masks) would add more than the tensor itself to the loader's peak memory."""
+    flat = tensor.reshape(-1)
+    return all(bool(torch.isfinite(part).all()) for part in flat.split(chunk))
 
 
 def _check_header(path: Path) -> None:
