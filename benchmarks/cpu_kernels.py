@@ -8,7 +8,11 @@ quantization at one thread takes minutes; the directories are reused). Rows:
 - ``hqq4-dense``: attention and experts ``hqq:4:64``, dequantized to float32 at load (``host_kernels=False``: what
   a CPU did before the host kernels);
 - ``hqq4``: the same checkpoint on the int4 kernel (codes kept, bf16 activations);
+- ``hqq4-lm8``: the lm_head in ``bnb:int8`` (the int8 kernel), attention and experts as ``hqq4``;
 - ``hqq4-lm``: ``hqq:4:64`` for the lm_head too, on the int4 kernel.
+
+The lm_head (32000 x 1024) is a quarter of float32's bytes read per token and, kept in float32 beside 4-bit
+experts, about 45 % of ``hqq4``'s decode time; hence the two lm_head rows.
 
 Decode tok/s: a 16-token prompt, then ``--tokens`` greedy steps; every step after the prefill is timed. All rows
 are loaded in one process and run interleaved, ``--runs`` rounds, so a change in machine load hits them alike;
@@ -48,10 +52,12 @@ ROWS: dict[str, tuple[str, str, bool]] = {
     "float32": ("float32", "float32", True),
     "hqq4-dense": ("hqq4", "float32", False),
     "hqq4": ("hqq4", "float32", True),
+    "hqq4-lm8": ("hqq4-lm8", "float32", True),
     "hqq4-lm": ("hqq4-lm", "float32", True),
 }
 SCHEMES = {  # converted directory -> lm_head spec (attention and experts are hqq:4:64 in both)
     "hqq4": "none",
+    "hqq4-lm8": "bnb:int8",
     "hqq4-lm": "hqq:4:64",
 }
 
@@ -133,10 +139,11 @@ def main() -> None:
         for row in args.rows
     }
     print(f"{args.threads} thread(s), {args.runs} interleaved runs of {args.tokens} decode steps; medians")
-    print(f"{'row':<12} {'tok/s':>7} {'x ' + args.rows[0]:>12} {'peak RSS GB':>12}")
+    print(f"{'row':<12} {'tok/s':>7} {'x ' + args.rows[0]:>12} {'peak RSS GB':>12}  tokens as hqq4-dense")
     for row, fig in figures.items():
         print(
             f"{row:<12} {fig['decode_tok_s']:7.2f} {fig['ratio_to_first_row']:12.2f} {fig['peak_rss_gb']:12.2f}"
+            f"  {'same' if fig['same_tokens_as_hqq4_dense'] else 'differ'}"
         )
     if args.json:
         args.json.write_text(
