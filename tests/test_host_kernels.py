@@ -13,6 +13,7 @@ from offload.checkpoint.convert import convert_checkpoint
 from offload.experts.source import expert_tensors
 from offload.kv_cache import KVCache
 from offload.loading import OffloadOptions, load_model
+from offload.quant import bnb_backend, host_kernels
 from offload.quant.codec import QuantizedExpert, codec_for
 from offload.quant.host_kernels import Int4Linear, Int8Linear, pack_int4
 from offload.quant.linear import build_linear, dequantize_linear, host_linear, quantize_linear
@@ -85,6 +86,16 @@ def test_without_a_fitting_kernel_the_weight_is_dense(text, shape):
     assert host_linear(tensors, spec) is None
     linear = build_linear(tensors, spec, torch.float32, "cpu")
     assert linear.weight.shape == shape and linear.weight.dtype == torch.float32
+
+
+@pytest.mark.parametrize("text", ["hqq:4:64", "bnb:int8"])
+def test_a_torch_without_the_kernel_op_gets_the_dense_weight(text, monkeypatch: pytest.MonkeyPatch):
+    spec = QuantSpec.parse(text)
+    tensors = quantize_linear(_matrix((64, 128)), spec)
+    monkeypatch.setattr(host_kernels, "has_op", lambda name: False)
+    monkeypatch.setattr(bnb_backend, "has_op", lambda name: False)
+    linear = build_linear(tensors, spec, torch.float32, "cpu")
+    assert linear.weight.shape == (64, 128)
 
 
 def test_host_kernels_off_gives_the_dequantized_expert():

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from offload.errors import QuantError
-from offload.quant.host_kernels import Int8Linear
+from offload.quant.host_kernels import Int8Linear, has_op
 
 if TYPE_CHECKING:
     from offload.quant.spec import QuantSpec
@@ -194,6 +194,6 @@ def host_linear(tensors: dict[str, Tensor], spec: QuantSpec) -> nn.Module | None
 
     torch has no CPU kernel for bnb's 4-bit tables. The row scale is rounded to bf16, the kernel's dtype.
     """
-    if spec.kind != "int8":
+    if spec.kind != "int8" or not has_op("_weight_int8pack_mm"):
         return None
     return Int8Linear(tensors["CB"].contiguous(), tensors["SCB"].float() / 127)

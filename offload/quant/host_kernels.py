@@ -24,10 +24,17 @@ INT4_N_MULTIPLE = 16  # the int4 packer refuses other output widths
 _BLOCK_CANDIDATES = (64, 32, 16)  # the packer's block of output rows: 64 with AVX-512, less without
 
 
+@functools.cache
+def has_op(name: str) -> bool:
+    """Whether this torch build has the aten op ``name`` (these private kernels come and go between releases)."""
+    return hasattr(torch.ops.aten, name)
+
+
 def int4_fits(out_features: int, in_features: int, group_size: int) -> bool:
     """Whether the int4 kernel can run an (out, in) matrix with ``group_size`` weights per (scale, offset)."""
     return (
-        group_size in INT4_GROUP_SIZES
+        has_op("_weight_int4pack_mm_for_cpu")
+        and group_size in INT4_GROUP_SIZES
         and out_features % INT4_N_MULTIPLE == 0
         and in_features % group_size == 0
         and out_features > 0
