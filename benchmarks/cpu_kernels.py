@@ -8,6 +8,7 @@ quantization at one thread takes minutes; the directories are reused). Rows:
 - ``hqq4-dense``: attention and experts ``hqq:4:64``, dequantized to float32 at load (``host_kernels=False``: what
   a CPU did before the host kernels);
 - ``hqq4``: the same checkpoint on the int4 kernel (codes kept, bf16 activations);
+- ``hqq4-bf16``: the same, loaded with ``dtype=bfloat16`` (embedding, norms and the float lm_head in bf16);
 - ``hqq4-lm8``: the lm_head in ``bnb:int8`` (the int8 kernel), attention and experts as ``hqq4``;
 - ``hqq4-lm``: ``hqq:4:64`` for the lm_head too, on the int4 kernel.
 
@@ -52,6 +53,7 @@ ROWS: dict[str, tuple[str, str, bool]] = {
     "float32": ("float32", "float32", True),
     "hqq4-dense": ("hqq4", "float32", False),
     "hqq4": ("hqq4", "float32", True),
+    "hqq4-bf16": ("hqq4", "bfloat16", True),
     "hqq4-lm8": ("hqq4-lm8", "float32", True),
     "hqq4-lm": ("hqq4-lm", "float32", True),
 }
