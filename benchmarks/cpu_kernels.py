@@ -17,7 +17,7 @@ experts, about 45 % of ``hqq4``'s decode time; hence the two lm_head rows.
 
 Decode tok/s: a 16-token prompt, then ``--tokens`` greedy steps; every step after the prefill is timed. All rows
 are loaded in one process and run interleaved, ``--runs`` rounds, so a change in machine load hits them alike;
-figures are medians. Peak RSS is measured per row in a child process that loads the row and decodes 16 tokens
+figures are medians, and ``paired`` is the median over rounds of each row's tok/s over the first row's. Peak RSS is measured per row in a child process that loads the row and decodes 16 tokens
 (a process's peak is its own, so rows cannot share one).
 
     OMP_NUM_THREADS=1 python benchmarks/cpu_kernels.py --threads 1 --runs 7 --json /tmp/cpu_kernels.json
@@ -135,16 +135,23 @@ def main() -> None:
             "decode_tok_s": statistics.median(speeds[row]),
             "runs": speeds[row],
             "ratio_to_first_row": statistics.median(speeds[row]) / reference,
+            # the same ratio within each round, then the median: a change of load between rounds cancels
+            "paired_ratio": statistics.median(
+                mine / first for mine, first in zip(speeds[row], speeds[args.rows[0]], strict=True)
+            ),
             "peak_rss_gb": rss[row],
             "same_tokens_as_hqq4_dense": tokens[row] == tokens.get("hqq4-dense"),
         }
         for row in args.rows
     }
     print(f"{args.threads} thread(s), {args.runs} interleaved runs of {args.tokens} decode steps; medians")
-    print(f"{'row':<12} {'tok/s':>7} {'x ' + args.rows[0]:>12} {'peak RSS GB':>12}  tokens as hqq4-dense")
+    print(
+        f"{'row':<12} {'tok/s':>7} {'x ' + args.rows[0]:>12} {'paired':>7} {'peak RSS GB':>12}  tokens as hqq4-dense"
+    )
     for row, fig in figures.items():
         print(
-            f"{row:<12} {fig['decode_tok_s']:7.2f} {fig['ratio_to_first_row']:12.2f} {fig['peak_rss_gb']:12.2f}"
+            f"{row:<12} {fig['decode_tok_s']:7.2f} {fig['ratio_to_first_row']:12.2f} {fig['paired_ratio']:7.2f}"
+            f" {fig['peak_rss_gb']:12.2f}"
             f"  {'same' if fig['same_tokens_as_hqq4_dense'] else 'differ'}"
         )
     if args.json:
