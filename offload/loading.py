@@ -28,6 +28,7 @@ from offload.experts.offloaded import OffloadedExperts
 from offload.experts.policy import DEFAULT_CACHE_POLICY
 from offload.experts.source import Expert, ExpertSource, ResidentExperts
 from offload.experts.store import HostStore
+from offload.hybrid import CostOverrides, build_host_path
 from offload.model import MixtralModel
 from offload.quant.codec import codec_for
 from offload.quant.linear import build_linear
@@ -44,6 +45,9 @@ class OffloadOptions:
     prefetch: int = 2  # guesses of the next layer's experts; 0 turns prefetching off
     cache_policy: str = DEFAULT_CACHE_POLICY  # which expert a full layer evicts (offload.experts.policy)
     link: str = "local"  # local | emulated:GBPS[:LATENCY_US] | cuda
+    host_compute: str = "auto"  # where misses run: auto (the cost model), never (always copied), always (host)
+    host_ratio: float | None = None  # emulate the host as this many times the device's time per expert
+    host_costs: CostOverrides | None = None  # cost-model inputs a profile gives instead of measuring them
 
 
 def parse_device(name: str | torch.device | None) -> torch.device:
@@ -177,7 +181,18 @@ def load_offloaded_experts(
         store, options.experts_per_layer, link, materialize, device=device, policy=options.cache_policy
     )
     gates = [layer.block_sparse_moe.gate for layer in mixtral.model.layers]
-    return OffloadedExperts(cache, gates, prefetch=options.prefetch)
+    host_path = build_host_path(
+        store,
+        codecs,
+        link,
+        dtype=reader.dtype,
+        device=device,
+        hidden_size=config.hidden_size,
+        mode=options.host_compute,
+        host_ratio=options.host_ratio,
+        overrides=options.host_costs,
+    )
+    return OffloadedExperts(cache, gates, prefetch=options.prefetch, host_path=host_path)
 
 
 @functools.cache

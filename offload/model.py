@@ -161,9 +161,20 @@ class MoEBlock(nn.Module):
         """
         ids_host = torch.tensor(chosen).view(weights.shape)
         out = hidden.new_zeros(hidden.shape[0], self.top_k, hidden.shape[1])  # (T, k, D)
-        for expert_id, expert in self.source.experts_for(self.layer, sorted(set(chosen)), guessed):
-            tokens, slots = (ids_host == expert_id).nonzero(as_tuple=True)
-            tokens, slots = tokens.to(hidden.device), slots.to(hidden.device)
+        routes: dict[int, tuple[Tensor, Tensor]] = {}
+
+        def routed(expert_id: int) -> tuple[Tensor, Tensor]:
+            """The (tokens, slots) routed to ``expert_id``, on the device."""
+            if expert_id not in routes:
+                tokens, slots = (ids_host == expert_id).nonzero(as_tuple=True)
+                routes[expert_id] = tokens.to(hidden.device), slots.to(hidden.device)
+            return routes[expert_id]
+
+        def inputs(expert_id: int) -> Tensor:
+            return hidden[routed(expert_id)[0]]
+
+        for expert_id, expert in self.source.experts_for(self.layer, sorted(set(chosen)), guessed, inputs):
+            tokens, slots = routed(expert_id)
             out[tokens, slots] = expert(hidden[tokens])
         return _weighted_sum(out, weights)
 
@@ -173,7 +184,8 @@ class MoEBlock(nn.Module):
         the same bits.
         """
         parts: list[Tensor | None] = [None] * self.top_k
-        for expert_id, expert in self.source.experts_for(self.layer, sorted(set(chosen)), guessed):
+        inputs = lambda _: hidden  # noqa: E731  (every expert sees the one token)
+        for expert_id, expert in self.source.experts_for(self.layer, sorted(set(chosen)), guessed, inputs):
             parts[chosen.index(expert_id)] = expert(hidden)
         return _weighted_sum(torch.stack(parts, dim=1), weights)
 

@@ -24,7 +24,7 @@ from offload.experts.cache import ExpertCache
 from offload.experts.link import Link
 from offload.experts.offloaded import OffloadedExperts
 from offload.experts.policy import DEFAULT_CACHE_POLICY
-from offload.experts.source import Expert, ExpertSource, ResidentExperts
+from offload.experts.source import Expert, ExpertSource, Inputs, ResidentExperts
 from offload.experts.store import HostStore
 from offload.model import MixtralModel
 from offload.quant.codec import codec_for
@@ -42,10 +42,12 @@ DESCRIPTIONS = {
 class ColdOffloadedExperts(OffloadedExperts):
     """OffloadedExperts that empty every layer's slots at the start of each forward pass."""
 
-    def experts_for(self, layer: int, needed: list[int], guesses: list[int]) -> Iterator[tuple[int, Expert]]:
+    def experts_for(
+        self, layer: int, needed: list[int], guesses: list[int], inputs: Inputs | None = None
+    ) -> Iterator[tuple[int, Expert]]:
         if layer == 0:
             self.flush()
-        return super().experts_for(layer, needed, guesses)
+        return super().experts_for(layer, needed, guesses, inputs)
 
 
 def materializers(model: MixtralModel) -> list[Callable[[dict[str, Tensor]], Expert]]:

@@ -26,7 +26,8 @@ times seconds, speeds tokens per second; ratios are None where there is nothing 
       prefill, decode          counters summed over the runs, each {tokens, accesses, hits, misses,
                                hit_rate, loads, prefetch_loads, prefetch_hits, wasted_prefetches,
                                prefetch_recall, prefetch_precision, bytes_moved, bytes_moved_per_token,
-                               loads_per_token, wait_seconds, wait_seconds_per_token}
+                               loads_per_token, wait_seconds, wait_seconds_per_token, host_computes,
+                               host_computes_per_token, host_wait_seconds}
                                ("decode" counts every token after the first, which the prefill makes)
       memory                   {device: {dense_bytes, expert_bytes, kv_bytes, total_bytes}, host: {store_bytes}},
                                from tensor sizes
@@ -185,4 +186,7 @@ def counters(stats: LayerStats, tokens: int) -> dict[str, Any]:
         "loads_per_token": per_token(stats.loads),
         "wait_seconds": stats.wait_seconds,
         "wait_seconds_per_token": per_token(stats.wait_seconds),
+        "host_computes": stats.host_computes,
+        "host_computes_per_token": per_token(stats.host_computes),
+        "host_wait_seconds": stats.host_wait_seconds,
     }

@@ -11,20 +11,57 @@ Per layer, in ``experts_for``:
 4. yield ready experts first, then the others in the order the link delivers them.
 When a layer needs more experts than it has slots (a long prefill), a slot is reused as soon as
 the caller has finished with its expert.
+
+With a ``HostPath`` (hybrid execution), step 2 first asks its cost model where each miss is cheapest
+(``offload.experts.cost_model``): misses sent to the host start there at once, on the caller's inputs,
+and run while the device computes the hits; the rest are copied as above. Unless the mode is
+``never``, the link then copies only while it is idle (a busy link would delay the copies that misses
+may still choose): first the next layer's guesses, then the host-computed misses, so the cache keeps
+learning which experts are hot.
 """
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
 from offload.errors import CacheError
-from offload.experts.cache import ExpertCache
-from offload.experts.source import Expert, ExpertMemory
+from offload.experts.cache import ExpertCache, Materialize
+from offload.experts.cost_model import HOST, CostModel, Miss
+from offload.experts.host import HostJob, ThreadHost
+from offload.experts.source import Expert, ExpertMemory, Inputs
 from offload.experts.stats import CacheStats
+
+
+@dataclass
+class HostPath:
+    """What a source needs to compute misses on the host: the host, the cost model that chooses, and
+    ``materialize[layer]``, which turns a host-store expert's tensors into an expert runnable on the host.
+    """
+
+    host: ThreadHost
+    model: CostModel
+    materialize: Sequence[Materialize]
+
+    @property
+    def hybrid(self) -> bool:
+        """Whether the host may take misses at all."""
+        return self.model.mode != "never"
+
+
+class _Computed:
+    """An expert already computed elsewhere: returns its output for the input it was given."""
+
+    def __init__(self, output: Tensor) -> None:
+        self.output = output
+
+    def __call__(self, x: Tensor) -> Tensor:
+        return self.output
 
 
 class OffloadedExperts:
@@ -33,7 +70,13 @@ class OffloadedExperts:
     the next layer's slots is capped at its slots).
     """
 
-    def __init__(self, cache: ExpertCache, gates: Sequence[nn.Module], prefetch: int = 0) -> None:
+    def __init__(
+        self,
+        cache: ExpertCache,
+        gates: Sequence[nn.Module],
+        prefetch: int = 0,
+        host_path: HostPath | None = None,
+    ) -> None:
         if isinstance(prefetch, bool) or not isinstance(prefetch, int) or prefetch < 0:
             raise CacheError(f"prefetch must be a whole number of experts >= 0 (0 = off), got {prefetch!r}")
         if len(gates) != cache.num_layers:
@@ -43,6 +86,10 @@ class OffloadedExperts:
         self.prefetch = prefetch
         self._guesses_for: dict[int, list[int]] = {}  # layer -> the guesses made for it one layer earlier
         self._last_used: dict[int, frozenset[int]] = {}  # layer -> the experts its latest step used
+        self.host_path = host_path if host_path is not None and host_path.hybrid else None
+        self._link_free_at = 0.0  # when the link will have moved every copy submitted (estimated)
+        self._host_free_at = 0.0  # when the host will have run every job submitted (estimated)
+        self._arrivals: dict[tuple[int, int], float] = {}  # (layer, expert) -> when its copy lands (estimated)
 
     @property
     def stats(self) -> CacheStats:
@@ -78,6 +125,7 @@ class OffloadedExperts:
             f"{cache.nbytes / 2**20:.1f} MiB of device slots "
             f"(K={slots[0] if len(set(slots)) == 1 else list(slots)} of {cache.store.num_experts} "
             f"per layer, {cache.policy.upper()}, prefetch {self.prefetch})"
+            + ("" if self.host_path is None else f"; misses on the {self.host_path.host.describe()} when cheaper")
         )
 
     def _guess_count(self, layer: int) -> int:
@@ -97,7 +145,9 @@ class OffloadedExperts:
         probs = torch.softmax(logits.float().reshape(-1, logits.shape[-1]), dim=-1)  # (T, E)
         return torch.topk(probs.sum(dim=0), count).indices
 
-    def experts_for(self, layer: int, needed: list[int], guesses: list[int]) -> Iterator[tuple[int, Expert]]:
+    def experts_for(
+        self, layer: int, needed: list[int], guesses: list[int], inputs: Inputs | None = None
+    ) -> Iterator[tuple[int, Expert]]:
         """Yield (expert id, expert) for every id in ``needed``; ``guesses`` are for layer+1."""
         cache = self.cache
         if layer == 0:  # a new forward pass: drop guesses left over by one that was interrupted
@@ -111,16 +161,22 @@ class OffloadedExperts:
 
         remaining = list(dict.fromkeys(needed))
         uncomputed = set(remaining)  # protected from eviction until the caller has used them
-        to_load = deque(e for e in remaining if not cache.lookup(layer, e))
+        misses = [e for e in remaining if not cache.lookup(layer, e)]
+        hosted = self._start_on_host(layer, remaining, misses, inputs) if inputs is not None else {}
+        to_load = deque(e for e in misses if e not in hosted)
         prefetched = False
         while remaining:
-            while to_load and cache.load(layer, to_load[0], protected=uncomputed):
+            while to_load and self._load(layer, to_load[0], uncomputed):
                 to_load.popleft()
             if not to_load and not prefetched:
                 self._prefetch(layer + 1, next_guesses)
+                self._admit(layer, hosted, uncomputed)
                 prefetched = True
-            expert = self._next_usable(layer, remaining)
-            yield expert, cache.acquire(layer, expert)
+            expert = self._next_usable(layer, remaining, hosted)
+            if expert in hosted:
+                yield expert, self._host_output(layer, hosted[expert])
+            else:
+                yield expert, cache.acquire(layer, expert)
             remaining.remove(expert)
             uncomputed.discard(expert)
         if not prefetched:
@@ -131,23 +187,88 @@ class OffloadedExperts:
         cache.note_step(layer, needed)
         self._last_used[layer] = frozenset(needed)
 
-    def _next_usable(self, layer: int, remaining: list[int]) -> int:
-        """A ready expert if there is one, else the one the link delivers first."""
-        in_cache = [e for e in remaining if self.cache.contains(layer, e)]
-        # Some needed expert is always in a slot: a load fails only when all slots hold needed ones.
-        assert in_cache, "no needed expert is in a slot"
-        ready = next((e for e in in_cache if self.cache.is_ready(layer, e)), None)
+    def _start_on_host(
+        self, layer: int, remaining: list[int], misses: list[int], inputs: Inputs
+    ) -> dict[int, HostJob]:
+        """Start on the host the misses (and arriving experts) that the cost model finds cheaper there."""
+        path = self.host_path
+        if path is None:
+            return {}
+        cache = self.cache
+        candidates = [Miss(e, inputs(e).shape[0]) for e in misses]
+        for expert in remaining:
+            if expert not in misses and not cache.is_ready(layer, expert):
+                arriving = self._arrivals.get((layer, expert), self._link_free_at)
+                candidates.append(Miss(expert, inputs(expert).shape[0], arriving))
+        if not candidates:
+            return {}
+        now = time.perf_counter()
+        choices = path.model.choose(layer, candidates, now, self._link_free_at, self._host_free_at)
+        jobs = {}
+        stats = cache.stats.layers[layer]
+        for miss in candidates:
+            if choices[miss.expert] != HOST:
+                continue
+            tensors = cache.store.tensors(layer, miss.expert)
+            materialize = path.materialize[layer]
+            jobs[miss.expert] = path.host.submit(lambda x, t=tensors, m=materialize: m(t)(x), inputs(miss.expert))
+            self._host_free_at = max(now, self._host_free_at) + path.model.inputs.host_seconds(miss.tokens)
+            stats.host_computes += 1
+        return jobs
+
+    def _host_output(self, layer: int, job: HostJob) -> Expert:
+        started = time.perf_counter()
+        output = self.host_path.host.wait(job)  # type: ignore[union-attr]  (jobs exist only with a path)
+        self.cache.stats.layers[layer].host_wait_seconds += time.perf_counter() - started
+        return _Computed(output)
+
+    def _load(self, layer: int, expert: int, protected: set[int], prefetch: bool = False) -> bool:
+        """``cache.load``, keeping the estimate of when the link is free and the copy lands."""
+        if not self.cache.load(layer, expert, protected=protected, prefetch=prefetch):
+            return False
+        if self.host_path is not None:
+            starts = max(time.perf_counter(), self._link_free_at)
+            self._link_free_at = starts + self.host_path.model.inputs.copy_seconds(layer)
+            self._arrivals[(layer, expert)] = self._link_free_at
+        return True
+
+    def _link_idle(self) -> bool:
+        """Always True without a host path: the copy-only engine prefetches whenever slots allow."""
+        return self.host_path is None or time.perf_counter() >= self._link_free_at
+
+    def _admit(self, layer: int, hosted: dict[int, HostJob], protected: set[int]) -> None:
+        """Copy the host-computed misses into the cache while the link is idle, so hot experts settle there."""
+        for expert in hosted:
+            if not self._link_idle():
+                return
+            if not self.cache.contains(layer, expert) and not self._load(layer, expert, protected | set(hosted)):
+                return
+
+    def _next_usable(self, layer: int, remaining: list[int], hosted: dict[int, HostJob]) -> int:
+        """A ready device expert, else a finished host job, else a pending host job, else the expert the
+        link delivers first.
+        """
+        cache = self.cache
+        on_device = [e for e in remaining if e not in hosted and cache.contains(layer, e)]
+        ready = next((e for e in on_device if cache.is_ready(layer, e)), None)
         if ready is not None:
             return ready
-        return min(in_cache, key=lambda e: self.cache.load_number(layer, e))
+        on_host = [e for e in remaining if e in hosted]
+        if on_host:
+            host = self.host_path.host  # type: ignore[union-attr]  (jobs exist only with a path)
+            return next((e for e in on_host if host.is_done(hosted[e])), on_host[0])
+        # Some needed expert is always in a slot: a load fails only when all slots hold needed ones.
+        assert on_device, "no needed expert is in a slot"
+        return min(on_device, key=lambda e: cache.load_number(layer, e))
 
     def _prefetch(self, layer: int, guesses: list[int]) -> None:
         """Start copying the guesses not yet in ``layer``'s slots, best guess first, evicting neither
-        this batch nor the experts ``layer`` used last; stop at the first guess that finds no slot.
+        this batch nor the experts ``layer`` used last; stop at the first guess that finds no slot (or,
+        with a host path, once the link is busy).
         """
         keep = set(guesses) | self._last_used.get(layer, frozenset())
         for expert in guesses:
-            if not self.cache.contains(layer, expert) and not self.cache.load(
-                layer, expert, protected=keep, prefetch=True
-            ):
+            if not self._link_idle():
+                return
+            if not self.cache.contains(layer, expert) and not self._load(layer, expert, keep, prefetch=True):
                 return

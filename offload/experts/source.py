@@ -5,7 +5,7 @@ Shapes: T tokens, D hidden, F expert width.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -21,6 +21,9 @@ class Expert(Protocol):
 
     def __call__(self, x: Tensor) -> Tensor:  # (T, D) -> (T, D)
         ...
+
+
+Inputs = Callable[[int], Tensor]  # expert id -> the (T, D) rows of the layer's input routed to it
 
 
 class DenseExpert:
@@ -60,10 +63,15 @@ class ExpertSource(Protocol):
         """
         ...
 
-    def experts_for(self, layer: int, needed: list[int], guesses: list[int]) -> Iterator[tuple[int, Expert]]:
+    def experts_for(
+        self, layer: int, needed: list[int], guesses: list[int], inputs: Inputs | None = None
+    ) -> Iterator[tuple[int, Expert]]:
         """Yield (expert id, expert) for every id in ``needed``, in the order they become usable.
 
         ``guesses`` are the ids that ``speculate`` returned for layer+1, already on the host.
+        ``inputs(id)``, when given, is the (T, D) input the caller will pass to expert ``id``: a source
+        may then start computing an expert elsewhere (on the host) before yielding the others, and the
+        expert it yields for that id returns the output already computed for that input.
         The caller finishes with each expert before asking for the next.
         """
         ...
@@ -100,7 +108,9 @@ class ResidentExperts:
     def speculate(self, layer: int, hidden: Tensor) -> Tensor | None:
         return None
 
-    def experts_for(self, layer: int, needed: list[int], guesses: list[int]) -> Iterator[tuple[int, Expert]]:
+    def experts_for(
+        self, layer: int, needed: list[int], guesses: list[int], inputs: Inputs | None = None
+    ) -> Iterator[tuple[int, Expert]]:
         for expert_id in needed:
             yield expert_id, self.experts[layer][expert_id]
 

@@ -16,7 +16,7 @@ if TYPE_CHECKING:
 
     from torch import Tensor
 
-    from offload.experts.source import ExpertMemory, ExpertSource
+    from offload.experts.source import ExpertMemory, ExpertSource, Inputs
     from offload.experts.stats import CacheStats
     from offload.model import MixtralModel
 
@@ -153,9 +153,11 @@ class _RecordingSource:
         finally:
             self.speculating = False
 
-    def experts_for(self, layer: int, needed: list[int], guesses: list[int]) -> Iterator[tuple[int, Any]]:
+    def experts_for(
+        self, layer: int, needed: list[int], guesses: list[int], inputs: Inputs | None = None
+    ) -> Iterator[tuple[int, Any]]:
         self.on_experts(layer, needed, guesses)
-        return self.inner.experts_for(layer, needed, guesses)
+        return self.inner.experts_for(layer, needed, guesses, inputs)
 
     @property
     def stats(self) -> CacheStats | None:
