@@ -102,4 +102,3 @@ def build_host_path(
         device=device_curve,
     )
     return HostPath(host, CostModel(inputs, mode), host_run)
-

@@ -45,7 +45,7 @@ class OffloadOptions:
     prefetch: int = 2  # guesses of the next layer's experts; 0 turns prefetching off
     cache_policy: str = DEFAULT_CACHE_POLICY  # which expert a full layer evicts (offload.experts.policy)
     link: str = "local"  # local | emulated:GBPS[:LATENCY_US] | cuda
-    host_compute: str = "auto"  # where misses run: auto (the cost model), never (always copied), always (host)
+    host_compute: str = "auto"  # auto (the cost model), never (copy every miss), always (host)
     host_ratio: float | None = None  # emulate the host as this many times the device's time per expert
     host_costs: CostOverrides | None = None  # cost-model inputs a profile gives instead of measuring them
 

@@ -89,7 +89,7 @@ class OffloadedExperts:
         self.host_path = host_path if host_path is not None and host_path.hybrid else None
         self._link_free_at = 0.0  # when the link will have moved every copy submitted (estimated)
         self._host_free_at = 0.0  # when the host will have run every job submitted (estimated)
-        self._arrivals: dict[tuple[int, int], float] = {}  # (layer, expert) -> when its copy lands (estimated)
+        self._arrivals: dict[tuple[int, int], float] = {}  # (layer, expert) -> when its copy lands
 
     @property
     def stats(self) -> CacheStats:
@@ -125,7 +125,11 @@ class OffloadedExperts:
             f"{cache.nbytes / 2**20:.1f} MiB of device slots "
             f"(K={slots[0] if len(set(slots)) == 1 else list(slots)} of {cache.store.num_experts} "
             f"per layer, {cache.policy.upper()}, prefetch {self.prefetch})"
-            + ("" if self.host_path is None else f"; misses on the {self.host_path.host.describe()} when cheaper")
+            + (
+                ""
+                if self.host_path is None
+                else f"; misses on the {self.host_path.host.describe()} when cheaper"
+            )
         )
 
     def _guess_count(self, layer: int) -> int:
@@ -211,7 +215,9 @@ class OffloadedExperts:
                 continue
             tensors = cache.store.tensors(layer, miss.expert)
             materialize = path.materialize[layer]
-            jobs[miss.expert] = path.host.submit(lambda x, t=tensors, m=materialize: m(t)(x), inputs(miss.expert))
+            jobs[miss.expert] = path.host.submit(
+                lambda x, t=tensors, m=materialize: m(t)(x), inputs(miss.expert)
+            )
             self._host_free_at = max(now, self._host_free_at) + path.model.inputs.host_seconds(miss.tokens)
             stats.host_computes += 1
         return jobs
@@ -241,7 +247,9 @@ class OffloadedExperts:
         for expert in hosted:
             if not self._link_idle():
                 return
-            if not self.cache.contains(layer, expert) and not self._load(layer, expert, protected | set(hosted)):
+            if not self.cache.contains(layer, expert) and not self._load(
+                layer, expert, protected | set(hosted)
+            ):
                 return
 
     def _next_usable(self, layer: int, remaining: list[int], hosted: dict[int, HostJob]) -> int:
