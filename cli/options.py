@@ -133,6 +133,24 @@ Link = Annotated[
     str | None,
     typer.Option(metavar="SPEC", help="How experts move: local, emulated:GBPS[:LATENCY_US] or cuda."),
 ]
+HostCompute = Annotated[
+    str | None,
+    typer.Option(
+        metavar="MODE",
+        help="Where a cache miss is computed: auto (where the cost model measured at load finds it cheaper: "
+        "copied to the device or on the host CPU), never (always copied) or always (always on the host).",
+    ),
+]
+MAX_HOST_RATIO = 1e6
+HostRatio = Annotated[
+    float | None,
+    typer.Option(
+        metavar="R",
+        help="Emulate the host CPU: a host expert completes in R times the device's measured time for the "
+        "same expert (a laptop: 5 to 10). For a CPU-only machine, where host and device are one.",
+        callback=bounded("--host-ratio", 0, MAX_HOST_RATIO, above=True),
+    ),
+]
 Quant = Annotated[str | None, typer.Option(help="'none' loads the checkpoint's weights unquantized.")]
 Seed = Annotated[
     int | None,
@@ -161,6 +179,8 @@ LOAD_FLAG_OPTIONS: dict[str, Any] = {
     "prefetch": Prefetch,
     "cache_policy": CachePolicy,
     "link": Link,
+    "host_compute": HostCompute,
+    "host_ratio": HostRatio,
     "quant": Quant,
     "dtype": Dtype,
     "device": Device,

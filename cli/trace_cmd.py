@@ -30,7 +30,7 @@ ALL_POLICIES = "lru,lrfu,lfu,belady,lru+prefetch,lrfu+prefetch"
 
 
 @trace_app.command("record")
-@options.load_flags(omit=("cache_policy", "link"))  # routing and guesses depend on neither
+@options.load_flags(omit=("cache_policy", "link", "host_compute", "host_ratio"))  # routing depends on none
 def record_command(
     out: Annotated[
         Path, typer.Argument(help="Where to write the trace (one safetensors file). Example: demo.trace")

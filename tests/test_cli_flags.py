@@ -20,7 +20,8 @@ LOADING_COMMANDS = {
     ("generate",): set(FIELDS),
     ("chat",): set(FIELDS),
     ("bench",): set(FIELDS),
-    ("trace", "record"): set(FIELDS) - {"cache_policy", "link"},  # routing depends on neither
+    ("trace", "record"): set(FIELDS)
+    - {"cache_policy", "link", "host_compute", "host_ratio"},  # routing: none
 }
 
 
@@ -119,6 +120,8 @@ def test_one_loader_one_config_read_and_the_flags_reach_it(
     monkeypatch.setattr(Engine, "load", classmethod(spy_load))
     monkeypatch.setattr(ModelConfig, "from_file", classmethod(spy_from_file))
     flags = ["--dtype", "float32", "--threads", "1", "-k", "3", "--prefetch", "1"]
+    if command != ("trace", "record"):
+        flags += ["--host-compute", "always", "--host-ratio", "7"]
     code, out, err = offload_here(monkeypatch, capfd, *command_args(command, baby, tmp_path), *flags)
     assert code == 0, err
     assert len(loads) == 1, "one Engine.load per command"
@@ -130,6 +133,8 @@ def test_one_loader_one_config_read_and_the_flags_reach_it(
         assert report["experts_per_layer"] == 3 and report["prefetch"] == 1
     else:
         assert settings.offload.experts_per_layer == 3 and settings.offload.prefetch == 1
+    if command != ("trace", "record"):
+        assert (settings.offload.host_compute, settings.offload.host_ratio) == ("always", 7.0)
 
 
 ALL = tuple(LOADING_COMMANDS)
@@ -142,6 +147,13 @@ BAD_FLAGS = [
     (["--prefetch", "99"], ALL, "--prefetch 99 is out of range: 0 (off) to 8"),
     (["--link", "emulated:fast"], ALL[:3], "emulated:fast"),
     (["--cache-policy", "fifo"], ALL[:3], "--cache-policy 'fifo'"),
+    (
+        ["--host-compute", "sometimes"],
+        ALL[:3],
+        "--host-compute 'sometimes' is not one of auto, never, always",
+    ),
+    (["--host-ratio", "0"], ALL[:3], "--host-ratio 0.0 is out of range: above 0 to"),
+    (["--host-ratio", "nan"], ALL[:3], "--host-ratio nan is out of range"),
     (["--dtype", "float64"], ALL, "--dtype 'float64'"),
     (["--device", "tpu"], ALL, "--device 'tpu'"),
     (["--quant", "q4"], ALL, "--quant 'q4'"),

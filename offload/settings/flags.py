@@ -20,6 +20,8 @@ class LoadFlags:
     prefetch: int | None = None  # guesses of the next layer's experts; 0 is off
     cache_policy: str | None = None  # lrfu or lru
     link: str | None = None  # local | emulated:GBPS[:LATENCY_US] | cuda
+    host_compute: str | None = None  # auto | never | always: where cache misses are computed
+    host_ratio: float | None = None  # emulate the host CPU as this many times the device's time per expert
     quant: str | None = None  # only 'none': load a converted checkpoint's weights unquantized
     dtype: str | None = None  # float32, bfloat16 or float16
     device: str | None = None  # cpu, cuda or cuda:N

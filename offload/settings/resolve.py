@@ -19,6 +19,7 @@ from offload.errors import CacheError, OffloadError
 from offload.experts.cache import slot_counts
 from offload.experts.link import parse_link
 from offload.experts.policy import CACHE_POLICIES
+from offload.hybrid import uses_host
 from offload.loading import OffloadOptions, parse_device, parse_dtype
 from offload.quant.scheme import QuantScheme
 from offload.settings.flags import LoadFlags
@@ -115,6 +116,10 @@ def resolve_settings(
         raise CacheError(f"--cache-policy {cache_policy!r} is not one of {', '.join(CACHE_POLICIES)}")
     link = link or ("cuda" if run_device.type == "cuda" else "local")
     _check_link(link)
+    host_compute = flags.host_compute or "auto"
+    uses_host(host_compute, run_device, flags.host_ratio)  # a bad --host-compute fails before loading
+    if flags.host_ratio is not None and not flags.host_ratio > 0:
+        raise CacheError(f"--host-ratio must be > 0, got {flags.host_ratio}")
     parse_dtype(dtype, config)  # a bad --dtype fails here, before loading
     if dtype is None and run_device.type == "cpu" and scheme.is_float and config.quantization is None:
         dtype = cpu_compute_dtype(config)
@@ -123,7 +128,12 @@ def resolve_settings(
         dtype=dtype,
         quant=scheme,
         offload=OffloadOptions(
-            experts_per_layer=slots, prefetch=prefetch, cache_policy=cache_policy, link=link
+            experts_per_layer=slots,
+            prefetch=prefetch,
+            cache_policy=cache_policy,
+            link=link,
+            host_compute=host_compute,
+            host_ratio=flags.host_ratio,
         ),
         profile_name=chosen.name,
         generation=chosen.generation,
