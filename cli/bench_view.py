@@ -30,7 +30,7 @@ def bench_view(report: dict[str, Any]) -> Group:
         "prefill tok/s",
         "TTFT ms",
     )
-    cache_columns = ("row", "hit", "recall", "prec", "MB/tok", "wait ms", "dev MiB", "host MiB")
+    cache_columns = ("row", "hit", "recall", "prec", "MB/tok", "wait ms", "host/tok", "dev MiB", "host MiB")
     for table, titles in ((speed, speed_columns), (cache, cache_columns)):
         for title in titles:
             if title is not None:
@@ -53,6 +53,7 @@ def bench_view(report: dict[str, Any]) -> Group:
             percent(decode["prefetch_precision"]),
             _per_token(decode["bytes_moved_per_token"], 1e-6, "{:.2f}"),
             _per_token(decode["wait_seconds_per_token"], 1e3, "{:.2f}"),
+            _per_token(decode.get("host_computes_per_token"), 1, "{:.2f}"),
             f"{memory['device']['total_bytes'] / MIB:.1f}",
             f"{memory['host']['store_bytes'] / MIB:.1f}",
         )
@@ -69,11 +70,20 @@ def context_lines(report: dict[str, Any]) -> list[str]:
         + ("; every row gave the same tokens" if len(report["rows"]) > 1 else ""),
         f"link {link['spec']}" + _link_detail(link) + f"; cache policy {report['cache_policy'].upper()}",
     ]
+    host = report.get("host")
+    if host is not None:
+        threshold = host["prefill_threshold_tokens"]
+        lines.append(
+            f"host: {host['host']}, --host-compute {host['host_compute']}; one expert at 1 token: host "
+            f"{host['host_expert_seconds']['1'] * 1e3:.3f} ms, device {host['device_expert_seconds']['1'] * 1e3:.3f} ms, "
+            f"copy {host['copy_seconds'] * 1e3:.3f} ms; a miss goes to the device from "
+            + (f"{threshold} tokens" if threshold is not None else "no batch size")
+        )
     check = report.get("policy_check")
     if check is not None:
         whole, decode = check["whole"], check["decode"]
         lines.append(
-            f"bytes moved vs Belady at K={check['experts_per_layer']} (one cold run of full, "
+            f"bytes moved vs Belady at K={check['experts_per_layer']} (one cold run of copy-only, "
             f"{check['cache_policy'].upper()}): whole run {_ratio(whole['measured_over_belady'])}; decode steps "
             f"LRFU+prefetch {_ratio(decode['lrfu_prefetch_over_belady'])}, LRFU {_ratio(decode['lrfu_over_belady'])}, "
             f"LRU+prefetch {_ratio(decode['lru_prefetch_over_belady'])}, LRU {_ratio(decode['lru_over_belady'])}"

@@ -18,7 +18,9 @@ from offload.bench.ablation import VARIANTS, build_source
 from offload.bench.prompt import bench_prompt
 from offload.bench.run import BenchError, run_bench
 from offload.experts.cache import ExpertCache
+from offload.hybrid import build_host_path
 from offload.loading import OffloadOptions, attach_source, load_model
+from offload.quant.codec import codec_for
 from offload.settings.flags import FIELDS, LoadFlags
 from tests.baby import BabySpec, write_baby
 
@@ -82,7 +84,14 @@ def test_ablate_json_has_every_row_with_identical_tokens(bench_baby: Path, tmp_p
     assert rows["resident"]["memory"]["host"]["store_bytes"] == 0
     assert rows["full"]["decode"]["bytes_moved"] > 0  # K = 4 < E = 8
     assert rows["full"]["decode"]["prefetch_recall"] is not None
+    assert (
+        rows["copy-only"]["decode"]["bytes_moved"] > 0 and rows["copy-only"]["decode"]["host_computes"] == 0
+    )
     assert rows["no-prefetch"]["decode"]["prefetch_loads"] == 0
+    host_row = rows["host-experts"]  # every expert on the host: nothing cached, nothing moved
+    assert host_row["decode"]["host_computes"] == host_row["decode"]["accesses"] > 0
+    assert host_row["decode"]["bytes_moved"] == 0 and host_row["memory"]["device"]["expert_bytes"] == 0
+    assert host_row["experts_per_layer"] == 0
     for cold in ("no-cache", "naive"):  # nothing survives from one token to the next
         assert rows[cold]["decode"]["hit_rate"] == 0.0
         assert rows[cold]["decode"]["loads"] == rows[cold]["decode"]["accesses"]
@@ -214,7 +223,11 @@ def test_every_variant_gives_resident_logits_bit_for_bit(
 
     expected = logits_of(build_source("resident", model, store, None, experts_per_layer, 0))
     with EmulatedLink(50.0) as link:
-        got = logits_of(build_source(variant, model, store, link, experts_per_layer, 2))
+        codecs = [codec_for(model.quant_scheme.expert_spec(layer)) for layer in range(store.num_layers)]
+        host = build_host_path(
+            store, codecs, link, dtype=model.dtype, device=model.device, hidden_size=32, mode="always"
+        )
+        got = logits_of(build_source(variant, model, store, link, experts_per_layer, 2, host=host))
     for want, have in zip(expected, got, strict=True):
         assert torch.equal(want, have)
 
@@ -274,3 +287,39 @@ def test_bad_settings_are_clear_errors(bench_baby: Path, changes: dict, message:
     with pytest.raises(OffloadError, match=message):
         run_bench(bench_baby, flags, **settings)
     assert issubclass(BenchError, OffloadError)
+
+
+def test_host_ratio_emulates_the_host_and_full_computes_misses_there(bench_baby: Path) -> None:
+    """One expert copy costs 5 layers, a host expert 10 device experts: a layer holds at least two device
+    experts, so the host is always the cheaper way for a miss at one token, and full takes it."""
+    report = run_bench(
+        bench_baby,
+        LoadFlags(dtype="float32", host_ratio=10.0),
+        copy_ratio=5.0,
+        prompt_tokens=6,
+        new_tokens=4,
+        runs=1,
+        ablate=True,
+        variants=("resident", "full", "copy-only", "host-experts"),
+    ).as_dict()
+    host = report["host"]
+    assert host["host_ratio"] == 10.0 and "emulated host" in host["host"]
+    assert host["host_expert_seconds"]["1"] == pytest.approx(10 * host["device_expert_seconds"]["1"])
+    rows = {row["name"]: row for row in report["rows"]}
+    assert rows["full"]["decode"]["host_computes"] > 0
+    assert rows["copy-only"]["decode"]["host_computes"] == 0
+    assert report["identical_tokens"] and len({tuple(row["tokens"]) for row in rows.values()}) == 1
+
+
+def test_host_compute_never_makes_full_the_copy_only_engine(bench_baby: Path) -> None:
+    report = run_bench(
+        bench_baby,
+        LoadFlags(dtype="float32", host_ratio=10.0, host_compute="never", link=FAST_LINK),
+        prompt_tokens=6,
+        new_tokens=3,
+        runs=1,
+        ablate=True,
+        variants=("full",),
+    ).as_dict()
+    assert report["host"] is None
+    assert report["rows"][0]["decode"]["host_computes"] == 0

@@ -3,10 +3,12 @@
 | variant | what it is | the paper's row (arXiv 2312.17238, Table 2) |
 |---|---|---|
 | ``resident`` | every expert on the device (``ResidentExperts``): no link at all | — (the reference) |
-| ``full`` | K slots per layer under the cache policy (LRFU by default, LRU as in the paper), plus prefetching the next layer's guesses | full (LRU + prefetch) |
-| ``no-prefetch`` | the same cache, no guesses | without prefetch |
+| ``full`` | what the product does by default: the hybrid engine, K slots per layer under the cache policy, prefetching the next layer's guesses, and each miss copied or computed on the host as the cost model finds cheaper (``offload.experts.cost_model``) | — (beyond the paper) |
+| ``copy-only`` | the same cache and prefetch, every miss copied to the device | full (LRU + prefetch) |
+| ``no-prefetch`` | the copy-only cache, no guesses | without prefetch |
 | ``no-cache`` | K slots emptied at every forward pass, no guesses: a token reuses nothing a previous token loaded; within a layer its experts' copies are all in flight at once and the first one computes while the others arrive | without LRU and prefetch |
 | ``naive`` | one slot per layer, emptied at every forward pass, no guesses: each routed expert is copied when the block reaches it and the block waits before computing it, so no copy overlaps any compute | naive offloading (accelerate) |
+| ``host-experts`` | every expert computed on the host, attention on the device: llama.cpp's ``--cpu-moe`` layout; nothing but activations crosses the link | — |
 
 ``naive`` moves each expert in one copy of its packed buffer; accelerate moves each weight tensor on
 its own and from pageable memory, so on a real GPU it is slower than this row, never faster.
@@ -21,21 +23,24 @@ import torch
 from torch import Tensor
 
 from offload.experts.cache import ExpertCache
+from offload.experts.host_only import HostOnlyExperts
 from offload.experts.link import Link
-from offload.experts.offloaded import OffloadedExperts
+from offload.experts.offloaded import HostPath, OffloadedExperts
 from offload.experts.policy import DEFAULT_CACHE_POLICY
 from offload.experts.source import Expert, ExpertSource, Inputs, ResidentExperts
 from offload.experts.store import HostStore
 from offload.model import MixtralModel
 from offload.quant.codec import codec_for
 
-VARIANTS = ("resident", "full", "no-prefetch", "no-cache", "naive")
+VARIANTS = ("resident", "full", "copy-only", "no-prefetch", "no-cache", "naive", "host-experts")
 DESCRIPTIONS = {
     "resident": "every expert on the device",
-    "full": "{policy} cache + prefetch",
+    "full": "{policy} cache + prefetch, each miss copied or on the host (hybrid)",
+    "copy-only": "{policy} cache + prefetch, every miss copied",
     "no-prefetch": "{policy} cache, no prefetch",
     "no-cache": "slots emptied every token, no prefetch",
     "naive": "1 slot, load at use and wait (accelerate-like)",
+    "host-experts": "every expert on the host (llama.cpp --cpu-moe)",
 }
 
 
@@ -69,11 +74,13 @@ def build_source(
     experts_per_layer: int,
     prefetch: int,
     policy: str = DEFAULT_CACHE_POLICY,
+    host: HostPath | None = None,
 ) -> ExpertSource:
     """The ExpertSource of ``variant`` (see VARIANTS) for ``model``, serving ``store``'s experts.
 
     ``experts_per_layer``, ``prefetch`` and the cache ``policy`` are the ``full`` row's; the other rows
-    drop what they ablate (no-cache and naive empty their slots, so no policy applies).
+    drop what they ablate (no-cache and naive empty their slots, so no policy applies). ``host`` is the
+    host path of ``full`` (None: full copies every miss, as copy-only) and the host of ``host-experts``.
     Attach the result with ``offload.loading.attach_source``.
     """
     materialize = materializers(model)
@@ -88,9 +95,14 @@ def build_source(
             for layer in range(store.num_layers)
         ]
         return ResidentExperts(experts)
-    if variant in ("full", "no-prefetch"):
+    if variant == "host-experts":
+        if host is None:
+            raise ValueError("the host-experts row needs a host")
+        return HostOnlyExperts(store, host)
+    if variant in ("full", "copy-only", "no-prefetch"):
         cache = ExpertCache(store, experts_per_layer, link, materialize, device=device, policy=policy)
-        return OffloadedExperts(cache, gates, prefetch=prefetch if variant == "full" else 0)
+        row_prefetch = 0 if variant == "no-prefetch" else prefetch
+        return OffloadedExperts(cache, gates, row_prefetch, host if variant == "full" else None)
     if variant in ("no-cache", "naive"):
         slots = experts_per_layer if variant == "no-cache" else 1
         cache = ExpertCache(store, slots, link, materialize, device=device)

@@ -1,4 +1,5 @@
-"""How far the real cache is from the optimum: one recorded run of ``full``, replayed against Belady.
+"""How far the real cache is from the optimum: one recorded run of ``copy-only`` (where every miss is a
+load), replayed against Belady.
 
 The run starts with empty slots and is recorded with ``offload.trace.recorder.TraceRecorder``. Its measured
 bytes (the cache's own counters) are compared with ``offload.trace.replay`` of the same trace under

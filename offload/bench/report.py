@@ -16,8 +16,12 @@ times seconds, speeds tokens per second; ratios are None where there is nothing 
                                 effective_copy_ratio}: layer_seconds is the calibration's (copy_ratio only);
                                effective_copy_ratio divides the copy time by the resident row's own layer time
                                in the measured runs, which the machine's load can make differ from the calibration
+    host                       None, or the cost model's inputs: {host_compute, host_ratio, host (what computes),
+                               link_gbps, copy_seconds, host_expert_seconds and device_expert_seconds (by token
+                               count), prefill_threshold_tokens (from how many tokens a miss is cheaper copied)}
     rows[]                     one per ExpertSource, in the order measured:
-      name                     resident | full | no-prefetch | no-cache | naive | offloaded
+      name                     resident | full | copy-only | no-prefetch | no-cache | naive | host-experts |
+                               offloaded
       description              one line
       experts_per_layer, prefetch  this row's own (None: resident)
       prefill_tokens_per_second, ttft_seconds, decode_tokens_per_second   medians over runs
@@ -34,7 +38,7 @@ times seconds, speeds tokens per second; ratios are None where there is nothing 
       tokens                   the generated ids
     identical_tokens           true: every row (and the policy check) gave the resident row's tokens
     policy_check               None, or (ablation with one K) offload.bench.policy_check's block: measured and
-                               replayed bytes of one recorded cold run of "full", against Belady
+                               replayed bytes of one recorded cold run of "copy-only", against Belady
     machine                    {python, torch, cpu_count, torch_threads, load_average_start, load_average_end,
                                 peak_rss_bytes (the whole process, at the end), cuda_peak_bytes (torch's, or None)}
 """
@@ -92,6 +96,7 @@ class BenchReport:
     rows: list[RowResult] = field(default_factory=list)
     num_layers: int | None = None
     policy_check: dict[str, Any] | None = None
+    host: dict[str, Any] | None = None
     machine: dict[str, Any] = field(default_factory=dict)
 
     def row(self, name: str) -> RowResult | None:
@@ -138,6 +143,7 @@ class BenchReport:
                 "expert_copy_seconds": link.expert_copy_seconds,
                 "effective_copy_ratio": self.effective_copy_ratio(),
             },
+            "host": self.host,
             "rows": [self._row_dict(row) for row in self.rows],
             "identical_tokens": True,  # run_bench raises BenchError otherwise
             "policy_check": self.policy_check,

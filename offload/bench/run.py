@@ -1,8 +1,8 @@
 """`offload bench`: prefill and decode speed, TTFT, cache figures and memory per tier, and the ablation.
 
 ``run_bench`` loads the model once and measures one row per ExpertSource (``offload.bench.ablation``):
-the configuration asked for, or with ``ablate`` the five rows resident, full, no-prefetch, no-cache
-and naive over one host store and one link. Every row decodes greedily the same prompt for exactly
+the configuration asked for, or with ``ablate`` the rows of ``offload.bench.ablation`` (resident, full,
+copy-only, no-prefetch, no-cache, naive, host-experts) over one host store, one link and one host. Every row decodes greedily the same prompt for exactly
 ``new_tokens`` tokens (EOS does not stop it): one warm-up run, then ``runs`` measured ones, interleaved
 across rows so that a change in machine load slows every row alike; speeds are medians over runs.
 Every row must give the same tokens as the resident one, or the bench fails (``BenchError``).
@@ -11,6 +11,9 @@ Every row must give the same tokens as the resident one, or the bench fails (``B
 token divided by the layers is one layer's compute (attention, the MoE block with its two experts, and
 a layer's share of embedding, lm_head and sampling); one copy of the largest expert then takes
 ``copy_ratio`` times that.
+
+``--host-ratio`` emulates the host the same way (``offload.experts.host.EmulatedHost``): a host expert takes
+that many times the device's time for the same expert, measured on the loaded model before the rows run.
 
 The report and its JSON schema: ``offload.bench.report``.
 """
@@ -33,8 +36,12 @@ from offload.bench.measure import RowResult, measure_rows
 from offload.bench.policy_check import policy_check
 from offload.bench.report import BenchError, BenchReport, LinkInfo
 from offload.errors import ContextError
+from offload.experts.cost_model import CostModel
 from offload.experts.link import EmulatedLink, parse_link
+from offload.experts.offloaded import HostPath
 from offload.experts.source import ExpertSource
+from offload.hybrid import build_host_path
+from offload.quant.codec import codec_for
 from offload.settings.flags import LoadFlags
 
 Progress = Callable[[str], None]  # receives one line of progress
@@ -123,7 +130,9 @@ def _load(
             f"{config.max_position_embeddings}; lower --prompt-tokens or --new-tokens"
         )
     say(f"loading {directory}")
-    loading = resolved.with_offload(experts_per_layer=None if slots is None else 1, prefetch=0, link="local")
+    loading = resolved.with_offload(
+        experts_per_layer=None if slots is None else 1, prefetch=0, link="local", host_compute="never"
+    )
     engine = Engine.load(loading, tokenizer=False)
     mixtral = engine.model
     report = BenchReport(
@@ -179,25 +188,77 @@ def _measure_offloaded(
         report.link = LinkInfo(offload.link, gbps, latency, None, None, expert_bytes)
     with link:
         names = ("offloaded",) if variants is None else [v for v in VARIANTS[1:] if v in variants]
+        say("probing the link, the device and the host for the cost model")
+        host, host_only = _host_paths(mixtral, store, link, offload, names)
+        report.host = _host_info(host or host_only, offload)
         for name in names:
             variant = "full" if name == "offloaded" else name
-            row_prefetch = prefetch if variant == "full" else 0
+            row_prefetch = prefetch if variant in ("full", "copy-only") else 0
             description = (
                 DESCRIPTIONS[variant].format(policy=policy.upper())
                 if variants
                 else f"offloaded, {policy.upper()} cache, prefetch {row_prefetch}"
+                + (", misses on the host when cheaper" if host is not None else "")
             )
-            row = RowResult(name, description, 1 if name == "naive" else slots, row_prefetch)
-            rows.append((row, build_source(variant, mixtral, store, link, slots, prefetch, policy)))
+            row_slots = {"naive": 1, "host-experts": 0}.get(name, slots)
+            row = RowResult(name, description, row_slots, row_prefetch)
+            row_host = host_only if variant == "host-experts" else host
+            rows.append((row, build_source(variant, mixtral, store, link, slots, prefetch, policy, row_host)))
         say(
             f"measuring {', '.join(row.name for row, _ in rows)}: a warm-up each, then {runs} interleaved runs"
         )
         report.rows = measure_rows(rows, mixtral, prompt_ids, new_tokens, runs)
         del rows  # frees every row's slots before the policy check makes its own
-        if variants is not None and "full" in variants and isinstance(slots, int):
-            say("recording one cold run of full for the Belady comparison")
-            source = build_source("full", mixtral, store, link, slots, prefetch, policy)
+        if variants is not None and {"full", "copy-only"} & set(variants) and isinstance(slots, int):
+            # The cache policy's own test: the copy-only engine, where every miss is a load.
+            say("recording one cold run of copy-only for the Belady comparison")
+            source = build_source("copy-only", mixtral, store, link, slots, prefetch, policy)
             report.policy_check = policy_check(mixtral, source, prompt_ids, new_tokens, slots, policy)
+
+
+def _host_paths(
+    mixtral: Any, store: Any, link: Any, offload: Any, names: Sequence[str]
+) -> tuple[HostPath | None, HostPath | None]:
+    """The host path of the full (or offloaded) row as the settings ask (None: every miss copied), and
+    the host of the host-experts row (that same one, or one made for it; None when no row needs it).
+    """
+    scheme, config = mixtral.quant_scheme, mixtral.config
+    codecs = [codec_for(scheme.expert_spec(layer)) for layer in range(config.num_hidden_layers)]
+
+    def path(mode: str) -> HostPath | None:
+        return build_host_path(
+            store,
+            codecs,
+            link,
+            dtype=mixtral.dtype,
+            device=mixtral.device,
+            hidden_size=config.hidden_size,
+            mode=mode,
+            host_ratio=offload.host_ratio,
+            overrides=offload.host_costs,
+        )
+
+    wants_host = {"full", "offloaded"} & set(names)
+    host = path(offload.host_compute) if wants_host else None
+    host_only = (host or path("always")) if "host-experts" in names else None
+    return host, host_only
+
+
+def _host_info(path: HostPath | None, offload: Any) -> dict[str, Any] | None:
+    """The report's ``host`` block: the cost model's measured inputs and the prefill threshold."""
+    if path is None:
+        return None
+    inputs = path.model.inputs
+    return {
+        "host_compute": offload.host_compute,
+        "host_ratio": offload.host_ratio,
+        "host": path.host.describe(),
+        "link_gbps": inputs.link_gbps,
+        "copy_seconds": inputs.copy_seconds(0),
+        "host_expert_seconds": {str(t): inputs.host.at(t) for t, _ in inputs.device.points},
+        "device_expert_seconds": {str(t): s for t, s in inputs.device.points},
+        "prefill_threshold_tokens": CostModel(inputs, "auto").prefill_threshold(),
+    }
 
 
 def _machine(mixtral: Any, load_average_start: list[float] | None) -> dict[str, Any]:

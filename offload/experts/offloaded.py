@@ -64,6 +64,11 @@ class _Computed:
         return self.output
 
 
+def computed(output: Tensor) -> Expert:
+    """The expert a source yields for one it computed on the host: ``output`` for the caller's input."""
+    return _Computed(output)
+
+
 class OffloadedExperts:
     """Experts served from ``cache``; ``gates`` are the routers of every layer, used to guess the next
     layer's experts, and ``prefetch`` is how many to guess (0 turns prefetching off; more than
@@ -226,7 +231,7 @@ class OffloadedExperts:
         started = time.perf_counter()
         output = self.host_path.host.wait(job)  # type: ignore[union-attr]  (jobs exist only with a path)
         self.cache.stats.layers[layer].host_wait_seconds += time.perf_counter() - started
-        return _Computed(output)
+        return computed(output)
 
     def _load(self, layer: int, expert: int, protected: set[int], prefetch: bool = False) -> bool:
         """``cache.load``, keeping the estimate of when the link is free and the copy lands."""
