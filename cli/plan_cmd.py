@@ -112,9 +112,16 @@ def _print_plan(plan) -> None:
             f"[red]DOES NOT FIT[/red]: needs {used:.2f} GiB on {where}, the budget is {budget:.2f} GiB"
         )
     console.print(
-        f"decode: ~{plan.predicted_tok_s:.2f} tok/s (estimate; expected hit rate {plan.expected_hit_rate:.0%}, "
-        f"{plan.miss_bytes_per_token / 1e6:.0f} MB over a {plan.link_gbps:g} GB/s link per token)"
+        f"decode: ~{plan.predicted_tok_s:.2f} tok/s copying every miss (estimate; expected hit rate "
+        f"{plan.expected_hit_rate:.0%}, {plan.miss_bytes_per_token / 1e6:.0f} MB over a {plan.link_gbps:g} GB/s "
+        "link per token)"
     )
+    speeds = plan.speeds
+    if speeds is not None:
+        shown = ", ".join(f"{policy} {tok_s:.2f}" for policy, tok_s in speeds.tok_s.items())
+        console.print(f"decode by policy (estimates, tok/s): {shown}; the arithmetic:")
+        for line in speeds.arithmetic:
+            console.print(f"  {line}", style="dim", highlight=False)
 
 
 def register(app: typer.Typer) -> None:

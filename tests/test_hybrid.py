@@ -136,3 +136,33 @@ def test_thread_host_runs_on_another_thread_with_the_callers_threads() -> None:
     with ThreadHost() as host:
         host.wait(host.submit(record, torch.zeros(1, 2)))
     assert seen == [("HostExperts", torch.get_num_threads())]
+
+
+def test_a_profiles_host_table_sets_the_mode_and_the_costs_and_a_flag_wins(
+    baby: Path, tmp_path: Path
+) -> None:
+    from offload.config import ModelConfig
+    from offload.hybrid import build_host_path
+    from offload.settings.flags import LoadFlags
+    from offload.settings.resolve import resolve_settings
+
+    toml = tmp_path / "p.toml"
+    toml.write_text(
+        '[device]\nkind = "cpu"\n[cache]\nexperts_per_layer = 2\n'
+        '[host]\ncompute = "always"\nexpert_ms = 3.0\ndevice_expert_ms = 0.5\n'
+    )
+    config = ModelConfig.from_file(baby / "config.json")
+    offload = resolve_settings(config, LoadFlags(profile=str(toml))).offload
+    assert offload.host_compute == "always"
+    assert (offload.host_costs.host_expert_ms, offload.host_costs.device_expert_ms) == (3.0, 0.5)
+    flagged = resolve_settings(config, LoadFlags(profile=str(toml), host_compute="never")).offload
+    assert flagged.host_compute == "never"
+
+    model = load_model(baby, dtype="float32", offload=offload)
+    source = model.expert_source
+    inputs = source.host_path.model.inputs
+    assert inputs.host.at(1) == pytest.approx(3e-3) and inputs.device.at(1) == pytest.approx(0.5e-3)
+    assert build_host_path(
+        source.cache.store, [], source.cache.link, dtype=model.dtype, device=model.device, hidden_size=1,
+        mode="never",
+    ) is None  # fmt: skip

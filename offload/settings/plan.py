@@ -15,7 +15,8 @@ Predicted decode speed, an estimate (per token, summed over layers l; E experts,
 with recall = min(1, PREFETCH_RECALL · guesses / top_k), 0 without prefetch. Wrong guesses are taken to
 cost no link time. With the CUDA constants below the formula gives the eight "full" and "without prefetch"
 figures of arXiv 2312.17238 (A100, RTX 3080 Mobile, RTX 3060, T4; 66 MB experts; their K) within 30%.
-``offload bench`` measures the real figures.
+``offload bench`` measures the real figures. That is the copy-only engine's speed (``predicted_tok_s``);
+``offload.settings.plan_speed`` adds the host-only and hybrid policies from the same terms (``speeds``).
 """
 
 from __future__ import annotations
@@ -31,19 +32,20 @@ from offload.quant.codec import expert_nbytes
 from offload.quant.linear import matrix_nbytes
 from offload.quant.scheme import QuantScheme
 from offload.quant.spec import QuantSpec
+from offload.settings.plan_speed import (
+    LAYER_OVERHEAD_S,
+    LOCALITY_BONUS,
+    PREFETCH_RECALL,
+    WEIGHTS_PER_S,
+    SpeedPlan,
+    predict_speeds,
+)
 from offload.settings.profile import CacheSettings, Profile, ResolvedProfile
 
 GIB = 1024**3
 # CUDA context, cuBLAS workspace and allocator fragmentation: what a CUDA process holds beyond its tensors.
 CUDA_RESERVE_BYTES = 512 * 1024**2
 PREFILL_CHUNK = 512  # tokens per prefill step; bounds the activations of a long prompt
-LOCALITY_BONUS = 0.3
-PREFETCH_RECALL = 0.6  # share of needed experts that top_k guesses catch one layer ahead (assumed)
-LAYER_OVERHEAD_S = {"cuda": 2e-3, "cpu": 0.5e-3}  # Python, kernel launches, the one host sync per layer
-# Active weights a decode step gets through per second. Quantized kernels cost per weight (dequantize, then
-# multiply) whatever the bit width, so this counts weights, not bytes. CPU: 2 cores run dense bf16 at about
-# 8e9 and hqq (dequantize on every call) at about 1.3e9 (FACTS.md); cached dequantized experts sit between.
-WEIGHTS_PER_S = {"cuda": 50e9, "cpu": 2e9}
 
 
 @dataclass(frozen=True)
@@ -82,7 +84,8 @@ class MemoryPlan:
     link_gbps: float
     expected_hit_rate: float  # mean over layers, from the formula in the module docstring
     miss_bytes_per_token: int
-    predicted_tok_s: float  # an estimate, not a measurement
+    predicted_tok_s: float  # an estimate, not a measurement: the copy-only engine (the paper's formula)
+    speeds: SpeedPlan | None = None  # every policy's estimate, with its arithmetic
 
     @property
     def expert_slot_bytes(self) -> int:
@@ -138,6 +141,7 @@ class MemoryPlan:
         """JSON-ready: every field, the derived totals, and the rows."""
         out: dict[str, Any] = {name: getattr(self, name) for name in self.__dataclass_fields__}
         out["dense"] = {**vars(self.dense), "total": self.dense.total}
+        out["speeds"] = None if self.speeds is None else self.speeds.as_dict()
         for name in ("experts_per_layer", "expert_specs", "expert_bytes"):
             out[name] = list(out[name])
         out.update(
@@ -205,6 +209,7 @@ def plan_memory(
         expected_hit_rate=hit,
         miss_bytes_per_token=miss_bytes,
         predicted_tok_s=tok_s,
+        speeds=predict_speeds(config, profile, ks, expert_bytes),
     )
 
 

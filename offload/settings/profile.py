@@ -12,7 +12,7 @@ from __future__ import annotations
 import importlib.resources
 import os
 import tomllib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -23,12 +23,14 @@ from offload.settings.profile_toml import (
     CacheSettings,
     DeviceSettings,
     GenerationSettings,
+    HostSettings,
     PrefetchSettings,
     ProfileTable,
     QuantSettings,
     read_cache,
     read_device,
     read_generation,
+    read_host,
     read_prefetch,
     read_quant,
     show_value,
@@ -76,6 +78,7 @@ class Profile:
     prefetch: PrefetchSettings
     quant: QuantSettings
     generation: GenerationSettings
+    host: HostSettings = field(default_factory=HostSettings)
 
     @classmethod
     def from_file(cls, path: str | Path) -> Profile:
@@ -117,6 +120,7 @@ class Profile:
             prefetch=read_prefetch(top.table("prefetch")),
             quant=quant,
             generation=read_generation(top.table("generation")),
+            host=read_host(top.table("host")),
         )
 
     def for_model(self, config: ModelConfig) -> ResolvedProfile:
@@ -174,6 +178,7 @@ class Profile:
             "prefetch": vars(self.prefetch),
             "quant": quant,
             "generation": vars(self.generation),
+            "host": vars(self.host),
         }
         return {
             k: {n: v for n, v in t.items() if v is not None} if isinstance(t, dict) else t

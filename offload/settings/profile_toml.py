@@ -64,6 +64,20 @@ class GenerationSettings:
     context: int | None = None  # KV cache length in tokens; None = the caller's default
 
 
+HOST_COMPUTE_MODES = ("auto", "never", "always")  # offload.experts.cost_model's, without importing torch
+
+
+@dataclass(frozen=True)
+class HostSettings:
+    """The host CPU beside the device: what computes cache misses in hybrid execution, and the plan's host."""
+
+    cores: int = 4  # physical cores the host kernels may use
+    memory_gbps: float = 50.0  # DDR bandwidth in GB/s (dual-channel DDR4/DDR5: 40 to 80)
+    compute: str = "auto"  # where misses run by default: auto, never or always (--host-compute wins)
+    expert_ms: float | None = None  # the host's time for one expert at one token, instead of measuring it
+    device_expert_ms: float | None = None  # the device's, likewise
+
+
 class ProfileTable:
     """One TOML table of a profile; every error names the file and the dotted key."""
 
@@ -128,6 +142,7 @@ SECTIONS: dict[str, tuple[str, ...]] = {
     "prefetch": ("enabled", "experts"),
     "quant": (*QUANT_ROLES, "experts_overrides"),
     "generation": ("max_new_tokens", "temperature", "top_p", "top_k", "context"),
+    "host": ("cores", "memory_gbps", "compute", "expert_ms", "device_expert_ms"),
 }
 
 
@@ -193,6 +208,17 @@ def read_generation(table: ProfileTable) -> GenerationSettings:
         top_p=table.number("top_p", 0.9, lambda v: 0 < v <= 1, "a number in (0, 1]"),
         top_k=table.integer("top_k", 0, 0, "a non-negative integer (0 = off)"),
         context=context,
+    )
+
+
+def read_host(table: ProfileTable) -> HostSettings:
+    positive = "a positive number of"
+    return HostSettings(
+        cores=table.integer("cores", 4, 1, "a positive number of cores"),
+        memory_gbps=table.number("memory_gbps", 50.0, lambda v: v > 0, f"{positive} GB/s"),
+        compute=table.string("compute", "auto", HOST_COMPUTE_MODES),
+        expert_ms=table.number("expert_ms", None, lambda v: v > 0, f"{positive} milliseconds"),
+        device_expert_ms=table.number("device_expert_ms", None, lambda v: v > 0, f"{positive} milliseconds"),
     )
 
 

@@ -19,7 +19,7 @@ from offload.errors import CacheError, OffloadError
 from offload.experts.cache import slot_counts
 from offload.experts.link import parse_link
 from offload.experts.policy import CACHE_POLICIES
-from offload.hybrid import uses_host
+from offload.hybrid import CostOverrides, uses_host
 from offload.loading import OffloadOptions, parse_device, parse_dtype
 from offload.quant.scheme import QuantScheme
 from offload.settings.flags import LoadFlags
@@ -116,7 +116,7 @@ def resolve_settings(
         raise CacheError(f"--cache-policy {cache_policy!r} is not one of {', '.join(CACHE_POLICIES)}")
     link = link or ("cuda" if run_device.type == "cuda" else "local")
     _check_link(link)
-    host_compute = flags.host_compute or "auto"
+    host_compute = flags.host_compute or chosen.host.compute
     uses_host(host_compute, run_device, flags.host_ratio)  # a bad --host-compute fails before loading
     if flags.host_ratio is not None and not flags.host_ratio > 0:
         raise CacheError(f"--host-ratio must be > 0, got {flags.host_ratio}")
@@ -134,11 +134,19 @@ def resolve_settings(
             link=link,
             host_compute=host_compute,
             host_ratio=flags.host_ratio,
+            host_costs=_host_costs(chosen.host),
         ),
         profile_name=chosen.name,
         generation=chosen.generation,
         threads=default_threads() if flags.threads is None else check_threads(flags.threads),
     )
+
+
+def _host_costs(host: Any) -> CostOverrides | None:
+    """The cost-model inputs a profile's [host] table gives instead of measuring them, if any."""
+    if host.expert_ms is None and host.device_expert_ms is None:
+        return None
+    return CostOverrides(host_expert_ms=host.expert_ms, device_expert_ms=host.device_expert_ms)
 
 
 def _auto_slots(
