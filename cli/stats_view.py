@@ -24,6 +24,7 @@ def stats_table(session: Any) -> Table:
     table.add_column("hit rate", justify="right")
     table.add_column("prefetch recall", justify="right")
     table.add_column("MB moved", justify="right")
+    table.add_column("on host", justify="right")  # misses computed on the host CPU (hybrid execution)
     for layer, row in enumerate(stats.get("layers", [])):
         table.add_row(str(layer), *_figures(row))
     table.add_section()
@@ -31,11 +32,12 @@ def stats_table(session: Any) -> Table:
     return table
 
 
-def _figures(row: dict[str, Any]) -> tuple[str, str, str]:
+def _figures(row: dict[str, Any]) -> tuple[str, str, str, str]:
     return (
         percent(row.get("hit_rate")),
         percent(row.get("prefetch_recall")),
         f"{(row.get('bytes_moved') or 0) / 1e6:.1f}",
+        str(row.get("host_computes") or 0),
     )
 
 
