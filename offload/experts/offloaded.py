@@ -110,6 +110,7 @@ class OffloadedExperts:
             self.cache.flush(layer)
         self._guesses_for.clear()
         self._last_used.clear()
+        self._arrivals.clear()
 
     def memory(self) -> ExpertMemory:
         """The slots, plus what materializing a full set of them builds beside their buffers; the store."""
