@@ -78,3 +78,15 @@ def test_modes_force_the_path() -> None:
     assert CostModel(inputs(), "never").prefill_threshold() is None
     with pytest.raises(CacheError, match="--host-compute 'sometimes' is not one of auto, never, always"):
         CostModel(inputs(), "sometimes")
+
+
+def test_a_guess_pays_while_its_precision_beats_r_over_1_plus_r() -> None:
+    from offload.experts.cost_model import guess_pays
+
+    # a copy of 5 layers: r / (1 + r) = 5/6 = 0.833
+    assert not guess_pays(0.66, copy_seconds=5e-3, layer_seconds=1e-3)
+    assert guess_pays(0.84, copy_seconds=5e-3, layer_seconds=1e-3)
+    # a copy of half a layer: 1/3
+    assert guess_pays(0.34, copy_seconds=0.5e-3, layer_seconds=1e-3)
+    assert not guess_pays(0.33, copy_seconds=0.5e-3, layer_seconds=1e-3)
+    assert guess_pays(None, 5e-3, 1e-3) and guess_pays(0.1, 5e-3, None)  # nothing measured yet: try

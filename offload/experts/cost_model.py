@@ -93,6 +93,18 @@ class CostInputs:
         return self.host.at(tokens) + crossing
 
 
+def guess_pays(precision: float | None, copy_seconds: float, layer_seconds: float | None) -> bool:
+    """Whether a prefetch guess is worth a copy: while its measured ``precision`` exceeds r / (1 + r), with
+    r = one copy / one layer's time. A right guess saves at most a layer of waiting (r layers of copy time
+    less the layer it overlaps), a wrong one costs a whole copy on the link. Unmeasured: yes, so that the
+    precision gets measured.
+    """
+    if precision is None or layer_seconds is None or layer_seconds <= 0:
+        return True
+    ratio = copy_seconds / layer_seconds
+    return precision > ratio / (1 + ratio)
+
+
 @dataclass(frozen=True)
 class Miss:
     """One expert a layer needs and the device does not hold ready."""

@@ -32,7 +32,7 @@ from torch import Tensor, nn
 
 from offload.errors import CacheError
 from offload.experts.cache import ExpertCache, Materialize
-from offload.experts.cost_model import HOST, CostModel, Miss
+from offload.experts.cost_model import HOST, CostModel, Miss, guess_pays
 from offload.experts.host import HostJob, ThreadHost
 from offload.experts.source import Expert, ExpertMemory, Inputs
 from offload.experts.stats import CacheStats
@@ -95,6 +95,8 @@ class OffloadedExperts:
         self._link_free_at = 0.0  # when the link will have moved every copy submitted (estimated)
         self._host_free_at = 0.0  # when the host will have run every job submitted (estimated)
         self._arrivals: dict[tuple[int, int], float] = {}  # (layer, expert) -> when its copy lands
+        self._layer_seconds: float | None = None  # a layer's wall time, averaged (with a host path)
+        self._layer_started: tuple[int, float] | None = None  # the latest experts_for call: (layer, time)
 
     @property
     def stats(self) -> CacheStats:
@@ -169,6 +171,7 @@ class OffloadedExperts:
         if next_guesses:
             self._guesses_for[layer + 1] = next_guesses
 
+        self._time_layer(layer)
         remaining = list(dict.fromkeys(needed))
         uncomputed = set(remaining)  # protected from eviction until the caller has used them
         misses = [e for e in remaining if not cache.lookup(layer, e)]
@@ -275,11 +278,33 @@ class OffloadedExperts:
         assert on_device, "no needed expert is in a slot"
         return min(on_device, key=lambda e: cache.load_number(layer, e))
 
+    def _time_layer(self, layer: int) -> None:
+        """Average the time from one layer's call to the next one's: a layer's compute, for ``_guesses_pay``."""
+        if self.host_path is None:
+            return
+        now = time.perf_counter()
+        if self._layer_started is not None and self._layer_started[0] == layer - 1:
+            seconds = now - self._layer_started[1]
+            previous = self._layer_seconds
+            self._layer_seconds = seconds if previous is None else 0.9 * previous + 0.1 * seconds
+        self._layer_started = (layer, now)
+
+    def _guesses_pay(self, layer: int) -> bool:
+        """Whether a guess for ``layer`` is worth a copy: always without a host path (the copy-only engine);
+        with one, while the layer's measured precision says so (``cost_model.guess_pays``).
+        """
+        if self.host_path is None:
+            return True
+        precision = self.cache.stats.layers[layer].prefetch_precision
+        return guess_pays(precision, self.host_path.model.inputs.copy_seconds(layer), self._layer_seconds)
+
     def _prefetch(self, layer: int, guesses: list[int]) -> None:
         """Start copying the guesses not yet in ``layer``'s slots, best guess first, evicting neither
         this batch nor the experts ``layer`` used last; stop at the first guess that finds no slot (or,
-        with a host path, once the link is busy).
+        with a host path, once the link is busy or when the guesses do not pay, ``_guesses_pay``).
         """
+        if not guesses or not self._guesses_pay(layer):
+            return
         keep = set(guesses) | self._last_used.get(layer, frozenset())
         for expert in guesses:
             if not self._link_idle():

@@ -1,11 +1,14 @@
 """Measuring the cost model's inputs at load: the link's bandwidth, and one expert's time on the device
 and on the host for a range of token counts, each with the kernel that will really run it.
 
-Each figure is the fastest of a few repeats after a warm-up: the machine's other work only ever adds time.
+Each figure is the median of a few repeats after a warm-up, as the bench's ``--copy-ratio`` calibration takes
+the median of its runs: the fastest would make an emulated host (``--host-ratio``) look faster than the
+device runs the same expert while the machine is busy.
 """
 
 from __future__ import annotations
 
+import statistics
 import time
 from collections.abc import Callable
 
@@ -16,7 +19,7 @@ from offload.experts.cost_model import TokenCurve
 from offload.experts.link import EmulatedLink, Link
 
 PROBE_TOKENS = (1, 4, 16, 64, 256)
-REPEATS = 3
+REPEATS = 5
 
 
 def _synchronize(device: torch.device) -> None:
@@ -38,14 +41,14 @@ def time_expert(
         for count in tokens:
             x = torch.randn(count, hidden_size, generator=generator).to(device=device, dtype=dtype)
             run(x)  # warm-up: first-call allocations and kernel selection
-            best = float("inf")
+            seconds = []
             for _ in range(REPEATS):
                 _synchronize(device)
                 started = time.perf_counter()
                 run(x)
                 _synchronize(device)
-                best = min(best, time.perf_counter() - started)
-            points.append((count, best))
+                seconds.append(time.perf_counter() - started)
+            points.append((count, statistics.median(seconds)))
     return TokenCurve(tuple(points))
 
 
@@ -57,12 +60,12 @@ def probe_link(link: Link, source: Tensor, device: torch.device) -> tuple[float,
     if isinstance(link, EmulatedLink):
         return link.gbps, link.latency_us
     scratch = torch.empty_like(source, device=device)
-    best = float("inf")
-    for _ in range(REPEATS + 1):
+    seconds = []
+    for _ in range(REPEATS + 1):  # the first is a warm-up
         _synchronize(device)
         started = time.perf_counter()
         link.wait(link.submit(source, scratch))
         _synchronize(device)
-        best = min(best, time.perf_counter() - started)
+        seconds.append(time.perf_counter() - started)
     nbytes = source.numel() * source.element_size()
-    return nbytes / max(best, 1e-9) / 1e9, 0.0
+    return nbytes / max(statistics.median(seconds[1:]), 1e-9) / 1e9, 0.0
