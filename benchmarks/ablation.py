@@ -37,7 +37,7 @@ def markdown(report: dict[str, Any]) -> str:
     for row in report["rows"]:
         decode = row["decode"]
         lines.append(
-            f"| {row['name']} | {row['experts_per_layer'] or 'all'} | {row['prefetch']} "
+            f"| {row['name']} | {'all' if row['experts_per_layer'] is None else row['experts_per_layer']} | {row['prefetch']} "
             f"| {row['decode_tokens_per_second']:.1f} | {full / row['decode_tokens_per_second']:.2f} "
             f"| {row['prefill_tokens_per_second']:.1f} | {row['ttft_seconds'] * 1e3:.1f} "
             f"| {percent(decode['hit_rate'])} | {percent(decode['prefetch_recall'])} "
