@@ -90,3 +90,19 @@ def test_a_guess_pays_while_its_precision_beats_r_over_1_plus_r() -> None:
     assert guess_pays(0.34, copy_seconds=0.5e-3, layer_seconds=1e-3)
     assert not guess_pays(0.33, copy_seconds=0.5e-3, layer_seconds=1e-3)
     assert guess_pays(None, 5e-3, 1e-3) and guess_pays(0.1, 5e-3, None)  # nothing measured yet: try
+
+
+def test_hits_move_to_the_host_while_that_ends_the_layer_sooner() -> None:
+    hits = [Miss(1, 1), Miss(2, 1)]
+    # device 3 ms a hit (6 in all), host 2 ms: the last hit goes to the host (done at 2 < 6, the device at
+    # 3); the first would end at 4 on the host, later than the device's 3, so it stays
+    model = CostModel(inputs(host_ms=2.0, device_ms=3.0))
+    assert model.choose(0, [], 0.0, 0.0, 0.0, hits) == {2: HOST}
+    # a host 10 times slower than the device keeps every hit on the device
+    assert CostModel(inputs(host_ms=10.0, device_ms=1.0)).choose(0, [], 0.0, 0.0, 0.0, hits) == {}
+    # a host busy until 5 ms takes the miss (done at 7, a copy and the device at 8); a hit would then end
+    # at 9, after the device's 6: nothing moves
+    assert model.choose(0, [Miss(3, 1)], 0.0, 0.0, 5e-3, hits) == {3: HOST}
+    # never and always leave hits on the device
+    assert CostModel(inputs(host_ms=0.1, device_ms=3.0), "never").choose(0, [], 0.0, 0.0, 0.0, hits) == {}
+    assert CostModel(inputs(host_ms=0.1, device_ms=3.0), "always").choose(0, [], 0.0, 0.0, 0.0, hits) == {}

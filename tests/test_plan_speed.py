@@ -91,3 +91,17 @@ def test_cli_plan_shows_each_policy_and_its_arithmetic(monkeypatch: pytest.Monke
 def test_bad_host_tables_are_one_line(host: dict, message: str) -> None:
     with pytest.raises(ProfileError, match=message.replace("(", r"\(").replace(")", r"\)")):
         profile(host)
+
+
+def test_hybrid_moves_hits_to_an_idle_host_when_the_device_is_slower(mixtral: ModelConfig) -> None:
+    # every expert resident (K = 8): 2 hits of 4 ms on the device, a host at 1 ms. Moving x hits balances
+    # 2·4 - 4x = (1 ms + crossing)·x: x = 8 / (4 + 1 ms + crossing) ≈ 1.6, the layer's experts ≈ 1.6 ms
+    speeds = plan_memory(mixtral, profile({"expert_ms": 1.0, "device_expert_ms": 4.0}, k=8), 4096).speeds
+    dense = 2e-3 + 2 * 4096 * (4096 + 1024) / 50e9
+    host_e = 1e-3 + 2 * 4096 * 2 / 12e9
+    moved = 8e-3 / (4e-3 + host_e)
+    experts = 8e-3 - moved * 4e-3
+    assert experts == pytest.approx(moved * host_e)  # balanced: both sides end together
+    assert speeds.tok_s["hybrid"] == pytest.approx(1 / (32 * (dense + experts) + 32000 * 4096 / 50e9))
+    assert speeds.tok_s["hybrid"] > speeds.tok_s["host-only"] > speeds.tok_s["copy-only"]
+    assert "hits a layer moved to the idle host" in speeds.arithmetic[-1]

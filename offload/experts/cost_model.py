@@ -5,6 +5,8 @@ A miss has three ways to its output:
 - ``copy``: copy it now, behind whatever the link is moving, then compute on the device;
 - ``host``: compute it on the host CPU, behind the host's queued jobs; only the (T, D) activations
   cross the link, both ways.
+A hit may go to the host too, when the host would finish it before the device finishes its other hits
+(a device kernel slower per expert than the host's, or a prefill with many experts ready on the device).
 
 Each option's finish time is estimated from the inputs (link bandwidth and latency, one expert's bytes,
 the host's and the device's seconds for one expert as a function of the token count, all measured at
@@ -124,9 +126,18 @@ class CostModel:
         self.mode = mode
 
     def choose(
-        self, layer: int, misses: Sequence[Miss], now: float, link_free_at: float, host_free_at: float
+        self,
+        layer: int,
+        misses: Sequence[Miss],
+        now: float,
+        link_free_at: float,
+        host_free_at: float,
+        hits: Sequence[Miss] = (),
     ) -> dict[int, str]:
-        """expert -> WAIT, COPY or HOST for each of ``misses``, placed in the given order."""
+        """expert -> WAIT, COPY or HOST for each of ``misses``, placed in the given order; then, in auto mode,
+        HOST for each of the ready ``hits`` that the host, after its misses, would finish before the device
+        finishes its queue of hits (the device being slower per expert than the host, or far behind).
+        """
         inputs = self.inputs
         choices: dict[int, str] = {}
         for miss in misses:
@@ -149,7 +160,23 @@ class CostModel:
                 choices[miss.expert] = device_choice
                 if device_choice == COPY:
                     link_free_at = landed
+        if self.mode == "auto" and hits:
+            self._balance(hits, now, host_free_at, choices)
         return choices
+
+    def _balance(
+        self, hits: Sequence[Miss], now: float, host_free_at: float, choices: dict[int, str]
+    ) -> None:
+        """Move the device's last hits to the host while that ends the layer sooner (the device computes its
+        hits in order, so its last ones are the ones the host could take off it)."""
+        device_done = now + sum(self.inputs.device.at(hit.tokens) for hit in hits)
+        for hit in reversed(hits):
+            host_done = max(now, host_free_at) + self.inputs.host_seconds(hit.tokens)
+            if host_done >= device_done:
+                return
+            choices[hit.expert] = HOST
+            host_free_at = host_done
+            device_done -= self.inputs.device.at(hit.tokens)
 
     def prefill_threshold(self, layer: int = 0) -> int | None:
         """The fewest tokens for which one miss, on an idle link and host, is cheaper on the device.

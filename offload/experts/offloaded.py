@@ -203,24 +203,27 @@ class OffloadedExperts:
     def _start_on_host(
         self, layer: int, remaining: list[int], misses: list[int], inputs: Inputs
     ) -> dict[int, HostJob]:
-        """Start on the host the misses (and arriving experts) that the cost model finds cheaper there."""
+        """Start on the host the misses, arriving experts and ready hits that the cost model sends there."""
         path = self.host_path
         if path is None:
             return {}
         cache = self.cache
         candidates = [Miss(e, inputs(e).shape[0]) for e in misses]
+        ready = []
         for expert in remaining:
-            if expert not in misses and not cache.is_ready(layer, expert):
+            if expert in misses:
+                continue
+            if cache.is_ready(layer, expert):
+                ready.append(Miss(expert, inputs(expert).shape[0]))
+            else:
                 arriving = self._arrivals.get((layer, expert), self._link_free_at)
                 candidates.append(Miss(expert, inputs(expert).shape[0], arriving))
-        if not candidates:
-            return {}
         now = time.perf_counter()
-        choices = path.model.choose(layer, candidates, now, self._link_free_at, self._host_free_at)
+        choices = path.model.choose(layer, candidates, now, self._link_free_at, self._host_free_at, ready)
         jobs = {}
         stats = cache.stats.layers[layer]
-        for miss in candidates:
-            if choices[miss.expert] != HOST:
+        for miss in [*candidates, *ready]:
+            if choices.get(miss.expert) != HOST:
                 continue
             tensors = cache.store.tensors(layer, miss.expert)
             materialize = path.materialize[layer]

@@ -11,8 +11,10 @@ Per token, summed over layers l (E experts, top_k chosen, K_l slots), at batch 1
                (``offload.settings.plan``'s formula, calibrated on the paper's figures)
     host-only: t_l = dense_l + top_k · (host_e + 2 · D · 2 bytes / link)        (llama.cpp --cpu-moe)
     hybrid:    a miss goes where ``offload.experts.cost_model`` says (host_e against copy_e + device_e);
-               on the host: t_l = dense_l + max(hits_l · device_e, misses_l · host_e), the host working
-               while the device computes the hits; else the copy-only t_l
+               on the host: H = misses_l · host_e, D = hits_l · device_e, the host working while the device
+               computes the hits; when D > H the cost model moves x = min(hits_l, (D - H) / (device_e + host_e))
+               hits to the host as well, and t_l = dense_l + max(D - x · device_e, H + x · host_e);
+               a miss on the device: the copy-only t_l
     tok/s      = 1 / (Σ t_l + lm_head weights / WEIGHTS_PER_S)
 Assumptions: the host streams an expert's stored bytes once per token (a kernel that reads the packed codes,
 memory- or core-bound, whichever binds); hybrid keeps the copy-only hit rate (its idle-link copies keep the
@@ -100,8 +102,8 @@ def predict_speeds(
         copy_only = compute + link - min(recall * link, compute / 2)
         totals["copy-only"] += copy_only
         totals["host-only"] += dense + top_k * (host_s + crossing)
-        hybrid = dense + max(top_k * hit * device_e, top_k * (1 - hit) * (host_s + crossing))
-        totals["hybrid"] += hybrid if miss_on_host else copy_only
+        experts_time = balanced(top_k * hit, top_k * (1 - hit), device_e, host_s + crossing)
+        totals["hybrid"] += dense + experts_time if miss_on_host else copy_only
     tok_s = {policy: 1.0 / seconds for policy, seconds in totals.items()}
     hit = sum(hit_rates) / len(hit_rates)
     copy_s = expert_bytes[0] / link_bps
@@ -110,6 +112,14 @@ def predict_speeds(
         copy_s, miss_on_host, totals, tok_s, head, host,
     )  # fmt: skip
     return SpeedPlan(tok_s, hit, device_e, host_e[0], copy_s, miss_on_host, tuple(lines))
+
+
+def balanced(hits: float, misses: float, device_e: float, host_e: float) -> float:
+    """The experts' time in one layer when the host takes the misses and, while the device is behind,
+    some hits (``CostModel._balance``, in expected counts)."""
+    device, host = hits * device_e, misses * host_e
+    moved = min(hits, max(0.0, (device - host) / (device_e + host_e)))
+    return max(device - moved * device_e, host + moved * host_e)
 
 
 def _arithmetic(
@@ -144,6 +154,7 @@ def _arithmetic(
         else f"{3 * config.hidden_size * config.intermediate_size / 1e6:.0f}M weights / {rate:.3g} per s"
     )
     hits, misses = top_k * hit, top_k * (1 - hit)
+    moved = min(hits, max(0.0, (hits * device_e - misses * host_e) / (device_e + host_e)))
     where = (
         f"host ({host_e * ms:.2f} < {copy_s * ms:.2f} + {device_e * ms:.2f} ms)"
         if miss_on_host
@@ -160,8 +171,10 @@ def _arithmetic(
         f"{totals['host-only'] * ms:.1f} ms -> {tok_s['host-only']:.2f} tok/s",
         f"hybrid: a miss is cheaper on the {where}; "
         + (
-            f"{layers} × ({dense * ms:.2f} + max({hits:.2f} × {device_e * ms:.2f}, {misses:.2f} × {host_e * ms:.2f})) "
-            f"+ {head * ms:.2f} = {totals['hybrid'] * ms:.1f} ms -> {tok_s['hybrid']:.2f} tok/s"
+            f"{layers} × ({dense * ms:.2f} + max({hits - moved:.2f} × {device_e * ms:.2f}, "
+            f"{misses + moved:.2f} × {host_e * ms:.2f})) + {head * ms:.2f} = {totals['hybrid'] * ms:.1f} ms "
+            f"-> {tok_s['hybrid']:.2f} tok/s"
+            + (f" ({moved:.2f} hits a layer moved to the idle host)" if moved > 0 else "")
             if miss_on_host
             else f"as copy-only, {tok_s['hybrid']:.2f} tok/s"
         ),
