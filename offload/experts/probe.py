@@ -20,6 +20,9 @@ from offload.experts.link import EmulatedLink, Link
 
 PROBE_TOKENS = (1, 4, 16, 64, 256)
 REPEATS = 5
+BUDGET_S = (
+    0.25  # per token count: a real expert on a CPU can take a second at 256 tokens; stop repeating then
+)
 
 
 def _synchronize(device: torch.device) -> None:
@@ -41,14 +44,16 @@ def time_expert(
         for count in tokens:
             x = torch.randn(count, hidden_size, generator=generator).to(device=device, dtype=dtype)
             run(x)  # warm-up: first-call allocations and kernel selection
-            seconds = []
-            for _ in range(REPEATS):
+            seconds: list[float] = []
+            while len(seconds) < REPEATS and sum(seconds) < BUDGET_S:
                 _synchronize(device)
                 started = time.perf_counter()
                 run(x)
                 _synchronize(device)
                 seconds.append(time.perf_counter() - started)
             points.append((count, statistics.median(seconds)))
+            if seconds[-1] > 4 * BUDGET_S:  # larger batches only extrapolate: linear past the last point
+                break
     return TokenCurve(tuple(points))
 
 
