@@ -166,3 +166,25 @@ def test_a_profiles_host_table_sets_the_mode_and_the_costs_and_a_flag_wins(
         source.cache.store, [], source.cache.link, dtype=model.dtype, device=model.device, hidden_size=1,
         mode="never",
     ) is None  # fmt: skip
+
+
+@pytest.mark.cuda
+def test_cuda_device_with_cpu_host_stays_close_to_resident() -> None:
+    """Different kernels on each side (CUDA device, CPU host): logits close, 64 greedy tokens equal."""
+    from offload.checkpoint.hub import default_model
+
+    demo = default_model()
+    prompt = list(range(1, 33))
+    resident = load_model(demo, device="cuda", dtype="float32")
+    options = OffloadOptions(experts_per_layer=4, prefetch=2, link="cuda", host_compute="always")
+    hybrid = load_model(demo, device="cuda", dtype="float32", offload=options)
+    with torch.no_grad():
+        ids = torch.tensor([prompt], device="cuda")
+        want = resident(ids, KVCache(resident.config, 64, dtype=torch.float32, device=torch.device("cuda")))
+        got = hybrid(ids, KVCache(hybrid.config, 64, dtype=torch.float32, device=torch.device("cuda")))
+    assert torch.allclose(got, want, rtol=1e-3, atol=1e-3)
+    greedy = SamplingParams(temperature=0)
+    assert generate_ids(hybrid, prompt, max_new_tokens=64, sampling=greedy) == generate_ids(
+        resident, prompt, max_new_tokens=64, sampling=greedy
+    )
+    assert hybrid.expert_source.stats.total().host_computes > 0
