@@ -7,8 +7,9 @@ Definitions (per layer):
 - a wasted prefetch is a prefetched expert evicted before any use;
 - loads count every copy into a slot (demand and prefetch), so bytes_moved = loads x expert bytes;
 - wait_seconds are host seconds blocked on the link (on CUDA the wait is on the device: about 0);
-- host_computes are misses computed on the host CPU instead (``offload.experts.cost_model``), and
-  host_wait_seconds the seconds the caller then blocked on the host's output;
+- host_computes are experts computed on the host CPU instead of the device (``offload.experts.cost_model``:
+  misses, arriving copies, and hits while the device is behind), and host_wait_seconds the seconds the
+  caller then blocked on the host's output;
 - prefetch recall = |guessed ∩ used| / |used| and precision = |guessed ∩ used| / |guessed|, summed
   over the steps in which a guess was made for the layer.
 """
@@ -37,7 +38,7 @@ class LayerStats:
     prefetch_loads: int = 0  # the part of loads that prefetches issued
     bytes_moved: int = 0
     wait_seconds: float = 0.0
-    host_computes: int = 0  # misses (or arriving experts) computed on the host, not on the device
+    host_computes: int = 0  # experts computed on the host, not on the device
     host_wait_seconds: float = 0.0
     guessed: int = 0  # experts guessed for this layer, over all steps with a guess
     used_when_guessed: int = 0  # experts used in those steps
