@@ -22,10 +22,11 @@ What it does:
    tree the build came from), the Q4_K_M GGUF (`llama-quantize`) and offload's conversions
    (`offload convert`, attention and experts `hqq:4:64`, the lm_head kept, or in `bnb:int8`).
 2. Runs every row once per round, each in its own process, interleaved round by round (the starting row
-   rotates), so a change in machine load hits every row alike. llama.cpp: `llama-bench -p 0 -n TOKENS -r 1`
-   (one warm-up, one measured run). offload: `offload bench --runs 1` (one warm-up, one measured run of
-   TOKENS greedy tokens after a one-token prompt, every expert resident). The figure of a row is the median
-   over rounds; peak RSS is the child's own (``os.wait4``), the largest over rounds.
+   rotates), so a change in machine load hits every row alike. Each process makes a warm-up run and then
+   REPS measured runs of TOKENS decode tokens, and gives their median: llama.cpp `llama-bench -p 0 -n TOKENS
+   -r REPS`; offload `offload bench --runs REPS` (greedy, after a one-token prompt, every expert resident).
+   The figure of a row is the median over rounds of those medians; peak RSS is the child's own
+   (``os.wait4``), the largest over rounds.
 3. Prints a markdown table pairing each llama.cpp row with offload's, the commands, and the load average
    before every round; ``--json`` also writes every figure.
 """
@@ -145,7 +146,7 @@ def prepare(model: Path, build: Path, source: Path, threads: int) -> dict[str, P
     return paths
 
 
-def rows(paths: dict[str, Path], build: Path, threads: int, tokens: int) -> dict[str, Row]:
+def rows(paths: dict[str, Path], build: Path, threads: int, tokens: int, reps: int) -> dict[str, Row]:
     table: dict[str, Row] = {}
     for name in ("F32", "Q4_K_M"):
         table[name] = Row(
@@ -153,7 +154,7 @@ def rows(paths: dict[str, Path], build: Path, threads: int, tokens: int) -> dict
             "llama.cpp",
             [
                 str(build / "bin" / "llama-bench"), "-m", str(paths[name]), "-t", str(threads),
-                "-p", "0", "-n", str(tokens), "-r", "1", "-o", "json",
+                "-p", "0", "-n", str(tokens), "-r", str(reps), "-o", "json",
             ],
         )  # fmt: skip
     for name in ("float32", *CONVERSIONS):
@@ -162,7 +163,7 @@ def rows(paths: dict[str, Path], build: Path, threads: int, tokens: int) -> dict
             "offload",
             offload_command(
                 "bench", "-m", str(paths[name]), "--threads", str(threads), "--dtype", "float32",
-                "--prompt-tokens", "1", "--new-tokens", str(tokens), "--runs", "1", "--json", "-",
+                "--prompt-tokens", "1", "--new-tokens", str(tokens), "--runs", str(reps), "--json", "-",
             ),
         )  # fmt: skip
     return table
@@ -182,7 +183,7 @@ def measure(row: Row, threads: int) -> tuple[float, float]:
             sys.exit(f"{row.name} failed ({child.returncode}): {' '.join(row.command)}\n{err.read()[-3000:]}")
     rss_gb = usage.ru_maxrss * 1024 / 1e9  # Linux reports KiB
     if row.engine == "llama.cpp":
-        return float(json.loads(text)[0]["avg_ts"]), rss_gb
+        return statistics.median(json.loads(text)[0]["samples_ts"]), rss_gb
     report = json.loads(text)
     (only,) = report["rows"]
     assert report["experts_per_layer"] is None, "offload ran offloaded, not resident"
@@ -199,8 +200,8 @@ def shell(command: list[str]) -> str:
 def report(table: dict[str, Row], loads: list[tuple[float, float, float]], args: argparse.Namespace) -> str:
     first = [load[0] for load in loads]
     lines = [
-        f"{args.threads} thread(s), {args.rounds} interleaved rounds, {args.tokens} decode tokens per run; "
-        f"medians over rounds. Load average (1 min) before the rounds: median {statistics.median(first):.2f}, "
+        f"{args.threads} thread(s), {args.rounds} interleaved rounds of one process per row, each the median "
+        f"of {args.reps} runs of {args.tokens} decode tokens; medians over rounds. Load average (1 min) before the rounds: median {statistics.median(first):.2f}, "
         f"min {min(first):.2f}, max {max(first):.2f}.",
         "",
         "| llama.cpp | tok/s | peak RSS GB | offload | tok/s | peak RSS GB | ratio |",
@@ -238,13 +239,14 @@ def main() -> None:
     )
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--tokens", type=int, default=64, help="decode tokens per run")
+    parser.add_argument("--reps", type=int, default=3, help="measured runs per process (their median)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--json", type=Path, help="also write every figure here")
     args = parser.parse_args()
 
     build = args.llama_build.resolve()
     paths = prepare(args.model.resolve(), build, args.llama_src or llama_source(build), args.threads)
-    table = rows(paths, build, args.threads, args.tokens)
+    table = rows(paths, build, args.threads, args.tokens, args.reps)
     names = list(table)
     loads = []
     for round_ in range(args.rounds):
@@ -266,6 +268,7 @@ def main() -> None:
             "threads": args.threads,
             "rounds": args.rounds,
             "tokens": args.tokens,
+            "reps": args.reps,
             "load_averages": loads,
             "git_head": subprocess.run(
                 ["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True
