@@ -20,7 +20,7 @@ What it does:
    4 layers of 8 experts, vocabulary 32000, random weights; mistral-common's v1 sentencepiece model as its
    tokenizer, which the GGUF needs), its F32 GGUF (`convert_hf_to_gguf.py --outtype f32` from the llama.cpp
    tree the build came from), the Q4_K_M GGUF (`llama-quantize`) and offload's conversions
-   (`offload convert`, attention and experts `hqq:4:64`, the lm_head kept, or in `bnb:int8`).
+   (`offload convert`, attention and experts `hqq:4:64`, the lm_head kept, in `bnb:int8` or in `hqq:4:64`).
 2. Runs every row once per round, each in its own process, interleaved round by round (the starting row
    rotates), so a change in machine load hits every row alike. Each process makes a warm-up run and then
    REPS measured runs of TOKENS decode tokens, and gives their median: llama.cpp `llama-bench -p 0 -n TOKENS
@@ -52,13 +52,15 @@ DEFAULT_MODEL = Path("/tmp/offload-bench/llama-compare/float32")
 CONVERSIONS = {
     "hqq4": [],
     "hqq4-lm8": ["--lm-head", "bnb:int8"],
+    "hqq4-lm": ["--lm-head", "hqq:4:64"],  # nearest to Q4_K_M (output matrix in Q6_K)
 }
 # table lines: (llama.cpp row, offload row); each row is measured once per round even when paired twice
-PAIRS = [("F32", "float32"), ("Q4_K_M", "hqq4"), ("Q4_K_M", "hqq4-lm8")]
+PAIRS = [("F32", "float32"), ("Q4_K_M", "hqq4"), ("Q4_K_M", "hqq4-lm8"), ("Q4_K_M", "hqq4-lm")]
 OFFLOAD_LABELS = {
     "float32": "float32",
     "hqq4": "converted `hqq:4:64` (lm_head float)",
     "hqq4-lm8": "converted `hqq:4:64`, lm_head `bnb:int8`",
+    "hqq4-lm": "converted `hqq:4:64`, lm_head `hqq:4:64` too",
 }
 
 
