@@ -160,11 +160,14 @@ def rows(paths: dict[str, Path], build: Path, threads: int, tokens: int, reps: i
             ],
         )  # fmt: skip
     for name in ("float32", *CONVERSIONS):
+        # the profile by path: the default one of a CPU, but this tree's (an editable install of another
+        # checkout would otherwise supply its own profiles/)
         table[name] = Row(
             name,
             "offload",
             offload_command(
-                "bench", "-m", str(paths[name]), "--threads", str(threads), "--dtype", "float32",
+                "bench", "-m", str(paths[name]), "--profile", str(ROOT / "profiles" / "cpu.toml"),
+                "--threads", str(threads), "--dtype", "float32",
                 "--prompt-tokens", "1", "--new-tokens", str(tokens), "--runs", str(reps), "--json", "-",
             ),
         )  # fmt: skip
