@@ -86,6 +86,8 @@ def test_cli_plan_shows_each_policy_and_its_arithmetic(monkeypatch: pytest.Monke
         ({"memory_gbps": 0}, "host.memory_gbps = 0: allowed is a positive number of GB/s"),
         ({"cores": 0}, "host.cores = 0: allowed is a positive number of cores"),
         ({"threads": 4}, "unknown key host.threads"),
+        ({"memory_gib": -8}, "host.memory_gib = -8: allowed is a positive number of GiB"),
+        ({"disk_gbps": 0}, "host.disk_gbps = 0: allowed is a positive number of GB/s"),
     ],
 )
 def test_bad_host_tables_are_one_line(host: dict, message: str) -> None:

@@ -76,6 +76,8 @@ class HostSettings:
     compute: str = "auto"  # where misses run by default: auto, never or always (--host-compute wins)
     expert_ms: float | None = None  # the host's time for one expert at one token, instead of measuring it
     device_expert_ms: float | None = None  # the device's, likewise
+    memory_gib: float | None = None  # host RAM for experts; the rest stay on disk (None: every expert in RAM)
+    disk_gbps: float = 3.0  # the disk's read bandwidth in GB/s, for the plan (a laptop NVMe SSD: 2 to 7)
 
 
 class ProfileTable:
@@ -142,7 +144,7 @@ SECTIONS: dict[str, tuple[str, ...]] = {
     "prefetch": ("enabled", "experts"),
     "quant": (*QUANT_ROLES, "experts_overrides"),
     "generation": ("max_new_tokens", "temperature", "top_p", "top_k", "context"),
-    "host": ("cores", "memory_gbps", "compute", "expert_ms", "device_expert_ms"),
+    "host": ("cores", "memory_gbps", "compute", "expert_ms", "device_expert_ms", "memory_gib", "disk_gbps"),
 }
 
 
@@ -219,6 +221,8 @@ def read_host(table: ProfileTable) -> HostSettings:
         compute=table.string("compute", "auto", HOST_COMPUTE_MODES),
         expert_ms=table.number("expert_ms", None, lambda v: v > 0, f"{positive} milliseconds"),
         device_expert_ms=table.number("device_expert_ms", None, lambda v: v > 0, f"{positive} milliseconds"),
+        memory_gib=table.number("memory_gib", None, lambda v: v > 0, f"{positive} GiB"),
+        disk_gbps=table.number("disk_gbps", 3.0, lambda v: v > 0, f"{positive} GB/s"),
     )
 
 
