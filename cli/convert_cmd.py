@@ -23,9 +23,9 @@ from offload.quant.scheme import QuantScheme
 from offload.quant.spec import QuantSpec
 from offload.settings.profile import load_profile
 
-# The paper's scheme, used when neither --profile nor a spec flag says otherwise.
+# The shipped profiles' scheme, used when neither --profile nor a spec flag says otherwise.
 DEFAULT_ATTENTION = "hqq:4:64"
-DEFAULT_EXPERTS = "hqq:3:64"
+DEFAULT_EXPERTS = "hqq:4:64"
 
 
 def register(app: typer.Typer) -> None:

@@ -25,6 +25,8 @@ MB = 1e6
 # hqq:3:64 matrix (14336 x 4096): 917,504 groups; ten 3-bit codes per int32 -> ceil(917504 / 10) * 64 * 4 bytes
 # of codes, plus fp16 scale and zero per group.
 EXPERT_3_64 = 3 * (math.ceil(917_504 / 10) * 64 * 4 + 2 * 917_504 * 2)
+# hqq:4:64, the shipped experts: two 4-bit codes per byte, plus fp16 scale and zero per group of 64.
+EXPERT_4_64 = 3 * (917_504 * 64 // 2 + 2 * 917_504 * 2)
 # hqq:4:64 attention per layer: q and o (4096 x 4096), k and v (1024 x 4096): 4 bits + 2 x 16 bits per 64 weights.
 ATTENTION_4_64 = 32 * (2 * 4096 * 4096 + 2 * 1024 * 4096) * (4 + 32 / 64) // 8
 DENSE = (
@@ -64,11 +66,11 @@ def test_fixture_is_the_shared_one() -> None:
 
 def test_bytes_match_hand_arithmetic(mixtral: ModelConfig) -> None:
     plan = plan_memory(mixtral, load_profile("auto"), 4096, free_memory_bytes=80 * GIB)
-    assert plan.expert_bytes == (EXPERT_3_64,) * 32
+    assert plan.expert_bytes == (EXPERT_4_64,) * 32
     assert plan.dense.total == DENSE
     assert plan.kv_cache_bytes == KV_4096 == GIB // 2
     assert plan.workspace_bytes == WORKSPACE_4096
-    assert plan.host_bytes == 256 * EXPERT_3_64
+    assert plan.host_bytes == 256 * EXPERT_4_64
 
 
 @pytest.mark.parametrize("name", GPU_PROFILES)
@@ -110,9 +112,11 @@ def test_host_tier_is_every_expert_and_matches_the_paper(mixtral: ModelConfig) -
 
 def test_overrides_and_per_layer_k_are_counted_per_layer(mixtral: ModelConfig) -> None:
     ks = [1] * 16 + [3] * 16
-    profile = _profile(cache={"experts_per_layer": ks}, quant={"experts_overrides": {"0": "hqq:4:64"}})
+    quant = {"experts": "hqq:3:64", "experts_overrides": {"0": "hqq:4:64"}}
+    profile = _profile(cache={"experts_per_layer": ks}, quant=quant)
     plan = plan_memory(mixtral, profile, 4096)
     four_bit = 3 * 14336 * 4096 * (4 + 32 / 64) // 8
+    assert four_bit == EXPERT_4_64
     assert plan.expert_bytes[0] == four_bit and plan.expert_bytes[1] == EXPERT_3_64
     assert plan.expert_slot_bytes == four_bit + (15 + 3 * 16) * EXPERT_3_64
     assert plan.host_bytes == 8 * (four_bit + 31 * EXPERT_3_64)
@@ -121,7 +125,7 @@ def test_overrides_and_per_layer_k_are_counted_per_layer(mixtral: ModelConfig) -
 @pytest.mark.parametrize("n", [32, 33, 47, 100, 255, 256])
 def test_auto_is_exact_at_hand_computed_boundaries(n: int, mixtral: ModelConfig) -> None:
     auto = load_profile("auto")
-    free = FIXED_4096 + n * EXPERT_3_64
+    free = FIXED_4096 + n * EXPERT_4_64
     ks = resolve_auto_experts(mixtral, auto, free, context=4096)
     assert sum(ks) == n
     assert max(ks) - min(ks) <= 1  # spread evenly over the layers
@@ -133,7 +137,7 @@ def test_auto_caps_at_every_expert_and_refuses_too_little(mixtral: ModelConfig) 
     auto = load_profile("auto")
     assert resolve_auto_experts(mixtral, auto, 200 * GIB, context=4096) == [8] * 32
     with pytest.raises(ProfileError, match="one per layer needs"):
-        resolve_auto_experts(mixtral, auto, FIXED_4096 + 32 * EXPERT_3_64 - 1, context=4096)
+        resolve_auto_experts(mixtral, auto, FIXED_4096 + 32 * EXPERT_4_64 - 1, context=4096)
 
 
 def test_auto_is_monotone_in_memory(mixtral: ModelConfig) -> None:
@@ -198,7 +202,7 @@ def test_cli_plan_prints_tiers_fit_and_estimate(monkeypatch: pytest.MonkeyPatch,
     monkeypatch.setenv("COLUMNS", "160")
     code, out, err = run_offload(monkeypatch, capsys, "plan", "-m", str(MIXTRAL), "--profile", "rtx3060-12gb")
     assert code == 0, err
-    for text in ("expert slots", "KV cache", "workspace", "all experts", "FITS", "estimate", "10.89"):
+    for text in ("expert slots", "KV cache", "workspace", "all experts", "FITS", "estimate", "11.91"):
         assert text in out
 
 
@@ -207,7 +211,8 @@ def test_cli_plan_json(monkeypatch: pytest.MonkeyPatch, capsys) -> None:
     code, out, _ = run_offload(monkeypatch, capsys, *args, "--json")
     assert code == 0
     plan = json.loads(out)
-    assert plan["fits"] is True and plan["context"] == 2048 and plan["experts_per_layer"] == [2] * 32
+    assert plan["fits"] is True and plan["context"] == 2048
+    assert set(plan["experts_per_layer"]) == {1, 2}  # "auto": 2 slots where they fit, 1 elsewhere
     assert plan["predicted_tok_s_is_estimate"] is True
     assert plan["device_bytes"] <= plan["budget_bytes"] == 8 * GIB
 
@@ -250,5 +255,5 @@ def test_spec_that_does_not_fit_the_model_names_the_profile() -> None:
             "num_experts_per_tok": 2,
         }
     )
-    with pytest.raises(QuantError, match=r"profiles/laptop-8gb\.toml: quant: hqq:3:64 cannot quantize"):
+    with pytest.raises(QuantError, match=r"profiles/laptop-8gb\.toml: quant: hqq:4:64 cannot quantize"):
         plan_memory(small, load_profile("laptop-8gb"), 256, free_memory_bytes=GIB)

@@ -60,7 +60,7 @@ def test_plan_reads_convert_output(checkpoints: tuple[Path, Path], monkeypatch, 
     source, converted = checkpoints
     block = json.loads((converted / "config.json").read_text())["quantization"]
     plan = _plan_json(monkeypatch, capsys, "--model", str(converted), "--profile", "laptop-8gb")
-    assert plan["expert_specs"] == block["experts"] == ["hqq:3:64"] * 3
+    assert plan["expert_specs"] == block["experts"] == ["hqq:4:64"] * 3
     # The converted checkpoint holds exactly what the profile would quantize to at load time.
     planned_from_float = _plan_json(monkeypatch, capsys, "--model", str(source), "--profile", "laptop-8gb")
     for key in ("dense", "expert_bytes", "device_bytes", "host_bytes", "experts_per_layer"):
@@ -73,7 +73,7 @@ def test_the_converted_block_wins_over_the_profile(
     source, converted = checkpoints
     as_stored = _plan_json(monkeypatch, capsys, "-m", str(converted), "-p", "cpu")
     float_plan = _plan_json(monkeypatch, capsys, "-m", str(source), "-p", "cpu")
-    assert as_stored["expert_specs"] == ["hqq:3:64"] * 3 and float_plan["expert_specs"] == ["none"] * 3
+    assert as_stored["expert_specs"] == ["hqq:4:64"] * 3 and float_plan["expert_specs"] == ["none"] * 3
     assert as_stored["dense"]["attention"] < float_plan["dense"]["attention"]  # 4-bit as stored, not float
 
 

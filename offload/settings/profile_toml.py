@@ -21,8 +21,8 @@ DEVICE_KINDS = ("cuda", "cpu")
 K_WORDS = ("auto", "all")
 K_ALLOWED = "a positive integer, 'auto', 'all', or a list with one positive integer per layer"
 QUANT_ROLES = ("attention", "experts", "gate", "embed", "lm_head")
-# 3-bit g64 experts: 3.7 stored bits/weight with fp16 scale and zero, less than 2-bit g16 (4.0), and a lower error.
-_DEFAULT_QUANT = {"attention": "hqq:4:64", "experts": "hqq:3:64", "gate": "none", "embed": "none"}
+# 4-bit g64 experts, as every shipped profile: a host (CPU) kernel and a GPU int4 layout (docs/BENCHMARKS.md).
+_DEFAULT_QUANT = {"attention": "hqq:4:64", "experts": "hqq:4:64", "gate": "none", "embed": "none"}
 _DEFAULT_LINK_GBPS = {"cuda": 12.0, "cpu": 20.0}
 
 
