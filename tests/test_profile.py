@@ -284,7 +284,7 @@ def test_cli_show_prints_resolved_toml(
     code, out, _ = run_offload(monkeypatch, capsys, "profiles", "show", "rtx3060-12gb")
     assert code == 0
     assert out.startswith(f"# {BUNDLED_DIR / 'rtx3060-12gb.toml'}")
-    assert "[cache]\nexperts_per_layer = \"auto\"" in out
+    assert '[cache]\nexperts_per_layer = "auto"' in out
 
 
 def test_cli_list_shows_every_profile(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:

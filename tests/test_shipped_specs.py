@@ -29,7 +29,9 @@ def test_mixtral_experts_fit_the_int4_kernels(path: Path) -> None:
     d, f = MIXTRAL.hidden_size, MIXTRAL.intermediate_size
     for spec in _quantized_expert_specs(path, MIXTRAL):
         assert spec.backend == "hqq" and spec.bits == 4, f"{path.name}: {spec} has no int4 kernel"
-        assert spec.group_size in INT4_GROUP_SIZES, f"{path.name}: {spec}: torch's int4 kernels take groups 32-256"
+        assert spec.group_size in INT4_GROUP_SIZES, (
+            f"{path.name}: {spec}: torch's int4 kernels take groups 32-256"
+        )
         if int4_fits(16, 64, 64):  # this torch has the CPU kernel
             assert int4_fits(f, d, spec.group_size) and int4_fits(d, f, spec.group_size)
 
