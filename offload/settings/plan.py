@@ -37,6 +37,7 @@ from offload.settings.plan_speed import (
     LOCALITY_BONUS,
     PREFETCH_RECALL,
     WEIGHTS_PER_S,
+    Roles,
     SpeedPlan,
     predict_speeds,
 )
@@ -209,7 +210,7 @@ def plan_memory(
         expected_hit_rate=hit,
         miss_bytes_per_token=miss_bytes,
         predicted_tok_s=tok_s,
-        speeds=predict_speeds(config, profile, ks, expert_bytes),
+        speeds=predict_speeds(config, profile, ks, expert_bytes, _roles(scheme, dense, layer_specs, config)),
     )
 
 
@@ -289,6 +290,15 @@ def _dense_bytes(config: ModelConfig, scheme: QuantScheme, dtype: torch.dtype) -
         0 if config.tie_word_embeddings else matrix_nbytes(scheme.lm_head, (config.vocab_size, d), dtype)
     )
     return DenseBytes(attention=attention, gate=gate, norms=norms, embed=embed, lm_head=lm_head)
+
+
+def _roles(
+    config_scheme: QuantScheme, dense: DenseBytes, specs: list[QuantSpec], config: ModelConfig
+) -> Roles:
+    """The specs and bytes ``plan_speed`` times each matrix by (a tied lm_head is the embedding)."""
+    head = (config_scheme.lm_head, dense.lm_head) if dense.lm_head else (config_scheme.embed, dense.embed)
+    attention = dense.attention // config.num_hidden_layers
+    return Roles(config_scheme.attention, attention, head[0], head[1], tuple(specs))
 
 
 def _fill(room: int, expert_bytes: tuple[int, ...], experts: int, profile: Profile) -> list[int]:

@@ -3,23 +3,29 @@
 Per token, summed over layers l (E experts, top_k chosen, K_l slots), at batch 1:
     p_l       = min(1, K_l / E);  hit_l = p_l + LOCALITY_BONUS · p_l · (1 - p_l)
     hits_l    = top_k · hit_l;    misses_l = top_k · (1 - hit_l)
-    dense_l   = LAYER_OVERHEAD_S + attention weights / WEIGHTS_PER_S           (on the device)
-    device_e  = 3·D·F / WEIGHTS_PER_S                                           (one expert on the device)
-    host_e    = expert bytes / min(cores · HOST_GBPS_PER_CORE, memory GB/s) + HOST_JOB_S
     copy_e    = expert bytes / link GB/s
-    copy-only: t_l = dense_l + top_k · device_e + link_l - min(recall · link_l, compute_l / 2)
-               (``offload.settings.plan``'s formula, calibrated on the paper's figures)
-    host-only: t_l = dense_l + top_k · (host_e + 2 · D · 2 bytes / link)        (llama.cpp --cpu-moe)
-    hybrid:    a miss goes where ``offload.experts.cost_model`` says (host_e against copy_e + device_e);
-               on the host: H = misses_l · host_e, D = hits_l · device_e, the host working while the device
-               computes the hits; when D > H the cost model moves x = min(hits_l, (D - H) / (device_e + host_e))
-               hits to the host as well, and t_l = dense_l + max(D - x · device_e, H + x · host_e);
-               a miss on the device: the copy-only t_l
-    tok/s      = 1 / (Σ t_l + lm_head weights / WEIGHTS_PER_S)
+    copy-only: the paper's engine, with the constants fitted to its figures (``offload.settings.plan``):
+               t_l = dense_l + top_k · device_e + link_l - min(recall · link_l, compute_l / 2),
+               dense_l = LAYER_OVERHEAD_S + attention weights / WEIGHTS_PER_S, device_e = 3·D·F / WEIGHTS_PER_S
+    our engine (host-only and hybrid), each matrix timed by the kernel that runs it (``matrix_seconds``):
+      ours_l   = ENGINE_LAYER_OVERHEAD_S + the attention's time on the device
+      device_e = one expert on the device: on CUDA, its bytes / (device memory GB/s · GPU_BANDWIDTH_SHARE) for a
+                 kernel that streams them (dense, or int4 once wired in: INT4_GPU_KERNEL_WIRED), else the
+                 paper's per-weight rate; on a CPU device, as host_e
+      host_e   = one expert on the host: bytes / min(cores · HOST_GBPS_PER_CORE[kernel], memory GB/s) + HOST_JOB_S
+                 for a spec with a CPU kernel, else 3·D·F / (cores · HOST_DEQUANT_WEIGHTS_PER_S_PER_CORE)
+      host-only: t_l = ours_l + top_k · (host_e + 2 · D · 2 bytes / link)        (llama.cpp --cpu-moe)
+      hybrid:    a miss goes where ``offload.experts.cost_model`` says (host_e against copy_e + device_e);
+                 on the host: H = misses_l · host_e, D = hits_l · device_e, the host working while the device
+                 computes the hits; when D > H the cost model moves x = min(hits_l, (D - H) / (device_e + host_e))
+                 hits to the host as well, and t_l = ours_l + max(D - x · device_e, H + x · host_e);
+                 a miss on the device: the copy-only t_l
+    tok/s      = 1 / (Σ t_l + lm_head), the lm_head at the paper's rate for copy-only, by its kernel for ours
 Assumptions: the host streams an expert's stored bytes once per token (a kernel that reads the packed codes,
 memory- or core-bound, whichever binds); hybrid keeps the copy-only hit rate (its idle-link copies keep the
-cache warm) and counts no prefetch; host work does not slow the device's launches. A profile's [host]
-``expert_ms`` and ``device_expert_ms`` replace host_e and device_e.
+cache warm) and counts no prefetch; host work does not slow the device's launches; a layer's host-side time
+(ENGINE_LAYER_OVERHEAD_S) and its device work add up, none of it overlapping. A profile's [host] ``expert_ms``
+and ``device_expert_ms`` replace host_e and device_e.
 """
 
 from __future__ import annotations
@@ -30,18 +36,49 @@ from typing import Any
 
 from offload.config import ModelConfig
 from offload.experts.cost_model import HOST, CostInputs, CostModel, Miss, TokenCurve
+from offload.quant.host_kernels import INT4_GROUP_SIZES
+from offload.quant.spec import QuantSpec
 
 LOCALITY_BONUS = 0.3
 PREFETCH_RECALL = 0.6  # share of needed experts that top_k guesses catch one layer ahead (assumed)
+# The paper's engine (arXiv 2312.17238's code): fitted so that the copy-only formula gives its eight published
+# figures within 30% (tests/test_plan.py). Its per-layer overhead is its own; ours is ENGINE_LAYER_OVERHEAD_S.
 LAYER_OVERHEAD_S = {"cuda": 2e-3, "cpu": 0.5e-3}  # Python, kernel launches, the one host sync per layer
-# Active weights a decode step gets through per second. Quantized kernels cost per weight (dequantize, then
-# multiply) whatever the bit width, so this counts weights, not bytes. CPU: 2 cores run dense bf16 at about
-# 8e9 and hqq (dequantize on every call) at about 1.3e9 (FACTS.md); cached dequantized experts sit between.
+# Active weights a decode step gets through per second, for a kernel that dequantizes (then multiplies) at
+# every call, which costs per weight whatever the bit width. CPU: 2 cores run dense bf16 at about 8e9 and hqq
+# (dequantize on every call) at about 1.3e9 (FACTS.md); cached dequantized experts sit between.
 WEIGHTS_PER_S = {"cuda": 50e9, "cpu": 2e9}
-# An int4 CPU kernel at batch 1 on one thread read a 14336 x 4096 matrix's codes (29 MB) in 3.8 ms (issue 15).
-HOST_GBPS_PER_CORE = 7.7
+# Our engine's host-side time per decoder layer at decode: Python, torch's dispatch and the expert cache's
+# bookkeeping. Measured: `OMP_NUM_THREADS=1 python benchmarks/layer_overhead.py --threads 1 --runs 7
+# --new-tokens 64` gave 0.98 ms a layer through the cache (K = E, every expert a hit; 0.90 ms resident, 1.28 ms
+# at K = 4 copying misses) on the demo model, whose matmuls take microseconds, on the 2-core build machine at
+# load 5.1 to 5.3 (docs/BENCHMARKS.md). On a GPU the same Python launches the kernels, which run behind it
+# until the layer's one synchronisation.
+ENGINE_LAYER_OVERHEAD_S = 1.0e-3
+# The share of the datasheet memory bandwidth a GPU kernel that streams its weights reaches at batch 1: gpt-fast's
+# README (Llama-2-7B, batch 1, torch.compile, on an A100-80GB SXM: 2039 GB/s) gives 1397.31 GB/s in bf16 and
+# 862.69 GB/s in int4 with groups of 32 (torch's _weight_int4pack_mm).
+GPU_BANDWIDTH_SHARE = {"dense": 1397.31 / 2039, "int4": 862.69 / 2039}
+# Whether our CUDA path runs torch's int4 kernel for hqq 4-bit weights. It does not yet: hqq_backend.kernel_linear
+# builds hqq's HQQLinear, whose forward dequantizes the whole matrix at every call (docs/BENCHMARKS.md).
+INT4_GPU_KERNEL_WIRED = False
+# CPU kernels at batch 1 on one thread, one 14336 x 4096 matrix (issue 15, FACTS.md), as GB/s of the bytes read:
+# int4 29.4 MB of codes in 3.8 ms, int8 58.7 MB in 8.6 ms, a bf16 F.linear 117 MB in 16 ms.
+HOST_GBPS_PER_CORE = {"int4": 7.7, "int8": 6.8, "dense": 7.3}
+HOST_DEQUANT_WEIGHTS_PER_S_PER_CORE = 0.65e9  # hqq without a CPU kernel: about 1.3e9 on 2 cores (FACTS.md)
 HOST_JOB_S = 50e-6  # handing one expert to the host thread and back
 POLICIES = ("copy-only", "host-only", "hybrid")
+
+
+@dataclass(frozen=True)
+class Roles:
+    """What the plan knows of the stored weights: each role's spec and the bytes of one layer's share."""
+
+    attention: QuantSpec
+    attention_bytes: int  # q, k, v, o of one layer
+    lm_head: QuantSpec
+    lm_head_bytes: int
+    experts: tuple[QuantSpec, ...]  # per layer
 
 
 @dataclass(frozen=True)
@@ -55,13 +92,80 @@ class SpeedPlan:
     copy_s: float  # one expert of layer 0 over the link
     miss_on_host: bool  # the cost model's choice for a miss at one token
     arithmetic: tuple[str, ...]  # the sums, one line each
+    device_kernel: str = "paper rate"  # how device_expert_s was found (``matrix_seconds``)
+    # host-only and hybrid if torch's int4 GPU kernel ran the 4-bit weights; None when it changes nothing
+    with_int4_kernel: dict[str, float] | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return {**vars(self), "arithmetic": list(self.arithmetic)}
 
 
+def gpu_kernel(spec: QuantSpec, int4_wired: bool = INT4_GPU_KERNEL_WIRED) -> str | None:
+    """The GPU kernel that streams ``spec``'s stored bytes in our engine: "dense" (cuBLAS), "int4" (torch's
+    _weight_int4pack_mm, hqq 4-bit with groups of 32 to 256, once wired in), or None (dequantized per call)."""
+    if spec.backend == "none":
+        return "dense"
+    if int4_wired and spec.backend == "hqq" and spec.bits == 4 and spec.group_size in INT4_GROUP_SIZES:
+        return "int4"
+    return None
+
+
+def cpu_kernel(spec: QuantSpec) -> str | None:
+    """The CPU kernel that runs ``spec`` from its stored bytes (``offload.quant.host_kernels``), or None."""
+    if spec.backend == "none":
+        return "dense"
+    if spec.backend == "hqq" and spec.bits == 4 and spec.group_size in INT4_GROUP_SIZES:
+        return "int4"
+    if spec.backend == "bnb" and spec.kind == "int8":
+        return "int8"
+    return None
+
+
+def host_seconds(spec: QuantSpec, nbytes: int, weights: int, host: Any) -> tuple[float, str]:
+    """One matrix (or expert) of ``nbytes`` stored bytes and ``weights`` weights on the host, and how."""
+    kernel = cpu_kernel(spec)
+    if kernel is None:
+        rate = host.cores * HOST_DEQUANT_WEIGHTS_PER_S_PER_CORE
+        return weights / rate, f"{weights / 1e6:.0f}M weights dequantized per call at {rate:.3g}/s"
+    gbps = min(host.cores * HOST_GBPS_PER_CORE[kernel], host.memory_gbps)
+    why = (
+        f"{nbytes / 1e6:.1f} MB / min({host.cores} cores × {HOST_GBPS_PER_CORE[kernel]} GB/s, "
+        f"{host.memory_gbps:g} GB/s), {kernel} kernel"
+    )
+    return nbytes / (gbps * 1e9), why
+
+
+def matrix_seconds(
+    spec: QuantSpec, nbytes: int, weights: int, profile: Any, int4_wired: bool = INT4_GPU_KERNEL_WIRED
+) -> tuple[float, str]:
+    """One matrix (or expert) on the device in our engine, and how the time was found.
+
+    CUDA: its bytes at GPU_BANDWIDTH_SHARE of ``[device] memory_gbps`` for a kernel that streams them, else
+    (no such kernel, or no memory_gbps) the paper's per-weight rate. A CPU device is the host: ``host_seconds``
+    for a spec with a CPU kernel other than dense, else the paper's CPU rate.
+    """
+    kind = profile.device.kind
+    if kind == "cpu":
+        if cpu_kernel(spec) in ("int4", "int8"):
+            return host_seconds(spec, nbytes, weights, profile.host)
+    else:
+        kernel, gbps = gpu_kernel(spec, int4_wired), profile.device.memory_gbps
+        if kernel is not None and gbps is not None:
+            share = GPU_BANDWIDTH_SHARE[kernel]
+            why = f"{nbytes / 1e6:.1f} MB / ({gbps:g} GB/s × {share:.2f}), {kernel} kernel"
+            return nbytes / (gbps * share * 1e9), why
+    rate = WEIGHTS_PER_S[kind]
+    return weights / rate, f"{weights / 1e6:.0f}M weights / {rate:.3g} per s"
+
+
 def predict_speeds(
-    config: ModelConfig, profile: Any, ks: Sequence[int], expert_bytes: Sequence[int]
+    config: ModelConfig,
+    profile: Any,
+    ks: Sequence[int],
+    expert_bytes: Sequence[int],
+    roles: Roles,
+    *,
+    int4_wired: bool = INT4_GPU_KERNEL_WIRED,
 ) -> SpeedPlan:
     """Every policy's predicted decode speed for ``config`` with K_l = ``ks`` under ``profile``."""
     kind, top_k, experts = profile.device.kind, config.num_experts_per_tok, config.num_local_experts
@@ -69,12 +173,25 @@ def predict_speeds(
     rate, overhead = WEIGHTS_PER_S[kind], LAYER_OVERHEAD_S[kind]
     d, f = config.hidden_size, config.intermediate_size
     q_out, kv_out = config.num_attention_heads * config.head_dim, config.num_key_value_heads * config.head_dim
-    attention = 2 * d * (q_out + kv_out)
-    device_e = host.device_expert_ms * 1e-3 if host.device_expert_ms else 3 * d * f / rate
-    host_gbps = min(host.cores * HOST_GBPS_PER_CORE, host.memory_gbps)
-    host_e = [
-        host.expert_ms * 1e-3 if host.expert_ms else b / (host_gbps * 1e9) + HOST_JOB_S for b in expert_bytes
-    ]
+    attention, expert_weights, head_weights = 2 * d * (q_out + kv_out), 3 * d * f, config.vocab_size * d
+    # copy-only: the paper's engine and constants
+    paper_device_e = host.device_expert_ms * 1e-3 if host.device_expert_ms else expert_weights / rate
+    paper_dense, paper_head = overhead + attention / rate, head_weights / rate
+    # our engine, per matrix by the kernel that runs it
+    attention_s, _ = matrix_seconds(roles.attention, roles.attention_bytes, attention, profile, int4_wired)
+    head_s, head_why = matrix_seconds(roles.lm_head, roles.lm_head_bytes, head_weights, profile, int4_wired)
+    ours_dense = ENGINE_LAYER_OVERHEAD_S + attention_s
+    device_e, device_why = [], []
+    host_e, host_why = [], []
+    for spec, size in zip(roles.experts, expert_bytes, strict=True):
+        seconds, why = matrix_seconds(spec, size, expert_weights, profile, int4_wired)
+        device_e.append(host.device_expert_ms * 1e-3 if host.device_expert_ms else seconds)
+        device_why.append("the profile's host.device_expert_ms" if host.device_expert_ms else why)
+        seconds, why = host_seconds(spec, size, expert_weights, host)
+        host_e.append(host.expert_ms * 1e-3 if host.expert_ms else seconds + HOST_JOB_S)
+        host_why.append(
+            "the profile's host.expert_ms" if host.expert_ms else f"{why} + {HOST_JOB_S * 1e3:.2f} ms"
+        )
     crossing = 2 * d * 2 / link_bps  # a bf16 hidden state there and back
     guesses = profile.prefetch.experts if profile.prefetch.enabled else 0
     recall = min(1.0, PREFETCH_RECALL * guesses / top_k)
@@ -85,33 +202,45 @@ def predict_speeds(
             expert_bytes=tuple(expert_bytes),
             activation_bytes=d * 2,
             host=TokenCurve.flat(host_e[0]),
-            device=TokenCurve.flat(device_e),
+            device=TokenCurve.flat(device_e[0]),
         )
     )
     miss_on_host = model.choose(0, [Miss(0, 1)], 0.0, 0.0, 0.0)[0] == HOST
-    head = config.vocab_size * d / rate
-    totals = dict.fromkeys(POLICIES, head)
+    totals = {"copy-only": paper_head, "host-only": head_s, "hybrid": head_s if miss_on_host else paper_head}
     hit_rates = []
-    for k, size, host_s in zip(ks, expert_bytes, host_e, strict=True):
+    for k, size, device_s, host_s in zip(ks, expert_bytes, device_e, host_e, strict=True):
         p = min(1.0, k / experts)
         hit = p + LOCALITY_BONUS * p * (1 - p)
         hit_rates.append(hit)
-        dense = overhead + attention / rate
         link = top_k * (1 - hit) * size / link_bps
-        compute = dense + top_k * device_e
+        compute = paper_dense + top_k * paper_device_e
         copy_only = compute + link - min(recall * link, compute / 2)
         totals["copy-only"] += copy_only
-        totals["host-only"] += dense + top_k * (host_s + crossing)
-        experts_time = balanced(top_k * hit, top_k * (1 - hit), device_e, host_s + crossing)
-        totals["hybrid"] += dense + experts_time if miss_on_host else copy_only
+        totals["host-only"] += ours_dense + top_k * (host_s + crossing)
+        experts_time = balanced(top_k * hit, top_k * (1 - hit), device_s, host_s + crossing)
+        totals["hybrid"] += ours_dense + experts_time if miss_on_host else copy_only
     tok_s = {policy: 1.0 / seconds for policy, seconds in totals.items()}
-    hit = sum(hit_rates) / len(hit_rates)
+    with_int4 = None
+    int4_specs = any(gpu_kernel(spec, True) == "int4" for spec in (roles.attention, *roles.experts))
+    if not int4_wired and int4_specs and kind == "cuda" and profile.device.memory_gbps is not None:
+        wired = predict_speeds(config, profile, ks, expert_bytes, roles, int4_wired=True)
+        with_int4 = {policy: wired.tok_s[policy] for policy in ("host-only", "hybrid")}
     copy_s = expert_bytes[0] / link_bps
     lines = _arithmetic(
-        config, ks, expert_bytes, hit_rates[0], overhead, attention, rate, device_e, host_e[0], host_gbps,
-        copy_s, miss_on_host, totals, tok_s, head, host,
+        config, ks, expert_bytes, hit_rates[0], ours_dense, attention_s, device_e[0], device_why[0], host_e[0],
+        host_why[0], copy_s, miss_on_host, totals, tok_s, head_s, head_why, with_int4,
     )  # fmt: skip
-    return SpeedPlan(tok_s, hit, device_e, host_e[0], copy_s, miss_on_host, tuple(lines))
+    return SpeedPlan(
+        tok_s=tok_s,
+        hit_rate=sum(hit_rates) / len(hit_rates),
+        device_expert_s=device_e[0],
+        host_expert_s=host_e[0],
+        copy_s=copy_s,
+        miss_on_host=miss_on_host,
+        arithmetic=tuple(lines),
+        device_kernel=device_why[0],
+        with_int4_kernel=with_int4,
+    )
 
 
 def balanced(hits: float, misses: float, device_e: float, host_e: float) -> float:
@@ -127,32 +256,22 @@ def _arithmetic(
     ks: Sequence[int],
     expert_bytes: Sequence[int],
     hit: float,
-    overhead: float,
-    attention: int,
-    rate: float,
+    dense: float,
+    attention_s: float,
     device_e: float,
+    device_why: str,
     host_e: float,
-    host_gbps: float,
+    host_why: str,
     copy_s: float,
     miss_on_host: bool,
     totals: dict[str, float],
     tok_s: dict[str, float],
     head: float,
-    host: Any,
+    head_why: str,
+    with_int4: dict[str, float] | None,
 ) -> list[str]:
     """The sums behind each prediction, for layer 0 (the per-layer figures are summed over every layer)."""
     ms, top_k, layers = 1e3, config.num_experts_per_tok, config.num_hidden_layers
-    dense = overhead + attention / rate
-    host_source = (
-        "the profile's host.expert_ms" if host.expert_ms else
-        f"{expert_bytes[0] / 1e6:.1f} MB / min({host.cores} cores × {HOST_GBPS_PER_CORE} GB/s, "
-        f"{host.memory_gbps:g} GB/s) + {HOST_JOB_S * ms:.2f} ms"
-    )  # fmt: skip
-    device_source = (
-        "the profile's host.device_expert_ms"
-        if host.device_expert_ms
-        else f"{3 * config.hidden_size * config.intermediate_size / 1e6:.0f}M weights / {rate:.3g} per s"
-    )
     hits, misses = top_k * hit, top_k * (1 - hit)
     moved = min(hits, max(0.0, (hits * device_e - misses * host_e) / (device_e + host_e)))
     where = (
@@ -160,13 +279,14 @@ def _arithmetic(
         if miss_on_host
         else f"device ({copy_s * ms:.2f} + {device_e * ms:.2f} <= {host_e * ms:.2f} ms)"
     )
-    return [
-        f"one expert: device {device_e * ms:.2f} ms ({device_source}); host {host_e * ms:.2f} ms ({host_source}); "
+    lines = [
+        f"one expert: device {device_e * ms:.2f} ms ({device_why}); host {host_e * ms:.2f} ms ({host_why}); "
         f"copy {copy_s * ms:.2f} ms ({expert_bytes[0] / 1e6:.1f} MB over the link)",
         f"layer 0: K = {ks[0]} of {config.num_local_experts}, hit rate {hit:.1%}: {hits:.2f} hits and "
-        f"{misses:.2f} misses a token; dense part {dense * ms:.2f} ms ({overhead * ms:.1f} ms overhead + "
-        f"{attention / 1e6:.0f}M attention weights); lm_head {head * ms:.2f} ms a token",
-        f"copy-only: {layers} layers, {totals['copy-only'] * ms:.1f} ms a token -> {tok_s['copy-only']:.2f} tok/s",
+        f"{misses:.2f} misses a token; our engine's dense part {dense * ms:.2f} ms ({ENGINE_LAYER_OVERHEAD_S * ms:.1f}"
+        f" ms overhead + {attention_s * ms:.2f} ms attention); lm_head {head * ms:.2f} ms a token ({head_why})",
+        f"copy-only (the paper's engine and constants): {layers} layers, {totals['copy-only'] * ms:.1f} ms a token "
+        f"-> {tok_s['copy-only']:.2f} tok/s",
         f"host-only: {layers} × ({dense * ms:.2f} + {top_k} × {host_e * ms:.2f}) + {head * ms:.2f} = "
         f"{totals['host-only'] * ms:.1f} ms -> {tok_s['host-only']:.2f} tok/s",
         f"hybrid: a miss is cheaper on the {where}; "
@@ -179,3 +299,9 @@ def _arithmetic(
             else f"as copy-only, {tok_s['hybrid']:.2f} tok/s"
         ),
     ]
+    if with_int4 is not None:
+        lines.append(
+            "with torch's int4 GPU kernel for the 4-bit weights (not wired in: hqq dequantizes per call on CUDA): "
+            f"host-only {with_int4['host-only']:.2f}, hybrid {with_int4['hybrid']:.2f} tok/s"
+        )
+    return lines

@@ -31,6 +31,7 @@ class DeviceSettings:
     kind: str  # "cuda" or "cpu": where attention, the KV cache and the expert slots live
     memory_gib: float | None  # budget for dense weights + expert slots + KV + workspace; None = free memory
     link_gbps: float  # host→device bandwidth in GB/s (1e9 bytes/s), for the plan and EmulatedLink
+    memory_gbps: float | None = None  # the device memory's bandwidth in GB/s (its datasheet's), for the plan
 
 
 @dataclass(frozen=True)
@@ -139,7 +140,7 @@ class ProfileTable:
 
 
 SECTIONS: dict[str, tuple[str, ...]] = {
-    "device": ("kind", "memory_gib", "link_gbps"),
+    "device": ("kind", "memory_gib", "link_gbps", "memory_gbps"),
     "cache": ("experts_per_layer", "policy"),
     "prefetch": ("enabled", "experts"),
     "quant": (*QUANT_ROLES, "experts_overrides"),
@@ -160,7 +161,8 @@ def read_device(table: ProfileTable) -> DeviceSettings:
     positive = "a positive number of"
     memory = table.number("memory_gib", None, lambda v: v > 0, f"{positive} GiB (omit it to use free memory)")
     link = table.number("link_gbps", _DEFAULT_LINK_GBPS[kind], lambda v: v > 0, f"{positive} GB/s")
-    return DeviceSettings(kind=kind, memory_gib=memory, link_gbps=link)
+    bandwidth = table.number("memory_gbps", None, lambda v: v > 0, f"{positive} GB/s")
+    return DeviceSettings(kind=kind, memory_gib=memory, link_gbps=link, memory_gbps=bandwidth)
 
 
 def read_cache(table: ProfileTable) -> CacheSettings:
