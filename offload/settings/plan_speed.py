@@ -220,16 +220,23 @@ def predict_speeds(
         experts_time = balanced(top_k * hit, top_k * (1 - hit), device_s, host_s + crossing)
         totals["hybrid"] += ours_dense + experts_time if miss_on_host else copy_only
     tok_s = {policy: 1.0 / seconds for policy, seconds in totals.items()}
-    with_int4 = None
+    with_int4, wired_lines = None, []
     int4_specs = any(gpu_kernel(spec, True) == "int4" for spec in (roles.attention, *roles.experts))
     if not int4_wired and int4_specs and kind == "cuda" and profile.device.memory_gbps is not None:
         wired = predict_speeds(config, profile, ks, expert_bytes, roles, int4_wired=True)
         with_int4 = {policy: wired.tok_s[policy] for policy in ("host-only", "hybrid")}
+        wired_lines = [wired.arithmetic[i] for i in (0, 1, 3, 4)]
     copy_s = expert_bytes[0] / link_bps
     lines = _arithmetic(
         config, ks, expert_bytes, hit_rates[0], ours_dense, attention_s, device_e[0], device_why[0], host_e[0],
-        host_why[0], copy_s, miss_on_host, totals, tok_s, head_s, head_why, with_int4,
+        host_why[0], copy_s, miss_on_host, totals, tok_s, head_s, head_why,
     )  # fmt: skip
+    if with_int4 is not None:
+        lines.append(
+            "if torch's int4 GPU kernel ran the 4-bit weights (it is not wired in: on CUDA hqq dequantizes per "
+            f"call): host-only {with_int4['host-only']:.2f}, hybrid {with_int4['hybrid']:.2f} tok/s, from"
+        )
+        lines += [f"  {line}" for line in wired_lines]
     return SpeedPlan(
         tok_s=tok_s,
         hit_rate=sum(hit_rates) / len(hit_rates),
@@ -268,10 +275,13 @@ def _arithmetic(
     tok_s: dict[str, float],
     head: float,
     head_why: str,
-    with_int4: dict[str, float] | None,
 ) -> list[str]:
     """The sums behind each prediction, for layer 0 (the per-layer figures are summed over every layer)."""
     ms, top_k, layers = 1e3, config.num_experts_per_tok, config.num_hidden_layers
+    # With one K (and one expert size) the layers are alike; else the sum runs over layers like layer 0's.
+    times = (
+        f"{layers} ×" if len(set(ks)) == 1 and len(set(expert_bytes)) == 1 else f"Σ of {layers} layers like"
+    )
     hits, misses = top_k * hit, top_k * (1 - hit)
     moved = min(hits, max(0.0, (hits * device_e - misses * host_e) / (device_e + host_e)))
     where = (
@@ -291,7 +301,7 @@ def _arithmetic(
         f"{totals['host-only'] * ms:.1f} ms -> {tok_s['host-only']:.2f} tok/s",
         f"hybrid: a miss is cheaper on the {where}; "
         + (
-            f"{layers} × ({dense * ms:.2f} + max({hits - moved:.2f} × {device_e * ms:.2f}, "
+            f"{times} ({dense * ms:.2f} + max({hits - moved:.2f} × {device_e * ms:.2f}, "
             f"{misses + moved:.2f} × {host_e * ms:.2f})) + {head * ms:.2f} = {totals['hybrid'] * ms:.1f} ms "
             f"-> {tok_s['hybrid']:.2f} tok/s"
             + (f" ({moved:.2f} hits a layer moved to the idle host)" if moved > 0 else "")
@@ -299,9 +309,4 @@ def _arithmetic(
             else f"as copy-only, {tok_s['hybrid']:.2f} tok/s"
         ),
     ]
-    if with_int4 is not None:
-        lines.append(
-            "with torch's int4 GPU kernel for the 4-bit weights (not wired in: hqq dequantizes per call on CUDA): "
-            f"host-only {with_int4['host-only']:.2f}, hybrid {with_int4['hybrid']:.2f} tok/s"
-        )
     return lines
