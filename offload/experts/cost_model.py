@@ -96,7 +96,8 @@ class CostInputs:
 
 
 def guess_pays(precision: float | None, copy_seconds: float, layer_seconds: float | None) -> bool:
-    """Whether a prefetch guess is worth a copy: while its measured ``precision`` exceeds r / (1 + r), with
+    """Whether a prefetch guess is worth a copy: while its measured ``precision`` (that of its layer's guesses at
+    its rank: a second guess is often much less precise than the first) exceeds r / (1 + r), with
     r = one copy / one layer's time. A right guess saves at most a layer of waiting (r layers of copy time
     less the layer it overlaps), a wrong one costs a whole copy on the link. Unmeasured: yes, so that the
     precision gets measured.

@@ -292,25 +292,28 @@ class OffloadedExperts:
             self._layer_seconds = seconds if previous is None else 0.9 * previous + 0.1 * seconds
         self._layer_started = (layer, now)
 
-    def _guesses_pay(self, layer: int) -> bool:
-        """Whether a guess for ``layer`` is worth a copy: always without a host path (the copy-only engine);
-        with one, while the layer's measured precision says so (``cost_model.guess_pays``).
+    def _guesses_pay(self, layer: int, rank: int) -> bool:
+        """Whether a rank-``rank`` guess for ``layer`` is worth a copy: always without a host path (the copy-only
+        engine); with one, while the measured precision of that layer's guesses at that rank says so
+        (``cost_model.guess_pays``).
         """
         if self.host_path is None:
             return True
-        precision = self.cache.stats.layers[layer].prefetch_precision
+        precision = self.cache.stats.layers[layer].prefetch_precision_at(rank)
         return guess_pays(precision, self.host_path.model.inputs.copy_seconds(layer), self._layer_seconds)
 
     def _prefetch(self, layer: int, guesses: list[int]) -> None:
         """Start copying the guesses not yet in ``layer``'s slots, best guess first, evicting neither
         this batch nor the experts ``layer`` used last; stop at the first guess that finds no slot (or,
-        with a host path, once the link is busy or when the guesses do not pay, ``_guesses_pay``).
+        with a host path, once the link is busy; a guess whose rank does not pay is skipped, ``_guesses_pay``).
         """
-        if not guesses or not self._guesses_pay(layer):
+        if not guesses:
             return
         keep = set(guesses) | self._last_used.get(layer, frozenset())
-        for expert in guesses:
+        for rank, expert in enumerate(guesses):
             if not self._link_idle():
                 return
+            if not self._guesses_pay(layer, rank):
+                continue
             if not self.cache.contains(layer, expert) and not self._load(layer, expert, keep, prefetch=True):
                 return

@@ -11,12 +11,16 @@ Definitions (per layer):
   misses, arriving copies, and hits while the device is behind), and host_wait_seconds the seconds the
   caller then blocked on the host's output;
 - prefetch recall = |guessed ∩ used| / |used| and precision = |guessed ∩ used| / |guessed|, summed
-  over the steps in which a guess was made for the layer.
+  over the steps in which a guess was made for the layer;
+- precision by rank: for each rank r (0: the gate's best guess), the share of the layer's rank-r guesses that
+  were used. The prefetcher copies a rank's guesses only while that share pays (``cost_model.guess_pays``): a
+  layer's second guess is often much less precise than its first. Kept per layer only: ``total()`` and the
+  counter fields leave it out.
 """
 
 from __future__ import annotations
 
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -44,6 +48,11 @@ class LayerStats:
     used_when_guessed: int = 0  # experts used in those steps
     guessed_and_used: int = 0  # experts both guessed and used in those steps
 
+    def __post_init__(self) -> None:
+        # Not dataclass fields, so sums and differences of the counters leave them out (see the docstring).
+        self.guessed_by_rank: list[int] = []  # guesses made at each rank, over all steps
+        self.used_by_rank: list[int] = []  # of those, the ones the layer then used
+
     @property
     def hit_rate(self) -> float | None:
         """hits / accesses, or None before any access."""
@@ -59,12 +68,25 @@ class LayerStats:
         """The share of guessed experts that were used, or None when nothing was guessed."""
         return _ratio(self.guessed_and_used, self.guessed)
 
-    def record_guesses(self, guessed: Collection[int], used: Collection[int]) -> None:
-        """Add one step's guesses for this layer against the experts it then used."""
-        guessed, used = set(guessed), set(used)
-        self.guessed += len(guessed)
+    def prefetch_precision_at(self, rank: int) -> float | None:
+        """The share of this layer's rank-``rank`` guesses that were used, or None when none was made."""
+        if rank >= len(self.guessed_by_rank):
+            return None
+        return _ratio(self.used_by_rank[rank], self.guessed_by_rank[rank])
+
+    def record_guesses(self, guessed: Sequence[int], used: Collection[int]) -> None:
+        """Add one step's guesses for this layer, best first, against the experts it then used."""
+        ranked, used = list(dict.fromkeys(guessed)), set(used)
+        self.guessed += len(ranked)
         self.used_when_guessed += len(used)
-        self.guessed_and_used += len(guessed & used)
+        self.guessed_and_used += len(set(ranked) & used)
+        missing = len(ranked) - len(self.guessed_by_rank)
+        if missing > 0:
+            self.guessed_by_rank += [0] * missing
+            self.used_by_rank += [0] * missing
+        for rank, expert in enumerate(ranked):
+            self.guessed_by_rank[rank] += 1
+            self.used_by_rank[rank] += expert in used
 
     def __add__(self, other: LayerStats) -> LayerStats:
         return LayerStats(**{f.name: getattr(self, f.name) + getattr(other, f.name) for f in fields(self)})
@@ -94,8 +116,14 @@ class CacheStats:
         A ratio with nothing to divide by (no access yet, no guess made) is None.
         """
         summary = _figures(self.total())
-        summary["layers"] = [_figures(layer) for layer in self.layers]
+        summary["layers"] = [
+            {**_figures(layer), "prefetch_precision_by_rank": _by_rank(layer)} for layer in self.layers
+        ]
         return summary
+
+
+def _by_rank(stats: LayerStats) -> list[float | None]:
+    return [stats.prefetch_precision_at(rank) for rank in range(len(stats.guessed_by_rank))]
 
 
 def _figures(stats: LayerStats) -> dict[str, Any]:
