@@ -75,6 +75,7 @@ class Engine:
         import torch
 
         from offload.checkpoint.reader import Checkpoint
+        from offload.hybrid import check_host_flags
         from offload.loading import load_model
         from offload.tokenizer import Tokenizer
 
@@ -85,6 +86,9 @@ class Engine:
         else:
             resolved = resolve_model(model, flags)
         settings = resolved.settings
+        flags = resolved.flags  # the user's: a flag that would do nothing is refused before anything loads
+        offloaded = settings.offload.experts_per_layer is not None
+        check_host_flags(flags.host_compute, flags.host_ratio, offloaded, settings.profile_name)
         torch.set_num_threads(settings.threads)
         loaded_tokenizer = Tokenizer.from_dir(resolved.directory) if tokenizer else None
         if loaded_tokenizer is not None:
