@@ -190,7 +190,10 @@ def plan_memory(
         ks = _fill(budget - dense.total - kv - workspace, expert_bytes, config.num_local_experts, profile)
     else:
         ks = resolved.experts_per_layer
-    hit, miss_bytes, tok_s = _predict(config, profile, ks, expert_bytes)
+    hit, miss_bytes, _ = _predict(config, profile, ks, expert_bytes)
+    speeds = predict_speeds(
+        config, profile, ks, expert_bytes, _roles(scheme, dense, layer_specs, config, dtype_name)
+    )
     return MemoryPlan(
         model=source,
         profile=profile.name,
@@ -209,8 +212,8 @@ def plan_memory(
         link_gbps=profile.device.link_gbps,
         expected_hit_rate=hit,
         miss_bytes_per_token=miss_bytes,
-        predicted_tok_s=tok_s,
-        speeds=predict_speeds(config, profile, ks, expert_bytes, _roles(scheme, dense, layer_specs, config)),
+        predicted_tok_s=speeds.tok_s["copy-only"],  # _predict's on CUDA; on a CPU device, by its kernels
+        speeds=speeds,
     )
 
 
@@ -293,12 +296,12 @@ def _dense_bytes(config: ModelConfig, scheme: QuantScheme, dtype: torch.dtype) -
 
 
 def _roles(
-    config_scheme: QuantScheme, dense: DenseBytes, specs: list[QuantSpec], config: ModelConfig
+    config_scheme: QuantScheme, dense: DenseBytes, specs: list[QuantSpec], config: ModelConfig, dtype: str
 ) -> Roles:
     """The specs and bytes ``plan_speed`` times each matrix by (a tied lm_head is the embedding)."""
     head = (config_scheme.lm_head, dense.lm_head) if dense.lm_head else (config_scheme.embed, dense.embed)
     attention = dense.attention // config.num_hidden_layers
-    return Roles(config_scheme.attention, attention, head[0], head[1], tuple(specs))
+    return Roles(config_scheme.attention, attention, head[0], head[1], tuple(specs), dtype)
 
 
 def _fill(room: int, expert_bytes: tuple[int, ...], experts: int, profile: Profile) -> list[int]:

@@ -6,12 +6,14 @@ Per token, summed over layers l (E experts, top_k chosen, K_l slots), at batch 1
     copy_e    = expert bytes / link GB/s
     copy-only: the paper's engine, with the constants fitted to its figures (``offload.settings.plan``):
                t_l = dense_l + top_k · device_e + link_l - min(recall · link_l, compute_l / 2),
-               dense_l = LAYER_OVERHEAD_S + attention weights / WEIGHTS_PER_S, device_e = 3·D·F / WEIGHTS_PER_S
+               dense_l = LAYER_OVERHEAD_S + attention weights / WEIGHTS_PER_S, device_e = 3·D·F / WEIGHTS_PER_S;
+               on a CPU device, which the paper never measured, the same sum with our engine's terms below
     our engine (host-only and hybrid), each matrix timed by the kernel that runs it (``matrix_seconds``):
       ours_l   = ENGINE_LAYER_OVERHEAD_S + the attention's time on the device
       device_e = one expert on the device: on CUDA, its bytes / (device memory GB/s · GPU_BANDWIDTH_SHARE) for a
                  kernel that streams them (dense, or int4 once wired in: INT4_GPU_KERNEL_WIRED), else the
-                 paper's per-weight rate; on a CPU device, as host_e
+                 paper's per-weight rate; on a CPU device, as host_e for an int4 or int8 kernel, else a dense
+                 matmul at DENSE_CPU_WEIGHTS_PER_S_PER_CORE (such a spec is dequantized once, at load)
       host_e   = one expert on the host: bytes / min(cores · HOST_GBPS_PER_CORE[kernel], memory GB/s) + HOST_JOB_S
                  for a spec with a CPU kernel, else 3·D·F / (cores · HOST_DEQUANT_WEIGHTS_PER_S_PER_CORE)
       host-only: t_l = ours_l + top_k · (host_e + 2 · D · 2 bytes / link)        (llama.cpp --cpu-moe)
@@ -19,7 +21,8 @@ Per token, summed over layers l (E experts, top_k chosen, K_l slots), at batch 1
                  on the host: H = misses_l · host_e, D = hits_l · device_e, the host working while the device
                  computes the hits; when D > H the cost model moves x = min(hits_l, (D - H) / (device_e + host_e))
                  hits to the host as well, and t_l = ours_l + max(D - x · device_e, H + x · host_e);
-                 a miss on the device: the copy-only t_l
+                 a miss on the device: the copy-only t_l. On a CPU device the host is the device: misses stay
+                 there (hybrid = copy-only) and host-only is every expert computed there (the resident speed)
     tok/s      = 1 / (Σ t_l + lm_head), the lm_head at the paper's rate for copy-only, by its kernel for ours
 Assumptions: the host streams an expert's stored bytes once per token (a kernel that reads the packed codes,
 memory- or core-bound, whichever binds); hybrid keeps the copy-only hit rate (its idle-link copies keep the
@@ -66,6 +69,9 @@ INT4_GPU_KERNEL_WIRED = False
 # int4 29.4 MB of codes in 3.8 ms, int8 58.7 MB in 8.6 ms, a bf16 F.linear 117 MB in 16 ms.
 HOST_GBPS_PER_CORE = {"int4": 7.7, "int8": 6.8, "dense": 7.3}
 HOST_DEQUANT_WEIGHTS_PER_S_PER_CORE = 0.65e9  # hqq without a CPU kernel: about 1.3e9 on 2 cores (FACTS.md)
+# A dense F.linear on one core, same matrix: 58.7M weights in 21.5 ms (float32) and 16 ms (bfloat16). On a CPU
+# device every spec without a CPU kernel runs this way: it is dequantized once, when its slot is filled.
+DENSE_CPU_WEIGHTS_PER_S_PER_CORE = {"float32": 2.73e9, "bfloat16": 3.67e9}
 HOST_JOB_S = 50e-6  # handing one expert to the host thread and back
 POLICIES = ("copy-only", "host-only", "hybrid")
 
@@ -79,6 +85,7 @@ class Roles:
     lm_head: QuantSpec
     lm_head_bytes: int
     experts: tuple[QuantSpec, ...]  # per layer
+    compute_dtype: str = "bfloat16"  # what a dense matmul runs in
 
 
 @dataclass(frozen=True)
@@ -136,18 +143,27 @@ def host_seconds(spec: QuantSpec, nbytes: int, weights: int, host: Any) -> tuple
 
 
 def matrix_seconds(
-    spec: QuantSpec, nbytes: int, weights: int, profile: Any, int4_wired: bool = INT4_GPU_KERNEL_WIRED
+    spec: QuantSpec,
+    nbytes: int,
+    weights: int,
+    profile: Any,
+    int4_wired: bool = INT4_GPU_KERNEL_WIRED,
+    dtype: str = "bfloat16",
 ) -> tuple[float, str]:
     """One matrix (or expert) on the device in our engine, and how the time was found.
 
     CUDA: its bytes at GPU_BANDWIDTH_SHARE of ``[device] memory_gbps`` for a kernel that streams them, else
-    (no such kernel, or no memory_gbps) the paper's per-weight rate. A CPU device is the host: ``host_seconds``
-    for a spec with a CPU kernel other than dense, else the paper's CPU rate.
+    (no such kernel, or no memory_gbps) the paper's per-weight rate. A CPU device is the host (its [host]
+    cores and memory): ``host_seconds`` for a spec with an int4 or int8 kernel, else a dense matmul in ``dtype``.
     """
     kind = profile.device.kind
     if kind == "cpu":
         if cpu_kernel(spec) in ("int4", "int8"):
             return host_seconds(spec, nbytes, weights, profile.host)
+        per_core = DENSE_CPU_WEIGHTS_PER_S_PER_CORE.get(dtype, DENSE_CPU_WEIGHTS_PER_S_PER_CORE["float32"])
+        cores, itemsize = profile.host.cores, 2 if dtype in ("bfloat16", "float16") else 4
+        seconds = max(weights / (cores * per_core), weights * itemsize / (profile.host.memory_gbps * 1e9))
+        return seconds, f"{weights / 1e6:.0f}M weights, dense {dtype} on {cores} cores × {per_core:.3g}/s"
     else:
         kernel, gbps = gpu_kernel(spec, int4_wired), profile.device.memory_gbps
         if kernel is not None and gbps is not None:
@@ -174,17 +190,25 @@ def predict_speeds(
     d, f = config.hidden_size, config.intermediate_size
     q_out, kv_out = config.num_attention_heads * config.head_dim, config.num_key_value_heads * config.head_dim
     attention, expert_weights, head_weights = 2 * d * (q_out + kv_out), 3 * d * f, config.vocab_size * d
-    # copy-only: the paper's engine and constants
-    paper_device_e = host.device_expert_ms * 1e-3 if host.device_expert_ms else expert_weights / rate
-    paper_dense, paper_head = overhead + attention / rate, head_weights / rate
+    dtype = roles.compute_dtype
     # our engine, per matrix by the kernel that runs it
-    attention_s, _ = matrix_seconds(roles.attention, roles.attention_bytes, attention, profile, int4_wired)
-    head_s, head_why = matrix_seconds(roles.lm_head, roles.lm_head_bytes, head_weights, profile, int4_wired)
+    attention_s, _ = matrix_seconds(
+        roles.attention, roles.attention_bytes, attention, profile, int4_wired, dtype
+    )
+    head_s, head_why = matrix_seconds(
+        roles.lm_head, roles.lm_head_bytes, head_weights, profile, int4_wired, dtype
+    )
     ours_dense = ENGINE_LAYER_OVERHEAD_S + attention_s
+    # copy-only: the paper's engine and constants on CUDA; on a CPU device (no paper figure) ours
+    on_cpu = kind == "cpu"
+    paper_device_e = host.device_expert_ms * 1e-3 if host.device_expert_ms else expert_weights / rate
+    paper_dense, paper_head = (
+        (ours_dense, head_s) if on_cpu else (overhead + attention / rate, head_weights / rate)
+    )
     device_e, device_why = [], []
     host_e, host_why = [], []
     for spec, size in zip(roles.experts, expert_bytes, strict=True):
-        seconds, why = matrix_seconds(spec, size, expert_weights, profile, int4_wired)
+        seconds, why = matrix_seconds(spec, size, expert_weights, profile, int4_wired, dtype)
         device_e.append(host.device_expert_ms * 1e-3 if host.device_expert_ms else seconds)
         device_why.append("the profile's host.device_expert_ms" if host.device_expert_ms else why)
         seconds, why = host_seconds(spec, size, expert_weights, host)
@@ -205,7 +229,8 @@ def predict_speeds(
             device=TokenCurve.flat(device_e[0]),
         )
     )
-    miss_on_host = model.choose(0, [Miss(0, 1)], 0.0, 0.0, 0.0)[0] == HOST
+    # A CPU device keeps its misses: the host is the same CPU (``offload.hybrid.uses_host``).
+    miss_on_host = not on_cpu and model.choose(0, [Miss(0, 1)], 0.0, 0.0, 0.0)[0] == HOST
     totals = {"copy-only": paper_head, "host-only": head_s, "hybrid": head_s if miss_on_host else paper_head}
     hit_rates = []
     for k, size, device_s, host_s in zip(ks, expert_bytes, device_e, host_e, strict=True):
@@ -213,10 +238,11 @@ def predict_speeds(
         hit = p + LOCALITY_BONUS * p * (1 - p)
         hit_rates.append(hit)
         link = top_k * (1 - hit) * size / link_bps
-        compute = paper_dense + top_k * paper_device_e
+        compute = paper_dense + top_k * (device_s if on_cpu else paper_device_e)
         copy_only = compute + link - min(recall * link, compute / 2)
         totals["copy-only"] += copy_only
-        totals["host-only"] += ours_dense + top_k * (host_s + crossing)
+        # on a CPU device every expert already computes on the host: the resident speed
+        totals["host-only"] += ours_dense + top_k * (device_s if on_cpu else host_s + crossing)
         experts_time = balanced(top_k * hit, top_k * (1 - hit), device_s, host_s + crossing)
         totals["hybrid"] += ours_dense + experts_time if miss_on_host else copy_only
     tok_s = {policy: 1.0 / seconds for policy, seconds in totals.items()}
@@ -229,7 +255,7 @@ def predict_speeds(
     copy_s = expert_bytes[0] / link_bps
     lines = _arithmetic(
         config, ks, expert_bytes, hit_rates[0], ours_dense, attention_s, device_e[0], device_why[0], host_e[0],
-        host_why[0], copy_s, miss_on_host, totals, tok_s, head_s, head_why,
+        host_why[0], copy_s, miss_on_host, totals, tok_s, head_s, head_why, on_cpu,
     )  # fmt: skip
     if with_int4 is not None:
         lines.append(
@@ -275,9 +301,12 @@ def _arithmetic(
     tok_s: dict[str, float],
     head: float,
     head_why: str,
+    on_cpu: bool,
 ) -> list[str]:
     """The sums behind each prediction, for layer 0 (the per-layer figures are summed over every layer)."""
     ms, top_k, layers = 1e3, config.num_experts_per_tok, config.num_hidden_layers
+    # On a CPU device the host is the device: every expert already runs there, and misses stay there.
+    host_only_e = device_e if on_cpu else host_e
     # With one K (and one expert size) the layers are alike; else the sum runs over layers like layer 0's.
     times = (
         f"{layers} ×" if len(set(ks)) == 1 and len(set(expert_bytes)) == 1 else f"Σ of {layers} layers like"
@@ -287,7 +316,12 @@ def _arithmetic(
     where = (
         f"host ({host_e * ms:.2f} < {copy_s * ms:.2f} + {device_e * ms:.2f} ms)"
         if miss_on_host
+        else "device (the host is the device)"
+        if on_cpu
         else f"device ({copy_s * ms:.2f} + {device_e * ms:.2f} <= {host_e * ms:.2f} ms)"
+    )
+    copy_terms = (
+        "our engine's terms: no paper figure on a CPU" if on_cpu else "the paper's engine and constants"
     )
     lines = [
         f"one expert: device {device_e * ms:.2f} ms ({device_why}); host {host_e * ms:.2f} ms ({host_why}); "
@@ -295,9 +329,9 @@ def _arithmetic(
         f"layer 0: K = {ks[0]} of {config.num_local_experts}, hit rate {hit:.1%}: {hits:.2f} hits and "
         f"{misses:.2f} misses a token; our engine's dense part {dense * ms:.2f} ms ({ENGINE_LAYER_OVERHEAD_S * ms:.1f}"
         f" ms overhead + {attention_s * ms:.2f} ms attention); lm_head {head * ms:.2f} ms a token ({head_why})",
-        f"copy-only (the paper's engine and constants): {layers} layers, {totals['copy-only'] * ms:.1f} ms a token "
+        f"copy-only ({copy_terms}): {layers} layers, {totals['copy-only'] * ms:.1f} ms a token "
         f"-> {tok_s['copy-only']:.2f} tok/s",
-        f"host-only: {layers} × ({dense * ms:.2f} + {top_k} × {host_e * ms:.2f}) + {head * ms:.2f} = "
+        f"host-only: {layers} × ({dense * ms:.2f} + {top_k} × {host_only_e * ms:.2f}) + {head * ms:.2f} = "
         f"{totals['host-only'] * ms:.1f} ms -> {tok_s['host-only']:.2f} tok/s",
         f"hybrid: a miss is cheaper on the {where}; "
         + (
