@@ -78,7 +78,7 @@ def test_plan_covers_every_spec_and_the_profile() -> None:
     assert ("attention only", "hqq:4:64", "none", "float32") in cells
     label, attention, experts, _ = cells[-1]
     assert label == f"profile `{PROFILE}`"
-    assert (attention, experts) == ("hqq:4:64", "hqq:3:64")
+    assert (attention, experts) == ("hqq:4:64", "hqq:4:64")  # the shipped profiles' experts since issue 15
 
 
 def test_describe_names_other_quantized_roles() -> None:
