@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import math
 import os
+from dataclasses import replace
 from pathlib import Path
 from typing import Annotated
 
@@ -47,25 +49,58 @@ def plan_command(
         float | None,
         typer.Option(help="Free device memory in GiB, instead of measuring it. Example: 11.5"),
     ] = None,
+    host_memory: Annotated[
+        float | None,
+        typer.Option(
+            help="Host RAM for experts in GiB; the rest stay on disk. Default: the profile's host.memory_gib, "
+            "else every expert in RAM. Example: --host-memory 8",
+        ),
+    ] = None,
+    disk_gbps: Annotated[
+        float | None,
+        typer.Option(
+            help="The disk's read bandwidth in GB/s. Default: the profile's host.disk_gbps. Example: 3.5"
+        ),
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the plan as JSON. Example: --json")] = False,
 ) -> None:
-    """Show bytes per tier (device and host), whether they fit, and an estimated decode tok/s.
+    """Show bytes per tier (device, host and disk), whether they fit, the peak RSS and an estimated decode tok/s.
 
     Example: offload plan --model ./Mixtral-8x7B-Instruct-v0.1 --profile rtx3060-12gb
     """
     # Deferred: the engine imports torch, and `offload --help` must stay instant.
     from offload.settings.plan import GIB, default_context, plan_memory
+    from offload.settings.plan_tiers import MAX_DISK_GBPS, check_host_memory
 
     if free_gib is not None and not 0 <= free_gib <= MAX_FREE_GIB:  # also refuses nan
         raise OffloadError(f"--free-gib {free_gib}: allowed is 0 to {MAX_FREE_GIB} (GiB of free memory)")
+    if host_memory is not None:
+        check_host_memory(host_memory)
+    if disk_gbps is not None and not (0 < disk_gbps <= MAX_DISK_GBPS and math.isfinite(disk_gbps)):
+        raise OffloadError(f"--disk-gbps {disk_gbps}: allowed is more than 0 up to {MAX_DISK_GBPS:g} (GB/s)")
     config_path = _config_path(model)
     config = ModelConfig.from_file(config_path)
     chosen = load_profile(profile)
+    if host_memory is not None or disk_gbps is not None:
+        host = chosen.host
+        chosen = replace(
+            chosen,
+            host=replace(
+                host,
+                memory_gib=host.memory_gib if host_memory is None else host_memory,
+                disk_gbps=host.disk_gbps if disk_gbps is None else disk_gbps,
+            ),
+        )
     free = None if free_gib is None else int(free_gib * GIB)
     if free is None and (chosen.device.memory_gib is None or chosen.cache.experts_per_layer == "auto"):
         free = _measure_free_memory(chosen.device.kind)
     plan = plan_memory(
-        config, chosen, context or default_context(config, chosen), free, source=str(config_path)
+        config,
+        chosen,
+        context or default_context(config, chosen),
+        free,
+        source=str(config_path),
+        host_memory_source=None if host_memory is None else f"--host-memory {host_memory:g}",
     )
     if as_json:
         typer.echo(json.dumps(plan.as_dict(), indent=2))
@@ -111,11 +146,23 @@ def _print_plan(plan) -> None:
         console.print(
             f"[red]DOES NOT FIT[/red]: needs {used:.2f} GiB on {where}, the budget is {budget:.2f} GiB"
         )
+    tier = plan.host_tier
+    disk = tier is not None and tier.memory_gib is not None
     console.print(
         f"decode: ~{plan.predicted_tok_s:.2f} tok/s copying every miss (estimate; expected hit rate "
         f"{plan.expected_hit_rate:.0%}, {plan.miss_bytes_per_token / 1e6:.0f} MB over a {plan.link_gbps:g} GB/s "
-        "link per token)"
+        "link per token" + (", and the disk reads below)" if disk else ")")
     )
+    if disk:
+        shown = ", ".join(f"{policy} {tok_s:.2f}" for policy, tok_s in (plan.tok_s_with_disk or {}).items())
+        console.print(
+            f"disk: ~{tier.disk_reads_per_token:.2f} experts ({tier.disk_bytes_per_token / 1e6:.0f} MB) read per "
+            f"token at {tier.disk_gbps:g} GB/s, {tier.disk_seconds_per_token * 1e3:.1f} ms a token, overlapping "
+            f"nothing; with them, by policy (tok/s): {shown}",
+            highlight=False,
+        )
+    if plan.peak_rss is not None:
+        console.print(f"host: peak RSS ~{plan.peak_rss.total / GIB:.2f} GiB (predicted)", highlight=False)
     speeds = plan.speeds
     if speeds is not None:
         shown = ", ".join(f"{policy} {tok_s:.2f}" for policy, tok_s in speeds.tok_s.items())

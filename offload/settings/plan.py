@@ -17,6 +17,8 @@ cost no link time. With the CUDA constants below the formula gives the eight "fu
 figures of arXiv 2312.17238 (A100, RTX 3080 Mobile, RTX 3060, T4; 66 MB experts; their K) within 30%.
 ``offload bench`` measures the real figures. That is the copy-only engine's speed (``predicted_tok_s``);
 ``offload.settings.plan_speed`` adds the host-only and hybrid policies from the same terms (``speeds``).
+With a host budget (``[host] memory_gib``) ``offload.settings.plan_tiers`` sizes the host tier, the experts
+left on disk, the disk time added to each token (``predicted_tok_s`` then counts it) and the peak RSS.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ from offload.settings.plan_speed import (
     SpeedPlan,
     predict_speeds,
 )
+from offload.settings.plan_tiers import HostTier, PeakRss, peak_rss, plan_host_tier, tier_rows, with_disk
 from offload.settings.profile import CacheSettings, Profile, ResolvedProfile
 
 GIB = 1024**3
@@ -87,9 +90,22 @@ class MemoryPlan:
     miss_bytes_per_token: int
     predicted_tok_s: float  # an estimate, not a measurement: the copy-only engine (the paper's formula)
     speeds: SpeedPlan | None = None  # every policy's estimate, with its arithmetic
+    host_tier: HostTier | None = None  # None: every expert resident on the device, no host store
+    experts_from_host_tier: bool = (
+        False  # a CPU device with a host budget: no slots, experts run from the tier
+    )
+    peak_rss: PeakRss | None = None  # the process's predicted peak RSS (host memory)
+    tok_s_with_disk: dict[str, float] | None = None  # each policy's estimate with the disk reads added
+
+    @property
+    def disk_bytes(self) -> int:
+        """The experts beyond the host budget: read from the checkpoint on disk when needed."""
+        return 0 if self.host_tier is None else self.host_tier.disk_bytes
 
     @property
     def expert_slot_bytes(self) -> int:
+        if self.experts_from_host_tier:
+            return 0
         return sum(k * size for k, size in zip(self.experts_per_layer, self.expert_bytes, strict=True))
 
     @property
@@ -98,8 +114,9 @@ class MemoryPlan:
 
     @property
     def host_bytes(self) -> int:
-        """Every expert of every layer when offloaded (the host tier is inclusive), else nothing."""
-        return self.num_local_experts * sum(self.expert_bytes) if self.offloaded else 0
+        """The host tier's experts: every expert of every layer when offloaded (the host tier is inclusive),
+        only those the host budget holds when there is one, nothing when every expert is resident."""
+        return 0 if self.host_tier is None else self.host_tier.bytes
 
     @property
     def needed_bytes(self) -> int:
@@ -116,33 +133,29 @@ class MemoryPlan:
         k_text = str(ks[0]) if len(ks) == 1 else f"{min(ks)}..{max(ks)}"
         specs = ", ".join(sorted(set(self.expert_specs)))
         total = sum(self.experts_per_layer)
-        shared = ", in the same RAM as the device tier" if self.device_kind == "cpu" else ""
-        return [
+        slots_note = (
+            "none: the experts run from the host tier"
+            if self.experts_from_host_tier
+            else f"K = {k_text} per layer, {total} slots, {specs}"
+        )
+        rows = [
             ("device", "attention", self.dense.attention, "q, k, v, o"),
             ("device", "embed + lm_head", self.dense.embed + self.dense.lm_head, ""),
             ("device", "gates + norms", self.dense.gate + self.dense.norms, ""),
-            (
-                "device",
-                "expert slots",
-                self.expert_slot_bytes,
-                f"K = {k_text} per layer, {total} slots, {specs}",
-            ),
+            ("device", "expert slots", self.expert_slot_bytes, slots_note),
             ("device", "KV cache", self.kv_cache_bytes, f"{self.context} tokens, {self.compute_dtype}"),
             ("device", "workspace", self.workspace_bytes, "activations, dequant scratch, runtime reserve"),
             ("device", "total", self.device_bytes, f"budget {self.budget_bytes / GIB:.2f} GiB"),
-            (
-                "host",
-                "all experts",
-                self.host_bytes,
-                f"{self.num_local_experts} per layer{shared}" if self.offloaded else "none: all resident",
-            ),
         ]
+        return rows + tier_rows(self.host_tier, self.peak_rss, self.num_local_experts, self.device_kind)
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-ready: every field, the derived totals, and the rows."""
         out: dict[str, Any] = {name: getattr(self, name) for name in self.__dataclass_fields__}
         out["dense"] = {**vars(self.dense), "total": self.dense.total}
         out["speeds"] = None if self.speeds is None else self.speeds.as_dict()
+        out["host_tier"] = None if self.host_tier is None else self.host_tier.as_dict()
+        out["peak_rss"] = None if self.peak_rss is None else self.peak_rss.as_dict()
         for name in ("experts_per_layer", "expert_specs", "expert_bytes"):
             out[name] = list(out[name])
         out.update(
@@ -151,6 +164,8 @@ class MemoryPlan:
             needed_bytes=self.needed_bytes,
             host_bytes=self.host_bytes,
             fits=self.fits,
+            disk_bytes=self.disk_bytes,
+            predicted_peak_rss_bytes=None if self.peak_rss is None else self.peak_rss.total,
             predicted_tok_s_is_estimate=True,
         )
         return out
@@ -164,11 +179,13 @@ def plan_memory(
     *,
     compute_dtype: str | None = None,
     source: str = "config.json",
+    host_memory_source: str | None = None,
 ) -> MemoryPlan:
     """Plan the device and host tiers of ``config`` under ``profile`` with a KV cache of ``context`` tokens.
 
     The budget is the profile's ``device.memory_gib``, capped by ``free_memory_bytes`` when given; an
-    ``auto`` profile fills it (``resolve_auto_experts``).
+    ``auto`` profile fills it (``resolve_auto_experts``). ``host_memory_source`` names where the host
+    budget came from (a flag) in its errors; by default the profile's key.
     """
     # A bundled profile's context is sized for Mixtral; a smaller model's window caps it, as at load.
     resolved = profile.for_model(config)
@@ -190,9 +207,44 @@ def plan_memory(
         ks = _fill(budget - dense.total - kv - workspace, expert_bytes, config.num_local_experts, profile)
     else:
         ks = resolved.experts_per_layer
+    offloaded = profile.cache.experts_per_layer != "all"
+    from_tier = not offloaded and profile.device.kind == "cpu" and profile.host.memory_gib is not None
     hit, miss_bytes, _ = _predict(config, profile, ks, expert_bytes)
     speeds = predict_speeds(
         config, profile, ks, expert_bytes, _roles(scheme, dense, layer_specs, config, dtype_name)
+    )
+    tok_s = speeds.tok_s["copy-only"]  # _predict's on CUDA; on a CPU device, by its kernels
+    tier = tiers = None
+    if offloaded or from_tier:
+        tiers = {  # with slots in front of the tier, and without (host-only, or a CPU computing from it)
+            front: plan_host_tier(
+                memory_gib=profile.host.memory_gib,
+                disk_gbps=profile.host.disk_gbps,
+                where=host_memory_source or f"{profile.source}: host.memory_gib = {profile.host.memory_gib}",
+                device_slots=ks if front else None,
+                expert_bytes=expert_bytes,
+                experts=config.num_local_experts,
+                top_k=config.num_experts_per_tok,
+                locality_bonus=LOCALITY_BONUS,
+            )
+            for front in ((False,) if from_tier else (True, False))
+        }
+        tier = tiers[not from_tier]
+        tok_s = with_disk(tok_s, tier.disk_seconds_per_token)
+    tok_s_with_disk = None
+    if tiers is not None:
+        tok_s_with_disk = {
+            policy: with_disk(speed, tiers[policy != "host-only" and not from_tier].disk_seconds_per_token)
+            for policy, speed in speeds.tok_s.items()
+        }
+    device_total = dense.total + kv + workspace
+    if not from_tier:
+        device_total += sum(k * size for k, size in zip(ks, expert_bytes, strict=True))
+    rss = peak_rss(
+        host_tier_bytes=0 if tier is None else tier.bytes,
+        device_bytes=device_total,
+        device_kind=profile.device.kind,
+        largest_tensor=max(dense.embed, dense.lm_head, *expert_bytes),
     )
     return MemoryPlan(
         model=source,
@@ -201,7 +253,7 @@ def plan_memory(
         context=context,
         compute_dtype=dtype_name,
         experts_per_layer=tuple(ks),
-        offloaded=profile.cache.experts_per_layer != "all",
+        offloaded=offloaded,
         expert_specs=tuple(str(spec) for spec in layer_specs),
         expert_bytes=expert_bytes,
         num_local_experts=config.num_local_experts,
@@ -212,8 +264,12 @@ def plan_memory(
         link_gbps=profile.device.link_gbps,
         expected_hit_rate=hit,
         miss_bytes_per_token=miss_bytes,
-        predicted_tok_s=speeds.tok_s["copy-only"],  # _predict's on CUDA; on a CPU device, by its kernels
+        predicted_tok_s=tok_s,
         speeds=speeds,
+        host_tier=tier,
+        experts_from_host_tier=from_tier,
+        peak_rss=rss,
+        tok_s_with_disk=tok_s_with_disk,
     )
 
 

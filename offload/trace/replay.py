@@ -88,7 +88,9 @@ class ReplayResult:
 
 
 @dataclass
-class _Counts:
+class LayerCounts:
+    """One layer's counters, or a sum of them."""
+
     accesses: int = 0
     hits: int = 0
     misses: int = 0
@@ -114,13 +116,13 @@ def replay(
     k = experts_per_layer
     if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= trace.num_experts:
         raise TraceError(f"experts_per_layer must be a whole number from 1 to {trace.num_experts}, got {k!r}")
-    sizes = _layer_bytes(trace, expert_bytes)
-    total = _Counts()
+    sizes = layer_bytes(trace, expert_bytes)
+    total = LayerCounts()
     bytes_moved = 0
     for layer in range(trace.num_layers):
         guesses = trace.guesses_by_layer[layer] if policy.endswith("+prefetch") else None
         base_policy = policy.removesuffix("+prefetch")
-        counts = _replay_layer(trace.needed_by_layer[layer], guesses, base_policy, k, trace.num_experts)
+        counts = replay_layer(trace.needed_by_layer[layer], guesses, base_policy, k, trace.num_experts)
         for name, value in vars(counts).items():
             setattr(total, name, getattr(total, name) + value)
         if sizes is not None:
@@ -146,7 +148,7 @@ def replay_table(
     return [replay(trace, policy, k, expert_bytes) for k in ks for policy in policies]
 
 
-def _layer_bytes(trace: Trace, expert_bytes: int | Sequence[int] | None) -> list[int] | None:
+def layer_bytes(trace: Trace, expert_bytes: int | Sequence[int] | None) -> list[int] | None:
     if expert_bytes is None:
         return None if trace.expert_bytes is None else list(trace.expert_bytes)
     sizes = [expert_bytes] * trace.num_layers if isinstance(expert_bytes, int) else list(expert_bytes)
@@ -159,11 +161,20 @@ def _layer_bytes(trace: Trace, expert_bytes: int | Sequence[int] | None) -> list
     return sizes
 
 
-def _replay_layer(
-    needed_steps: list[list[int]], guess_steps: list[list[int]] | None, policy: str, k: int, num_experts: int
-) -> _Counts:
-    """One layer's cache through every step; ``needed_steps`` are ascending and distinct."""
-    counts = _Counts()
+def replay_layer(
+    needed_steps: list[list[int]],
+    guess_steps: list[list[int]] | None,
+    policy: str,
+    k: int,
+    num_experts: int,
+    loaded: list[list[int]] | None = None,
+) -> LayerCounts:
+    """One layer's cache through every step; ``needed_steps`` are ascending and distinct.
+
+    ``loaded``, when given, receives each step's loads (prefetches first, then misses): what the level
+    below (``offload.trace.replay_tiers``) is asked for.
+    """
+    counts = LayerCounts()
     last_used: dict[int, int] = {}  # resident expert -> its recency tick (larger is more recent)
     prefetched: set[int] = set()  # resident experts a prefetch brought in, not used yet
     frequency: dict[int, int] = {}  # expert -> steps that used it so far
@@ -192,6 +203,9 @@ def _replay_layer(
             counts.wasted_prefetches += 1
 
     for step, needed in enumerate(needed_steps):
+        step_loads: list[int] = []
+        if loaded is not None:
+            loaded.append(step_loads)
         if guess_steps is not None:
             batch = list(dict.fromkeys(guess_steps[step]))[:k]
             keep = set(batch) | set(needed_steps[step - 1] if step else ())
@@ -206,6 +220,7 @@ def _replay_layer(
                 tick += 1
                 last_used[expert] = tick
                 prefetched.add(expert)
+                step_loads.append(expert)
                 counts.loads += 1
                 counts.prefetch_loads += 1
         if policy == "belady":
@@ -218,6 +233,7 @@ def _replay_layer(
         counts.hits += len(needed) - len(misses)
         counts.misses += len(misses)
         counts.loads += len(misses)
+        step_loads += misses
         needed_set = set(needed)
         for expert in misses:
             if len(last_used) >= k:

@@ -1,0 +1,235 @@
+"""The plan's host and disk tiers: how many experts the host budget holds, what the disk reads per token,
+the decode time that adds, and the process's predicted peak RSS.
+
+With ``[host] memory_gib`` (or ``--host-memory``) the host tier holds H_l whole experts of layer l, handed
+out one per layer in turn while they fit the budget (so H_l differs by at most one between layers of equal
+expert size); the other E - H_l stay in the converted checkpoint on disk. Without a budget H_l = E: every
+expert in RAM, nothing read from disk after loading.
+
+Disk reads, per token, summed over layers l (E experts, top_k chosen, K_l device slots, H_l host experts),
+with the locality model of ``offload.settings.plan_speed`` for both levels:
+    hit(n)      = p + LOCALITY_BONUS · p · (1 - p),  p = min(1, n / E)
+    reads_l     = top_k · (1 - hit(K_l)) · (1 - hit(H_l))   the device's misses, times the tier's miss rate
+    reads_l     = top_k · (1 - hit(H_l))                     where no device slot sits in front of the tier:
+                  host-only execution, and a CPU device with every expert "resident", whose experts are
+                  then computed straight from the host tier
+    disk_l      = reads_l · expert bytes_l / disk GB/s
+    t(token)   += Σ disk_l
+The tier's hit rate on the device's misses is hit(H_l), as if it did not depend on the device's cache. The
+tier sees only the device's misses, and a replay of the demo model's traces (docs/BENCHMARKS.md, "Disk
+tier: plan and replay") found it near that: 0.58 to 0.60 with H = 4 of 8 behind K = 2 or 4 under LRFU,
+where hit(4) = 0.575; a tier that held the device's experts (inclusion) would have given 0.39 and 0.
+
+Reads overlap nothing. A miss is known only once its layer's router has run, and its expert is needed in
+that same layer: the read, then the copy over the link (or the host kernel), form one chain, so the read's
+time is added in full to that of the miss that needs it. Prefetch guesses could start a read one layer
+early; the plan counts none of that, so with a budget the predicted tok/s is a floor on this account.
+
+Predicted peak RSS of the process (host memory), the sum of:
+- the host tier: Σ H_l · expert bytes_l (whole experts, each once, in owned buffers: the page cache
+  holds what the disk reads, but it is not the process's RSS);
+- on a CPU device, the device tier too, since it is the same RAM: dense weights, expert slots, the KV
+  cache and the workspace (``offload.settings.plan``);
+- the runtime: Python, torch, the tokenizer and offload's own modules before any weight is read,
+  RUNTIME_RSS_BYTES (222 MiB measured in docs/BENCHMARKS.md, "Host RAM holds one copy of each expert";
+  231 MiB here for ``import torch, offload.engine``);
+- on CUDA, the CUDA runtime's host memory: CUDA_HOST_RSS_BYTES, an assumption (not measured here);
+- load staging: the checkpoint is read with plain reads into buffers of offload's own, one tensor at a
+  time, so the largest single tensor (the embedding, the lm_head or one expert) is held twice for a moment.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from offload.errors import ProfileError
+
+GIB = 1024**3
+MIB = 1024**2
+# Python + torch + tokenizer + offload before any weight: 222 MiB in docs/BENCHMARKS.md, 231 MiB measured
+# here for a fresh `import torch, offload.engine, safetensors, tokenizers` (Maximum resident set size).
+RUNTIME_RSS_BYTES = 240 * MIB
+# The CUDA context, cuBLAS and the driver's host-side allocations and mapped libraries. An assumption: this
+# machine has no GPU to measure it on.
+CUDA_HOST_RSS_BYTES = 1 * GIB
+MAX_HOST_MEMORY_GIB = 1024**2  # a PiB: far beyond any machine, small enough that bytes stay exact integers
+MAX_DISK_GBPS = 1e4  # 10 TB/s: far beyond any disk
+
+
+@dataclass(frozen=True)
+class HostTier:
+    """The host tier's size, the disk behind it, and what the disk reads per token."""
+
+    memory_gib: float | None  # the budget; None: every expert in RAM
+    budget_bytes: int | None
+    disk_gbps: float
+    experts_per_layer: tuple[int, ...]  # H_l
+    bytes: int  # Σ H_l · expert bytes_l: the experts held in RAM
+    disk_experts: int  # Σ (E - H_l): experts left on disk
+    disk_bytes: int  # their bytes
+    hit_rate: float | None  # hits over the device misses that reach the tier; None when none reach it
+    disk_reads_per_token: float  # expected experts read from disk per token, summed over layers
+    disk_bytes_per_token: int
+    disk_seconds_per_token: float  # disk_bytes_per_token / disk GB/s, added to the token's time
+    serves_device_slots: bool  # False: the experts are computed straight from the tier (no slot in front)
+
+    def as_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["experts_per_layer"] = list(self.experts_per_layer)
+        return out
+
+
+@dataclass(frozen=True)
+class PeakRss:
+    """The process's predicted peak resident set, part by part (bytes)."""
+
+    host_tier: int
+    device_tier_in_ram: int  # a CPU device's dense weights, slots, KV cache and workspace; 0 on CUDA
+    runtime: int
+    cuda_runtime: int
+    load_staging: int
+
+    @property
+    def total(self) -> int:
+        return self.host_tier + self.device_tier_in_ram + self.runtime + self.cuda_runtime + self.load_staging
+
+    def as_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "total": self.total}
+
+
+def hit_rate(slots: int, experts: int, locality_bonus: float) -> float:
+    """The chance that a chosen expert sits in one of ``slots``: chance, plus the locality of routing."""
+    p = min(1.0, slots / experts)
+    return p + locality_bonus * p * (1 - p)
+
+
+def host_experts_per_layer(
+    budget: int, expert_bytes: Sequence[int], experts: int, where: str
+) -> tuple[int, ...]:
+    """Whole experts per layer that ``budget`` bytes hold, one per layer in turn, at most ``experts``.
+
+    Raises ProfileError naming ``where`` when the budget holds less than one expert of every layer.
+    """
+    layers, need = len(expert_bytes), sum(expert_bytes)
+    if budget < need:
+        raise ProfileError(
+            f"{where}: holds {budget / GIB:.2f} GiB of experts, and the host tier needs one expert of "
+            f"every layer ({layers} layers, {need / GIB:.2f} GiB); allowed is {need / GIB:.2f} GiB or more"
+        )
+    if len(set(expert_bytes)) == 1:  # equal sizes: a closed form, exact for any count
+        whole = min(budget // expert_bytes[0], experts * layers)
+        return tuple(min(experts, whole // layers + (layer < whole % layers)) for layer in range(layers))
+    counts, room = [0] * layers, budget
+    grown = True
+    while grown:
+        grown = False
+        for layer, size in enumerate(expert_bytes):
+            if counts[layer] < experts and size <= room:
+                counts[layer] += 1
+                room -= size
+                grown = True
+    return tuple(counts)
+
+
+def plan_host_tier(
+    *,
+    memory_gib: float | None,
+    disk_gbps: float,
+    where: str,
+    device_slots: Sequence[int] | None,
+    expert_bytes: Sequence[int],
+    experts: int,
+    top_k: int,
+    locality_bonus: float,
+) -> HostTier:
+    """The host tier under a budget of ``memory_gib`` (None: every expert in RAM).
+
+    ``device_slots`` are K_l in front of the tier, or None when the experts are computed from the tier.
+    """
+    if memory_gib is None:
+        held = tuple([experts] * len(expert_bytes))
+        budget = None
+    else:
+        budget = int(memory_gib * GIB)
+        held = host_experts_per_layer(budget, expert_bytes, experts, where)
+    slots = [0] * len(expert_bytes) if device_slots is None else list(device_slots)
+    reads = device_misses = read_bytes = 0.0
+    for k, h, size in zip(slots, held, expert_bytes, strict=True):
+        device_hit = hit_rate(k, experts, locality_bonus)
+        layer_reads = top_k * (1 - device_hit) * (1 - hit_rate(h, experts, locality_bonus))
+        reads += layer_reads
+        device_misses += top_k * (1 - device_hit)
+        read_bytes += layer_reads * size
+    disk_bytes = sum((experts - h) * size for h, size in zip(held, expert_bytes, strict=True))
+    return HostTier(
+        memory_gib=memory_gib,
+        budget_bytes=budget,
+        disk_gbps=disk_gbps,
+        experts_per_layer=held,
+        bytes=sum(h * size for h, size in zip(held, expert_bytes, strict=True)),
+        disk_experts=sum(experts - h for h in held),
+        disk_bytes=disk_bytes,
+        hit_rate=1 - reads / device_misses if device_misses > 1e-12 else None,
+        disk_reads_per_token=reads,
+        disk_bytes_per_token=round(read_bytes),
+        disk_seconds_per_token=read_bytes / (disk_gbps * 1e9),
+        serves_device_slots=device_slots is not None,
+    )
+
+
+def with_disk(tok_s: float, disk_seconds: float) -> float:
+    """A token's predicted speed once ``disk_seconds`` of reads are added to its time (they overlap nothing)."""
+    return 1.0 / (1.0 / tok_s + disk_seconds)
+
+
+def peak_rss(*, host_tier_bytes: int, device_bytes: int, device_kind: str, largest_tensor: int) -> PeakRss:
+    """The process's predicted peak RSS: see the module docstring for what each part counts."""
+    return PeakRss(
+        host_tier=host_tier_bytes,
+        device_tier_in_ram=device_bytes if device_kind == "cpu" else 0,
+        runtime=RUNTIME_RSS_BYTES,
+        cuda_runtime=CUDA_HOST_RSS_BYTES if device_kind == "cuda" else 0,
+        load_staging=largest_tensor,
+    )
+
+
+def tier_rows(
+    tier: HostTier | None, rss: PeakRss | None, experts: int, device_kind: str
+) -> list[tuple[str, str, int, str]]:
+    """The plan table's host and disk rows: (tier, item, bytes, note)."""
+    shared = ", in the same RAM as the device tier" if device_kind == "cpu" else ""
+    rows = []
+    if tier is None or tier.memory_gib is None:
+        note = f"{experts} per layer{shared}" if tier is not None else "none: all resident"
+        rows.append(("host", "all experts", 0 if tier is None else tier.bytes, note))
+    else:
+        hs = sorted(set(tier.experts_per_layer))
+        h_text = str(hs[0]) if len(hs) == 1 else f"{min(hs)}..{max(hs)}"
+        hit = "" if tier.hit_rate is None else f", expected hit rate {tier.hit_rate:.0%}"
+        note = f"H = {h_text} of {experts} per layer, budget {tier.memory_gib:g} GiB{hit}{shared}"
+        rows.append(("host", "expert tier", tier.bytes, note))
+    if rss is not None:
+        if rss.device_tier_in_ram:
+            rows.append(("host", "device tier", rss.device_tier_in_ram, "the device is this RAM"))
+        runtime = "python, torch, tokenizer" + (" + CUDA runtime (assumed)" if rss.cuda_runtime else "")
+        rows.append(("host", "runtime", rss.runtime + rss.cuda_runtime, runtime))
+        rows.append(("host", "load staging", rss.load_staging, "the largest tensor, read once more"))
+        rows.append(("host", "peak RSS", rss.total, "predicted"))
+    if tier is not None and tier.memory_gib is not None:
+        note = (
+            f"{tier.disk_experts} experts; ~{tier.disk_bytes_per_token / 1e6:.0f} MB read per token "
+            f"at {tier.disk_gbps:g} GB/s"
+        )
+        rows.append(("disk", "experts beyond the budget", tier.disk_bytes, note))
+    return rows
+
+
+def check_host_memory(value: float, flag: str = "--host-memory") -> None:
+    """A one-line error unless ``value`` GiB is a usable budget (also refuses nan and inf)."""
+    if not (isinstance(value, int | float) and 0 < value <= MAX_HOST_MEMORY_GIB and math.isfinite(value)):
+        raise ProfileError(
+            f"{flag} {value}: allowed is more than 0 up to {MAX_HOST_MEMORY_GIB} (GiB of host RAM for experts)"
+        )
