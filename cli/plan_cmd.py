@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 import os
 from dataclasses import replace
 from pathlib import Path
@@ -14,9 +13,11 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from cli import options
 from offload.checkpoint.hub import model_dir
 from offload.config import ModelConfig
 from offload.errors import OffloadError
+from offload.settings.plan_tiers import MAX_DISK_GBPS, MAX_HOST_MEMORY_GIB
 from offload.settings.profile import load_profile
 
 MAX_FREE_GIB = 1024**2  # a PiB: far beyond any machine, small enough that bytes stay exact integers
@@ -54,12 +55,14 @@ def plan_command(
         typer.Option(
             help="Host RAM for experts in GiB; the rest stay on disk. Default: the profile's host.memory_gib, "
             "else every expert in RAM. Example: --host-memory 8",
+            callback=options.bounded("--host-memory", 0, MAX_HOST_MEMORY_GIB, above=True),
         ),
     ] = None,
     disk_gbps: Annotated[
         float | None,
         typer.Option(
-            help="The disk's read bandwidth in GB/s. Default: the profile's host.disk_gbps. Example: 3.5"
+            help="The disk's read bandwidth in GB/s. Default: the profile's host.disk_gbps. Example: 3.5",
+            callback=options.bounded("--disk-gbps", 0, MAX_DISK_GBPS, above=True),
         ),
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the plan as JSON. Example: --json")] = False,
@@ -70,14 +73,9 @@ def plan_command(
     """
     # Deferred: the engine imports torch, and `offload --help` must stay instant.
     from offload.settings.plan import GIB, default_context, plan_memory
-    from offload.settings.plan_tiers import MAX_DISK_GBPS, check_host_memory
 
     if free_gib is not None and not 0 <= free_gib <= MAX_FREE_GIB:  # also refuses nan
         raise OffloadError(f"--free-gib {free_gib}: allowed is 0 to {MAX_FREE_GIB} (GiB of free memory)")
-    if host_memory is not None:
-        check_host_memory(host_memory)
-    if disk_gbps is not None and not (0 < disk_gbps <= MAX_DISK_GBPS and math.isfinite(disk_gbps)):
-        raise OffloadError(f"--disk-gbps {disk_gbps}: allowed is more than 0 up to {MAX_DISK_GBPS:g} (GB/s)")
     config_path = _config_path(model)
     config = ModelConfig.from_file(config_path)
     chosen = load_profile(profile)

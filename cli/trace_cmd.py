@@ -15,6 +15,7 @@ from cli import options
 from cli.prompt_input import read_prompt
 from offload.errors import OffloadError
 from offload.settings.flags import LoadFlags
+from offload.settings.plan_tiers import MAX_HOST_MEMORY_GIB
 
 if TYPE_CHECKING:
     from offload.engine import ResolvedModel
@@ -152,6 +153,28 @@ def replay_command(
             callback=options.bounded("--expert-bytes", 1, 1 << 40),  # 1 TiB: far above any expert
         ),
     ] = None,
+    host_memory: Annotated[
+        float | None,
+        typer.Option(
+            help="Replay two levels: a host tier of this many GiB of experts under the device slots, the rest "
+            "read from disk. Example: --host-memory 8",
+            callback=options.bounded("--host-memory", 0, MAX_HOST_MEMORY_GIB, above=True),
+        ),
+    ] = None,
+    host_experts: Annotated[
+        int | None,
+        typer.Option(
+            help="Replay two levels: a host tier of this many experts per layer. Example: --host-experts 4",
+            callback=options.bounded("--host-experts", 1, 1 << 16),
+        ),
+    ] = None,
+    host_policy: Annotated[
+        str | None,
+        typer.Option(
+            help="The host tier's policies, a comma list of lru,lrfu,lfu,belady (belady is always shown). "
+            "Default: all. Example: --host-policy lrfu",
+        ),
+    ] = None,
     as_json: Annotated[
         bool, typer.Option("--json", help="Print one JSON object instead of a table.")
     ] = False,
@@ -159,15 +182,26 @@ def replay_command(
     """Replay TRACE with K slots per layer under each policy: hit rate and bytes moved per token.
 
     Belady is the offline optimum (it knows the future); the last column says how many more
-    loads each policy makes than Belady at the same K.
+    loads each policy makes than Belady at the same K. With --host-memory or --host-experts, a host
+    tier sits under the slots (two levels; -k 0: no slots, every expert computed from the tier); the
+    device policy defaults to lrfu, and each row gives both levels and the disk reads against Belady's.
 
     Example: offload trace replay demo.trace --policy lru,lrfu,belady -k 1-8
+    Example: offload trace replay demo.trace -k 0,2 --host-experts 4
     """
     # Deferred: traces need numpy, and `offload --help` must stay instant.
     from offload.trace.format import load_trace
     from offload.trace.replay import replay_table
 
     trace = load_trace(trace_path)
+    if host_memory is not None or host_experts is not None or host_policy is not None:
+        from cli.trace_tiers_view import replay_two_levels  # deferred with the rest of the replay
+
+        policies = _parse_policies(policy or "lrfu", trace.has_guesses)
+        ks = _parse_ks(experts_per_layer, trace.num_experts, lowest=0)
+        replay_two_levels(trace, trace_path, policies, ks, host_memory, host_experts, host_policy, expert_bytes,
+                          as_json)  # fmt: skip
+        return
     policies = _parse_policies(policy, trace.has_guesses)
     ks = _parse_ks(experts_per_layer, trace.num_experts)
     rows = replay_table(trace, policies, ks, expert_bytes)
@@ -212,10 +246,10 @@ def _parse_policies(text: str | None, has_guesses: bool) -> list[str]:
     return list(dict.fromkeys(policies))
 
 
-def _parse_ks(text: str | None, num_experts: int) -> list[int]:
-    """'4', '1,2,4', '1-8' (or '1..8') or a mix, as sorted distinct K values in 1..num_experts."""
+def _parse_ks(text: str | None, num_experts: int, lowest: int = 1) -> list[int]:
+    """'4', '1,2,4', '1-8' (or '1..8') or a mix, as sorted distinct K values in lowest..num_experts."""
     if text is None:
-        return list(range(1, num_experts + 1))
+        return list(range(lowest, num_experts + 1))
     ks: set[int] = set()
     for part in text.split(","):
         low, dash, high = part.strip().replace("..", "-", 1).partition("-")
@@ -226,10 +260,10 @@ def _parse_ks(text: str | None, num_experts: int) -> list[int]:
                 f"{text!r}: expected numbers, comma lists or ranges such as 1-8 or 1..8",
                 param_hint="--experts-per-layer",
             ) from None
-        if not 1 <= first <= last <= num_experts:
+        if not lowest <= first <= last <= num_experts:
             raise typer.BadParameter(
                 f"{part.strip()!r} is out of range: the trace's layers have {num_experts} experts, "
-                f"so K runs from 1 to {num_experts}",
+                f"so K runs from {lowest} to {num_experts}",
                 param_hint="--experts-per-layer",
             )
         ks.update(range(first, last + 1))

@@ -40,7 +40,6 @@ Predicted peak RSS of the process (host memory), the sum of:
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -116,8 +115,8 @@ def host_experts_per_layer(
     layers, need = len(expert_bytes), sum(expert_bytes)
     if budget < need:
         raise ProfileError(
-            f"{where}: holds {budget / GIB:.2f} GiB of experts, and the host tier needs one expert of "
-            f"every layer ({layers} layers, {need / GIB:.2f} GiB); allowed is {need / GIB:.2f} GiB or more"
+            f"{where}: the host tier needs one expert of every layer ({layers} layers, {_size(need)}), "
+            f"and the budget holds {_size(budget)}; allowed is {need / GIB:.4g} GiB or more"
         )
     if len(set(expert_bytes)) == 1:  # equal sizes: a closed form, exact for any count
         whole = min(budget // expert_bytes[0], experts * layers)
@@ -227,9 +226,5 @@ def tier_rows(
     return rows
 
 
-def check_host_memory(value: float, flag: str = "--host-memory") -> None:
-    """A one-line error unless ``value`` GiB is a usable budget (also refuses nan and inf)."""
-    if not (isinstance(value, int | float) and 0 < value <= MAX_HOST_MEMORY_GIB and math.isfinite(value)):
-        raise ProfileError(
-            f"{flag} {value}: allowed is more than 0 up to {MAX_HOST_MEMORY_GIB} (GiB of host RAM for experts)"
-        )
+def _size(nbytes: int) -> str:
+    return f"{nbytes / GIB:.2f} GiB" if nbytes >= GIB else f"{nbytes / MIB:.1f} MiB"
