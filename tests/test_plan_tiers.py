@@ -1,0 +1,187 @@
+"""The plan's three tiers (issue 17): the host budget, the experts left on disk, the disk reads per token
+and the tok/s with them, and the predicted peak RSS, by hand for the demo model's shape and for Mixtral."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from offload.config import ModelConfig
+from offload.errors import ProfileError
+from offload.settings.plan import GIB, plan_memory
+from offload.settings.profile import CacheSettings, DeviceSettings, Profile, load_profile
+from tests.test_plan import EXPERT_3_64
+from tests.test_profile import run_offload
+
+ROOT = Path(__file__).resolve().parent.parent
+DEMO = ROOT / "offload" / "demo" / "config.json"
+MIXTRAL = Path(__file__).parent / "fixtures" / "mixtral-8x7b-instruct-v0.1"
+MIB = 1024**2
+RUNTIME = 240 * MIB  # python + torch + tokenizer, as plan_tiers states it
+CUDA_RUNTIME = GIB  # the CUDA runtime's host memory, as plan_tiers assumes it
+
+# The demo's shape (D 256, F 448, 4 layers, 8 experts, top-2, vocab 5120) in bf16, unquantized.
+DEMO_EXPERT = 3 * 256 * 448 * 2  # 688,128 bytes
+DEMO_EMBED = 5120 * 256 * 2  # the largest tensor: the embedding (the lm_head is as large)
+# hit(n) = p + 0.3 p (1 - p), p = n / 8
+HIT_2 = 2 / 8 + 0.3 * (2 / 8) * (6 / 8)  # 0.30625
+HIT_3 = 3 / 8 + 0.3 * (3 / 8) * (5 / 8)  # 0.4453125
+
+
+@pytest.fixture(autouse=True)
+def _isolated_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("OFFLOAD_HOME", str(tmp_path / "home"))
+
+
+def _demo_profile(kind: str = "cuda", k: int | str = 2, **host: float) -> Profile:
+    raw = {
+        "device": {"kind": kind, "memory_gib": 80.0, "link_gbps": 12.0},
+        "cache": {"experts_per_layer": k},
+        "quant": {"experts": "none", "attention": "none"},
+        "host": {"disk_gbps": 2.0, **host},
+    }
+    return Profile.from_dict(raw, source="test.toml")
+
+
+def test_a_budget_of_ten_experts_by_hand() -> None:
+    """Ten experts' bytes: H = 3, 3, 2, 2 (one per layer in turn); 22 experts stay on disk."""
+    demo = ModelConfig.from_file(DEMO)
+    base = plan_memory(demo, _demo_profile(), 64)
+    plan = plan_memory(demo, _demo_profile(memory_gib=10.5 * DEMO_EXPERT / GIB), 64)
+    tier = plan.host_tier
+    assert tier.experts_per_layer == (3, 3, 2, 2)
+    assert plan.host_bytes == tier.bytes == 10 * DEMO_EXPERT
+    assert (tier.disk_experts, plan.disk_bytes) == (22, 22 * DEMO_EXPERT)
+    # Per layer: top_k x device miss rate (K = 2) x the tier's miss rate (H = 3 or 2).
+    reads = 2 * (1 - HIT_2) * (2 * (1 - HIT_3) + 2 * (1 - HIT_2))
+    assert tier.disk_reads_per_token == pytest.approx(reads) == pytest.approx(3.4644140625)
+    assert tier.disk_bytes_per_token == round(reads * DEMO_EXPERT)
+    assert tier.disk_seconds_per_token == pytest.approx(reads * DEMO_EXPERT / 2e9)
+    assert tier.hit_rate == pytest.approx((2 * HIT_3 + 2 * HIT_2) / 4)
+    # The reads overlap nothing: their time adds to the token's.
+    assert plan.predicted_tok_s == pytest.approx(1 / (1 / base.predicted_tok_s + reads * DEMO_EXPERT / 2e9))
+    assert plan.tok_s_with_disk["copy-only"] == pytest.approx(plan.predicted_tok_s)
+    # Host-only has no slot in front of the tier: every chosen expert reaches it.
+    host_only = 1 / (1 / base.speeds.tok_s["host-only"] + 2 * 2.496875 * DEMO_EXPERT / 2e9)
+    assert plan.tok_s_with_disk["host-only"] == pytest.approx(host_only)
+    # The device tier does not change; the process holds the tier, the runtimes and one tensor being read.
+    assert plan.device_bytes == base.device_bytes
+    rss = plan.peak_rss
+    assert (rss.host_tier, rss.device_tier_in_ram, rss.load_staging) == (10 * DEMO_EXPERT, 0, DEMO_EMBED)
+    assert rss.total == 10 * DEMO_EXPERT + RUNTIME + CUDA_RUNTIME + DEMO_EMBED
+
+
+def test_a_cpu_with_a_budget_computes_the_experts_from_the_tier() -> None:
+    """Every expert "resident" on a CPU, but a budget: no slots, the tier alone, RAM holds both tiers."""
+    demo = ModelConfig.from_file(DEMO)
+    plan = plan_memory(demo, _demo_profile("cpu", "all", memory_gib=10.5 * DEMO_EXPERT / GIB), 64)
+    resident = plan_memory(demo, _demo_profile("cpu", "all"), 64)
+    assert plan.experts_from_host_tier and plan.expert_slot_bytes == 0
+    assert resident.host_tier is None and resident.expert_slot_bytes == 32 * DEMO_EXPERT
+    assert plan.device_bytes == resident.device_bytes - 32 * DEMO_EXPERT
+    reads = 2 * (2 * (1 - HIT_3) + 2 * (1 - HIT_2))  # nothing in front of the tier
+    assert plan.host_tier.disk_reads_per_token == pytest.approx(reads)
+    assert plan.predicted_tok_s == pytest.approx(
+        1 / (1 / resident.predicted_tok_s + reads * DEMO_EXPERT / 2e9)
+    )
+    assert plan.needed_bytes == plan.device_bytes + 10 * DEMO_EXPERT
+    rss = plan.peak_rss
+    assert (rss.device_tier_in_ram, rss.cuda_runtime) == (plan.device_bytes, 0)
+    assert rss.total == 10 * DEMO_EXPERT + plan.device_bytes + RUNTIME + DEMO_EMBED
+
+
+def test_mixtral_with_8_gib_on_a_t4() -> None:
+    mixtral = ModelConfig.from_file(MIXTRAL / "config.json")
+    t4 = load_profile("t4-16gb")
+    plan = plan_memory(mixtral, replace(t4, host=replace(t4.host, memory_gib=8.0)), 8192)
+    # 8 GiB / 81,474,816 bytes = 105.4: 105 experts, 3 per layer and one more for the first 9 layers.
+    assert plan.host_tier.experts_per_layer == (4,) * 9 + (3,) * 23
+    assert plan.host_bytes == 105 * EXPERT_3_64 == 8_554_855_680
+    assert plan.disk_bytes == 151 * EXPERT_3_64
+    hit_4, hit_3 = 0.5 + 0.3 * 0.5 * 0.5, 3 / 8 + 0.3 * (3 / 8) * (5 / 8)
+    reads = 2 * (1 - hit_4) * (9 * (1 - hit_4) + 23 * (1 - hit_3))  # K = 4 on the T4
+    assert plan.host_tier.disk_bytes_per_token == round(reads * EXPERT_3_64)
+    assert plan.peak_rss.total == 105 * EXPERT_3_64 + RUNTIME + CUDA_RUNTIME + 32000 * 4096 * 2
+    assert plan.fits  # the device tier is as without a budget
+
+
+def test_with_a_budget_the_host_no_longer_needs_every_expert() -> None:
+    """On a CPU with 16 GiB, Mixtral's 19.4 GiB of 3-bit experts do not fit; with 8 GiB of them, they do."""
+    mixtral = ModelConfig.from_file(MIXTRAL / "config.json")
+    t4 = load_profile("t4-16gb")
+    laptop = replace(t4, device=DeviceSettings("cpu", 16.0, 20.0), cache=CacheSettings("all"))
+    assert not plan_memory(mixtral, laptop, 4096).fits
+    plan = plan_memory(mixtral, replace(laptop, host=replace(laptop.host, memory_gib=8.0)), 4096)
+    assert plan.fits and plan.needed_bytes == plan.device_bytes + 105 * EXPERT_3_64 < 11 * GIB
+    assert plan.host_bytes == 105 * EXPERT_3_64 and plan.expert_slot_bytes == 0
+
+
+def test_a_budget_above_every_expert_keeps_them_all_and_reads_nothing() -> None:
+    mixtral = ModelConfig.from_file(MIXTRAL / "config.json")
+    t4 = load_profile("t4-16gb")
+    base = plan_memory(mixtral, t4, 8192)
+    plan = plan_memory(mixtral, replace(t4, host=replace(t4.host, memory_gib=1000.0)), 8192)
+    assert plan.host_tier.experts_per_layer == (8,) * 32 and plan.host_bytes == base.host_bytes
+    assert (plan.disk_bytes, plan.host_tier.disk_bytes_per_token) == (0, 0)
+    assert plan.predicted_tok_s == pytest.approx(base.predicted_tok_s)
+
+
+def test_a_budget_below_one_expert_per_layer_is_refused() -> None:
+    demo = ModelConfig.from_file(DEMO)
+    with pytest.raises(ProfileError, match=r"test.toml: host.memory_gib = .*one expert of every layer"):
+        plan_memory(demo, _demo_profile(memory_gib=3.5 * DEMO_EXPERT / GIB), 64)
+
+
+# Through the CLI.
+
+
+def _plan(monkeypatch: pytest.MonkeyPatch, capsys, *args: str) -> tuple[int, str, str]:
+    return run_offload(monkeypatch, capsys, "plan", "-m", str(MIXTRAL), "-p", "t4-16gb", *args)
+
+
+def test_cli_plan_shows_three_tiers(monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    monkeypatch.setenv("COLUMNS", "200")
+    code, out, err = _plan(monkeypatch, capsys, "--host-memory", "8", "--disk-gbps", "6")
+    assert code == 0, err
+    for text in ("expert slots", "expert tier", "H = 3..4 of 8", "experts beyond the budget", "151 experts",
+                 "at 6 GB/s", "peak RSS", "overlapping nothing", "FITS"):  # fmt: skip
+        assert text in out, text
+    assert "11.46" in out  # 151 x 81,474,816 bytes in GiB
+
+
+def test_cli_plan_json_keeps_its_keys_and_adds_the_tiers(monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    code, out, _ = _plan(monkeypatch, capsys, "--json")
+    without = json.loads(out)
+    code, out, _ = _plan(monkeypatch, capsys, "--host-memory", "8", "--disk-gbps", "6", "--json")
+    plan = json.loads(out)
+    assert code == 0 and set(without) == set(plan)  # the same keys, budget or not
+    for key in ("device_bytes", "needed_bytes", "fits", "speeds", "predicted_tok_s", "expected_hit_rate"):
+        assert key in plan
+    assert without["host_bytes"] == 256 * EXPERT_3_64 and without["disk_bytes"] == 0
+    assert plan["host_bytes"] == plan["host_tier"]["bytes"] == 105 * EXPERT_3_64
+    assert plan["disk_bytes"] == plan["host_tier"]["disk_bytes"] == 151 * EXPERT_3_64
+    assert plan["host_tier"]["memory_gib"] == 8 and plan["host_tier"]["disk_gbps"] == 6
+    assert plan["predicted_peak_rss_bytes"] == plan["peak_rss"]["total"]
+    assert plan["predicted_tok_s"] < without["predicted_tok_s"]
+    assert set(plan["tok_s_with_disk"]) == set(plan["speeds"]["tok_s"])
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "nan", "inf", "1e9"])
+def test_cli_bad_host_memory_is_one_line(value: str, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    code, out, err = _plan(monkeypatch, capsys, f"--host-memory={value}")
+    assert code == 2 and out == ""
+    assert "--host-memory" in err and err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_cli_too_small_a_budget_is_one_line_naming_the_flag(monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    code, out, err = _plan(monkeypatch, capsys, "--host-memory", "1")
+    assert code == 2 and out == "" and err.count("\n") == 1
+    assert "--host-memory 1: the host tier needs one expert of every layer (32 layers, 2.43 GiB)" in err
+
+
+def test_cli_bad_disk_gbps_is_one_line(monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    code, out, err = _plan(monkeypatch, capsys, "--disk-gbps=0")
+    assert code == 2 and out == "" and "--disk-gbps" in err and err.count("\n") == 1

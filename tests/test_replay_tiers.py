@@ -1,0 +1,189 @@
+"""Two-level replay (issue 17): device slots over a host tier over the disk, counted by hand, against
+Belady's optimum for the host level, and through `offload trace replay`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from typer.testing import CliRunner
+
+from offload.errors import OffloadError, TraceError
+from offload.trace.format import save_trace
+from offload.trace.replay import replay_layer
+from offload.trace.replay_tiers import host_experts_for_budget, replay_two_level
+from tests.test_trace import cli, make_trace, optimum_hits, sequence
+
+__all__ = ["cli"]  # a fixture, used by name
+
+
+def test_two_levels_by_hand() -> None:
+    # One layer, top-1, uses 0 0 1 2 0 1; an expert is 100 bytes; K = 1 device slot (LRU), H = 2 host slots.
+    # Device: 0m 0h 1m 2m 0m 1m -> 1 hit, 5 misses, 5 copies; the host tier is asked for 0 1 2 0 1.
+    # Host LRU:    0m 1m 2m (evicts 0) 0m (evicts 1) 1m (evicts 2)          -> 0 hits, 5 disk reads
+    # Host Belady: 0m 1m 2m: 0 is next asked for at step 4, 1 at step 5 -> evicts 1; 0h; 1m -> 1 hit, 4 reads
+    trace = sequence([0, 0, 1, 2, 0, 1])
+    lru = replay_two_level(trace, "lru", 1, "lru", 2, expert_bytes=100)
+    device = (lru.accesses, lru.device_hits, lru.device_misses, lru.link_loads, lru.link_bytes)
+    assert device == (6, 1, 5, 5, 500)
+    assert (lru.host_accesses, lru.host_hits, lru.host_misses, lru.disk_bytes) == (5, 0, 5, 500)
+    belady = replay_two_level(trace, "lru", 1, "belady", 2, expert_bytes=100)
+    assert (belady.host_accesses, belady.host_hits, belady.host_misses, belady.disk_bytes) == (5, 1, 4, 400)
+    assert belady.host_hit_rate == pytest.approx(1 / 5) and belady.disk_bytes_per_token == pytest.approx(
+        400 / 6
+    )
+    assert belady.device_hit_rate == pytest.approx(1 / 6)
+    # K = 0: no slots, the tier sees every access: 0m 0h 1m 2m (evicts 0) 0m (evicts 1) 1m -> 1 hit, 5 reads;
+    # Belady: 0m 0h 1m 2m (evicts 1, asked for after 0) 0h 1m -> 2 hits, 4 reads.
+    none = replay_two_level(trace, "lru", 0, "lru", 2, expert_bytes=100)
+    assert (none.device_policy, none.link_loads, none.link_bytes, none.device_hit_rate) == (None, 0, 0, None)
+    assert (none.host_accesses, none.host_hits, none.host_misses) == (6, 1, 5)
+    assert replay_two_level(trace, "lru", 0, "belady", 2).host_misses == 4
+    assert replay_two_level(trace, "lru", 0, "belady", 2).disk_bytes is None  # no size known
+
+
+def test_prefetches_are_requests_too_and_bytes_are_per_layer() -> None:
+    # tests/test_trace.py's test_prefetch_by_hand: layer 0 (100 bytes) loads 0 and 1 once; layer 1 (1000
+    # bytes) loads 0 and 1, then prefetches 2 and misses 3: 6 copies. A tier of every expert reads each
+    # once: 2 x 100 + 4 x 1000 bytes from disk, as many as over the link.
+    steps = [[[[0, 1]], [[0, 1]]], [[[0, 1]], [[2, 3]]], [[[0, 1]], [[2, 3]]]]
+    guesses = {(1, 1): [2, 3], (2, 1): [0, 1]}
+    trace = make_trace(steps, num_experts=4, guesses=guesses, expert_bytes=(100, 1000))
+    result = replay_two_level(trace, "lru+prefetch", 3, "lrfu", 4)
+    assert (result.link_loads, result.link_bytes) == (6, 4200)
+    assert (result.host_accesses, result.host_hits, result.host_misses, result.disk_bytes) == (6, 0, 6, 4200)
+    as_json = result.as_dict()
+    assert as_json["host_tier"]["disk_bytes_read"] == 4200 and as_json["device"]["loads"] == 6
+    assert json.dumps(as_json)
+
+
+def test_a_budget_in_gib_is_handed_out_as_the_plan_does() -> None:
+    trace = make_trace([[[[0]], [[1]], [[2]]]], num_experts=4, expert_bytes=(2**20,) * 3)
+    assert host_experts_for_budget(trace, 7.5 / 1024) == (3, 2, 2)  # 7 experts of 1 MiB, one layer at a time
+    assert host_experts_for_budget(trace, 1.0) == (4, 4, 4)  # never more than the layer has
+    with pytest.raises(TraceError, match="one expert of every layer"):
+        host_experts_for_budget(trace, 2 / 1024)
+    with pytest.raises(TraceError, match="--expert-bytes"):
+        host_experts_for_budget(make_trace([[[[0]]]], num_experts=4), 1.0)
+
+
+def test_bad_arguments_are_trace_errors() -> None:
+    trace = sequence([0, 1])
+    for args, message in (
+        (("fifo", 1, "lru", 2), "unknown cache policy"),
+        (("lru", 1, "fifo", 2), "unknown host-tier policy"),
+        (("lru", 5, "lru", 2), "from 0 to 4"),
+        (("lru", 1, "lru", 0), "from 1 to 4"),
+        (("lru", 1, "lru", [1, 2]), "one per layer"),
+    ):
+        with pytest.raises(TraceError, match=message):
+            replay_two_level(trace, *args)
+
+
+@settings(max_examples=120, deadline=None)
+@given(
+    st.integers(3, 6).flatmap(
+        lambda experts: st.tuples(
+            st.just(experts),
+            st.lists(
+                st.lists(st.integers(0, experts - 1), min_size=2, max_size=2, unique=True),
+                min_size=1,
+                max_size=12,
+            ),
+            st.integers(0, experts),
+            st.integers(2, experts),
+            st.sampled_from(["lru", "lrfu"]),
+        )
+    )
+)
+def test_belady_is_the_host_level_optimum(case: tuple[int, list[list[int]], int, int, str]) -> None:
+    """One token a step (so no step asks the tier for more than top-2 <= H): Belady reads the fewest, exactly
+    the optimum found by trying every eviction on the device's request stream."""
+    experts, tokens, k, h, device_policy = case
+    trace = make_trace([[[token]] for token in tokens], experts)
+    reads = {
+        p: replay_two_level(trace, device_policy, k, p, h).host_misses
+        for p in ("lru", "lrfu", "lfu", "belady")
+    }
+    assert all(reads["belady"] <= n for n in reads.values())
+    if k:
+        requests: list[list[int]] = []
+        replay_layer(trace.needed_by_layer[0], None, device_policy, k, experts, requests)
+    else:
+        requests = trace.needed_by_layer[0]
+    steps = tuple(frozenset(step) for step in requests)
+    belady = replay_two_level(trace, device_policy, k, "belady", h)
+    assert belady.host_hits == optimum_hits(steps, h)
+    assert belady.host_accesses == sum(map(len, steps))
+
+
+# Through the CLI.
+
+
+def test_cli_two_level_replay(cli, tmp_path: Path) -> None:
+    path = tmp_path / "t.trace"
+    save_trace(sequence([0, 0, 1, 2, 0, 1]), path)
+    args = [
+        "trace",
+        "replay",
+        str(path),
+        "-k",
+        "0,1",
+        "--policy",
+        "lru",
+        "--host-experts",
+        "2",
+        "--expert-bytes",
+        "100",
+    ]
+    shown = CliRunner().invoke(cli, [*args, "--json"])
+    assert shown.exit_code == 0, shown.output
+    rows = json.loads(shown.output)["rows"]
+    found = [
+        (r["device"]["experts_per_layer"], r["host_tier"]["policy"], r["host_tier"]["misses"]) for r in rows
+    ]
+    assert found == [
+        (0, "lru", 5), (0, "lrfu", 4), (0, "lfu", 4), (0, "belady", 4),
+        (1, "lru", 5), (1, "lrfu", 5), (1, "lfu", 5), (1, "belady", 4),
+    ]  # fmt: skip
+    assert rows[-1]["host_tier"]["disk_bytes_read"] == 400 and rows[-1]["device"]["bytes_moved"] == 500
+    table = CliRunner().invoke(cli, [*args, "--host-policy", "lru"], env={"COLUMNS": "160"})
+    assert table.exit_code == 0, table.output
+    assert "optimum" in table.output and "1.25x" in table.output  # LRU's 5 reads against Belady's 4
+    budget = CliRunner().invoke(
+        cli, [*args[:-4], "--expert-bytes", "1048576", "--host-memory", "0.002", "--json"]
+    )
+    assert budget.exit_code == 0, budget.output
+    assert json.loads(budget.output)["rows"][0]["host_tier"]["experts_per_layer"] == [2]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--host-experts", "5"], "more than the trace's 4 experts"),
+        (["--host-experts", "2", "--host-memory", "1"], "not both"),
+        (["--host-memory", "0"], "--host-memory 0.0 is out of range"),
+        (["--host-policy", "lru"], "needs the host tier's size"),
+        (["--host-experts", "2", "--host-policy", "mru"], "'mru' is not a host-tier policy"),
+        (["--host-experts", "2", "-k", "5"], "out of range"),
+    ],
+)
+def test_cli_two_level_rejects_bad_options(cli, tmp_path: Path, args: list[str], message: str) -> None:
+    path = tmp_path / "t.trace"
+    save_trace(sequence([0, 1]), path)
+    result = CliRunner().invoke(cli, ["trace", "replay", str(path), *args], env={"COLUMNS": "300"})
+    if isinstance(result.exception, OffloadError):  # cli.main.run prints it as one line, exit code 2
+        assert message in str(result.exception)
+    else:
+        assert result.exit_code == 2, result.output
+        assert message in " ".join(result.output.split())
+
+
+def test_cli_host_memory_without_sizes_is_a_trace_error(cli, tmp_path: Path) -> None:
+    path = tmp_path / "t.trace"
+    save_trace(sequence([0, 1]), path)
+    result = CliRunner().invoke(cli, ["trace", "replay", str(path), "--host-memory", "1"])
+    assert isinstance(result.exception, TraceError) and "--expert-bytes" in str(result.exception)
