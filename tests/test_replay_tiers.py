@@ -145,6 +145,8 @@ def test_cli_two_level_replay(cli, tmp_path: Path) -> None:
     found = [
         (r["device"]["experts_per_layer"], r["host_tier"]["policy"], r["host_tier"]["misses"]) for r in rows
     ]
+    # K = 0: LRFU and LFU keep 0 (used twice) when 2 arrives and evict 1, so they read as few as Belady.
+    # K = 1: the tier is asked for 0 1 2 0 1, each once before the next: only Belady keeps one.
     assert found == [
         (0, "lru", 5), (0, "lrfu", 4), (0, "lfu", 4), (0, "belady", 4),
         (1, "lru", 5), (1, "lrfu", 5), (1, "lfu", 5), (1, "belady", 4),
