@@ -171,8 +171,8 @@ def replay_command(
     host_policy: Annotated[
         str | None,
         typer.Option(
-            help="The host tier's policies, a comma list of lru,lrfu,lfu,belady (belady is always shown). "
-            "Default: all. Example: --host-policy lrfu",
+            help="The host tier's policies, a comma list of lru,lrfu,lfu,belady, or lrfu:D for LRFU with decay D "
+            "(belady is always shown). Default: all four. Example: --host-policy lrfu,lrfu:0.98",
         ),
     ] = None,
     as_json: Annotated[

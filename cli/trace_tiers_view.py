@@ -66,17 +66,24 @@ def replay_two_levels(
 
 def _parse_host_policies(text: str | None) -> list[str]:
     """The host tier's policies in order, with Belady last: the reference every row is compared with."""
-    from offload.trace.replay_tiers import HOST_POLICIES
+    from offload.errors import TraceError
+    from offload.trace.replay_tiers import HOST_POLICIES, parse_host_policy
 
     if text is None:
         return list(HOST_POLICIES)
     policies = [p.strip() for p in text.split(",") if p.strip()]
-    unknown = [p for p in policies if p not in HOST_POLICIES]
-    if unknown or not policies:
+    if not policies:
         raise typer.BadParameter(
-            f"{unknown[0] if unknown else text!r} is not a host-tier policy: use {', '.join(HOST_POLICIES)}",
-            param_hint="--host-policy",
+            f"{text!r} names no policy: use {', '.join(HOST_POLICIES)}", param_hint="--host-policy"
         )
+    for policy in policies:
+        try:
+            parse_host_policy(policy)
+        except TraceError:
+            raise typer.BadParameter(
+                f"{policy!r} is not a host-tier policy: use {', '.join(HOST_POLICIES)} or lrfu:D (0 < D < 1)",
+                param_hint="--host-policy",
+            ) from None
     return [p for p in dict.fromkeys(policies) if p != "belady"] + ["belady"]
 
 

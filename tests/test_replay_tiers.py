@@ -4,6 +4,7 @@ Belady's optimum for the host level, and through `offload trace replay`."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -189,3 +190,19 @@ def test_cli_host_memory_without_sizes_is_a_trace_error(cli, tmp_path: Path) -> 
     save_trace(sequence([0, 1]), path)
     result = CliRunner().invoke(cli, ["trace", "replay", str(path), "--host-memory", "1"])
     assert isinstance(result.exception, TraceError) and "--expert-bytes" in str(result.exception)
+
+
+def test_lrfu_with_a_decay_of_its_own() -> None:
+    # K = 0, H = 2, uses 0 0 0 1 2 1 2 1 2 (tests/test_trace.py's hot expert gone cold). With decay 0.9,
+    # 0's count (2.71 after three uses) falls below 1's and 2's within three steps: 3 hits at the device's
+    # replay of the same sequence. With decay 0.99 it hardly fades: 1 and 2 take turns in the other slot,
+    # each evicting the other: hits are 0's two repeats only.
+    trace = sequence([0, 0, 0, 1, 2, 1, 2, 1, 2])
+    assert replay_two_level(trace, "lru", 0, "lrfu:0.9", 2).host_hits == 3
+    assert replay_two_level(trace, "lru", 0, "lrfu", 2) == replace(
+        replay_two_level(trace, "lru", 0, "lrfu:0.9", 2), host_policy="lrfu"
+    )
+    assert replay_two_level(trace, "lru", 0, "lrfu:0.99", 2).host_hits == 2
+    for bad in ("lrfu:1", "lrfu:0", "lrfu:x", "lru:0.5", "lrfu:"):
+        with pytest.raises(TraceError, match="lrfu:D"):
+            replay_two_level(trace, "lru", 0, bad, 2)

@@ -17,10 +17,10 @@ DEFAULT_CACHE_POLICY = "lrfu"
 LRFU_DECAY = 0.9  # a use counts half after about 7 steps of its layer
 
 
-def age_uses(uses: list[float], used: Iterable[int]) -> None:
+def age_uses(uses: list[float], used: Iterable[int], decay: float = LRFU_DECAY) -> None:
     """One step of a layer: decay every expert's count in place, then count one use of each of ``used``."""
     for expert in range(len(uses)):
-        uses[expert] *= LRFU_DECAY
+        uses[expert] *= decay
     for expert in used:
         uses[expert] += 1.0
 

@@ -36,7 +36,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from offload.errors import TraceError
-from offload.experts.policy import age_uses, choose_victim
+from offload.experts.policy import LRFU_DECAY, age_uses, choose_victim
 from offload.trace.format import Trace
 
 POLICIES = ("lru", "lrfu", "lfu", "belady", "lru+prefetch", "lrfu+prefetch")
@@ -168,11 +168,12 @@ def replay_layer(
     k: int,
     num_experts: int,
     loaded: list[list[int]] | None = None,
+    decay: float = LRFU_DECAY,
 ) -> LayerCounts:
     """One layer's cache through every step; ``needed_steps`` are ascending and distinct.
 
     ``loaded``, when given, receives each step's loads (prefetches first, then misses): what the level
-    below (``offload.trace.replay_tiers``) is asked for.
+    below (``offload.trace.replay_tiers``) is asked for. ``decay`` is lrfu's, per step.
     """
     counts = LayerCounts()
     last_used: dict[int, int] = {}  # resident expert -> its recency tick (larger is more recent)
@@ -243,7 +244,7 @@ def replay_layer(
                     break
                 evict(candidates)
             last_used[expert] = 0  # a placeholder: the step's use below sets the tick
-        age_uses(decayed, needed)
+        age_uses(decayed, needed, decay)
         for expert in needed:
             frequency[expert] = frequency.get(expert, 0) + 1
             if expert in last_used:

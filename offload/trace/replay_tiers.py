@@ -8,7 +8,8 @@ experts per layer, the rest read from the checkpoint on disk.
   fed only those requests: a device hit never reaches it. A request it holds is a hit; any other is a
   miss, read from disk (one expert's bytes) and kept by evicting the policy's victim. Requests of one
   step never evict each other; a step asking for more than H_l streams the rest through (read, not kept).
-- LRFU's counts decay once per step of the layer, whether or not that step reached the tier.
+- LRFU's counts decay once per step of the layer, whether or not that step reached the tier; ``lrfu:D``
+  replays LRFU with decay D in place of ``offload.experts.policy.LRFU_DECAY`` (the same code).
 - ``belady`` on the host level evicts the expert whose next request is furthest away: the fewest disk
   reads possible under that device policy (exact when no step asks for more than H_l experts).
 - The levels are not inclusive: the tier may evict an expert that a device slot still holds.
@@ -18,16 +19,35 @@ experts per layer, the rest read from the checkpoint on disk.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
 from offload.errors import ProfileError, TraceError
+from offload.experts.policy import LRFU_DECAY
 from offload.settings.plan_tiers import GIB, host_experts_per_layer
 from offload.trace.format import Trace
 from offload.trace.replay import POLICIES, LayerCounts, layer_bytes, replay_layer
 
-HOST_POLICIES = ("lru", "lrfu", "lfu", "belady")
+HOST_POLICIES = ("lru", "lrfu", "lfu", "belady")  # and lrfu:D, LRFU with decay D
+
+
+def parse_host_policy(name: str) -> tuple[str, float]:
+    """(policy, LRFU decay) for one of HOST_POLICIES or ``lrfu:D`` with 0 < D < 1."""
+    if name in HOST_POLICIES:
+        return name, LRFU_DECAY
+    base, colon, text = name.partition(":")
+    try:
+        decay = float(text)
+    except ValueError:
+        decay = math.nan
+    if base != "lrfu" or not colon or not 0 < decay < 1:
+        raise TraceError(
+            f"unknown host-tier policy {name!r}: expected one of {', '.join(HOST_POLICIES)}, "
+            "or lrfu:D with a decay 0 < D < 1 (e.g. lrfu:0.98)"
+        )
+    return base, decay
 
 
 @dataclass(frozen=True)
@@ -125,10 +145,7 @@ def replay_two_level(
     host tier of ``host_experts`` per layer (one count, or one per layer) under ``host_policy``."""
     if device_policy not in POLICIES:
         raise TraceError(f"unknown cache policy {device_policy!r}: expected one of {', '.join(POLICIES)}")
-    if host_policy not in HOST_POLICIES:
-        raise TraceError(
-            f"unknown host-tier policy {host_policy!r}: expected one of {', '.join(HOST_POLICIES)}"
-        )
+    host_base, decay = parse_host_policy(host_policy)
     experts, k = trace.num_experts, experts_per_layer
     if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= experts:
         raise TraceError(f"experts_per_layer must be a whole number from 0 to {experts}, got {k!r}")
@@ -156,7 +173,8 @@ def replay_two_level(
             counts = LayerCounts(accesses=sum(map(len, needed)), misses=sum(map(len, needed)))
             _add(device, counts)
         # The cache code wants each step's experts ascending, as the device level's needs are.
-        tier = replay_layer([sorted(step) for step in requests], None, host_policy, held[layer], experts)
+        steps = [sorted(step) for step in requests]
+        tier = replay_layer(steps, None, host_base, held[layer], experts, decay=decay)
         _add(host, tier)
         if sizes is not None:
             link_bytes += counts.loads * sizes[layer] if k else 0
