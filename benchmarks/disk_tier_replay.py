@@ -1,0 +1,91 @@
+"""The disk tier on demo-model traces: a host tier of H experts per layer replayed under device slots, each
+host policy's disk reads against Belady's (issue 17's target), as markdown.
+
+Records seven traces with `offload trace record` (greedy, --threads 1; two chat prompts that stop at EOS,
+five raw completions of up to 200 or 300 tokens), unless they are already in --out, then replays each as
+`offload trace replay TRACE -k K --policy lrfu+prefetch --host-experts H` does, and sums the reads over
+the traces. The plan's prediction of the host tier's hit rate (``offload.settings.plan_tiers``) is shown
+beside the measured one.
+
+    python benchmarks/disk_tier_replay.py --out /tmp/offload-disk --host-experts 4 -k 0,2,4
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+PROMPTS = (  # name, prompt, chat, new tokens
+    ("story", "Write a short story about a lighthouse keeper who finds a message in a bottle.", True, 200),
+    ("bread", "List the steps to bake bread at home, and explain why each one matters.", True, 200),
+    ("fib", "def fibonacci(n):", False, 200),
+    ("rome", "The history of the Roman Empire", False, 200),
+    ("village", "Once upon a time, in a small village by the sea,", False, 300),
+    ("numpy", "import numpy as np", False, 300),
+    ("letter", "Dear hiring manager, I am writing to apply for", False, 300),
+)
+HOST_POLICIES = ("lru", "lrfu", "lrfu:0.98", "lfu", "belady")
+
+
+def record(out: Path) -> list[Path]:
+    """Each prompt's trace, recorded unless present: `offload trace record` in a child process."""
+    paths = []
+    for name, prompt, chat, tokens in PROMPTS:
+        path = out / f"{name}.trace"
+        if not path.exists():
+            command = [sys.executable, "-m", "cli.main", "trace", "record", str(path), "--prompt", prompt,
+                       "--max-new-tokens", str(tokens), "--threads", "1", *([] if chat else ["--no-chat"])]  # fmt: skip
+            env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+            subprocess.run(command, check=True, cwd=ROOT, env=env)
+        paths.append(path)
+    return paths
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--out", type=Path, default=Path("/tmp/offload-disk"), help="where the traces are kept"
+    )
+    parser.add_argument("--host-experts", type=int, default=4, help="H, experts per layer in the host tier")
+    parser.add_argument(
+        "-k", "--experts-per-layer", default="0,2,4", help="device slots per layer, a comma list"
+    )
+    parser.add_argument("--device-policy", default="lrfu+prefetch")
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+
+    from offload.settings.plan_speed import LOCALITY_BONUS
+    from offload.settings.plan_tiers import hit_rate
+    from offload.trace.format import load_trace
+    from offload.trace.replay_tiers import replay_two_level
+
+    traces = [load_trace(path) for path in record(args.out)]
+    h = args.host_experts
+    experts = traces[0].num_experts
+    print(f"traces: {', '.join(f'{name} {t.tokens}' for (name, *_), t in zip(PROMPTS, traces, strict=True))} "
+          f"tokens ({sum(t.tokens for t in traces)} in all); H = {h} of {experts} per layer\n")  # fmt: skip
+    print("| K | device | host policy | host hit rate | disk reads | reads / Belady | per trace |")
+    print("|---|---|---|---|---|---|---|")
+    for k in (int(text) for text in args.experts_per_layer.split(",")):
+        rows = {p: [replay_two_level(t, args.device_policy, k, p, h) for t in traces] for p in HOST_POLICIES}
+        optimum = [row.host_misses for row in rows["belady"]]
+        for policy, results in rows.items():
+            reads = [row.host_misses for row in results]
+            hits = sum(row.host_hits for row in results) / sum(row.host_accesses for row in results)
+            ratios = [r / o for r, o in zip(reads, optimum, strict=True)]
+            device = args.device_policy if k else "none"
+            print(f"| {k} | {device} | {policy} | {hits:.1%} | {sum(reads)} | {sum(reads) / sum(optimum):.2f} "
+                  f"| {min(ratios):.2f} to {max(ratios):.2f} |")  # fmt: skip
+    print(
+        f"\nThe plan's host-tier hit rate for H = {h} of {experts}: {hit_rate(h, experts, LOCALITY_BONUS):.1%}"
+    )
+
+
+if __name__ == "__main__":
+    main()
