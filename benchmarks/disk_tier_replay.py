@@ -1,9 +1,9 @@
-"""The disk tier on demo-model traces: a host tier of H experts per layer replayed under device slots, each
-host policy's disk reads against Belady's (issue 17's target), as markdown.
+"""The disk tier on demo-model traces: a host tier of H x L experts (shared by the L layers) replayed under
+device slots, each host policy's disk reads against Belady's (issue 17's target), as markdown.
 
 Records seven traces with `offload trace record` (greedy, --threads 1; two chat prompts that stop at EOS,
 five raw completions of up to 200 or 300 tokens), unless they are already in --out, then replays each as
-`offload trace replay TRACE -k K --policy lrfu+prefetch --host-experts H` does, and sums the reads over
+`offload trace replay TRACE -k K --policy lrfu+prefetch --host-experts H [--host-counts requests]` does, and sums the reads over
 the traces. The plan's prediction of the host tier's hit rate (``offload.settings.plan_tiers``) is shown
 beside the measured one.
 
@@ -30,7 +30,17 @@ PROMPTS = (  # name, prompt, chat, new tokens
     ("numpy", "import numpy as np", False, 300),
     ("letter", "Dear hiring manager, I am writing to apply for", False, 300),
 )
-HOST_POLICIES = ("lru", "lrfu", "lrfu:0.98", "lfu", "belady")
+# (policy, what its lrfu and lfu count): the engine's way (every access) and the tier's requests only.
+HOST_POLICIES = (
+    ("lru", "accesses"),
+    ("lrfu", "accesses"),
+    ("lrfu:0.98", "accesses"),
+    ("lfu", "accesses"),
+    ("lrfu", "requests"),
+    ("lrfu:0.98", "requests"),
+    ("lfu", "requests"),
+    ("belady", "accesses"),
+)
 
 
 def record(out: Path) -> list[Path]:
@@ -52,7 +62,7 @@ def main() -> None:
     parser.add_argument(
         "--out", type=Path, default=Path("/tmp/offload-disk"), help="where the traces are kept"
     )
-    parser.add_argument("--host-experts", type=int, default=4, help="H, experts per layer in the host tier")
+    parser.add_argument("--host-experts", type=int, default=4, help="H: the host tier holds H x L experts")
     parser.add_argument(
         "-k", "--experts-per-layer", default="0,2,4", help="device slots per layer, a comma list"
     )
@@ -69,13 +79,19 @@ def main() -> None:
     h = args.host_experts
     experts = traces[0].num_experts
     print(f"traces: {', '.join(f'{name} {t.tokens}' for (name, *_), t in zip(PROMPTS, traces, strict=True))} "
-          f"tokens ({sum(t.tokens for t in traces)} in all); H = {h} of {experts} per layer\n")  # fmt: skip
+          f"tokens ({sum(t.tokens for t in traces)} in all); host tier of {h} x {traces[0].num_layers} experts, "
+          f"{h} of {experts} per layer on average\n")  # fmt: skip
     print("| K | device | host policy | host hit rate | disk reads | reads / Belady | per trace |")
     print("|---|---|---|---|---|---|---|")
     for k in (int(text) for text in args.experts_per_layer.split(",")):
-        rows = {p: [replay_two_level(t, args.device_policy, k, p, h) for t in traces] for p in HOST_POLICIES}
-        optimum = [row.host_misses for row in rows["belady"]]
-        for policy, results in rows.items():
+        slots = h * traces[0].num_layers
+        rows = {
+            (p, c): [replay_two_level(t, args.device_policy, k, p, slots, counts=c) for t in traces]
+            for p, c in HOST_POLICIES
+        }
+        optimum = [row.host_misses for row in rows[("belady", "accesses")]]
+        for (name, counted), results in rows.items():
+            policy = name if name in ("lru", "belady") else f"{name}, counting {counted}"
             reads = [row.host_misses for row in results]
             hits = sum(row.host_hits for row in results) / sum(row.host_accesses for row in results)
             ratios = [r / o for r, o in zip(reads, optimum, strict=True)]

@@ -164,7 +164,8 @@ def replay_command(
     host_experts: Annotated[
         int | None,
         typer.Option(
-            help="Replay two levels: a host tier of this many experts per layer. Example: --host-experts 4",
+            help="Replay two levels: a host tier of this many experts times the layers, shared by every layer. "
+            "Example: --host-experts 4",
             callback=options.bounded("--host-experts", 1, 1 << 16),
         ),
     ] = None,
@@ -175,6 +176,13 @@ def replay_command(
             "(belady is always shown). Default: all four. Example: --host-policy lrfu,lrfu:0.98",
         ),
     ] = None,
+    host_counts: Annotated[
+        str,
+        typer.Option(
+            help="What the host tier's lrfu and lfu count: accesses (every one, device hits too, as the engine "
+            "does) or requests (only what reaches the tier). Example: --host-counts requests",
+        ),
+    ] = "accesses",
     as_json: Annotated[
         bool, typer.Option("--json", help="Print one JSON object instead of a table.")
     ] = False,
@@ -199,8 +207,8 @@ def replay_command(
 
         policies = _parse_policies(policy or "lrfu", trace.has_guesses)
         ks = _parse_ks(experts_per_layer, trace.num_experts, lowest=0)
-        replay_two_levels(trace, trace_path, policies, ks, host_memory, host_experts, host_policy, expert_bytes,
-                          as_json)  # fmt: skip
+        replay_two_levels(trace, trace_path, policies, ks, host_memory, host_experts, host_policy, host_counts,
+                          expert_bytes, as_json)  # fmt: skip
         return
     policies = _parse_policies(policy, trace.has_guesses)
     ks = _parse_ks(experts_per_layer, trace.num_experts)

@@ -25,30 +25,35 @@ def replay_two_levels(
     host_memory: float | None,
     host_experts: int | None,
     host_policy: str | None,
+    host_counts: str,
     expert_bytes: int | None,
     as_json: bool,
 ) -> None:
     """Replay every K and device policy over each host policy, Belady's included, and print the rows."""
-    from offload.trace.replay_tiers import host_experts_for_budget, replay_two_level_table
+    from offload.trace.replay_tiers import HOST_COUNTS, host_slots_for_budget, replay_two_level_table
 
     if host_memory is not None and host_experts is not None:
         raise typer.BadParameter("give --host-memory or --host-experts, not both", param_hint="--host-memory")
     host_policies = _parse_host_policies(host_policy)
+    if host_counts not in HOST_COUNTS:
+        raise typer.BadParameter(
+            f"{host_counts!r}: use {' or '.join(HOST_COUNTS)}", param_hint="--host-counts"
+        )
     if host_memory is not None:
-        held: int | tuple[int, ...] = host_experts_for_budget(trace, host_memory, expert_bytes)
+        slots = host_slots_for_budget(trace, host_memory, expert_bytes)
     elif host_experts is not None:
         if host_experts > trace.num_experts:
             raise typer.BadParameter(
                 f"{host_experts} is more than the trace's {trace.num_experts} experts per layer",
                 param_hint="--host-experts",
             )
-        held = host_experts
+        slots = host_experts * trace.num_layers
     else:
         raise typer.BadParameter(
             "a two-level replay needs the host tier's size: --host-memory GiB or --host-experts N",
             param_hint="--host-policy",
         )
-    rows = replay_two_level_table(trace, policies, ks, host_policies, held, expert_bytes)
+    rows = replay_two_level_table(trace, policies, ks, host_policies, slots, expert_bytes, host_counts)
     if as_json:
         summary = {
             "trace": str(trace_path),
@@ -57,6 +62,7 @@ def replay_two_levels(
             "tokens": trace.tokens,
             "expert_bytes": expert_bytes or trace.header()["expert_bytes"],
             "host_memory_gib": host_memory,
+            "host_counts": host_counts,
             "rows": [row.as_dict() for row in rows],
         }
         typer.echo(json.dumps(summary, indent=2))
@@ -89,11 +95,11 @@ def _parse_host_policies(text: str | None) -> list[str]:
 
 def _print_table(trace: Trace, trace_path: Path, rows: list[TwoLevelResult]) -> None:
     console = Console(emoji=False)
-    held = rows[0].host_experts_per_layer
-    h_text = str(held[0]) if len(set(held)) == 1 else f"{min(held)}..{max(held)}"
+    slots = rows[0].host_slots
     title = escape(
         f"{trace.model or trace_path.name}: {trace.steps} steps, {trace.tokens} tokens, {trace.num_layers} "
-        f"layers x {trace.num_experts} experts (top-{trace.top_k}); host tier H = {h_text} per layer"
+        f"layers x {trace.num_experts} experts (top-{trace.top_k}); host tier of {slots} experts, any layer "
+        f"({slots / trace.num_layers:g} per layer)"
     )
     with_bytes = rows[0].disk_bytes is not None
     columns = ["K", Column("device", no_wrap=True), "dev hit"]

@@ -28,7 +28,8 @@ DEMO_EXPERT = 3 * 256 * 448 * 2  # 688,128 bytes
 DEMO_EMBED = 5120 * 256 * 2  # the largest tensor: the embedding (the lm_head is as large)
 # hit(n) = p + 0.3 p (1 - p), p = n / 8
 HIT_2 = 2 / 8 + 0.3 * (2 / 8) * (6 / 8)  # 0.30625
-HIT_3 = 3 / 8 + 0.3 * (3 / 8) * (5 / 8)  # 0.4453125
+# Ten slots shared by four layers: 2.5 per layer, p = 2.5 / 8 = 0.3125.
+HIT_TIER = 0.3125 + 0.3 * 0.3125 * 0.6875  # 0.376953125
 
 
 @pytest.fixture(autouse=True)
@@ -47,25 +48,25 @@ def _demo_profile(kind: str = "cuda", k: int | str = 2, **host: float) -> Profil
 
 
 def test_a_budget_of_ten_experts_by_hand() -> None:
-    """Ten experts' bytes: H = 3, 3, 2, 2 (one per layer in turn); 22 experts stay on disk."""
+    """Ten and a half experts' bytes: 10 slots of any layer (2.5 a layer); 22 experts stay on disk."""
     demo = ModelConfig.from_file(DEMO)
     base = plan_memory(demo, _demo_profile(), 64)
     plan = plan_memory(demo, _demo_profile(memory_gib=10.5 * DEMO_EXPERT / GIB), 64)
     tier = plan.host_tier
-    assert tier.experts_per_layer == (3, 3, 2, 2)
+    assert (tier.slots, tier.experts) == (10, 32)
     assert plan.host_bytes == tier.bytes == 10 * DEMO_EXPERT
     assert (tier.disk_experts, plan.disk_bytes) == (22, 22 * DEMO_EXPERT)
-    # Per layer: top_k x device miss rate (K = 2) x the tier's miss rate (H = 3 or 2).
-    reads = 2 * (1 - HIT_2) * (2 * (1 - HIT_3) + 2 * (1 - HIT_2))
-    assert tier.disk_reads_per_token == pytest.approx(reads) == pytest.approx(3.4644140625)
+    # Per layer: top_k x device miss rate (K = 2) x the tier's miss rate (2.5 of 8); 4 layers.
+    reads = 4 * 2 * (1 - HIT_2) * (1 - HIT_TIER)
+    assert tier.disk_reads_per_token == pytest.approx(reads) == pytest.approx(3.45791015625)
     assert tier.disk_bytes_per_token == round(reads * DEMO_EXPERT)
     assert tier.disk_seconds_per_token == pytest.approx(reads * DEMO_EXPERT / 2e9)
-    assert tier.hit_rate == pytest.approx((2 * HIT_3 + 2 * HIT_2) / 4)
+    assert tier.hit_rate == pytest.approx(HIT_TIER)
     # The reads overlap nothing: their time adds to the token's.
     assert plan.predicted_tok_s == pytest.approx(1 / (1 / base.predicted_tok_s + reads * DEMO_EXPERT / 2e9))
     assert plan.tok_s_with_disk["copy-only"] == pytest.approx(plan.predicted_tok_s)
     # Host-only has no slot in front of the tier: every chosen expert reaches it.
-    host_only = 1 / (1 / base.speeds.tok_s["host-only"] + 2 * 2.496875 * DEMO_EXPERT / 2e9)
+    host_only = 1 / (1 / base.speeds.tok_s["host-only"] + 4 * 2 * (1 - HIT_TIER) * DEMO_EXPERT / 2e9)
     assert plan.tok_s_with_disk["host-only"] == pytest.approx(host_only)
     # The device tier does not change; the process holds the tier, the runtimes and one tensor being read.
     assert plan.device_bytes == base.device_bytes
@@ -75,18 +76,18 @@ def test_a_budget_of_ten_experts_by_hand() -> None:
 
 
 def test_a_cpu_with_a_budget_computes_the_experts_from_the_tier() -> None:
-    """Every expert "resident" on a CPU, but a budget: no slots, the tier alone, RAM holds both tiers."""
+    """Every expert "resident" on a CPU, but a budget: no slots; the host computes the experts from the
+    tier (host-only's arithmetic), and RAM holds both tiers."""
     demo = ModelConfig.from_file(DEMO)
     plan = plan_memory(demo, _demo_profile("cpu", "all", memory_gib=10.5 * DEMO_EXPERT / GIB), 64)
     resident = plan_memory(demo, _demo_profile("cpu", "all"), 64)
     assert plan.experts_from_host_tier and plan.expert_slot_bytes == 0
     assert resident.host_tier is None and resident.expert_slot_bytes == 32 * DEMO_EXPERT
     assert plan.device_bytes == resident.device_bytes - 32 * DEMO_EXPERT
-    reads = 2 * (2 * (1 - HIT_3) + 2 * (1 - HIT_2))  # nothing in front of the tier
+    reads = 4 * 2 * (1 - HIT_TIER)  # nothing in front of the tier
     assert plan.host_tier.disk_reads_per_token == pytest.approx(reads)
-    assert plan.predicted_tok_s == pytest.approx(
-        1 / (1 / resident.predicted_tok_s + reads * DEMO_EXPERT / 2e9)
-    )
+    host_only = resident.speeds.tok_s["host-only"]
+    assert plan.predicted_tok_s == pytest.approx(1 / (1 / host_only + reads * DEMO_EXPERT / 2e9))
     assert plan.needed_bytes == plan.device_bytes + 10 * DEMO_EXPERT
     rss = plan.peak_rss
     assert (rss.device_tier_in_ram, rss.cuda_runtime) == (plan.device_bytes, 0)
@@ -97,12 +98,13 @@ def test_mixtral_with_8_gib_on_a_t4() -> None:
     mixtral = ModelConfig.from_file(MIXTRAL / "config.json")
     t4 = load_profile("t4-16gb")
     plan = plan_memory(mixtral, replace(t4, host=replace(t4.host, memory_gib=8.0)), 8192)
-    # 8 GiB / 81,474,816 bytes = 105.4: 105 experts, 3 per layer and one more for the first 9 layers.
-    assert plan.host_tier.experts_per_layer == (4,) * 9 + (3,) * 23
+    # 8 GiB / 81,474,816 bytes = 105.4: 105 slots, 3.28 per layer.
+    assert plan.host_tier.slots == 105
     assert plan.host_bytes == 105 * EXPERT_3_64 == 8_554_855_680
     assert plan.disk_bytes == 151 * EXPERT_3_64
-    hit_4, hit_3 = 0.5 + 0.3 * 0.5 * 0.5, 3 / 8 + 0.3 * (3 / 8) * (5 / 8)
-    reads = 2 * (1 - hit_4) * (9 * (1 - hit_4) + 23 * (1 - hit_3))  # K = 4 on the T4
+    p = 105 / 32 / 8
+    hit_4, hit_tier = 0.5 + 0.3 * 0.5 * 0.5, p + 0.3 * p * (1 - p)
+    reads = 32 * 2 * (1 - hit_4) * (1 - hit_tier)  # K = 4 on the T4
     assert plan.host_tier.disk_bytes_per_token == round(reads * EXPERT_3_64)
     assert plan.peak_rss.total == 105 * EXPERT_3_64 + RUNTIME + CUDA_RUNTIME + 32000 * 4096 * 2
     assert plan.fits  # the device tier is as without a budget
@@ -124,15 +126,15 @@ def test_a_budget_above_every_expert_keeps_them_all_and_reads_nothing() -> None:
     t4 = load_profile("t4-16gb")
     base = plan_memory(mixtral, t4, 8192)
     plan = plan_memory(mixtral, replace(t4, host=replace(t4.host, memory_gib=1000.0)), 8192)
-    assert plan.host_tier.experts_per_layer == (8,) * 32 and plan.host_bytes == base.host_bytes
+    assert plan.host_tier.slots == 256 and plan.host_bytes == base.host_bytes
     assert (plan.disk_bytes, plan.host_tier.disk_bytes_per_token) == (0, 0)
     assert plan.predicted_tok_s == pytest.approx(base.predicted_tok_s)
 
 
 def test_a_budget_below_one_expert_per_layer_is_refused() -> None:
     demo = ModelConfig.from_file(DEMO)
-    with pytest.raises(ProfileError, match=r"test.toml: host.memory_gib = .*one expert of every layer"):
-        plan_memory(demo, _demo_profile(memory_gib=3.5 * DEMO_EXPERT / GIB), 64)
+    with pytest.raises(ProfileError, match=r"test.toml: host.memory_gib = .*: holds 1 experts of 0.7 MiB, "):
+        plan_memory(demo, _demo_profile(memory_gib=1.5 * DEMO_EXPERT / GIB), 64)  # top-2 needs 2
 
 
 # Through the CLI.
@@ -146,7 +148,7 @@ def test_cli_plan_shows_three_tiers(monkeypatch: pytest.MonkeyPatch, capsys) -> 
     monkeypatch.setenv("COLUMNS", "200")
     code, out, err = _plan(monkeypatch, capsys, "--host-memory", "8", "--disk-gbps", "6")
     assert code == 0, err
-    for text in ("expert slots", "expert tier", "H = 3..4 of 8", "experts beyond the budget", "151 experts",
+    for text in ("expert slots", "expert tier", "105 of 256 experts", "experts beyond the budget", "151 experts",
                  "at 6 GB/s", "peak RSS", "overlapping nothing", "FITS"):  # fmt: skip
         assert text in out, text
     assert "11.46" in out  # 151 x 81,474,816 bytes in GiB
@@ -177,9 +179,9 @@ def test_cli_bad_host_memory_is_one_line(value: str, monkeypatch: pytest.MonkeyP
 
 
 def test_cli_too_small_a_budget_is_one_line_naming_the_flag(monkeypatch: pytest.MonkeyPatch, capsys) -> None:
-    code, out, err = _plan(monkeypatch, capsys, "--host-memory", "1")
+    code, out, err = _plan(monkeypatch, capsys, "--host-memory", "0.1")
     assert code == 2 and out == "" and err.count("\n") == 1
-    assert "--host-memory 1: the host tier needs one expert of every layer (32 layers, 2.43 GiB)" in err
+    assert "--host-memory 0.1: holds 1 experts of 77.7 MiB, and one layer's step needs 2" in err
 
 
 def test_cli_bad_disk_gbps_is_one_line(monkeypatch: pytest.MonkeyPatch, capsys) -> None:

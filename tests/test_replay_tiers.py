@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 from offload.errors import OffloadError, TraceError
 from offload.trace.format import save_trace
 from offload.trace.replay import replay_layer
-from offload.trace.replay_tiers import host_experts_for_budget, replay_two_level
+from offload.trace.replay_tiers import host_slots_for_budget, replay_two_level
 from tests.test_trace import cli, make_trace, optimum_hits, sequence
 
 __all__ = ["cli"]  # a fixture, used by name
@@ -44,6 +44,14 @@ def test_two_levels_by_hand() -> None:
     assert (none.host_accesses, none.host_hits, none.host_misses) == (6, 1, 5)
     assert replay_two_level(trace, "lru", 0, "belady", 2).host_misses == 4
     assert replay_two_level(trace, "lru", 0, "belady", 2).disk_bytes is None  # no size known
+    # LRFU and LFU count every access by default (as the engine's tier does): at K = 1 the device's hit on
+    # 0 at step 1 makes them keep 0 when 2 arrives, and evict 1: 4 reads. Counting only the tier's requests
+    # (0 1 2 0 1), 0 and 1 look alike; both evict 0 (LRFU: 0.81 < 1; LFU: the least recent of a tie): 5.
+    for policy in ("lrfu", "lfu"):
+        assert replay_two_level(trace, "lru", 1, policy, 2).host_misses == 4
+        assert replay_two_level(trace, "lru", 1, policy, 2, counts="requests").host_misses == 5
+    with pytest.raises(TraceError, match="host-tier counts 'hits'"):
+        replay_two_level(trace, "lru", 1, "lrfu", 2, counts="hits")
 
 
 def test_prefetches_are_requests_too_and_bytes_are_per_layer() -> None:
@@ -53,7 +61,7 @@ def test_prefetches_are_requests_too_and_bytes_are_per_layer() -> None:
     steps = [[[[0, 1]], [[0, 1]]], [[[0, 1]], [[2, 3]]], [[[0, 1]], [[2, 3]]]]
     guesses = {(1, 1): [2, 3], (2, 1): [0, 1]}
     trace = make_trace(steps, num_experts=4, guesses=guesses, expert_bytes=(100, 1000))
-    result = replay_two_level(trace, "lru+prefetch", 3, "lrfu", 4)
+    result = replay_two_level(trace, "lru+prefetch", 3, "lrfu", 8)  # room for every expert
     assert (result.link_loads, result.link_bytes) == (6, 4200)
     assert (result.host_accesses, result.host_hits, result.host_misses, result.disk_bytes) == (6, 0, 6, 4200)
     as_json = result.as_dict()
@@ -61,14 +69,17 @@ def test_prefetches_are_requests_too_and_bytes_are_per_layer() -> None:
     assert json.dumps(as_json)
 
 
-def test_a_budget_in_gib_is_handed_out_as_the_plan_does() -> None:
-    trace = make_trace([[[[0]], [[1]], [[2]]]], num_experts=4, expert_bytes=(2**20,) * 3)
-    assert host_experts_for_budget(trace, 7.5 / 1024) == (3, 2, 2)  # 7 experts of 1 MiB, one layer at a time
-    assert host_experts_for_budget(trace, 1.0) == (4, 4, 4)  # never more than the layer has
-    with pytest.raises(TraceError, match="one expert of every layer"):
-        host_experts_for_budget(trace, 2 / 1024)
+def test_a_budget_in_gib_counts_slots_as_the_plan_and_the_engine_do() -> None:
+    # Three layers of 4 experts, top-2; experts of 1, 2 and 1 MiB: a slot is the largest, 2 MiB.
+    trace = make_trace([[[[0, 1]], [[1, 2]], [[2, 3]]]], num_experts=4, expert_bytes=(2**20, 2**21, 2**20))
+    assert host_slots_for_budget(trace, 7.5 / 1024) == 3  # 7.5 MiB // 2 MiB
+    assert host_slots_for_budget(trace, 1.0) == 12  # never more than every expert
+    with pytest.raises(
+        TraceError, match=r"--host-memory 0.003: holds 1 experts of 2\.0 MiB, and one layer.s step needs 2"
+    ):
+        host_slots_for_budget(trace, 0.003)
     with pytest.raises(TraceError, match="--expert-bytes"):
-        host_experts_for_budget(make_trace([[[[0]]]], num_experts=4), 1.0)
+        host_slots_for_budget(make_trace([[[[0]]]], num_experts=4), 1.0)
 
 
 def test_bad_arguments_are_trace_errors() -> None:
@@ -77,47 +88,56 @@ def test_bad_arguments_are_trace_errors() -> None:
         (("fifo", 1, "lru", 2), "unknown cache policy"),
         (("lru", 1, "fifo", 2), "unknown host-tier policy"),
         (("lru", 5, "lru", 2), "from 0 to 4"),
-        (("lru", 1, "lru", 0), "from 1 to 4"),
-        (("lru", 1, "lru", [1, 2]), "one per layer"),
+        (("lru", 1, "lru", 0), "host slots must be a whole number from 1 to 4"),
+        (("lru", 1, "lru", 5), "from 1 to 4"),
     ):
         with pytest.raises(TraceError, match=message):
             replay_two_level(trace, *args)
 
 
+def _pairs(experts: int) -> st.SearchStrategy[list[int]]:
+    return st.lists(st.integers(0, experts - 1), min_size=2, max_size=2, unique=True)
+
+
 @settings(max_examples=120, deadline=None)
 @given(
-    st.integers(3, 6).flatmap(
+    st.integers(3, 5).flatmap(
         lambda experts: st.tuples(
             st.just(experts),
-            st.lists(
-                st.lists(st.integers(0, experts - 1), min_size=2, max_size=2, unique=True),
-                min_size=1,
-                max_size=12,
-            ),
+            st.lists(st.tuples(_pairs(experts), _pairs(experts)), min_size=1, max_size=10),
             st.integers(0, experts),
-            st.integers(2, experts),
+            st.integers(2, 2 * experts),
             st.sampled_from(["lru", "lrfu"]),
         )
     )
 )
-def test_belady_is_the_host_level_optimum(case: tuple[int, list[list[int]], int, int, str]) -> None:
-    """One token a step (so no step asks the tier for more than top-2 <= H): Belady reads the fewest, exactly
-    the optimum found by trying every eviction on the device's request stream."""
-    experts, tokens, k, h, device_policy = case
-    trace = make_trace([[[token]] for token in tokens], experts)
+def test_belady_is_the_host_level_optimum(
+    case: tuple[int, list[tuple[list[int], list[int]]], int, int, str],
+) -> None:
+    """Two layers sharing the pool, one token a step (so no step asks for more than top-2 <= S): Belady reads
+    the fewest, exactly the optimum found by trying every eviction on the device's requests in time order."""
+    experts, tokens, k, slots, device_policy = case
+    trace = make_trace([[[first], [second]] for first, second in tokens], experts)
     reads = {
-        p: replay_two_level(trace, device_policy, k, p, h).host_misses
+        p: replay_two_level(trace, device_policy, k, p, slots).host_misses
         for p in ("lru", "lrfu", "lfu", "belady")
     }
     assert all(reads["belady"] <= n for n in reads.values())
-    if k:
-        requests: list[list[int]] = []
-        replay_layer(trace.needed_by_layer[0], None, device_policy, k, experts, requests)
-    else:
-        requests = trace.needed_by_layer[0]
-    steps = tuple(frozenset(step) for step in requests)
-    belady = replay_two_level(trace, device_policy, k, "belady", h)
-    assert belady.host_hits == optimum_hits(steps, h)
+    requests = []
+    for layer in range(2):
+        if k:
+            loads: list[list[int]] = []
+            replay_layer(trace.needed_by_layer[layer], None, device_policy, k, experts, loads)
+            requests.append(loads)
+        else:
+            requests.append(trace.needed_by_layer[layer])
+    steps = tuple(
+        frozenset((layer, e) for e in requests[layer][step])
+        for step in range(trace.steps)
+        for layer in range(2)
+    )
+    belady = replay_two_level(trace, device_policy, k, "belady", slots)
+    assert belady.host_hits == optimum_hits(steps, slots)
     assert belady.host_accesses == sum(map(len, steps))
 
 
@@ -147,10 +167,11 @@ def test_cli_two_level_replay(cli, tmp_path: Path) -> None:
         (r["device"]["experts_per_layer"], r["host_tier"]["policy"], r["host_tier"]["misses"]) for r in rows
     ]
     # K = 0: LRFU and LFU keep 0 (used twice) when 2 arrives and evict 1, so they read as few as Belady.
-    # K = 1: the tier is asked for 0 1 2 0 1, each once before the next: only Belady keeps one.
+    # K = 1: the tier is asked for 0 1 2 0 1, but LRFU and LFU count every access (0 twice at steps 0 and
+    # 1, a device hit), so they too keep 0 when 2 arrives; LRU sees only the requests and evicts 0.
     assert found == [
         (0, "lru", 5), (0, "lrfu", 4), (0, "lfu", 4), (0, "belady", 4),
-        (1, "lru", 5), (1, "lrfu", 5), (1, "lfu", 5), (1, "belady", 4),
+        (1, "lru", 5), (1, "lrfu", 4), (1, "lfu", 4), (1, "belady", 4),
     ]  # fmt: skip
     assert rows[-1]["host_tier"]["disk_bytes_read"] == 400 and rows[-1]["device"]["bytes_moved"] == 500
     table = CliRunner().invoke(cli, [*args, "--host-policy", "lru"], env={"COLUMNS": "160"})
@@ -160,7 +181,7 @@ def test_cli_two_level_replay(cli, tmp_path: Path) -> None:
         cli, [*args[:-4], "--expert-bytes", "1048576", "--host-memory", "0.002", "--json"]
     )
     assert budget.exit_code == 0, budget.output
-    assert json.loads(budget.output)["rows"][0]["host_tier"]["experts_per_layer"] == [2]
+    assert json.loads(budget.output)["rows"][0]["host_tier"]["slots"] == 2
 
 
 @pytest.mark.parametrize(

@@ -88,12 +88,13 @@ class MemoryPlan:
     link_gbps: float
     expected_hit_rate: float  # mean over layers, from the formula in the module docstring
     miss_bytes_per_token: int
-    predicted_tok_s: float  # an estimate, not a measurement: the copy-only engine (the paper's formula)
+    predicted_tok_s: (
+        float  # an estimate: the copy-only engine (the paper's formula); host-only from a tier; + disk
+    )
     speeds: SpeedPlan | None = None  # every policy's estimate, with its arithmetic
     host_tier: HostTier | None = None  # None: every expert resident on the device, no host store
-    experts_from_host_tier: bool = (
-        False  # a CPU device with a host budget: no slots, experts run from the tier
-    )
+    # Every expert "resident" and a host budget: no slots; the experts run on the host, from the tier.
+    experts_from_host_tier: bool = False
     peak_rss: PeakRss | None = None  # the process's predicted peak RSS (host memory)
     tok_s_with_disk: dict[str, float] | None = None  # each policy's estimate with the disk reads added
 
@@ -208,7 +209,8 @@ def plan_memory(
     else:
         ks = resolved.experts_per_layer
     offloaded = profile.cache.experts_per_layer != "all"
-    from_tier = not offloaded and profile.device.kind == "cpu" and profile.host.memory_gib is not None
+    # Every expert "resident" but a host budget: the engine computes them on the host from the tier.
+    from_tier = not offloaded and profile.host.memory_gib is not None
     hit, miss_bytes, _ = _predict(config, profile, ks, expert_bytes)
     speeds = predict_speeds(
         config, profile, ks, expert_bytes, _roles(scheme, dense, layer_specs, config, dtype_name)
@@ -230,6 +232,8 @@ def plan_memory(
             for front in ((False,) if from_tier else (True, False))
         }
         tier = tiers[not from_tier]
+        if from_tier:  # HostOnlyExperts: the host-only policy's arithmetic
+            tok_s = speeds.tok_s.get("host-only", tok_s)
         tok_s = with_disk(tok_s, tier.disk_seconds_per_token)
     tok_s_with_disk = None
     if tiers is not None:

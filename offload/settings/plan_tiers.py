@@ -1,41 +1,42 @@
 """The plan's host and disk tiers: how many experts the host budget holds, what the disk reads per token,
 the decode time that adds, and the process's predicted peak RSS.
 
-With ``[host] memory_gib`` (or ``--host-memory``) the host tier holds H_l whole experts of layer l, handed
-out one per layer in turn while they fit the budget (so H_l differs by at most one between layers of equal
-expert size); the other E - H_l stay in the converted checkpoint on disk. Without a budget H_l = E: every
-expert in RAM, nothing read from disk after loading.
+With ``[host] memory_gib`` (or ``--host-memory``) the host tier is one pool of S = budget // slot bytes
+slots (a slot: the largest layer's expert), shared by every layer, as ``offload.experts.host_tier`` holds
+it; at most L · E, and at least top_k (one token's experts of one layer) or the plan is refused. The other
+L · E - S experts stay in the converted checkpoint on disk. Without a budget every expert is in RAM and
+nothing is read from disk after loading.
 
-Disk reads, per token, summed over layers l (E experts, top_k chosen, K_l device slots, H_l host experts),
-with the locality model of ``offload.settings.plan_speed`` for both levels:
+Disk reads, per token, summed over layers l (E experts, top_k chosen, K_l device slots), with the locality
+model of ``offload.settings.plan_speed`` for both levels and H = S / L, the pool's share per layer:
     hit(n)      = p + LOCALITY_BONUS · p · (1 - p),  p = min(1, n / E)
-    reads_l     = top_k · (1 - hit(K_l)) · (1 - hit(H_l))   the device's misses, times the tier's miss rate
-    reads_l     = top_k · (1 - hit(H_l))                     where no device slot sits in front of the tier:
-                  host-only execution, and a CPU device with every expert "resident", whose experts are
-                  then computed straight from the host tier
+    reads_l     = top_k · (1 - hit(K_l)) · (1 - hit(H))   the device's misses, times the tier's miss rate
+    reads_l     = top_k · (1 - hit(H))                     where no device slot sits in front of the tier:
+                  a profile with every expert "resident" and a host budget computes the experts on the host,
+                  straight from the tier (``HostOnlyExperts``), and so does host-only execution
     disk_l      = reads_l · expert bytes_l / disk GB/s
     t(token)   += Σ disk_l
-The tier's hit rate on the device's misses is hit(H_l), as if it did not depend on the device's cache. The
+The tier's hit rate on the device's misses is hit(H), as if it did not depend on the device's cache. The
 tier sees only the device's misses, and a replay of the demo model's traces (docs/BENCHMARKS.md, "Disk
-tier: plan and replay") found it near that: 0.58 to 0.60 with H = 4 of 8 behind K = 2 or 4 under LRFU,
-where hit(4) = 0.575; a tier that held the device's experts (inclusion) would have given 0.39 and 0.
+tier: plan and replay") found it near that; a tier that held the device's experts (inclusion) would hit
+(hit(H) - hit(K)) / (1 - hit(K)) of them, nothing at all when H <= K, which the replays contradict.
 
 Reads overlap nothing. A miss is known only once its layer's router has run, and its expert is needed in
 that same layer: the read, then the copy over the link (or the host kernel), form one chain, so the read's
-time is added in full to that of the miss that needs it. Prefetch guesses could start a read one layer
-early; the plan counts none of that, so with a budget the predicted tok/s is a floor on this account.
+time is added in full to that of the miss that needs it. The engine also reads the next layer's guesses
+ahead; the plan counts none of that, so with a budget the predicted tok/s is a floor on this account.
 
 Predicted peak RSS of the process (host memory), the sum of:
-- the host tier: Σ H_l · expert bytes_l (whole experts, each once, in owned buffers: the page cache
-  holds what the disk reads, but it is not the process's RSS);
+- the host tier: S slots of the largest layer's expert bytes, the one arena the tier allocates (the page
+  cache holds what the disk reads, but it is not the process's RSS); without a budget, every expert;
 - on a CPU device, the device tier too, since it is the same RAM: dense weights, expert slots, the KV
   cache and the workspace (``offload.settings.plan``);
 - the runtime: Python, torch, the tokenizer and offload's own modules before any weight is read,
   RUNTIME_RSS_BYTES (222 MiB measured in docs/BENCHMARKS.md, "Host RAM holds one copy of each expert";
   231 MiB here for ``import torch, offload.engine``);
 - on CUDA, the CUDA runtime's host memory: CUDA_HOST_RSS_BYTES, an assumption (not measured here);
-- load staging: the checkpoint is read with plain reads into buffers of offload's own, one tensor at a
-  time, so the largest single tensor (the embedding, the lm_head or one expert) is held twice for a moment.
+- load staging: the checkpoint's dense tensors are read one at a time with plain reads into buffers of
+  offload's own, so the largest tensor (the embedding, the lm_head or one expert) is held twice for a moment.
 """
 
 from __future__ import annotations
@@ -65,10 +66,11 @@ class HostTier:
     memory_gib: float | None  # the budget; None: every expert in RAM
     budget_bytes: int | None
     disk_gbps: float
-    experts_per_layer: tuple[int, ...]  # H_l
-    bytes: int  # Σ H_l · expert bytes_l: the experts held in RAM
-    disk_experts: int  # Σ (E - H_l): experts left on disk
-    disk_bytes: int  # their bytes
+    slots: int  # experts the tier holds, of any layer (every expert without a budget)
+    experts: int  # L · E
+    bytes: int  # what the tier holds: slots x the largest layer's expert bytes (every expert's bytes without a budget)
+    disk_experts: int  # L · E - slots: experts left on disk at any moment
+    disk_bytes: int  # their bytes (exact when every layer's experts are the same size)
     hit_rate: float | None  # hits over the device misses that reach the tier; None when none reach it
     disk_reads_per_token: float  # expected experts read from disk per token, summed over layers
     disk_bytes_per_token: int
@@ -76,9 +78,7 @@ class HostTier:
     serves_device_slots: bool  # False: the experts are computed straight from the tier (no slot in front)
 
     def as_dict(self) -> dict[str, Any]:
-        out = asdict(self)
-        out["experts_per_layer"] = list(self.experts_per_layer)
-        return out
+        return asdict(self)
 
 
 @dataclass(frozen=True)
@@ -105,32 +105,19 @@ def hit_rate(slots: int, experts: int, locality_bonus: float) -> float:
     return p + locality_bonus * p * (1 - p)
 
 
-def host_experts_per_layer(
-    budget: int, expert_bytes: Sequence[int], experts: int, where: str
-) -> tuple[int, ...]:
-    """Whole experts per layer that ``budget`` bytes hold, one per layer in turn, at most ``experts``.
+def host_slots(budget: int, expert_bytes: Sequence[int], experts: int, top_k: int, where: str) -> int:
+    """The experts a budget of ``budget`` bytes holds, of any layer (slots of the largest layer's size).
 
-    Raises ProfileError naming ``where`` when the budget holds less than one expert of every layer.
+    Raises ProfileError naming ``where`` when they are fewer than ``top_k``: one token's experts of a layer.
     """
-    layers, need = len(expert_bytes), sum(expert_bytes)
-    if budget < need:
+    slot = max(expert_bytes)
+    slots = min(budget // slot, experts * len(expert_bytes))
+    if slots < top_k:
         raise ProfileError(
-            f"{where}: the host tier needs one expert of every layer ({layers} layers, {_size(need)}), "
-            f"and the budget holds {_size(budget)}; allowed is {need / GIB:.4g} GiB or more"
+            f"{where}: holds {slots} experts of {_size(slot)}, and one layer's step needs {top_k}; "
+            f"allowed is {top_k * slot / GIB:.4g} GiB or more"
         )
-    if len(set(expert_bytes)) == 1:  # equal sizes: a closed form, exact for any count
-        whole = min(budget // expert_bytes[0], experts * layers)
-        return tuple(min(experts, whole // layers + (layer < whole % layers)) for layer in range(layers))
-    counts, room = [0] * layers, budget
-    grown = True
-    while grown:
-        grown = False
-        for layer, size in enumerate(expert_bytes):
-            if counts[layer] < experts and size <= room:
-                counts[layer] += 1
-                room -= size
-                grown = True
-    return tuple(counts)
+    return slots
 
 
 def plan_host_tier(
@@ -148,29 +135,32 @@ def plan_host_tier(
 
     ``device_slots`` are K_l in front of the tier, or None when the experts are computed from the tier.
     """
+    layers, total = len(expert_bytes), experts * len(expert_bytes)
+    every_expert = experts * sum(expert_bytes)
     if memory_gib is None:
-        held = tuple([experts] * len(expert_bytes))
-        budget = None
+        budget, slots, held = None, total, every_expert
     else:
         budget = int(memory_gib * GIB)
-        held = host_experts_per_layer(budget, expert_bytes, experts, where)
-    slots = [0] * len(expert_bytes) if device_slots is None else list(device_slots)
+        slots = host_slots(budget, expert_bytes, experts, top_k, where)
+        held = slots * max(expert_bytes)
+    host_hit = hit_rate(slots / layers, experts, locality_bonus)
+    front = [0] * layers if device_slots is None else list(device_slots)
     reads = device_misses = read_bytes = 0.0
-    for k, h, size in zip(slots, held, expert_bytes, strict=True):
+    for k, size in zip(front, expert_bytes, strict=True):
         device_hit = hit_rate(k, experts, locality_bonus)
-        layer_reads = top_k * (1 - device_hit) * (1 - hit_rate(h, experts, locality_bonus))
+        layer_reads = top_k * (1 - device_hit) * (1 - host_hit)
         reads += layer_reads
         device_misses += top_k * (1 - device_hit)
         read_bytes += layer_reads * size
-    disk_bytes = sum((experts - h) * size for h, size in zip(held, expert_bytes, strict=True))
     return HostTier(
         memory_gib=memory_gib,
         budget_bytes=budget,
         disk_gbps=disk_gbps,
-        experts_per_layer=held,
-        bytes=sum(h * size for h, size in zip(held, expert_bytes, strict=True)),
-        disk_experts=sum(experts - h for h in held),
-        disk_bytes=disk_bytes,
+        slots=slots,
+        experts=total,
+        bytes=held,
+        disk_experts=total - slots,
+        disk_bytes=round(every_expert * (total - slots) / total),
         hit_rate=1 - reads / device_misses if device_misses > 1e-12 else None,
         disk_reads_per_token=reads,
         disk_bytes_per_token=round(read_bytes),
@@ -205,10 +195,10 @@ def tier_rows(
         note = f"{experts} per layer{shared}" if tier is not None else "none: all resident"
         rows.append(("host", "all experts", 0 if tier is None else tier.bytes, note))
     else:
-        hs = sorted(set(tier.experts_per_layer))
-        h_text = str(hs[0]) if len(hs) == 1 else f"{min(hs)}..{max(hs)}"
         hit = "" if tier.hit_rate is None else f", expected hit rate {tier.hit_rate:.0%}"
-        note = f"H = {h_text} of {experts} per layer, budget {tier.memory_gib:g} GiB{hit}{shared}"
+        note = (
+            f"{tier.slots} of {tier.experts} experts, any layer; budget {tier.memory_gib:g} GiB{hit}{shared}"
+        )
         rows.append(("host", "expert tier", tier.bytes, note))
     if rss is not None:
         if rss.device_tier_in_ram:
