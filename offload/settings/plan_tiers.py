@@ -17,9 +17,10 @@ model of ``offload.settings.plan_speed`` for both levels and H = S / L, the pool
     disk_l      = reads_l · expert bytes_l / disk GB/s
     t(token)   += Σ disk_l
 The tier's hit rate on the device's misses is hit(H), as if it did not depend on the device's cache. The
-tier sees only the device's misses, and a replay of the demo model's traces (docs/BENCHMARKS.md, "Disk
-tier: plan and replay") found it near that; a tier that held the device's experts (inclusion) would hit
-(hit(H) - hit(K)) / (1 - hit(K)) of them, nothing at all when H <= K, which the replays contradict.
+tier sees only the device's misses; replays of the demo model's traces with half the experts in the tier
+(docs/BENCHMARKS.md, "Disk tier: plan and replay") measured 67% (no slots), 55% (K = 2) and 39% (K = 4)
+under the engine's LRFU, where hit(4 of 8) = 57.5%; a tier that held the device's experts (inclusion)
+would hit (hit(H) - hit(K)) / (1 - hit(K)) of them: 39% at K = 2, nothing at all once H <= K.
 
 Reads overlap nothing. A miss is known only once its layer's router has run, and its expert is needed in
 that same layer: the read, then the copy over the link (or the host kernel), form one chain, so the read's
