@@ -4,6 +4,7 @@ and the tok/s with them, and the predicted peak RSS, by hand for the demo model'
 from __future__ import annotations
 
 import json
+import tomllib
 from dataclasses import replace
 from pathlib import Path
 
@@ -12,7 +13,7 @@ import pytest
 from offload.config import ModelConfig
 from offload.errors import ProfileError
 from offload.settings.plan import GIB, plan_memory
-from offload.settings.profile import CacheSettings, DeviceSettings, Profile, load_profile
+from offload.settings.profile import CacheSettings, Profile
 from tests.test_plan import EXPERT_3_64
 from tests.test_profile import run_offload
 
@@ -35,6 +36,35 @@ HIT_TIER = 0.3125 + 0.3 * 0.3125 * 0.6875  # 0.376953125
 @pytest.fixture(autouse=True)
 def _isolated_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("OFFLOAD_HOME", str(tmp_path / "home"))
+
+
+# A T4-like profile with Mixtral's 3-bit experts, independent of the bundled profiles' choices.
+T4_3BIT = """
+name = "t4-3bit"
+[device]
+kind = "cuda"
+memory_gib = 15.0
+link_gbps = 10.0
+[cache]
+experts_per_layer = 4
+[quant]
+attention = "hqq:4:64"
+experts = "hqq:3:64"
+[generation]
+context = 8192
+"""
+
+
+@pytest.fixture
+def t4_path(tmp_path: Path) -> Path:
+    path = tmp_path / "t4-3bit.toml"
+    path.write_text(T4_3BIT)
+    return path
+
+
+def _t4(**host: float) -> Profile:
+    t4 = Profile.from_dict(tomllib.loads(T4_3BIT), source="t4-3bit.toml")
+    return replace(t4, host=replace(t4.host, **host))
 
 
 def _demo_profile(kind: str = "cuda", k: int | str = 2, **host: float) -> Profile:
@@ -96,8 +126,7 @@ def test_a_cpu_with_a_budget_computes_the_experts_from_the_tier() -> None:
 
 def test_mixtral_with_8_gib_on_a_t4() -> None:
     mixtral = ModelConfig.from_file(MIXTRAL / "config.json")
-    t4 = load_profile("t4-16gb")
-    plan = plan_memory(mixtral, replace(t4, host=replace(t4.host, memory_gib=8.0)), 8192)
+    plan = plan_memory(mixtral, _t4(memory_gib=8.0), 8192)
     # 8 GiB / 81,474,816 bytes = 105.4: 105 slots, 3.28 per layer.
     assert plan.host_tier.slots == 105
     assert plan.host_bytes == 105 * EXPERT_3_64 == 8_554_855_680
@@ -113,8 +142,8 @@ def test_mixtral_with_8_gib_on_a_t4() -> None:
 def test_with_a_budget_the_host_no_longer_needs_every_expert() -> None:
     """On a CPU with 16 GiB, Mixtral's 19.4 GiB of 3-bit experts do not fit; with 8 GiB of them, they do."""
     mixtral = ModelConfig.from_file(MIXTRAL / "config.json")
-    t4 = load_profile("t4-16gb")
-    laptop = replace(t4, device=DeviceSettings("cpu", 16.0, 20.0), cache=CacheSettings("all"))
+    t4 = _t4()
+    laptop = replace(t4, device=replace(t4.device, kind="cpu", memory_gib=16.0), cache=CacheSettings("all"))
     assert not plan_memory(mixtral, laptop, 4096).fits
     plan = plan_memory(mixtral, replace(laptop, host=replace(laptop.host, memory_gib=8.0)), 4096)
     assert plan.fits and plan.needed_bytes == plan.device_bytes + 105 * EXPERT_3_64 < 11 * GIB
@@ -123,9 +152,8 @@ def test_with_a_budget_the_host_no_longer_needs_every_expert() -> None:
 
 def test_a_budget_above_every_expert_keeps_them_all_and_reads_nothing() -> None:
     mixtral = ModelConfig.from_file(MIXTRAL / "config.json")
-    t4 = load_profile("t4-16gb")
-    base = plan_memory(mixtral, t4, 8192)
-    plan = plan_memory(mixtral, replace(t4, host=replace(t4.host, memory_gib=1000.0)), 8192)
+    base = plan_memory(mixtral, _t4(), 8192)
+    plan = plan_memory(mixtral, _t4(memory_gib=1000.0), 8192)
     assert plan.host_tier.slots == 256 and plan.host_bytes == base.host_bytes
     assert (plan.disk_bytes, plan.host_tier.disk_bytes_per_token) == (0, 0)
     assert plan.predicted_tok_s == pytest.approx(base.predicted_tok_s)
@@ -140,13 +168,13 @@ def test_a_budget_below_one_expert_per_layer_is_refused() -> None:
 # Through the CLI.
 
 
-def _plan(monkeypatch: pytest.MonkeyPatch, capsys, *args: str) -> tuple[int, str, str]:
-    return run_offload(monkeypatch, capsys, "plan", "-m", str(MIXTRAL), "-p", "t4-16gb", *args)
+def _plan(monkeypatch: pytest.MonkeyPatch, capsys, profile: Path, *args: str) -> tuple[int, str, str]:
+    return run_offload(monkeypatch, capsys, "plan", "-m", str(MIXTRAL), "-p", str(profile), *args)
 
 
-def test_cli_plan_shows_three_tiers(monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+def test_cli_plan_shows_three_tiers(t4_path: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
     monkeypatch.setenv("COLUMNS", "200")
-    code, out, err = _plan(monkeypatch, capsys, "--host-memory", "8", "--disk-gbps", "6")
+    code, out, err = _plan(monkeypatch, capsys, t4_path, "--host-memory", "8", "--disk-gbps", "6")
     assert code == 0, err
     for text in ("expert slots", "expert tier", "105 of 256 experts", "experts beyond the budget", "151 experts",
                  "at 6 GB/s", "peak RSS", "overlapping nothing", "FITS"):  # fmt: skip
@@ -154,10 +182,12 @@ def test_cli_plan_shows_three_tiers(monkeypatch: pytest.MonkeyPatch, capsys) -> 
     assert "11.46" in out  # 151 x 81,474,816 bytes in GiB
 
 
-def test_cli_plan_json_keeps_its_keys_and_adds_the_tiers(monkeypatch: pytest.MonkeyPatch, capsys) -> None:
-    code, out, _ = _plan(monkeypatch, capsys, "--json")
+def test_cli_plan_json_keeps_its_keys_and_adds_the_tiers(
+    t4_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    code, out, _ = _plan(monkeypatch, capsys, t4_path, "--json")
     without = json.loads(out)
-    code, out, _ = _plan(monkeypatch, capsys, "--host-memory", "8", "--disk-gbps", "6", "--json")
+    code, out, _ = _plan(monkeypatch, capsys, t4_path, "--host-memory", "8", "--disk-gbps", "6", "--json")
     plan = json.loads(out)
     assert code == 0 and set(without) == set(plan)  # the same keys, budget or not
     for key in ("device_bytes", "needed_bytes", "fits", "speeds", "predicted_tok_s", "expected_hit_rate"):
@@ -172,18 +202,22 @@ def test_cli_plan_json_keeps_its_keys_and_adds_the_tiers(monkeypatch: pytest.Mon
 
 
 @pytest.mark.parametrize("value", ["0", "-1", "nan", "inf", "1e9"])
-def test_cli_bad_host_memory_is_one_line(value: str, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
-    code, out, err = _plan(monkeypatch, capsys, f"--host-memory={value}")
+def test_cli_bad_host_memory_is_one_line(
+    t4_path: Path, value: str, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    code, out, err = _plan(monkeypatch, capsys, t4_path, f"--host-memory={value}")
     assert code == 2 and out == ""
     assert "--host-memory" in err and err.count("\n") == 1 and "Traceback" not in err
 
 
-def test_cli_too_small_a_budget_is_one_line_naming_the_flag(monkeypatch: pytest.MonkeyPatch, capsys) -> None:
-    code, out, err = _plan(monkeypatch, capsys, "--host-memory", "0.1")
+def test_cli_too_small_a_budget_is_one_line_naming_the_flag(
+    t4_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    code, out, err = _plan(monkeypatch, capsys, t4_path, "--host-memory", "0.1")
     assert code == 2 and out == "" and err.count("\n") == 1
     assert "--host-memory 0.1: holds 1 experts of 77.7 MiB, and one layer's step needs 2" in err
 
 
-def test_cli_bad_disk_gbps_is_one_line(monkeypatch: pytest.MonkeyPatch, capsys) -> None:
-    code, out, err = _plan(monkeypatch, capsys, "--disk-gbps=0")
+def test_cli_bad_disk_gbps_is_one_line(t4_path: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    code, out, err = _plan(monkeypatch, capsys, t4_path, "--disk-gbps=0")
     assert code == 2 and out == "" and "--disk-gbps" in err and err.count("\n") == 1
