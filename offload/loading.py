@@ -18,17 +18,22 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from offload.checkpoint.expert_reads import tier_reads
 from offload.checkpoint.hub import resolve_model_dir
 from offload.checkpoint.reader import Checkpoint
 from offload.checkpoint.weights import ATTENTION, WeightReader, parse_dtype, reader_for
 from offload.errors import OffloadError
 from offload.experts.cache import ExpertCache
+from offload.experts.disk import parse_disk
+from offload.experts.host import ThreadHost
+from offload.experts.host_only import HostOnlyExperts
+from offload.experts.host_tier import HostTier
 from offload.experts.link import parse_link
 from offload.experts.offloaded import OffloadedExperts
 from offload.experts.policy import DEFAULT_CACHE_POLICY
 from offload.experts.source import Expert, ExpertSource, ResidentExperts
 from offload.experts.store import HostStore
-from offload.hybrid import CostOverrides, build_host_path
+from offload.hybrid import CostOverrides, build_host_path, host_materializer
 from offload.model import MixtralModel
 from offload.quant.codec import codec_for
 from offload.quant.linear import build_linear
@@ -48,6 +53,8 @@ class OffloadOptions:
     host_compute: str = "auto"  # auto (the cost model), never (copy every miss), always (host)
     host_ratio: float | None = None  # emulate the host as this many times the device's time per expert
     host_costs: CostOverrides | None = None  # cost-model inputs a profile gives instead of measuring them
+    host_memory_gib: float | None = None  # the host tier's budget for experts; None holds every expert in RAM
+    disk: str = "file"  # how the host tier reads: file | emulated:GBPS
 
 
 def parse_device(name: str | torch.device | None) -> torch.device:
@@ -85,7 +92,9 @@ def load_model(
     with torch.device("meta"):
         mixtral = MixtralModel(config)
     load_dense_weights(mixtral, reader, device, progress, host_kernels=host_kernels)
-    if offload is None or offload.experts_per_layer is None:
+    if offload is not None and offload.experts_per_layer is None and offload.host_memory_gib is not None:
+        source = load_host_tier_experts(mixtral, reader, device, offload, host_kernels=host_kernels)
+    elif offload is None or offload.experts_per_layer is None:
         source = ResidentExperts(load_resident_experts(reader, device, progress, host_kernels=host_kernels))
     else:
         source = load_offloaded_experts(mixtral, reader, device, offload, progress, host_kernels=host_kernels)
@@ -160,17 +169,21 @@ def load_offloaded_experts(
     *,
     host_kernels: bool = True,
 ) -> ExpertSource:
-    """Every expert packed into the host store, behind a K-slot cache per layer on the device."""
+    """Every expert packed into the host store (or, with a host budget, the host tier over the checkpoint on
+    disk), behind a K-slot cache per layer on the device."""
     config = mixtral.config
-    store = HostStore(config.num_hidden_layers, config.num_local_experts, device=device)
-    for layer in range(config.num_hidden_layers):
-        for expert in range(config.num_local_experts):
-            tensors = reader.expert(layer, expert)
-            store.put(layer, expert, tensors)  # packed straight into the store; ``tensors`` is dropped
-            _report(progress, f"layers.{layer}.experts.{expert}", tensors)
-            del tensors
-            release_freed_memory()
-    store.check_complete()
+    if options.host_memory_gib is not None:
+        store: HostStore | HostTier = open_host_tier(reader, device, options)
+    else:
+        store = HostStore(config.num_hidden_layers, config.num_local_experts, device=device)
+        for layer in range(config.num_hidden_layers):
+            for expert in range(config.num_local_experts):
+                tensors = reader.expert(layer, expert)
+                store.put(layer, expert, tensors)  # packed straight into the store; ``tensors`` is dropped
+                _report(progress, f"layers.{layer}.experts.{expert}", tensors)
+                del tensors
+                release_freed_memory()
+        store.check_complete()
     codecs = [
         codec_for(reader.scheme.expert_spec(layer), host_kernels=host_kernels)
         for layer in range(config.num_hidden_layers)
@@ -192,7 +205,50 @@ def load_offloaded_experts(
         host_ratio=options.host_ratio,
         overrides=options.host_costs,
     )
+    store.reset_stats()  # the probes' reads are the load's, not the run's
     return OffloadedExperts(cache, gates, prefetch=options.prefetch, host_path=host_path)
+
+
+def open_host_tier(reader: WeightReader, device: torch.device, options: OffloadOptions) -> HostTier:
+    """The host tier over ``reader``'s checkpoint with ``options``' budget and disk; reads no expert yet.
+
+    The budget must hold one token's experts of a layer (``num_experts_per_tok``).
+    """
+    assert options.host_memory_gib is not None
+    layouts, reads = tier_reads(reader)
+    return HostTier(
+        layouts,
+        reads,
+        int(options.host_memory_gib * 2**30),
+        parse_disk(options.disk),
+        device=device,
+        policy=options.cache_policy,
+        min_slots=reader.checkpoint.config.num_experts_per_tok,
+    )
+
+
+def load_host_tier_experts(
+    mixtral: MixtralModel,
+    reader: WeightReader,
+    device: torch.device,
+    options: OffloadOptions,
+    *,
+    host_kernels: bool = True,
+) -> ExpertSource:
+    """A CPU run with a host budget and every expert "resident": each expert computed by the host kernels
+    straight from the host tier, so RAM holds the budget's experts, not all of them (llama.cpp's mmap case).
+    """
+    assert device.type == "cpu", "resolve_settings refuses --host-memory with -k all on a GPU"
+    config = mixtral.config
+    tier = open_host_tier(reader, device, options)
+    materialize = [
+        host_materializer(
+            codec_for(reader.scheme.expert_spec(layer), host_kernels=host_kernels), reader.dtype
+        )
+        for layer in range(config.num_hidden_layers)
+    ]
+    gates = [layer.block_sparse_moe.gate for layer in mixtral.model.layers]
+    return HostOnlyExperts(tier, ThreadHost(), materialize, gates, prefetch=options.prefetch)
 
 
 @functools.cache

@@ -98,7 +98,7 @@ def build_source(
     if variant == "host-experts":
         if host is None:
             raise ValueError("the host-experts row needs a host")
-        return HostOnlyExperts(store, host)
+        return HostOnlyExperts(store, host.host, host.materialize)
     if variant in ("full", "copy-only", "no-prefetch"):
         cache = ExpertCache(store, experts_per_layer, link, materialize, device=device, policy=policy)
         row_prefetch = 0 if variant == "no-prefetch" else prefetch

@@ -191,6 +191,23 @@ class Checkpoint:
         """The stored shape of ``name``, read from the header only."""
         return self._shapes[name]
 
+    def locate(self, name: str) -> tuple[Path, int, int, torch.dtype, tuple[int, ...]]:
+        """Where ``name``'s bytes lie: (file, offset from the file's start, bytes, dtype, shape); for readers
+        that read straight into buffers of their own (``offload.experts.disk``)."""
+        filename = self.files.get(name)
+        if filename is None:
+            raise CheckpointError(f"{self.directory}: tensor {name} is missing")
+        self._open(filename)
+        begin, end = self._offsets[name]
+        dtype = TORCH_DTYPES[self._dtypes[name]]
+        return (
+            self.directory / filename,
+            self._data_starts[filename] + begin,
+            end - begin,
+            dtype,
+            self._shapes[name],
+        )
+
     def get(self, name: str) -> torch.Tensor:
         """Read one tensor into memory of its own.
 

@@ -1,7 +1,8 @@
 """The device tier: a fixed number of expert slots per layer, each layer with its own eviction order.
 
 A slot is a device byte buffer of the layer's layout size plus the Expert materialized from it.
-The cache is inclusive: the host store keeps every expert, so an eviction copies nothing back.
+An eviction copies nothing back: the host store keeps every expert, and the host tier (``host_tier``) reads
+any expert again from disk.
 Loads go through a link; the cache never decides *what* to load, only *where*: the slot of the
 expert that the cache policy (``offload.experts.policy``) evicts among those not protected.
 ``OffloadedExperts`` decides what to load.
@@ -13,6 +14,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
@@ -24,6 +26,9 @@ from offload.experts.policy import CACHE_POLICIES, age_uses, choose_victim
 from offload.experts.source import Expert, expert_tensors
 from offload.experts.stats import CacheStats
 from offload.experts.store import HostStore, is_out_of_memory
+
+if TYPE_CHECKING:
+    from offload.experts.host_tier import HostTier
 
 Materialize = Callable[[dict[str, Tensor]], Expert]  # a slot's tensor views -> a runnable expert
 
@@ -82,7 +87,7 @@ class ExpertCache:
 
     def __init__(
         self,
-        store: HostStore,
+        store: HostStore | HostTier,
         experts_per_layer: int | Sequence[int],
         link: Link,
         materialize: Materialize | Sequence[Materialize],
@@ -174,7 +179,11 @@ class ExpertCache:
         self._loads_begun += 1
         slot.expert, slot.materialized, slot.prefetched = expert, None, prefetch
         slot.load_number = self._loads_begun
-        slot.handle = self.link.submit(self.store.buffer(layer, expert), slot.buffer)
+        handle = slot.handle = self.link.submit(self.store.buffer(layer, expert), slot.buffer)
+        # A host tier keeps the source slot until the link has read it.
+        self.store.hold(
+            layer, expert, lambda: self.link.source_free(handle), lambda: self.link.wait_source(handle)
+        )
         slots.lru[expert] = slot
         stats = self.stats.layers[layer]
         stats.loads += 1

@@ -1,33 +1,65 @@
 """HostOnlyExperts: every expert computed on the host CPU, attention on the device (llama.cpp's
 ``--cpu-moe`` layout). No expert ever crosses the link; only each layer's activations do.
 
-The bench's ``host-experts`` row. All of a layer's experts are submitted before the first is yielded, so
-the host works through them in one queue while the caller places each output.
+The bench's ``host-experts`` row, and a CPU run with a host budget (``--host-memory`` with every expert
+"resident"): there the experts come from the host tier (``offload.experts.host_tier``) instead of a store
+holding all of them, llama.cpp's memory-mapped case done deliberately. All of a layer's experts are fetched,
+then submitted, before the first is yielded, so the disk reads them in one queue while the host computes the
+ones already read, and the caller places each output. With ``gates`` and ``prefetch``, the next layer's likely
+experts are read from disk while this layer computes.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING
 
-from torch import Tensor
+import torch
+from torch import Tensor, nn
 
-from offload.experts.offloaded import HostPath, computed
+from offload.experts.cache import Materialize
+from offload.experts.host import ThreadHost
+from offload.experts.offloaded import computed
 from offload.experts.source import Expert, ExpertMemory, Inputs
 from offload.experts.stats import CacheStats
 from offload.experts.store import HostStore
+from offload.experts.tier_stats import TierStats
+
+if TYPE_CHECKING:
+    from offload.experts.host_tier import HostTier
 
 
 class HostOnlyExperts:
-    """Serves every expert from ``store`` by computing it on ``path``'s host."""
+    """Serves every expert of ``store`` by computing it with ``materialize[layer]`` on ``host``."""
 
-    def __init__(self, store: HostStore, path: HostPath) -> None:
+    def __init__(
+        self,
+        store: HostStore | HostTier,
+        host: ThreadHost,
+        materialize: Sequence[Materialize],
+        gates: Sequence[nn.Module] = (),
+        prefetch: int = 0,
+    ) -> None:
         self.store = store
-        self.path = path
+        self.host = host
+        self.materialize = list(materialize)
+        self.gates = list(gates)
+        self.prefetch = prefetch if self.gates else 0
         self.stats = CacheStats(store.num_layers)  # every access a miss computed on the host
 
+    @property
+    def tier_stats(self) -> TierStats | None:
+        """The host tier's counters (None when the host store holds every expert)."""
+        return self.store.stats
+
     def speculate(self, layer: int, hidden: Tensor) -> Tensor | None:
-        return None  # nothing moves, so nothing is worth guessing
+        """The next layer's likeliest experts, worth reading from disk early; None without a tier to read into."""
+        if self.prefetch == 0 or layer + 1 >= len(self.gates):
+            return None
+        logits = self.gates[layer + 1](hidden)
+        probs = torch.softmax(logits.float().reshape(-1, logits.shape[-1]), dim=-1)  # (T, E)
+        return torch.topk(probs.sum(dim=0), min(self.prefetch, probs.shape[-1])).indices
 
     def experts_for(
         self, layer: int, needed: list[int], guesses: list[int], inputs: Inputs | None = None
@@ -35,22 +67,32 @@ class HostOnlyExperts:
         if inputs is None:
             raise ValueError("HostOnlyExperts computes on the host and needs the caller's inputs")
         stats = self.stats.layers[layer]
-        materialize = self.path.materialize[layer]
+        store = self.store
+        materialize = self.materialize[layer]
+        unique = list(dict.fromkeys(needed))
+        for expert in unique:
+            store.fetch(layer, expert)
+        for expert in dict.fromkeys(guesses):
+            if not store.prefetch(layer + 1, expert):
+                break
         jobs = {}
-        for expert in dict.fromkeys(needed):
-            tensors = self.store.tensors(layer, expert)
-            jobs[expert] = self.path.host.submit(lambda x, t=tensors: materialize(t)(x), inputs(expert))
+        for expert in unique:
+            tensors = store.tensors(layer, expert)
+            job = jobs[expert] = self.host.submit(lambda x, t=tensors: materialize(t)(x), inputs(expert))
+            store.hold(layer, expert, job.finished.is_set, job.finished.wait)
             stats.accesses += 1
             stats.misses += 1
             stats.host_computes += 1
+        store.note_step(layer, unique)
         for expert, job in jobs.items():
             started = time.perf_counter()
-            output = self.path.host.wait(job)
+            output = self.host.wait(job)
             stats.host_wait_seconds += time.perf_counter() - started
             yield expert, computed(output)
 
     def reset_stats(self) -> None:
         self.stats.reset()
+        self.store.reset_stats()
 
     def flush(self) -> None:
         pass  # the device holds no expert
@@ -62,4 +104,5 @@ class HostOnlyExperts:
         return None  # no expert is ever loaded
 
     def describe(self) -> str:
-        return f"every expert computed on the {self.path.host.describe()}"
+        where = "" if isinstance(self.store, HostStore) else f" from a {self.store.describe()}"
+        return f"every expert computed on the {self.host.describe()}{where}"

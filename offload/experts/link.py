@@ -49,6 +49,14 @@ class Link:
         """Whether ``wait(handle)`` would return without blocking."""
         return True
 
+    def source_free(self, handle: LinkHandle) -> bool:
+        """Whether the copy has finished reading ``src``, which may then be overwritten (the host tier's test)."""
+        return self.is_done(handle)
+
+    def wait_source(self, handle: LinkHandle) -> None:
+        """Block the host until ``source_free(handle)``."""
+        self._wait(handle)
+
     def close(self) -> None:
         """Release threads or streams; the link cannot be used afterwards."""
 
@@ -133,6 +141,14 @@ class EmulatedLink(Link):
         assert isinstance(handle, _EmulatedHandle), "handle comes from another link"
         return handle.copied.is_set() and time.perf_counter() >= handle.done_at
 
+    def source_free(self, handle: LinkHandle) -> bool:
+        assert isinstance(handle, _EmulatedHandle), "handle comes from another link"
+        return handle.copied.is_set()  # the bytes are in dst; only the emulated delivery time is left
+
+    def wait_source(self, handle: LinkHandle) -> None:
+        assert isinstance(handle, _EmulatedHandle), "handle comes from another link"
+        handle.copied.wait()
+
     def close(self) -> None:
         if not self._closed:
             self._closed = True
@@ -171,6 +187,10 @@ class CudaLink(Link):
     def is_done(self, handle: LinkHandle) -> bool:
         assert isinstance(handle, _CudaHandle), "handle comes from another link"
         return handle.event.query()
+
+    def wait_source(self, handle: LinkHandle) -> None:
+        assert isinstance(handle, _CudaHandle), "handle comes from another link"
+        handle.event.synchronize()  # ``wait`` only orders the device's stream; the host must block here
 
     def close(self) -> None:
         self.stream.synchronize()

@@ -36,6 +36,7 @@ from offload.experts.cost_model import HOST, CostModel, Miss, guess_pays
 from offload.experts.host import HostJob, ThreadHost
 from offload.experts.source import Expert, ExpertMemory, Inputs
 from offload.experts.stats import CacheStats
+from offload.experts.tier_stats import TierStats
 
 
 @dataclass
@@ -103,8 +104,9 @@ class OffloadedExperts:
         return self.cache.stats
 
     def reset_stats(self) -> None:
-        """Zero the counters; the cache keeps its experts."""
+        """Zero the counters (the host tier's too); the cache keeps its experts."""
         self.cache.reset_stats()
+        self.cache.store.reset_stats()
 
     def flush(self) -> None:
         """Empty every layer's slots and forget the pending guesses: the next step starts cold."""
@@ -120,6 +122,11 @@ class OffloadedExperts:
         built = sum(count * cache.built_bytes(layer) for layer, count in enumerate(cache.experts_per_layer))
         return ExpertMemory(device_bytes=cache.nbytes + built, host_bytes=cache.store.nbytes)
 
+    @property
+    def tier_stats(self) -> TierStats | None:
+        """The host tier's counters (None when the host store holds every expert)."""
+        return self.cache.store.stats
+
     def expert_bytes(self) -> tuple[int, ...]:
         """What one load moves in each layer: the expert's packed buffer."""
         store = self.cache.store
@@ -129,7 +136,7 @@ class OffloadedExperts:
         cache = self.cache
         slots = cache.experts_per_layer
         return (
-            f"experts: {cache.store.nbytes / 2**20:.1f} MiB in host RAM, "
+            f"experts: {cache.store.describe()}, "
             f"{cache.nbytes / 2**20:.1f} MiB of device slots "
             f"(K={slots[0] if len(set(slots)) == 1 else list(slots)} of {cache.store.num_experts} "
             f"per layer, {cache.policy.upper()}, prefetch {self.prefetch})"
@@ -175,6 +182,12 @@ class OffloadedExperts:
         remaining = list(dict.fromkeys(needed))
         uncomputed = set(remaining)  # protected from eviction until the caller has used them
         misses = [e for e in remaining if not cache.lookup(layer, e)]
+        store = cache.store
+        for expert in misses:  # a host tier starts reading every miss now, so the reads overlap the hits
+            store.fetch(layer, expert)
+        for expert in next_guesses:  # and then the next layer's guesses, behind the misses on the disk
+            if not cache.contains(layer + 1, expert) and not store.prefetch(layer + 1, expert):
+                break
         hosted = self._start_on_host(layer, remaining, misses, inputs) if inputs is not None else {}
         to_load = deque(e for e in misses if e not in hosted)
         prefetched = False
@@ -198,6 +211,7 @@ class OffloadedExperts:
         # whichever link delivered the experts.
         cache.touch(layer, [e for e in needed if cache.contains(layer, e)])
         cache.note_step(layer, needed)
+        store.note_step(layer, needed)
         self._last_used[layer] = frozenset(needed)
 
     def _start_on_host(
@@ -211,8 +225,8 @@ class OffloadedExperts:
         candidates = [Miss(e, inputs(e).shape[0]) for e in misses]
         ready = []
         for expert in remaining:
-            if expert in misses:
-                continue
+            if expert in misses or not cache.store.contains(layer, expert):
+                continue  # a hit is worth computing on the host only when its bytes need no disk read
             if cache.is_ready(layer, expert):
                 ready.append(Miss(expert, inputs(expert).shape[0]))
             else:
@@ -227,9 +241,10 @@ class OffloadedExperts:
                 continue
             tensors = cache.store.tensors(layer, miss.expert)
             materialize = path.materialize[layer]
-            jobs[miss.expert] = path.host.submit(
+            job = jobs[miss.expert] = path.host.submit(
                 lambda x, t=tensors, m=materialize: m(t)(x), inputs(miss.expert)
             )
+            cache.store.hold(layer, miss.expert, job.finished.is_set, job.finished.wait)
             self._host_free_at = max(now, self._host_free_at) + path.model.inputs.host_seconds(miss.tokens)
             stats.host_computes += 1
         return jobs
@@ -310,10 +325,17 @@ class OffloadedExperts:
         if not guesses:
             return
         keep = set(guesses) | self._last_used.get(layer, frozenset())
+        store = self.cache.store
         for rank, expert in enumerate(guesses):
             if not self._link_idle():
                 return
             if not self._guesses_pay(layer, rank):
                 continue
-            if not self.cache.contains(layer, expert) and not self._load(layer, expert, keep, prefetch=True):
+            if self.cache.contains(layer, expert):
+                continue
+            if not store.prefetch(layer, expert):
+                return  # no room in the host tier without waiting
+            if not store.is_ready(layer, expert):
+                continue  # still on its way from disk: copying it now would wait for the read
+            if not self._load(layer, expert, keep, prefetch=True):
                 return

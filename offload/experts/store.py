@@ -1,4 +1,4 @@
-"""The host tier: every expert of the model, each one contiguous byte buffer, so a move is one copy.
+"""The host store: every expert of the model, each one contiguous byte buffer, so a move is one copy.
 
 Experts are packed one by one while the checkpoint loads (``put``), into one preallocated buffer
 per layer, so RAM never holds a second copy of the model. Every expert of a layer shares that
@@ -7,6 +7,8 @@ lets the link copy asynchronously.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable, Collection
 
 import torch
 from torch import Tensor
@@ -88,6 +90,34 @@ class HostStore:
     def nbytes(self) -> int:
         """Host bytes held by the store's buffers."""
         return sum(buffer.numel() for buffer in self._buffers if buffer is not None)
+
+    def describe(self) -> str:
+        return f"{self.nbytes / 2**20:.1f} MiB in host RAM"
+
+    # The host tier's interface (``offload.experts.host_tier.HostTier``): a store holds every expert, so a
+    # demand is always a hit, nothing is read, and nothing it holds can be evicted.
+    stats = None
+
+    def fetch(self, layer: int, expert: int) -> None:
+        pass
+
+    def prefetch(self, layer: int, expert: int) -> bool:
+        return True
+
+    def is_ready(self, layer: int, expert: int) -> bool:
+        return True
+
+    def contains(self, layer: int, expert: int) -> bool:
+        return True
+
+    def hold(self, layer: int, expert: int, done: Callable[[], bool], wait: Callable[[], None]) -> None:
+        pass
+
+    def note_step(self, layer: int, used: Collection[int]) -> None:
+        pass
+
+    def reset_stats(self) -> None:
+        pass
 
     def _slice(self, layer: int, expert: int) -> Tensor:
         nbytes = self.layout(layer).nbytes

@@ -1,0 +1,188 @@
+"""Reading experts' stored bytes from the checkpoint on disk straight into host buffers, on a worker thread.
+
+One interface, like a link's: ``submit(reads) -> DiskHandle``, then ``wait(handle)`` or ``is_done(handle)``:
+- ``FileDisk`` (``--disk file``, the default): a worker thread reads each tensor with one ``os.preadv`` into its
+  place in the destination buffer, so a read overlaps the caller's compute and no second copy is made.
+- ``EmulatedDisk`` (``--disk emulated:GBPS``): the same reads, but a batch completes only at
+  ``max(submit time, previous completion) + bytes / bandwidth`` on a serial disk. The OS page cache makes a
+  re-read of a small checkpoint nearly free here, so benchmarks emulate a disk as ``EmulatedLink`` emulates PCIe.
+
+A read that comes back short, a file whose size changed since it was opened, or float bytes that are NaN or inf
+fail the handle with a one-line ``CheckpointError`` naming the file and the tensor; ``wait`` raises it.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from offload.errors import CacheError, CheckpointError
+
+DISK_FORMS = "'file' or 'emulated:GBPS' (e.g. emulated:2)"
+
+
+@dataclass(frozen=True)
+class TensorRead:
+    """One stored tensor's bytes in a checkpoint file: what to read into one slice of an expert's buffer."""
+
+    path: Path
+    offset: int  # from the start of the file
+    nbytes: int
+    name: str  # the tensor's name in the checkpoint, for errors
+    dtype: torch.dtype  # as stored; a float tensor is checked for NaN and inf once read
+
+
+class DiskHandle:
+    """Reads submitted to a disk; pass it back to the same disk's ``wait`` or ``is_done``."""
+
+    def __init__(self, nbytes: int, done_at: float = 0.0) -> None:
+        self.nbytes = nbytes
+        self.done_at = done_at  # perf_counter() time before which an emulated disk does not deliver
+        self.finished = threading.Event()  # set by the worker once every byte is in place (or failed)
+        self.error: CheckpointError | None = None
+
+
+class FileDisk:
+    """Reads checkpoint files on one worker thread (the reads of one disk are serial anyway)."""
+
+    def __init__(self) -> None:
+        self._files: dict[Path, tuple[int, int]] = {}  # path -> (descriptor, size when opened)
+        self._queue: queue.SimpleQueue[tuple[list[tuple[TensorRead, Tensor]], DiskHandle] | None] = (
+            queue.SimpleQueue()
+        )
+        self._worker = threading.Thread(target=self._read_forever, name="DiskReads", daemon=True)
+        self._closed = False
+        self._worker.start()
+
+    def describe(self) -> str:
+        return "disk"
+
+    def open(self, path: Path) -> None:
+        """Open ``path`` for reads and note its size: a file that later changes size is refused."""
+        if path not in self._files:
+            try:
+                descriptor = os.open(path, os.O_RDONLY)
+            except OSError as error:
+                raise CheckpointError(f"{path}: cannot open it ({error.strerror or error})") from None
+            self._files[path] = (descriptor, os.fstat(descriptor).st_size)
+
+    def submit(self, reads: list[tuple[TensorRead, Tensor]]) -> DiskHandle:
+        """Start reading each ``TensorRead`` into its 1-D uint8 CPU tensor of the same size; returns at once."""
+        if self._closed:
+            raise RuntimeError("the disk is closed")
+        for read, into in reads:
+            assert into.dtype == torch.uint8 and into.numel() == read.nbytes, "a read's buffer must fit it"
+            self.open(read.path)
+        handle = self._handle(sum(read.nbytes for read, _ in reads))
+        self._queue.put((reads, handle))
+        return handle
+
+    def _handle(self, nbytes: int) -> DiskHandle:
+        return DiskHandle(nbytes)
+
+    def wait(self, handle: DiskHandle) -> None:
+        """Return once every byte of ``handle`` is in place; raise its CheckpointError if a read failed."""
+        handle.finished.wait()
+        if handle.error is not None:
+            raise handle.error
+        remaining = handle.done_at - time.perf_counter()
+        if remaining > 0:
+            time.sleep(remaining)
+
+    def is_done(self, handle: DiskHandle) -> bool:
+        """Whether ``wait(handle)`` would return without blocking."""
+        return handle.finished.is_set() and time.perf_counter() >= handle.done_at
+
+    def close(self) -> None:
+        """Finish the queued reads, stop the worker and close the files."""
+        if not self._closed:
+            self._closed = True
+            self._queue.put(None)
+            self._worker.join()
+            for descriptor, _ in self._files.values():
+                os.close(descriptor)
+            self._files.clear()
+
+    def __enter__(self) -> FileDisk:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def _read_forever(self) -> None:
+        while (job := self._queue.get()) is not None:
+            reads, handle = job
+            try:
+                for read, into in reads:
+                    self._read(read, into)
+            except CheckpointError as error:  # handed to the waiter, which raises it
+                handle.error = error
+            handle.finished.set()
+
+    def _read(self, read: TensorRead, into: Tensor) -> None:
+        descriptor, size = self._files[read.path]
+        where = f"{read.path}: tensor {read.name}"
+        try:
+            now = os.fstat(descriptor).st_size
+            if now != size:
+                raise CheckpointError(
+                    f"{where}: the file changed size since it was loaded ({size} -> {now} bytes); "
+                    "restart offload after replacing a checkpoint"
+                )
+            view = memoryview(into.numpy())
+            done = 0
+            while done < read.nbytes:  # preadv may return fewer bytes than asked for a large read
+                got = os.preadv(descriptor, [view[done:]], read.offset + done)
+                if got == 0:
+                    break
+                done += got
+        except OSError as error:
+            raise CheckpointError(f"{where} cannot be read ({error.strerror or error})") from None
+        if done != read.nbytes:
+            raise CheckpointError(f"{where} is cut short (the file is truncated)")
+        if read.dtype.is_floating_point and not bool(torch.isfinite(into.view(read.dtype)).all()):
+            raise CheckpointError(f"{where} holds NaN or inf values (the file is damaged)")
+
+
+class EmulatedDisk(FileDisk):
+    """A serial disk of ``gbps`` GB/s (1e9 bytes/s), emulated over real reads.
+
+    The worker really reads; a batch completes at ``max(submit time, previous completion) + bytes / bandwidth``.
+    """
+
+    def __init__(self, gbps: float) -> None:
+        if not gbps > 0:
+            raise CacheError(f"--disk emulated:GBPS needs GBPS > 0, got {gbps}")
+        super().__init__()
+        self.gbps = gbps
+        self._free_at = 0.0  # when the emulated disk finishes the last submitted batch
+
+    def describe(self) -> str:
+        return f"emulated disk, {self.gbps:g} GB/s"
+
+    def _handle(self, nbytes: int) -> DiskHandle:
+        starts = max(time.perf_counter(), self._free_at)
+        self._free_at = starts + nbytes / (self.gbps * 1e9)
+        return DiskHandle(nbytes, self._free_at)
+
+
+def parse_disk(spec: str) -> FileDisk:
+    """Build a disk from ``file`` or ``emulated:GBPS``."""
+    kind, _, params = spec.strip().partition(":")
+    if kind == "file" and not params:
+        return FileDisk()
+    if kind == "emulated" and params:
+        try:
+            gbps = float(params)
+        except ValueError:
+            gbps = float("nan")
+        if 0 < gbps < float("inf"):
+            return EmulatedDisk(gbps)
+    raise CacheError(f"--disk {spec!r}: expected {DISK_FORMS}, with GBPS > 0")

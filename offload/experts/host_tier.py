@@ -1,0 +1,290 @@
+"""The host tier over disk: a host-RAM cache of packed experts, read on demand from the checkpoint's files.
+
+With a host budget (``--host-memory``), host RAM holds only ``budget // slot_bytes`` experts, in one arena
+allocated once (pinned on CUDA, like ``HostStore``); every other expert stays in the checkpoint on disk. A slot
+is the largest layer's packed size, so experts of any layer fit any slot and the arena never exceeds the budget.
+An expert is read straight into its slot, one ``preadv`` per stored tensor at its packed offset
+(``offload.experts.disk``): the stored bytes are the packed bytes, so nothing is converted or copied twice.
+
+``HostTier`` has ``HostStore``'s interface (``layout``, ``buffer``, ``tensors``), so the device cache and the
+host kernels read from either, plus what a tier needs:
+- ``fetch(layer, e)``: a demand, counted as a hit or a miss; starts the read at once when room allows, so
+  the reads of a layer's misses overlap each other and the compute of its hits;
+- ``prefetch(layer, e)``: a guess for the next layer; reads only into room that needs no waiting;
+- ``hold(layer, e, done, wait)``: a consumer (a link copy, a host job) still reads the slot until ``done()``.
+A slot is never evicted while its read is in flight, while it is held, or while it is reserved: fetched for
+the current layer and not yet handed to a consumer. Among the rest, the victim is the cache policy's
+(``offload.experts.policy``, the same ``--cache-policy`` as the device cache), over every layer at once:
+LRFU's decayed use counts age once per step of their own layer, so counts of different layers compare.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Collection, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from offload.errors import CacheError
+from offload.experts.disk import DiskHandle, FileDisk, TensorRead
+from offload.experts.packing import ExpertLayout, unpack_expert
+from offload.experts.policy import CACHE_POLICIES, age_uses, choose_victim
+from offload.experts.store import is_out_of_memory
+from offload.experts.tier_stats import TierStats
+
+Key = tuple[int, int]  # (layer, expert)
+
+
+@dataclass
+class _Hold:
+    done: Callable[[], bool]  # whether the consumer has finished reading the slot
+    wait: Callable[[], None]  # block until it has
+
+
+@dataclass
+class _Entry:
+    slot: int
+    read: DiskHandle | None  # until someone has waited on it
+    reserved: int = 0  # fetches of the current layer not yet handed to a consumer
+    holds: list[_Hold] = field(default_factory=list)
+
+
+class HostTier:
+    """``budget_bytes`` of host RAM caching the experts that ``reads`` locate on disk.
+
+    ``reads[layer][expert]`` are the stored tensors of one expert, in the order and sizes of ``layouts[layer]``'s
+    slices. ``min_slots`` is the fewest experts the budget must hold (one token's experts of one layer).
+    """
+
+    def __init__(
+        self,
+        layouts: Sequence[ExpertLayout],
+        reads: Sequence[Sequence[Sequence[TensorRead]]],
+        budget_bytes: int,
+        disk: FileDisk,
+        *,
+        device: torch.device | str = "cpu",
+        policy: str = "lrfu",
+        min_slots: int = 1,
+    ) -> None:
+        if policy not in CACHE_POLICIES:
+            raise CacheError(f"cache policy {policy!r} is not one of {', '.join(CACHE_POLICIES)}")
+        self.num_layers, self.num_experts = len(reads), len(reads[0])
+        for layout, layer_reads in zip(layouts, reads, strict=True):
+            for expert_reads in layer_reads:
+                sizes = [read.nbytes for read in expert_reads]
+                assert sizes == [piece.nbytes for piece in layout.slices], "reads must follow the layout"
+        self._layouts = list(layouts)
+        self._reads = reads
+        self.disk = disk
+        self.policy = policy
+        self.pinned = torch.device(device).type == "cuda"
+        self.budget_bytes = budget_bytes
+        self.slot_bytes = max(layout.nbytes for layout in layouts)
+        self.slots = min(budget_bytes // self.slot_bytes, self.num_layers * self.num_experts)
+        if self.slots < min_slots:
+            needed = min_slots * self.slot_bytes
+            raise CacheError(
+                f"--host-memory {budget_bytes / 2**30:.4g} GiB holds {self.slots} experts of "
+                f"{self.slot_bytes / 2**20:.2f} MiB; one layer's step needs {min_slots} "
+                f"(give at least --host-memory {_round_up(needed / 2**30)})"
+            )
+        try:
+            self._arena = torch.zeros(self.slots * self.slot_bytes, dtype=torch.uint8, pin_memory=self.pinned)
+        except (RuntimeError, MemoryError) as error:
+            if not is_out_of_memory(error):
+                raise
+            raise CacheError(
+                f"out of host memory for the host tier's {self.slots * self.slot_bytes / 2**30:.2f} GiB"
+                f"{' (pinned)' if self.pinned else ''}; lower --host-memory or close other programs"
+            ) from None
+        self._free = list(range(self.slots))
+        self._entries: OrderedDict[Key, _Entry] = OrderedDict()  # least recently used first
+        self._uses = [[0.0] * self.num_experts for _ in range(self.num_layers)]  # LRFU's decayed counts
+        self.stats = TierStats(self.num_layers)
+
+    @property
+    def nbytes(self) -> int:
+        """Host bytes held for experts: the arena, never more than the budget."""
+        return self._arena.numel()
+
+    @property
+    def total_bytes(self) -> int:
+        """What holding every expert would take: the whole model's packed experts."""
+        return self.num_experts * sum(layout.nbytes for layout in self._layouts)
+
+    def describe(self) -> str:
+        return (
+            f"{self.nbytes / 2**20:.1f} MiB host tier ({self.slots} of {self.num_layers * self.num_experts} "
+            f"experts, {self.policy.upper()}) over the {self.disk.describe()}"
+        )
+
+    def layout(self, layer: int) -> ExpertLayout:
+        """The layout every expert of ``layer`` is packed with."""
+        self._check_index(layer, 0)
+        return self._layouts[layer]
+
+    def resident(self) -> list[Key]:
+        """The experts in the tier (read, or arriving), least recently used first."""
+        return list(self._entries)
+
+    def contains(self, layer: int, expert: int) -> bool:
+        return (layer, expert) in self._entries
+
+    def is_ready(self, layer: int, expert: int) -> bool:
+        """Whether ``buffer`` would return without waiting on the disk."""
+        entry = self._entries.get((layer, expert))
+        return entry is not None and (entry.read is None or self.disk.is_done(entry.read))
+
+    def fetch(self, layer: int, expert: int) -> None:
+        """Count a demand for ``expert`` and reserve it for the current layer; start its read if room allows."""
+        self._check_index(layer, expert)
+        stats = self.stats.layers[layer]
+        entry = self._entries.get((layer, expert))
+        stats.accesses += 1
+        stats.hits += entry is not None
+        stats.misses += entry is None
+        if entry is None:
+            entry = self._start_read(layer, expert, wait=False)
+        if entry is not None:
+            entry.reserved += 1
+
+    def prefetch(self, layer: int, expert: int) -> bool:
+        """Start reading a guess unless it is in the tier already; False when no slot is free without waiting."""
+        self._check_index(layer, expert)
+        if (layer, expert) in self._entries:
+            return True
+        if self._start_read(layer, expert, wait=False) is None:
+            return False
+        self.stats.layers[layer].prefetch_reads += 1
+        return True
+
+    def buffer(self, layer: int, expert: int) -> Tensor:
+        """The expert's packed bytes (a 1-D uint8 view of its slot), read from disk first if needed.
+
+        The view is valid until the next call into the tier unless the caller ``hold``s the expert.
+        """
+        self._check_index(layer, expert)
+        key = (layer, expert)
+        entry = self._entries.get(key) or self._start_read(layer, expert, wait=True)
+        assert entry is not None
+        if entry.read is not None:
+            started = time.perf_counter()
+            try:
+                self.disk.wait(entry.read)
+            except BaseException:
+                self._drop(key)  # the slot's bytes are not this expert's; a later demand reads again
+                raise
+            finally:
+                self.stats.layers[layer].disk_wait_seconds += time.perf_counter() - started
+            entry.read = None
+        self._entries.move_to_end(key)
+        return self._slot(entry.slot, layer)
+
+    def tensors(self, layer: int, expert: int) -> dict[str, Tensor]:
+        """Zero-copy views of the expert's encoded tensors in its slot (valid as ``buffer``'s)."""
+        return unpack_expert(self.buffer(layer, expert), self.layout(layer))
+
+    def hold(self, layer: int, expert: int, done: Callable[[], bool], wait: Callable[[], None]) -> None:
+        """Keep ``expert``'s slot until ``done()`` (a copy or a job reading it); ends one reservation."""
+        entry = self._entries[(layer, expert)]
+        entry.holds.append(_Hold(done, wait))
+        entry.reserved = max(0, entry.reserved - 1)
+
+    def release(self, layer: int) -> None:
+        """End every reservation of ``layer``: its step is over."""
+        for (entry_layer, _), entry in self._entries.items():
+            if entry_layer == layer:
+                entry.reserved = 0
+
+    def note_step(self, layer: int, used: Collection[int]) -> None:
+        """Count one step of ``layer`` that used ``used`` (LRFU's decayed counts) and end its reservations."""
+        if self.policy == "lrfu":
+            age_uses(self._uses[layer], used)
+        self.release(layer)
+
+    def reset_stats(self) -> None:
+        self.stats.reset()
+
+    def close(self) -> None:
+        """Finish the reads in flight and close the checkpoint's files."""
+        self.disk.close()
+
+    def _start_read(self, layer: int, expert: int, *, wait: bool) -> _Entry | None:
+        slot = self._room(wait)
+        if slot is None:
+            return None
+        buffer = self._slot(slot, layer)
+        pieces = [
+            (read, buffer[piece.offset : piece.offset + piece.nbytes])
+            for read, piece in zip(self._reads[layer][expert], self._layouts[layer].slices, strict=True)
+        ]
+        handle = self.disk.submit(pieces)
+        stats = self.stats.layers[layer]
+        stats.reads += 1
+        stats.disk_bytes_read += handle.nbytes
+        entry = _Entry(slot, handle)
+        self._entries[(layer, expert)] = entry
+        return entry
+
+    def _room(self, wait: bool) -> int | None:
+        """A free slot, evicting the policy's victim among the evictable; with ``wait``, block on a consumer
+        or a read in flight until one is evictable."""
+        while True:
+            if self._free:
+                return self._free.pop()
+            evictable = [key for key, entry in self._entries.items() if self._evictable(entry)]
+            if evictable:
+                flat = [layer * self.num_experts + expert for layer, expert in evictable]
+                uses = {
+                    i: self._uses[layer][expert] for i, (layer, expert) in zip(flat, evictable, strict=True)
+                }
+                victim = choose_victim(self.policy, flat, uses)  # type: ignore[arg-type]  (any __getitem__)
+                self._drop(evictable[flat.index(victim)])
+                continue
+            if not wait:
+                return None
+            self._wait_for_one()
+
+    def _wait_for_one(self) -> None:
+        for entry in self._entries.values():
+            if entry.reserved == 0 and entry.holds:
+                entry.holds[0].wait()
+                return
+        for entry in self._entries.values():
+            if entry.reserved == 0 and entry.read is not None:
+                entry.read.finished.wait()
+                return
+        raise CacheError(
+            f"the host tier's {self.slots} experts are all needed by the current layer at once; "
+            "raise --host-memory"
+        )
+
+    def _evictable(self, entry: _Entry) -> bool:
+        if entry.reserved or (entry.read is not None and not entry.read.finished.is_set()):
+            return False
+        entry.holds = [hold for hold in entry.holds if not hold.done()]
+        return not entry.holds
+
+    def _drop(self, key: Key) -> None:
+        self._free.append(self._entries.pop(key).slot)
+
+    def _slot(self, slot: int, layer: int) -> Tensor:
+        start = slot * self.slot_bytes
+        return self._arena[start : start + self._layouts[layer].nbytes]
+
+    def _check_index(self, layer: int, expert: int) -> None:
+        if not (0 <= layer < self.num_layers and 0 <= expert < self.num_experts):
+            raise CacheError(
+                f"no expert ({layer}, {expert}) in a tier of {self.num_layers} layers x {self.num_experts} experts"
+            )
+
+
+def _round_up(gib: float) -> str:
+    """A budget in GiB rounded up to three significant digits, as a user would type it."""
+    digits = max(0, 2 - int(f"{gib:e}".split("e")[1]))
+    scale = 10**digits
+    return f"{-(-gib * scale // 1) / scale:g}"

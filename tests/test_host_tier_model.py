@@ -1,0 +1,130 @@
+"""A model run from the host tier gives bit-identical logits and tokens to one holding every expert in RAM,
+on checkpoints made by the real `offload convert` and on a float one run at its stored dtype."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from offload.errors import CheckpointError
+from offload.experts.host_only import HostOnlyExperts
+from offload.experts.offloaded import OffloadedExperts
+from offload.generate import SamplingParams, generate_ids
+from offload.loading import OffloadOptions, load_model
+from offload.quant.scheme import QuantScheme
+from tests.baby import BabySpec, write_baby
+from tests.test_offload_equivalence import run
+
+PROMPT = [1, 17, 42, 5, 99, 3, 64, 8, 12, 7]
+
+
+def convert(source: Path, destination: Path, *flags: str) -> Path:
+    command = [
+        sys.executable,
+        "-c",
+        "from cli.main import run; run()",
+        "convert",
+        str(source),
+        str(destination),
+    ]
+    done = subprocess.run([*command, *flags], capture_output=True, text=True, env=dict(os.environ))
+    assert done.returncode == 0, done.stderr
+    return destination
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """name -> directory: the float source, its hqq:4:64 and default (hqq:3:64) conversions."""
+    root = tmp_path_factory.mktemp("tier")
+    source = root / "float"
+    write_baby(BabySpec("tier", hidden_size=64, intermediate_size=128, num_hidden_layers=3, seed=5), source)
+    return {
+        "float": source,
+        "hqq4": convert(source, root / "hqq4", "--experts", "hqq:4:64", "--attention", "hqq:4:64"),
+        "hqq3": convert(source, root / "hqq3"),
+    }
+
+
+def half_the_experts(model: torch.nn.Module) -> float:
+    """A budget of half the model's experts, in GiB."""
+    source = model.expert_source
+    store = source.cache.store
+    per_layer = [store.layout(layer).nbytes for layer in range(store.num_layers)]
+    return max(per_layer) * store.num_layers * store.num_experts / 2 / 2**30
+
+
+def greedy(model: torch.nn.Module) -> list[int]:
+    return generate_ids(model, PROMPT, max_new_tokens=16, sampling=SamplingParams(temperature=0))
+
+
+@pytest.mark.parametrize("name", ["float", "hqq4", "hqq3"])
+def test_the_tier_changes_no_logit_and_no_token(checkpoints: dict[str, Path], name: str) -> None:
+    directory = checkpoints[name]
+    resident = load_model(directory)
+    want_logits, want_tokens = run(resident, PROMPT)
+    want_greedy = greedy(resident)
+    in_ram = load_model(directory, offload=OffloadOptions(experts_per_layer=2))
+    budget = half_the_experts(in_ram)
+    variants = {
+        "offloaded -k 2": OffloadOptions(experts_per_layer=2, host_memory_gib=budget),
+        "emulated disk and link": OffloadOptions(
+            experts_per_layer=2, host_memory_gib=budget, disk="emulated:5", link="emulated:5"
+        ),
+        "lru": OffloadOptions(experts_per_layer=2, host_memory_gib=budget, cache_policy="lru"),
+        "host-only (-k all on a cpu)": OffloadOptions(host_memory_gib=budget),
+        "host-only, emulated disk": OffloadOptions(host_memory_gib=budget, disk="emulated:5"),
+    }
+    for where, options in variants.items():
+        model = load_model(directory, offload=options)
+        logits, tokens = run(model, PROMPT)
+        assert torch.equal(logits, want_logits), where
+        assert tokens == want_tokens, where
+        assert greedy(model) == want_greedy, where
+        source = model.expert_source
+        assert isinstance(source, HostOnlyExperts if "host-only" in where else OffloadedExperts)
+        tier = source.tier_stats.total()
+        # Half the experts fit: the run must have read from disk and found some in RAM.
+        assert tier.misses > 0 and tier.hits > 0 and tier.disk_bytes_read > 0, where
+        assert source.memory().host_bytes <= budget * 2**30, where
+
+
+def test_the_hybrid_host_path_reads_from_the_tier(checkpoints: dict[str, Path]) -> None:
+    directory = checkpoints["hqq4"]
+    want = greedy(load_model(directory))
+    in_ram = load_model(directory, offload=OffloadOptions(experts_per_layer=2))
+    options = OffloadOptions(
+        experts_per_layer=2,
+        host_memory_gib=half_the_experts(in_ram),
+        host_compute="always",
+        link="emulated:5",
+    )
+    model = load_model(directory, offload=options)
+    assert greedy(model) == want
+    assert model.expert_source.stats.total().host_computes > 0
+
+
+def test_a_float_checkpoint_quantized_at_load_must_be_converted(checkpoints: dict[str, Path]) -> None:
+    source = checkpoints["float"]
+    scheme = QuantScheme.build(3, attention="none", experts="hqq:4:64")
+    options = OffloadOptions(experts_per_layer=2, host_memory_gib=1.0)
+    with pytest.raises(
+        CheckpointError,
+        match=r"--host-memory reads experts from disk as they are stored.*"
+        r"quantizes to hqq:4:64 at load; convert it once \(offload convert .*float DST",
+    ):
+        load_model(source, quant=scheme, offload=options)
+
+
+def test_a_float_checkpoint_cast_at_load_is_refused(checkpoints: dict[str, Path]) -> None:
+    options = OffloadOptions(experts_per_layer=2, host_memory_gib=1.0)
+    with pytest.raises(
+        CheckpointError,
+        match=r"stores .*w1.weight as float32, but this run computes in bfloat16; "
+        r"give --dtype float32",
+    ):
+        load_model(checkpoints["float"], dtype="bfloat16", offload=options)
