@@ -86,6 +86,7 @@ def generate(
             "finish_reason": last.finish_reason if last else None,
             "timings": last.timings.as_dict() if last else {},
             "cache": engine.cache_stats(),
+            "host_tier": engine.host_tier_stats(),  # None unless experts are read from disk (--host-memory)
             "threads": torch.get_num_threads(),  # torch's CPU threads while it ran (--threads)
         }
         sys.stdout.write(json.dumps(result) + "\n")

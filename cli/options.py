@@ -151,6 +151,26 @@ HostRatio = Annotated[
         callback=bounded("--host-ratio", 0, MAX_HOST_RATIO, above=True),
     ),
 ]
+MAX_HOST_MEMORY_GIB = 1 << 20
+HostMemory = Annotated[
+    float | None,
+    typer.Option(
+        metavar="GIB",
+        help="Host RAM for experts, in GiB: that many stay in RAM (the host tier) and the others are read from "
+        "the checkpoint on disk when needed. On a CPU with every expert resident, experts run from the tier. "
+        "Needs a converted checkpoint, or a float one at its stored dtype. Default: the profile's [host] "
+        "memory_gib, else every expert in RAM. Example: --host-memory 8",
+        callback=bounded("--host-memory", 0, MAX_HOST_MEMORY_GIB, above=True),
+    ),
+]
+Disk = Annotated[
+    str | None,
+    typer.Option(
+        metavar="SPEC",
+        help="How the host tier reads experts: file (the default), or emulated:GBPS, real reads that complete at "
+        "GBPS GB/s on a serial disk (for benchmarks: the page cache makes re-reads nearly free). Needs --host-memory.",
+    ),
+]
 Quant = Annotated[str | None, typer.Option(help="'none' loads the checkpoint's weights unquantized.")]
 Seed = Annotated[
     int | None,
@@ -181,6 +201,8 @@ LOAD_FLAG_OPTIONS: dict[str, Any] = {
     "link": Link,
     "host_compute": HostCompute,
     "host_ratio": HostRatio,
+    "host_memory": HostMemory,
+    "disk": Disk,
     "quant": Quant,
     "dtype": Dtype,
     "device": Device,

@@ -178,6 +178,11 @@ class Engine:
         dtype = str(model.dtype).removeprefix("torch.")
         return f"{self.directory.name}: dense weights {dense / 2**20:.1f} MiB on {model.device} ({dtype}); {experts}"
 
+    def host_tier_stats(self) -> dict[str, Any] | None:
+        """The host tier's budget, bytes held and counters, when experts are read from disk (--host-memory)."""
+        tier = getattr(self.model.expert_source, "host_tier", None)
+        return None if tier is None else tier.summary()
+
     def cache_stats(self) -> dict[str, Any] | None:
         """The expert cache's counters, when the experts are offloaded."""
         stats = self.model.expert_source.stats

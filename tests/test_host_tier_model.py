@@ -87,7 +87,7 @@ def test_the_tier_changes_no_logit_and_no_token(checkpoints: dict[str, Path], na
         assert greedy(model) == want_greedy, where
         source = model.expert_source
         assert isinstance(source, HostOnlyExperts if "host-only" in where else OffloadedExperts)
-        tier = source.tier_stats.total()
+        tier = source.host_tier.stats.total()
         # Half the experts fit: the run must have read from disk and found some in RAM.
         assert tier.misses > 0 and tier.hits > 0 and tier.disk_bytes_read > 0, where
         assert source.memory().host_bytes <= budget * 2**30, where

@@ -61,6 +61,11 @@ class FileDisk:
         self._closed = False
         self._worker.start()
 
+    @property
+    def spec(self) -> str:
+        """The --disk value that makes this disk."""
+        return "file"
+
     def describe(self) -> str:
         return "disk"
 
@@ -163,6 +168,10 @@ class EmulatedDisk(FileDisk):
         super().__init__()
         self.gbps = gbps
         self._free_at = 0.0  # when the emulated disk finishes the last submitted batch
+
+    @property
+    def spec(self) -> str:
+        return f"emulated:{self.gbps:g}"
 
     def describe(self) -> str:
         return f"emulated disk, {self.gbps:g} GB/s"

@@ -13,21 +13,17 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator, Sequence
-from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
 
 from offload.experts.cache import Materialize
 from offload.experts.host import ThreadHost
+from offload.experts.host_tier import HostTier
 from offload.experts.offloaded import computed
 from offload.experts.source import Expert, ExpertMemory, Inputs
 from offload.experts.stats import CacheStats
 from offload.experts.store import HostStore
-from offload.experts.tier_stats import TierStats
-
-if TYPE_CHECKING:
-    from offload.experts.host_tier import HostTier
 
 
 class HostOnlyExperts:
@@ -49,9 +45,9 @@ class HostOnlyExperts:
         self.stats = CacheStats(store.num_layers)  # every access a miss computed on the host
 
     @property
-    def tier_stats(self) -> TierStats | None:
-        """The host tier's counters (None when the host store holds every expert)."""
-        return self.store.stats
+    def host_tier(self) -> HostTier | None:
+        """The host tier the experts are read through (None when the host store holds every expert)."""
+        return self.store if isinstance(self.store, HostTier) else None
 
     def speculate(self, layer: int, hidden: Tensor) -> Tensor | None:
         """The next layer's likeliest experts, worth reading from disk early; None without a tier to read into."""

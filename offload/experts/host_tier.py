@@ -24,6 +24,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -121,6 +122,18 @@ class HostTier:
             f"{self.nbytes / 2**20:.1f} MiB host tier ({self.slots} of {self.num_layers * self.num_experts} "
             f"experts, {self.policy.upper()}) over the {self.disk.describe()}"
         )
+
+    def summary(self) -> dict[str, Any]:
+        """What a report shows: the budget, the bytes held, the slots, the policy, the disk, and the counters."""
+        return {
+            "budget_bytes": self.budget_bytes,
+            "bytes_held": self.nbytes,
+            "slots": self.slots,
+            "experts": self.num_layers * self.num_experts,
+            "policy": self.policy,
+            "disk": self.disk.spec,
+            **self.stats.as_dict(),
+        }
 
     def layout(self, layer: int) -> ExpertLayout:
         """The layout every expert of ``layer`` is packed with."""

@@ -34,9 +34,9 @@ from offload.errors import CacheError
 from offload.experts.cache import ExpertCache, Materialize
 from offload.experts.cost_model import HOST, CostModel, Miss, guess_pays
 from offload.experts.host import HostJob, ThreadHost
+from offload.experts.host_tier import HostTier
 from offload.experts.source import Expert, ExpertMemory, Inputs
 from offload.experts.stats import CacheStats
-from offload.experts.tier_stats import TierStats
 
 
 @dataclass
@@ -123,9 +123,10 @@ class OffloadedExperts:
         return ExpertMemory(device_bytes=cache.nbytes + built, host_bytes=cache.store.nbytes)
 
     @property
-    def tier_stats(self) -> TierStats | None:
-        """The host tier's counters (None when the host store holds every expert)."""
-        return self.cache.store.stats
+    def host_tier(self) -> HostTier | None:
+        """The host tier the experts are read through (None when the host store holds every expert)."""
+        store = self.cache.store
+        return store if isinstance(store, HostTier) else None
 
     def expert_bytes(self) -> tuple[int, ...]:
         """What one load moves in each layer: the expert's packed buffer."""

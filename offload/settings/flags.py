@@ -22,6 +22,8 @@ class LoadFlags:
     link: str | None = None  # local | emulated:GBPS[:LATENCY_US] | cuda
     host_compute: str | None = None  # auto | never | always: where cache misses are computed
     host_ratio: float | None = None  # emulate the host CPU as this many times the device's time per expert
+    host_memory: float | None = None  # GiB of host RAM for experts (the host tier); the rest stay on disk
+    disk: str | None = None  # how the host tier reads the checkpoint: file | emulated:GBPS
     quant: str | None = None  # only 'none': load a converted checkpoint's weights unquantized
     dtype: str | None = None  # float32, bfloat16 or float16
     device: str | None = None  # cpu, cuda or cuda:N

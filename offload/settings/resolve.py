@@ -15,8 +15,9 @@ import torch
 
 from offload.checkpoint.reader import expected_tensors
 from offload.config import ModelConfig
-from offload.errors import CacheError, OffloadError
+from offload.errors import CacheError, FlagError, OffloadError
 from offload.experts.cache import slot_counts
+from offload.experts.disk import parse_disk
 from offload.experts.link import parse_link
 from offload.experts.policy import CACHE_POLICIES
 from offload.hybrid import CostOverrides, uses_host
@@ -121,7 +122,14 @@ def resolve_settings(
     if flags.host_ratio is not None and not flags.host_ratio > 0:
         raise CacheError(f"--host-ratio must be > 0, got {flags.host_ratio}")
     parse_dtype(dtype, config)  # a bad --dtype fails here, before loading
-    if dtype is None and run_device.type == "cpu" and scheme.is_float and config.quantization is None:
+    host_memory, disk = _host_tier(flags, chosen.host.memory_gib, slots, run_device)
+    if (
+        dtype is None
+        and host_memory is None  # the tier reads experts as stored: the stored dtype it is
+        and run_device.type == "cpu"
+        and scheme.is_float
+        and config.quantization is None
+    ):
         dtype = cpu_compute_dtype(config)
     return RunSettings(
         device=run_device,
@@ -135,11 +143,41 @@ def resolve_settings(
             host_compute=host_compute,
             host_ratio=flags.host_ratio,
             host_costs=_host_costs(chosen.host),
+            host_memory_gib=host_memory,
+            disk=disk,
         ),
         profile_name=chosen.name,
         generation=chosen.generation,
         threads=default_threads() if flags.threads is None else check_threads(flags.threads),
     )
+
+
+def _host_tier(
+    flags: LoadFlags, profile_gib: float | None, slots: Any, device: torch.device
+) -> tuple[float | None, str]:
+    """The host tier's budget (None: off) and disk, from the flags, else the profile's [host] memory_gib.
+
+    With every expert on a GPU the tier has nothing to hold: a --host-memory flag is then an error (never a
+    flag silently ignored), the profile's key is left unused. On a CPU, every expert runs from the tier.
+    """
+    budget = flags.host_memory if flags.host_memory is not None else profile_gib
+    if budget is not None and not (0 < budget < float("inf")):
+        raise FlagError(f"--host-memory {budget} is out of range: above 0 GiB")
+    disk = flags.disk or "file"
+    parse_disk(disk).close()  # a malformed --disk fails before loading
+    if flags.disk is not None and budget is None:
+        raise FlagError(
+            f"--disk {flags.disk} sets how the host tier reads experts, and there is no tier: "
+            "give --host-memory GiB too (or [host] memory_gib in the profile)"
+        )
+    if budget is not None and slots is None and device.type != "cpu":
+        if flags.host_memory is not None:
+            raise FlagError(
+                f"--host-memory {flags.host_memory:g} budgets host RAM for offloaded experts, but every expert is "
+                f"resident on {device}; give --experts-per-layer K to offload them, or drop --host-memory"
+            )
+        budget = None
+    return budget, disk
 
 
 def _host_costs(host: Any) -> CostOverrides | None:

@@ -1,0 +1,143 @@
+"""`--host-memory` and `--disk` on the command line: the same tokens as without them, the host tier's figures
+in `generate --json`, and every bad value or damaged file as one line."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from offload.checkpoint.reader import Checkpoint
+from tests.baby import BabySpec, write_baby
+from tests.test_cli_generate import offload_here, sentencepiece_v1
+from tests.test_host_tier_model import convert
+
+GENERATE = (
+    "generate",
+    "--no-chat",
+    "--temperature",
+    "0",
+    "--max-new-tokens",
+    "12",
+    "--threads",
+    "1",
+    "--json",
+)
+BUDGET = "0.00015"  # GiB: about half of the baby's 24 hqq:4:64 experts (13 KiB each)
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A baby with a real tokenizer, converted by `offload convert` to hqq:4:64 experts."""
+    root = tmp_path_factory.mktemp("tier-cli")
+    source = root / "float"
+    write_baby(
+        BabySpec("tier-cli", hidden_size=64, intermediate_size=128, num_hidden_layers=3, vocab_size=32000),
+        source,
+    )
+    shutil.copy(sentencepiece_v1(), source / "tokenizer.model")
+    return convert(source, root / "hqq4", "--experts", "hqq:4:64")
+
+
+def generate(monkeypatch, capfd, model: Path, *flags: str) -> dict:
+    code, out, err = offload_here(monkeypatch, capfd, *GENERATE, "-m", str(model), *flags, "The cat")
+    assert code == 0, err
+    return json.loads(out)
+
+
+@pytest.mark.parametrize(
+    "flags",
+    [("-k", "2"), ("-k", "2", "--disk", "emulated:5", "--link", "emulated:5"), ()],
+    ids=["offloaded", "emulated", "host-only"],
+)
+def test_generate_reports_the_tier_and_gives_the_same_tokens(
+    converted: Path, monkeypatch, capfd, flags: tuple[str, ...]
+) -> None:
+    want = generate(monkeypatch, capfd, converted, *flags[:2])
+    assert want["host_tier"] is None
+    got = generate(monkeypatch, capfd, converted, *flags, "--host-memory", BUDGET)
+    assert got["token_ids"] == want["token_ids"]
+    tier = got["host_tier"]
+    assert tier["budget_bytes"] == int(float(BUDGET) * 2**30) >= tier["bytes_held"] > 0
+    assert tier["slots"] < tier["experts"] == 24
+    assert tier["disk"] == ("emulated:5" if "--disk" in flags else "file")
+    assert tier["misses"] > 0 and tier["disk_bytes_read"] > 0 and tier["disk_wait_seconds"] >= 0
+    assert tier["hit_rate"] == tier["hits"] / tier["accesses"]
+    assert len(tier["layers"]) == 3
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (("--host-memory", "0"), "error: --host-memory 0.0 is out of range: above 0 to 1048576"),
+        (("--host-memory", "-2"), "error: --host-memory -2.0 is out of range"),
+        (("--host-memory", "nan"), "error: --host-memory nan is out of range"),
+        (("--host-memory", "1", "--disk", "ssd"), "error: --disk 'ssd': expected 'file' or 'emulated:GBPS'"),
+        (("--host-memory", "1", "--disk", "emulated:0"), "error: --disk 'emulated:0': expected"),
+        (
+            ("--disk", "emulated:2"),
+            "error: --disk emulated:2 sets how the host tier reads experts, and there is",
+        ),
+        (("--host-memory", "0.00001"), "error: --host-memory 1e-05 GiB holds 0 experts of"),
+    ],
+)
+def test_bad_tier_flags_are_one_line(converted: Path, monkeypatch, capfd, flags, message: str) -> None:
+    code, out, err = offload_here(monkeypatch, capfd, *GENERATE, "-m", str(converted), *flags, "The cat")
+    assert code in (1, 2) and err.startswith(message) and err.count("\n") == 1, err
+    assert "Traceback" not in err and out == ""
+
+
+def test_a_float_checkpoint_at_another_dtype_says_what_to_do(converted: Path, monkeypatch, capfd) -> None:
+    source = converted.parent / "float"
+    code, _, err = offload_here(
+        monkeypatch,
+        capfd,
+        *GENERATE,
+        "-m",
+        str(source),
+        "--host-memory",
+        "1",
+        "--dtype",
+        "bfloat16",
+        "The cat",
+    )
+    assert code in (1, 2) and err.count("\n") == 1
+    assert "stores model.layers.0.block_sparse_moe.experts.0.w1.weight as float32" in err
+    assert "give --dtype float32, or convert it (offload convert" in err
+
+
+def test_a_damaged_expert_read_from_disk_is_one_line(
+    tmp_path: Path, converted: Path, monkeypatch, capfd
+) -> None:
+    damaged = tmp_path / "damaged"
+    shutil.copytree(converted, damaged)
+    checkpoint = Checkpoint(damaged)
+    prefix = "model.layers.2.block_sparse_moe.experts."
+    names = sorted(n for n in checkpoint.names() if n.startswith(prefix))
+    # Every expert's float tensors (its scales) get NaN: whichever the run reads, the read is refused.
+    for name in names:
+        path, offset, nbytes, dtype, _ = checkpoint.locate(name)
+        if dtype.is_floating_point:
+            with path.open("r+b") as file:
+                file.seek(offset)
+                file.write(b"\xff" * nbytes)  # NaN in every float format
+    code, _, err = offload_here(
+        monkeypatch, capfd, *GENERATE, "-m", str(damaged), "-k", "2", "--host-memory", BUDGET, "The cat"
+    )
+    assert code in (1, 2), err
+    assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err
+    assert "(the file is damaged)" in err and f"tensor {prefix}" in err and "holds NaN or inf values" in err
+
+
+def test_the_profile_budget_is_the_default_and_the_flag_wins(
+    tmp_path: Path, converted: Path, monkeypatch, capfd
+) -> None:
+    cpu = (Path(__file__).resolve().parent.parent / "profiles" / "cpu.toml").read_text()
+    profile = tmp_path / "tier.toml"
+    profile.write_text(cpu.replace('name = "cpu"', 'name = "tier"') + f"memory_gib = {BUDGET}\n")
+    from_profile = generate(monkeypatch, capfd, converted, "-p", str(profile))["host_tier"]
+    assert from_profile["budget_bytes"] == int(float(BUDGET) * 2**30)
+    flag = generate(monkeypatch, capfd, converted, "-p", str(profile), "--host-memory", "0.0001")["host_tier"]
+    assert flag["budget_bytes"] == int(0.0001 * 2**30)
