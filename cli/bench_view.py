@@ -57,7 +57,37 @@ def bench_view(report: dict[str, Any]) -> Group:
             f"{memory['device']['total_bytes'] / MIB:.1f}",
             f"{memory['host']['store_bytes'] / MIB:.1f}",
         )
-    return Group(speed, Text(""), cache, *(Text(line, style="dim") for line in context_lines(report)))
+    tier = _tier_table(report)
+    tables = [speed, Text(""), cache, *([Text(""), tier] if tier is not None else [])]
+    return Group(*tables, *(Text(line, style="dim") for line in context_lines(report)))
+
+
+def _tier_table(report: dict[str, Any]) -> Table | None:
+    """The host tier's decode figures per row, when experts were read from disk (--host-memory)."""
+    setup = report.get("host_tier")
+    if setup is None:
+        return None
+    title = (
+        f"host tier (decode steps): {setup['bytes_held'] / MIB:.1f} MiB, {setup['slots']} of {setup['experts']} "
+        f"experts, {setup['policy'].upper()}, disk {setup['disk']}"
+    )
+    table = Table(title=title, show_edge=False)
+    for column in ("row", "hit", "reads/tok", "MB read/tok", "disk wait ms/tok"):
+        table.add_column(column, justify="left" if column == "row" else "right")
+    for row in report["rows"]:
+        tier = (row.get("host_tier") or {}).get("decode")
+        if tier is None:
+            table.add_row(row["name"], "–", "–", "–", "–")
+            continue
+        tokens = tier["tokens"]
+        table.add_row(
+            row["name"],
+            percent(tier["hit_rate"]),
+            _per_token(tier["reads"] / tokens if tokens else None, 1, "{:.2f}"),
+            _per_token(tier["disk_bytes_read_per_token"], 1e-6, "{:.2f}"),
+            _per_token(tier["disk_wait_seconds_per_token"], 1e3, "{:.2f}"),
+        )
+    return table
 
 
 def context_lines(report: dict[str, Any]) -> list[str]:

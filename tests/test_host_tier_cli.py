@@ -3,12 +3,15 @@ in `generate --json`, and every bad value or damaged file as one line."""
 
 from __future__ import annotations
 
+import io
 import json
 import shutil
 from pathlib import Path
 
 import pytest
+from rich.console import Console
 
+from cli.bench_view import bench_view
 from offload.checkpoint.reader import Checkpoint
 from tests.baby import BabySpec, write_baby
 from tests.test_cli_generate import offload_here, sentencepiece_v1
@@ -141,3 +144,50 @@ def test_the_profile_budget_is_the_default_and_the_flag_wins(
     assert from_profile["budget_bytes"] == int(float(BUDGET) * 2**30)
     flag = generate(monkeypatch, capfd, converted, "-p", str(profile), "--host-memory", "0.0001")["host_tier"]
     assert flag["budget_bytes"] == int(0.0001 * 2**30)
+
+
+def test_serve_reports_the_tier_per_answer_and_in_health(tmp_path: Path) -> None:
+    pytest.importorskip("uvicorn", reason="the serve extra is not installed (pip install 'offload[serve]')")
+    httpx = pytest.importorskip("httpx")
+    from tests.serve_helpers import LiveServer
+
+    # The demo model is bfloat16 float: the tier reads it as stored (the run's dtype follows).
+    live = LiveServer(tmp_path, "-k", "4", "--host-memory", "0.003", "--disk", "emulated:5")
+    try:
+        body = {"model": "demo", "prompt": "The cat", "max_tokens": 8, "temperature": 0}
+        answer = httpx.post(live.url + "/v1/completions", json=body, timeout=120).json()
+        tier = answer["offload"]["host_tier"]
+        assert tier["misses"] > 0 and tier["disk_bytes_read"] > 0
+        assert tier["hit_rate"] == tier["hits"] / (tier["hits"] + tier["misses"])
+        health = live.health()["host_tier"]
+        assert health["budget_bytes"] == int(0.003 * 2**30) >= health["bytes_held"]
+        assert health["disk"] == "emulated:5" and health["misses"] >= tier["misses"]
+    finally:
+        live.stop()
+
+
+@pytest.mark.parametrize(("flags", "row"), [(("-k", "2"), "offloaded"), ((), "host-tier")])
+def test_bench_reports_the_tier(tmp_path: Path, converted: Path, monkeypatch, capfd, flags, row: str) -> None:
+    def bench(*extra: str) -> dict:
+        path = tmp_path / "bench.json"
+        command = ("bench", "-m", str(converted), "--runs", "1", "--new-tokens", "4", "--threads", "1")
+        code, _, err = offload_here(monkeypatch, capfd, *command, *flags, *extra, "--json", str(path))
+        assert code == 0, err
+        return json.loads(path.read_text())
+
+    plain = bench()
+    report = bench("--host-memory", BUDGET, "--disk", "emulated:5")
+    assert report["format"] == "offload-bench" and plain["host_tier"] is None
+    assert report["rows"][0]["tokens"] == plain["rows"][0]["tokens"]
+    assert report["host_tier"]["budget_bytes"] == int(float(BUDGET) * 2**30)
+    assert report["host_tier"]["disk"] == "emulated:5" and report["host_tier"]["policy"] == "lrfu"
+    measured = report["rows"][0]
+    assert measured["name"] == row
+    assert measured["memory"]["host"]["store_bytes"] == report["host_tier"]["bytes_held"]
+    decode = measured["host_tier"]["decode"]
+    assert decode["tokens"] == 3 and decode["accesses"] == decode["hits"] + decode["misses"] > 0
+    assert decode["disk_bytes_read_per_token"] == decode["disk_bytes_read"] / 3
+    console = Console(width=100, record=True, file=io.StringIO())
+    console.print(bench_view(report))
+    table = console.export_text()
+    assert "host tier (decode steps)" in table and "disk emulated:5" in table and "MB read/tok" in table

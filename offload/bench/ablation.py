@@ -24,6 +24,7 @@ from torch import Tensor
 
 from offload.experts.cache import ExpertCache
 from offload.experts.host_only import HostOnlyExperts
+from offload.experts.host_tier import HostTier
 from offload.experts.link import Link
 from offload.experts.offloaded import HostPath, OffloadedExperts
 from offload.experts.policy import DEFAULT_CACHE_POLICY
@@ -69,7 +70,7 @@ def _materializer(codec: object, dtype: torch.dtype, device: torch.device) -> Ca
 def build_source(
     variant: str,
     model: MixtralModel,
-    store: HostStore,
+    store: HostStore | HostTier,
     link: Link,
     experts_per_layer: int,
     prefetch: int,
@@ -87,9 +88,11 @@ def build_source(
     device = model.device
     gates = [layer.block_sparse_moe.gate for layer in model.model.layers]
     if variant == "resident":
+        # A host tier's views are of slots that later reads overwrite: copy them, even to a CPU device.
+        copy = not isinstance(store, HostStore)
         experts = [
             [
-                materialize[layer]({n: t.to(device) for n, t in store.tensors(layer, e).items()})
+                materialize[layer]({n: t.to(device, copy=copy) for n, t in store.tensors(layer, e).items()})
                 for e in range(store.num_experts)
             ]
             for layer in range(store.num_layers)

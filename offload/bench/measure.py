@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import statistics
 from dataclasses import dataclass, field, fields
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
@@ -19,9 +19,12 @@ from offload.config import ModelConfig
 from offload.errors import OffloadError
 from offload.experts.source import ExpertSource
 from offload.experts.stats import LayerStats
+from offload.experts.tier_stats import TierLayerStats
 from offload.generate import SamplingParams, Timings, stream_generate
 from offload.loading import attach_source
 from offload.model import MixtralModel
+
+Counters = TypeVar("Counters", LayerStats, TierLayerStats)
 
 
 @dataclass(frozen=True)
@@ -62,6 +65,8 @@ class RowResult:
     prefill: LayerStats = field(default_factory=LayerStats)
     decode: LayerStats = field(default_factory=LayerStats)
     memory: Memory | None = None
+    tier_prefill: TierLayerStats | None = None  # the host tier's counters, when experts are read from disk
+    tier_decode: TierLayerStats | None = None
 
     def median(self, figure: str) -> float:
         """The median over runs of a Timings property, e.g. ``decode_tokens_per_second``."""
@@ -79,6 +84,8 @@ class RunFigures:
     timings: Timings
     prefill: LayerStats
     decode: LayerStats
+    tier_prefill: TierLayerStats | None = None
+    tier_decode: TierLayerStats | None = None
 
 
 def run_once(model: MixtralModel, prompt_ids: list[int], new_tokens: int) -> RunFigures:
@@ -86,6 +93,10 @@ def run_once(model: MixtralModel, prompt_ids: list[int], new_tokens: int) -> Run
     stats = model.expert_source.stats
     if stats is not None:
         stats.reset()
+    tier = getattr(model.expert_source, "host_tier", None)
+    if tier is not None:
+        tier.reset_stats()
+    tier_at_first_token = None
     tokens: list[int] = []
     at_first_token = LayerStats()
     response = None
@@ -95,9 +106,15 @@ def run_once(model: MixtralModel, prompt_ids: list[int], new_tokens: int) -> Run
         tokens.append(response.token)
         if len(tokens) == 1 and stats is not None:
             at_first_token = stats.total()
+        if len(tokens) == 1 and tier is not None:
+            tier_at_first_token = tier.stats.total()
     assert response is not None, "new_tokens >= 1 yields a response"
     at_end = stats.total() if stats is not None else LayerStats()
-    return RunFigures(tokens, response.timings, at_first_token, minus(at_end, at_first_token))
+    figures = RunFigures(tokens, response.timings, at_first_token, minus(at_end, at_first_token))
+    if tier is not None and tier_at_first_token is not None:
+        figures.tier_prefill = tier_at_first_token
+        figures.tier_decode = minus(tier.stats.total(), tier_at_first_token)
+    return figures
 
 
 def measure_rows(
@@ -120,16 +137,17 @@ def measure_rows(
             result.timings.append(figures.timings)
             result.prefill += figures.prefill
             result.decode += figures.decode
+            if figures.tier_prefill is not None and figures.tier_decode is not None:
+                result.tier_prefill = (result.tier_prefill or TierLayerStats()) + figures.tier_prefill
+                result.tier_decode = (result.tier_decode or TierLayerStats()) + figures.tier_decode
     for result, source in rows:
         result.memory = memory_of(model, source, len(prompt_ids) + new_tokens)
     return [result for result, _ in rows]
 
 
-def minus(after: LayerStats, before: LayerStats) -> LayerStats:
-    """The counters gained between two snapshots."""
-    return LayerStats(
-        **{f.name: getattr(after, f.name) - getattr(before, f.name) for f in fields(LayerStats)}
-    )
+def minus(after: Counters, before: Counters) -> Counters:
+    """The counters gained between two snapshots (the device cache's, or the host tier's)."""
+    return type(after)(**{f.name: getattr(after, f.name) - getattr(before, f.name) for f in fields(after)})
 
 
 def memory_of(model: MixtralModel, source: ExpertSource, context: int) -> Memory:

@@ -34,8 +34,15 @@ times seconds, speeds tokens per second; ratios are None where there is nothing 
                                host_computes_per_token, host_wait_seconds}
                                ("decode" counts every token after the first, which the prefill makes)
       memory                   {device: {dense_bytes, expert_bytes, kv_bytes, total_bytes}, host: {store_bytes}},
-                               from tensor sizes
+                               from tensor sizes (store_bytes: the host tier's arena when there is one)
+      host_tier                None, or (--host-memory) the host tier's counters summed over the runs:
+                               {prefill, decode}, each {tokens, accesses, hits, misses, hit_rate, reads,
+                               prefetch_reads, disk_bytes_read, disk_bytes_read_per_token, disk_wait_seconds,
+                               disk_wait_seconds_per_token}; every row shares one tier, so a row starts with
+                               what the row before it left there
       tokens                   the generated ids
+    host_tier                  None, or {budget_bytes, bytes_held, slots, experts, policy, disk}: the host tier
+                               (offload.experts.host_tier) every offloaded row reads experts through
     identical_tokens           true: every row (and the policy check) gave the resident row's tokens
     policy_check               None, or (ablation with one K) offload.bench.policy_check's block: measured and
                                replayed bytes of one recorded cold run of "copy-only", against Belady
@@ -52,6 +59,7 @@ from offload.bench.measure import RowResult
 from offload.errors import OffloadError
 from offload.experts.policy import DEFAULT_CACHE_POLICY
 from offload.experts.stats import LayerStats
+from offload.experts.tier_stats import TierLayerStats
 
 FORMAT = "offload-bench"
 VERSION = 1
@@ -97,6 +105,7 @@ class BenchReport:
     num_layers: int | None = None
     policy_check: dict[str, Any] | None = None
     host: dict[str, Any] | None = None
+    host_tier: dict[str, Any] | None = None
     machine: dict[str, Any] = field(default_factory=dict)
 
     def row(self, name: str) -> RowResult | None:
@@ -144,6 +153,7 @@ class BenchReport:
                 "effective_copy_ratio": self.effective_copy_ratio(),
             },
             "host": self.host,
+            "host_tier": self.host_tier,
             "rows": [self._row_dict(row) for row in self.rows],
             "identical_tokens": True,  # run_bench raises BenchError otherwise
             "policy_check": self.policy_check,
@@ -165,6 +175,12 @@ class BenchReport:
             "prefill": counters(row.prefill, len(self.prompt_ids) * len(row.timings)),
             "decode": counters(row.decode, row.decoded_tokens),
             "memory": row.memory.as_dict(),
+            "host_tier": None
+            if row.tier_prefill is None or row.tier_decode is None
+            else {
+                "prefill": tier_counters(row.tier_prefill, len(self.prompt_ids) * len(row.timings)),
+                "decode": tier_counters(row.tier_decode, row.decoded_tokens),
+            },
             "tokens": row.tokens,
         }
 
@@ -195,4 +211,25 @@ def counters(stats: LayerStats, tokens: int) -> dict[str, Any]:
         "host_computes": stats.host_computes,
         "host_computes_per_token": per_token(stats.host_computes),
         "host_wait_seconds": stats.host_wait_seconds,
+    }
+
+
+def tier_counters(stats: TierLayerStats, tokens: int) -> dict[str, Any]:
+    """One phase's host-tier counters with the hit rate and per-token figures."""
+
+    def per_token(value: float) -> float | None:
+        return value / tokens if tokens else None
+
+    return {
+        "tokens": tokens,
+        "accesses": stats.accesses,
+        "hits": stats.hits,
+        "misses": stats.misses,
+        "hit_rate": stats.hit_rate,
+        "reads": stats.reads,
+        "prefetch_reads": stats.prefetch_reads,
+        "disk_bytes_read": stats.disk_bytes_read,
+        "disk_bytes_read_per_token": per_token(stats.disk_bytes_read),
+        "disk_wait_seconds": stats.disk_wait_seconds,
+        "disk_wait_seconds_per_token": per_token(stats.disk_wait_seconds),
     }

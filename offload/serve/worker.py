@@ -137,6 +137,7 @@ class Worker:
                 "cancelled": self.cancelled,
                 "failed": self.failed,
                 "last_cancelled_tokens": self.last_cancelled_tokens,
+                "host_tier": _tier_totals(self.engine),
             }
 
     def stop(self) -> None:
@@ -176,7 +177,7 @@ class Worker:
             self.cancelled += 1
             self.last_cancelled_tokens = 0
             return
-        before = _counters(self.engine)
+        before, tier_before = _counters(self.engine), _tier_counters(self.engine)
         stream, reused = self._stream(job)
         last: Response | None = None
         generated = 0
@@ -216,6 +217,7 @@ class Worker:
             reused = prompt_tokens - (last.timings.prompt_tokens if last else 0)
         finish = last.finish_reason if last else "length"
         figures = _figures(last, before, _counters(self.engine), reused)
+        figures["host_tier"] = _tier_figures(tier_before, _tier_counters(self.engine))
         job.flush()
         job.emit(Finish(finish, prompt_tokens, generated, figures))
 
@@ -246,6 +248,33 @@ class Worker:
 def _counters(engine: Engine) -> Any:
     stats = engine.model.expert_source.stats
     return None if stats is None else stats.total()
+
+
+def _tier_counters(engine: Engine) -> Any:
+    tier = getattr(engine.model.expert_source, "host_tier", None)
+    return None if tier is None else tier.stats.total()
+
+
+def _tier_totals(engine: Engine) -> dict[str, Any] | None:
+    """/health's host tier: its budget and setup, and its counters since the server started (no per-layer list)."""
+    summary = engine.host_tier_stats()
+    return None if summary is None else {k: v for k, v in summary.items() if k != "layers"}
+
+
+def _tier_figures(before: Any, after: Any) -> dict[str, Any] | None:
+    """One answer's share of the host tier's counters (None without a tier, --host-memory)."""
+    if before is None or after is None:
+        return None
+    delta = type(after)(
+        **{f.name: getattr(after, f.name) - getattr(before, f.name) for f in dataclasses.fields(after)}
+    )
+    return {
+        "hits": delta.hits,
+        "misses": delta.misses,
+        "hit_rate": delta.hit_rate,
+        "disk_bytes_read": delta.disk_bytes_read,
+        "disk_wait_seconds": delta.disk_wait_seconds,
+    }
 
 
 def _figures(last: Response | None, before: Any, after: Any, reused: int) -> dict[str, Any]:
