@@ -128,3 +128,16 @@ def test_a_float_checkpoint_cast_at_load_is_refused(checkpoints: dict[str, Path]
         r"give --dtype float32",
     ):
         load_model(checkpoints["float"], dtype="bfloat16", offload=options)
+
+
+@pytest.mark.cuda
+def test_on_cuda_the_tier_is_pinned_and_changes_no_token(checkpoints: dict[str, Path]) -> None:
+    directory = checkpoints["hqq4"]
+    in_ram = load_model(directory, device="cuda", offload=OffloadOptions(experts_per_layer=2, link="cuda"))
+    want_logits, want_tokens = run(in_ram, PROMPT)
+    options = OffloadOptions(experts_per_layer=2, link="cuda", host_memory_gib=half_the_experts(in_ram))
+    model = load_model(directory, device="cuda", offload=options)
+    logits, tokens = run(model, PROMPT)
+    assert torch.equal(logits, want_logits) and tokens == want_tokens
+    tier = model.expert_source.host_tier
+    assert tier.pinned and tier.stats.total().misses > 0
