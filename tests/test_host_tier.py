@@ -185,3 +185,11 @@ def test_good_disk_specs() -> None:
         assert isinstance(disk, FileDisk)
     with parse_disk("emulated:2.5") as disk:
         assert isinstance(disk, EmulatedDisk) and disk.gbps == 2.5
+
+
+def test_a_new_pass_ends_the_reservations_an_interrupted_one_left(tmp_path: Path) -> None:
+    tier = make_tier(tmp_path, slots=2)
+    tier.fetch(0, 0)
+    tier.fetch(0, 1)  # then the pass stopped before using them
+    tier.release()
+    assert torch.equal(use(tier, 1, 2)["a"], expert_tensors(1, 2)["a"])

@@ -66,6 +66,8 @@ class HostOnlyExperts:
         store = self.store
         materialize = self.materialize[layer]
         unique = list(dict.fromkeys(needed))
+        if layer == 0:  # a new forward pass: drop reservations left behind by one that was interrupted
+            store.release()
         for expert in unique:
             store.fetch(layer, expert)
         for expert in dict.fromkeys(guesses):

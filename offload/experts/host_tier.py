@@ -207,10 +207,10 @@ class HostTier:
         entry.holds.append(_Hold(done, wait))
         entry.reserved = max(0, entry.reserved - 1)
 
-    def release(self, layer: int) -> None:
-        """End every reservation of ``layer``: its step is over."""
+    def release(self, layer: int | None = None) -> None:
+        """End every reservation of ``layer`` (its step is over), or of every layer (a new forward pass)."""
         for (entry_layer, _), entry in self._entries.items():
-            if entry_layer == layer:
+            if layer is None or entry_layer == layer:
                 entry.reserved = 0
 
     def note_step(self, layer: int, used: Collection[int]) -> None:

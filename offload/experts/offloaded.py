@@ -172,6 +172,7 @@ class OffloadedExperts:
         cache = self.cache
         if layer == 0:  # a new forward pass: drop guesses left over by one that was interrupted
             self._guesses_for.clear()
+            cache.store.release()  # and a host tier's reservations that such a pass left behind
         guessed_here = self._guesses_for.pop(layer, None)
         if guessed_here is not None:
             cache.stats.layers[layer].record_guesses(guessed_here, needed)
@@ -226,7 +227,7 @@ class OffloadedExperts:
         candidates = [Miss(e, inputs(e).shape[0]) for e in misses]
         ready = []
         for expert in remaining:
-            if expert in misses or not cache.store.contains(layer, expert):
+            if expert in misses or not cache.store.is_ready(layer, expert):
                 continue  # a hit is worth computing on the host only when its bytes need no disk read
             if cache.is_ready(layer, expert):
                 ready.append(Miss(expert, inputs(expert).shape[0]))

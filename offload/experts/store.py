@@ -107,8 +107,8 @@ class HostStore:
     def is_ready(self, layer: int, expert: int) -> bool:
         return True
 
-    def contains(self, layer: int, expert: int) -> bool:
-        return True
+    def release(self, layer: int | None = None) -> None:
+        pass
 
     def hold(self, layer: int, expert: int, done: Callable[[], bool], wait: Callable[[], None]) -> None:
         pass
