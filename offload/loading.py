@@ -209,10 +209,16 @@ def load_offloaded_experts(
     return OffloadedExperts(cache, gates, prefetch=options.prefetch, host_path=host_path)
 
 
-def open_host_tier(reader: WeightReader, device: torch.device, options: OffloadOptions) -> HostTier:
+def open_host_tier(
+    reader: WeightReader,
+    device: torch.device,
+    options: OffloadOptions,
+    build: Sequence[Callable] | None = None,
+) -> HostTier:
     """The host tier over ``reader``'s checkpoint with ``options``' budget and disk; reads no expert yet.
 
-    The budget must hold one token's experts of a layer (``num_experts_per_tok``).
+    The budget must hold one token's experts of a layer (``num_experts_per_tok``). ``build`` (one materialize
+    per layer) makes a tier that only the host computes from: each expert is built in its slot as it is read.
     """
     assert options.host_memory_gib is not None
     layouts, reads = tier_reads(reader)
@@ -224,6 +230,7 @@ def open_host_tier(reader: WeightReader, device: torch.device, options: OffloadO
         device=device,
         policy=options.cache_policy,
         min_slots=reader.checkpoint.config.num_experts_per_tok,
+        build=build,
     )
 
 
@@ -240,13 +247,13 @@ def load_host_tier_experts(
     """
     assert device.type == "cpu", "resolve_settings refuses --host-memory with -k all on a GPU"
     config = mixtral.config
-    tier = open_host_tier(reader, device, options)
     materialize = [
         host_materializer(
             codec_for(reader.scheme.expert_spec(layer), host_kernels=host_kernels), reader.dtype
         )
         for layer in range(config.num_hidden_layers)
     ]
+    tier = open_host_tier(reader, device, options, build=materialize)
     gates = [layer.block_sparse_moe.gate for layer in mixtral.model.layers]
     return HostOnlyExperts(tier, ThreadHost(), materialize, gates, prefetch=options.prefetch)
 

@@ -14,6 +14,7 @@ import torch
 from offload.errors import CheckpointError
 from offload.experts.host_only import HostOnlyExperts
 from offload.experts.offloaded import OffloadedExperts
+from offload.experts.source import expert_tensors
 from offload.generate import SamplingParams, generate_ids
 from offload.loading import OffloadOptions, load_model
 from offload.quant.scheme import QuantScheme
@@ -141,3 +142,29 @@ def test_on_cuda_the_tier_is_pinned_and_changes_no_token(checkpoints: dict[str, 
     assert torch.equal(logits, want_logits) and tokens == want_tokens
     tier = model.expert_source.host_tier
     assert tier.pinned and tier.stats.total().misses > 0
+
+
+@pytest.mark.parametrize(("name", "in_place"), [("hqq4", True), ("float", True), ("hqq3", False)])
+def test_host_only_experts_are_built_in_their_slots(
+    checkpoints: dict[str, Path], name: str, in_place: bool
+) -> None:
+    """A 4-bit expert's int4-kernel form takes its stored bytes' place in the slot (no repacking per call, no
+    second copy); a float expert runs on the stored bytes as they are; a 3-bit one, dequantized to a larger
+    dense matrix on a CPU, cannot fit and is built for each use."""
+    directory = checkpoints[name]
+    resident = load_model(directory)
+    model = load_model(directory, offload=OffloadOptions(host_memory_gib=1.0))
+    tier = model.expert_source.host_tier
+    assert tier.builds
+    tier.fetch(1, 5)
+    built = tier.expert(1, 5)
+    assert (built is not None) == in_place
+    if built is None:
+        return
+    assert tier.resident() == [(1, 5)]
+    slot = tier.buffer(1, 5)
+    start, end = slot.data_ptr(), slot.data_ptr() + slot.numel()
+    assert all(start <= t.data_ptr() < end for t in expert_tensors(built))
+    x = torch.randn(3, model.config.hidden_size, dtype=model.dtype)
+    want = resident.expert_source.experts[1][5](x)
+    assert torch.equal(built(x), want)

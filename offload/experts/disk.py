@@ -17,6 +17,7 @@ import os
 import queue
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,7 +47,11 @@ class DiskHandle:
         self.nbytes = nbytes
         self.done_at = done_at  # perf_counter() time before which an emulated disk does not deliver
         self.finished = threading.Event()  # set by the worker once every byte is in place (or failed)
-        self.error: CheckpointError | None = None
+        self.error: BaseException | None = None
+        self.result: object = None  # what the submitted ``then`` returned, once finished
+
+
+Job = tuple[list[tuple[TensorRead, Tensor]], Callable[[], object] | None, DiskHandle]
 
 
 class FileDisk:
@@ -54,9 +59,8 @@ class FileDisk:
 
     def __init__(self) -> None:
         self._files: dict[Path, tuple[int, int]] = {}  # path -> (descriptor, size when opened)
-        self._queue: queue.SimpleQueue[tuple[list[tuple[TensorRead, Tensor]], DiskHandle] | None] = (
-            queue.SimpleQueue()
-        )
+        self._queue: queue.SimpleQueue[Job | None] = queue.SimpleQueue()
+        self._threads = torch.get_num_threads()  # a new thread starts with torch's default, not ours
         self._worker = threading.Thread(target=self._read_forever, name="DiskReads", daemon=True)
         self._closed = False
         self._worker.start()
@@ -78,15 +82,21 @@ class FileDisk:
                 raise CheckpointError(f"{path}: cannot open it ({error.strerror or error})") from None
             self._files[path] = (descriptor, os.fstat(descriptor).st_size)
 
-    def submit(self, reads: list[tuple[TensorRead, Tensor]]) -> DiskHandle:
-        """Start reading each ``TensorRead`` into its 1-D uint8 CPU tensor of the same size; returns at once."""
+    def submit(
+        self, reads: list[tuple[TensorRead, Tensor]], then: Callable[[], object] | None = None
+    ) -> DiskHandle:
+        """Start reading each ``TensorRead`` into its 1-D uint8 CPU tensor of the same size; returns at once.
+
+        ``then`` runs on the worker once every read has landed (building the expert, say), so it overlaps the
+        caller's compute too; its result is the handle's ``result``, its exception ``wait``'s.
+        """
         if self._closed:
             raise RuntimeError("the disk is closed")
         for read, into in reads:
             assert into.dtype == torch.uint8 and into.numel() == read.nbytes, "a read's buffer must fit it"
             self.open(read.path)
         handle = self._handle(sum(read.nbytes for read, _ in reads))
-        self._queue.put((reads, handle))
+        self._queue.put((reads, then, handle))
         return handle
 
     def _handle(self, nbytes: int) -> DiskHandle:
@@ -122,12 +132,15 @@ class FileDisk:
         self.close()
 
     def _read_forever(self) -> None:
+        torch.set_num_threads(self._threads)
         while (job := self._queue.get()) is not None:
-            reads, handle = job
+            reads, then, handle = job
             try:
                 for read, into in reads:
                     self._read(read, into)
-            except CheckpointError as error:  # handed to the waiter, which raises it
+                if then is not None:
+                    handle.result = then()
+            except BaseException as error:  # handed to the waiter, which raises it
                 handle.error = error
             handle.finished.set()
 

@@ -31,8 +31,10 @@ from torch import Tensor
 
 from offload.errors import CacheError
 from offload.experts.disk import DiskHandle, FileDisk, TensorRead
+from offload.experts.in_place import Materialize, build_in_place
 from offload.experts.packing import ExpertLayout, unpack_expert
 from offload.experts.policy import CACHE_POLICIES, age_uses, choose_victim
+from offload.experts.source import Expert
 from offload.experts.store import is_out_of_memory
 from offload.experts.tier_stats import TierStats
 
@@ -49,6 +51,7 @@ class _Hold:
 class _Entry:
     slot: int
     read: DiskHandle | None  # until someone has waited on it
+    built: Expert | None = None  # with ``build``: the expert built in the slot, once the read is waited on
     reserved: int = 0  # fetches of the current layer not yet handed to a consumer
     holds: list[_Hold] = field(default_factory=list)
 
@@ -70,6 +73,7 @@ class HostTier:
         device: torch.device | str = "cpu",
         policy: str = "lrfu",
         min_slots: int = 1,
+        build: Sequence[Materialize] | None = None,
     ) -> None:
         if policy not in CACHE_POLICIES:
             raise CacheError(f"cache policy {policy!r} is not one of {', '.join(CACHE_POLICIES)}")
@@ -79,6 +83,7 @@ class HostTier:
                 sizes = [read.nbytes for read in expert_reads]
                 assert sizes == [piece.nbytes for piece in layout.slices], "reads must follow the layout"
         self._layouts = list(layouts)
+        self._build = build
         self._reads = reads
         self.disk = disk
         self.policy = policy
@@ -106,6 +111,11 @@ class HostTier:
         self._entries: OrderedDict[Key, _Entry] = OrderedDict()  # least recently used first
         self._uses = [[0.0] * self.num_experts for _ in range(self.num_layers)]  # LRFU's decayed counts
         self.stats = TierStats(self.num_layers)
+
+    @property
+    def builds(self) -> bool:
+        """Whether experts are built in their slots as they are read (``expert``), for the host alone."""
+        return self._build is not None
 
     @property
     def nbytes(self) -> int:
@@ -193,13 +203,24 @@ class HostTier:
                 raise
             finally:
                 self.stats.layers[layer].disk_wait_seconds += time.perf_counter() - started
+            entry.built = entry.read.result  # type: ignore[assignment]  (build_in_place's)
             entry.read = None
         self._entries.move_to_end(key)
         return self._slot(entry.slot, layer)
 
+    def expert(self, layer: int, expert: int) -> Expert | None:
+        """With ``build`` (a tier that only the host computes from): the expert built in its slot by
+        ``build_in_place`` as its read landed, valid while it is held; None when it must be built for each use.
+        """
+        assert self._build is not None, "a tier built without ``build`` holds stored bytes only"
+        self.buffer(layer, expert)
+        return self._entries[(layer, expert)].built
+
     def tensors(self, layer: int, expert: int) -> dict[str, Tensor]:
         """Zero-copy views of the expert's encoded tensors in its slot (valid as ``buffer``'s)."""
-        return unpack_expert(self.buffer(layer, expert), self.layout(layer))
+        buffer = self.buffer(layer, expert)
+        assert self._entries[(layer, expert)].built is None, "a slot built in place holds no stored bytes"
+        return unpack_expert(buffer, self.layout(layer))
 
     def hold(self, layer: int, expert: int, done: Callable[[], bool], wait: Callable[[], None]) -> None:
         """Keep ``expert``'s slot until ``done()`` (a copy or a job reading it); ends one reservation."""
@@ -235,7 +256,11 @@ class HostTier:
             (read, buffer[piece.offset : piece.offset + piece.nbytes])
             for read, piece in zip(self._reads[layer][expert], self._layouts[layer].slices, strict=True)
         ]
-        handle = self.disk.submit(pieces)
+        then = None
+        if self._build is not None:
+            layout, materialize = self._layouts[layer], self._build[layer]
+            then = lambda: build_in_place(buffer, layout, materialize)  # noqa: E731  (runs on the worker)
+        handle = self.disk.submit(pieces, then)
         stats = self.stats.layers[layer]
         stats.reads += 1
         stats.disk_bytes_read += handle.nbytes

@@ -1,0 +1,70 @@
+"""Building an expert's runnable form inside the host-tier slot that holds its stored bytes.
+
+On a CPU, a 4-bit expert runs torch's int4 kernel, whose layout differs from the stored one: building it
+(``codec.materialize``) repacks every matrix, about 0.3 s for one 14336 x 4096 matrix at one thread, against
+7 ms for the matmul. Building at every call would cost that per expert per token; keeping the built tensors
+beside the stored ones would halve what the budget holds. The built tensors of a 4-bit expert take the same
+bytes as its stored ones (the codes stay 4-bit, the scales and offsets 16-bit), so once built they are copied
+over the stored bytes in the slot itself, and the expert computes on views of the slot: hits cost only the
+matmul, and the slot still holds one expert's bytes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from torch import Tensor, nn
+
+from offload.experts.packing import ALIGNMENT, ExpertLayout, unpack_expert
+from offload.experts.source import Expert
+
+Materialize = Callable[[dict[str, Tensor]], Expert]
+
+
+def build_in_place(buffer: Tensor, layout: ExpertLayout, materialize: Materialize) -> Expert | None:
+    """The expert built from ``buffer``'s stored tensors, its tensors moved into ``buffer`` itself.
+
+    Returns the expert when it runs on views of ``buffer`` alone (as built, for an expert that computes from the
+    stored tensors, or once moved); None when its built tensors do not fit the buffer (a spec dequantized to a
+    dense float matrix), or mix views of the stored bytes with tensors of their own: such an expert must be
+    built for each use instead. The stored bytes are overwritten, so ``buffer`` may then serve only this expert.
+    """
+    expert = materialize(unpack_expert(buffer, layout))
+    start, end = buffer.data_ptr(), buffer.data_ptr() + buffer.numel()
+
+    def inside(tensor: Tensor) -> bool:
+        return start <= tensor.data_ptr() < end
+
+    held = list(_held_tensors(expert))
+    outside = [(owner, name, tensor) for owner, name, tensor in held if not inside(tensor)]
+    if not outside:
+        return expert  # it computes from the stored tensors as they are
+    if len(outside) != len(held) or not all(tensor.is_contiguous() for _, _, tensor in outside):
+        return None
+    offsets, offset = [], 0
+    for _, _, tensor in outside:
+        offsets.append(offset)
+        offset = -(-(offset + tensor.numel() * tensor.element_size()) // ALIGNMENT) * ALIGNMENT
+    if offset > buffer.numel():
+        return None
+    for (owner, name, tensor), at in zip(outside, offsets, strict=True):
+        view = buffer[at : at + tensor.numel() * tensor.element_size()].view(tensor.dtype).view(tensor.shape)
+        view.copy_(tensor)  # the stored bytes under it were read by materialize and are no longer needed
+        setattr(
+            owner, name, nn.Parameter(view, requires_grad=False) if isinstance(tensor, nn.Parameter) else view
+        )
+    return expert
+
+
+def _held_tensors(expert: object):
+    """(owner, attribute, tensor) for every tensor the expert holds: its own, and its modules' buffers and
+    parameters."""
+    for attribute, value in vars(expert).items():
+        if isinstance(value, Tensor):
+            yield expert, attribute, value
+        elif isinstance(value, nn.Module):
+            for module in value.modules():
+                for name, tensor in module.named_buffers(recurse=False):
+                    yield module, name, tensor
+                for name, tensor in module.named_parameters(recurse=False):
+                    yield module, name, tensor
