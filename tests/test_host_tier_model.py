@@ -40,14 +40,14 @@ def convert(source: Path, destination: Path, *flags: str) -> Path:
 
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """name -> directory: the float source, its hqq:4:64 and default (hqq:3:64) conversions."""
+    """name -> directory: the float source, its hqq:4:64 and hqq:3:64 conversions."""
     root = tmp_path_factory.mktemp("tier")
     source = root / "float"
     write_baby(BabySpec("tier", hidden_size=64, intermediate_size=128, num_hidden_layers=3, seed=5), source)
     return {
         "float": source,
         "hqq4": convert(source, root / "hqq4", "--experts", "hqq:4:64", "--attention", "hqq:4:64"),
-        "hqq3": convert(source, root / "hqq3"),
+        "hqq3": convert(source, root / "hqq3", "--experts", "hqq:3:64"),
     }
 
 
