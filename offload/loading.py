@@ -25,8 +25,7 @@ from offload.checkpoint.weights import ATTENTION, WeightReader, parse_dtype, rea
 from offload.errors import OffloadError
 from offload.experts.cache import ExpertCache
 from offload.experts.disk import parse_disk
-from offload.experts.host import ThreadHost
-from offload.experts.host_only import HostOnlyExperts
+from offload.experts.host_only import HostOnlyExperts, InlineHost
 from offload.experts.host_tier import HostTier
 from offload.experts.link import parse_link
 from offload.experts.offloaded import OffloadedExperts
@@ -255,7 +254,7 @@ def load_host_tier_experts(
     ]
     tier = open_host_tier(reader, device, options, build=materialize)
     gates = [layer.block_sparse_moe.gate for layer in mixtral.model.layers]
-    return HostOnlyExperts(tier, ThreadHost(), materialize, gates, prefetch=options.prefetch)
+    return HostOnlyExperts(tier, InlineHost(), materialize, gates, prefetch=options.prefetch)
 
 
 @functools.cache

@@ -18,12 +18,32 @@ import torch
 from torch import Tensor, nn
 
 from offload.experts.cache import Materialize
-from offload.experts.host import ThreadHost
+from offload.experts.host import HostJob, HostRun, ThreadHost
 from offload.experts.host_tier import HostTier
 from offload.experts.offloaded import computed
 from offload.experts.source import Expert, ExpertMemory, Inputs
 from offload.experts.stats import CacheStats
 from offload.experts.store import HostStore
+
+
+class InlineHost(ThreadHost):
+    """A host that runs each expert at once, in the caller's thread: on a CPU device the host *is* the device,
+    so a worker thread would add only a hand-off per expert (the disk's worker still overlaps the reads)."""
+
+    def __init__(self) -> None:
+        pass  # no worker, no queue
+
+    def describe(self) -> str:
+        return "CPU"
+
+    def submit(self, run: HostRun, x: Tensor) -> HostJob:
+        job = HostJob(x.shape[0])
+        job.output = run(x)
+        job.finished.set()
+        return job
+
+    def close(self) -> None:
+        pass
 
 
 class HostOnlyExperts:
