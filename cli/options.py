@@ -157,7 +157,8 @@ HostMemory = Annotated[
     typer.Option(
         metavar="GIB",
         help="Host RAM for experts, in GiB: that many stay in RAM (the host tier) and the others are read from "
-        "the checkpoint on disk when needed. On a CPU with every expert resident, experts run from the tier. "
+        "the checkpoint on disk when needed. With every expert resident (-k all), they run on the host CPU from "
+        "the tier. "
         "Needs a converted checkpoint, or a float one at its stored dtype. Default: the profile's [host] "
         "memory_gib, else every expert in RAM. Example: --host-memory 8",
         callback=bounded("--host-memory", 0, MAX_HOST_MEMORY_GIB, above=True),

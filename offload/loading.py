@@ -25,6 +25,7 @@ from offload.checkpoint.weights import ATTENTION, WeightReader, parse_dtype, rea
 from offload.errors import OffloadError
 from offload.experts.cache import ExpertCache
 from offload.experts.disk import parse_disk
+from offload.experts.host import ThreadHost
 from offload.experts.host_only import HostOnlyExperts, InlineHost
 from offload.experts.host_tier import HostTier
 from offload.experts.link import parse_link
@@ -241,10 +242,10 @@ def load_host_tier_experts(
     *,
     host_kernels: bool = True,
 ) -> ExpertSource:
-    """A CPU run with a host budget and every expert "resident": each expert computed by the host kernels
-    straight from the host tier, so RAM holds the budget's experts, not all of them (llama.cpp's mmap case).
+    """A host budget with every expert "resident": each expert computed by the host kernels straight from the
+    host tier, so RAM holds the budget's experts, not all of them (llama.cpp's mmap case). On a CPU device the
+    host is the device and computes inline; on a GPU only the activations cross, as llama.cpp's ``--cpu-moe``.
     """
-    assert device.type == "cpu", "resolve_settings refuses --host-memory with -k all on a GPU"
     config = mixtral.config
     materialize = [
         host_materializer(
@@ -252,9 +253,11 @@ def load_host_tier_experts(
         )
         for layer in range(config.num_hidden_layers)
     ]
-    tier = open_host_tier(reader, device, options, build=materialize)
+    # Nothing is copied from this tier to the device, so it is never pinned.
+    tier = open_host_tier(reader, torch.device("cpu"), options, build=materialize)
     gates = [layer.block_sparse_moe.gate for layer in mixtral.model.layers]
-    return HostOnlyExperts(tier, InlineHost(), materialize, gates, prefetch=options.prefetch)
+    host = InlineHost() if device.type == "cpu" else ThreadHost()
+    return HostOnlyExperts(tier, host, materialize, gates, prefetch=options.prefetch)
 
 
 @functools.cache

@@ -168,3 +168,16 @@ def test_host_only_experts_are_built_in_their_slots(
     x = torch.randn(3, model.config.hidden_size, dtype=model.dtype)
     want = resident.expert_source.experts[1][5](x)
     assert torch.equal(built(x), want)
+
+
+@pytest.mark.cuda
+def test_on_cuda_every_expert_resident_with_a_budget_runs_on_the_host_from_the_tier(
+    checkpoints: dict[str, Path],
+) -> None:
+    directory = checkpoints["hqq4"]
+    model = load_model(directory, device="cuda", offload=OffloadOptions(host_memory_gib=1.0))
+    source = model.expert_source
+    assert isinstance(source, HostOnlyExperts) and not source.host_tier.pinned
+    assert "host CPU" in source.describe()
+    tokens = greedy(model)
+    assert len(tokens) == 16 and source.host_tier.stats.total().misses > 0

@@ -122,7 +122,7 @@ def resolve_settings(
     if flags.host_ratio is not None and not flags.host_ratio > 0:
         raise CacheError(f"--host-ratio must be > 0, got {flags.host_ratio}")
     parse_dtype(dtype, config)  # a bad --dtype fails here, before loading
-    host_memory, disk = _host_tier(flags, chosen.host.memory_gib, slots, run_device)
+    host_memory, disk = _host_tier(flags, chosen.host.memory_gib)
     if (
         dtype is None
         and host_memory is None  # the tier reads experts as stored: the stored dtype it is
@@ -152,13 +152,11 @@ def resolve_settings(
     )
 
 
-def _host_tier(
-    flags: LoadFlags, profile_gib: float | None, slots: Any, device: torch.device
-) -> tuple[float | None, str]:
+def _host_tier(flags: LoadFlags, profile_gib: float | None) -> tuple[float | None, str]:
     """The host tier's budget (None: off) and disk, from the flags, else the profile's [host] memory_gib.
 
-    With every expert on a GPU the tier has nothing to hold: a --host-memory flag is then an error (never a
-    flag silently ignored), the profile's key is left unused. On a CPU, every expert runs from the tier.
+    With every expert "resident" (``slots`` None) and a budget, the experts run on the host CPU from the tier,
+    on any device (llama.cpp's ``--cpu-moe`` over a memory-mapped file; ``offload.loading``).
     """
     budget = flags.host_memory if flags.host_memory is not None else profile_gib
     if budget is not None and not (0 < budget < float("inf")):
@@ -170,13 +168,6 @@ def _host_tier(
             f"--disk {flags.disk} sets how the host tier reads experts, and there is no tier: "
             "give --host-memory GiB too (or [host] memory_gib in the profile)"
         )
-    if budget is not None and slots is None and device.type != "cpu":
-        if flags.host_memory is not None:
-            raise FlagError(
-                f"--host-memory {flags.host_memory:g} budgets host RAM for offloaded experts, but every expert is "
-                f"resident on {device}; give --experts-per-layer K to offload them, or drop --host-memory"
-            )
-        budget = None
     return budget, disk
 
 
