@@ -16,6 +16,7 @@ import typer
 
 from offload.errors import FlagError
 from offload.settings.flags import FIELDS, LoadFlags
+from offload.settings.plan_tiers import MAX_HOST_MEMORY_GIB  # the plan's --host-memory takes the same range
 
 Command = TypeVar("Command", bound=Callable[..., Any])
 
@@ -151,7 +152,6 @@ HostRatio = Annotated[
         callback=bounded("--host-ratio", 0, MAX_HOST_RATIO, above=True),
     ),
 ]
-MAX_HOST_MEMORY_GIB = 1 << 20
 HostMemory = Annotated[
     float | None,
     typer.Option(
