@@ -193,3 +193,11 @@ def test_a_new_pass_ends_the_reservations_an_interrupted_one_left(tmp_path: Path
     tier.fetch(0, 1)  # then the pass stopped before using them
     tier.release()
     assert torch.equal(use(tier, 1, 2)["a"], expert_tensors(1, 2)["a"])
+
+
+def test_finished_holds_are_forgotten_even_when_nothing_is_evicted(tmp_path: Path) -> None:
+    tier = make_tier(tmp_path, slots=100)  # every expert fits: the tier never looks for a victim
+    use(tier, 0, 0)
+    for _ in range(1000):
+        tier.hold(0, 0, lambda: True, lambda: None)  # a copy that has already read the slot
+    assert tier.holds(0, 0) == 1

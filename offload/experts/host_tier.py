@@ -225,8 +225,14 @@ class HostTier:
     def hold(self, layer: int, expert: int, done: Callable[[], bool], wait: Callable[[], None]) -> None:
         """Keep ``expert``'s slot until ``done()`` (a copy or a job reading it); ends one reservation."""
         entry = self._entries[(layer, expert)]
+        # Drop finished holds here too: a tier that never evicts would otherwise keep one per copy forever.
+        entry.holds = [hold for hold in entry.holds if not hold.done()]
         entry.holds.append(_Hold(done, wait))
         entry.reserved = max(0, entry.reserved - 1)
+
+    def holds(self, layer: int, expert: int) -> int:
+        """How many holds on ``expert``'s slot the tier keeps (finished ones are dropped as it goes)."""
+        return len(self._entries[(layer, expert)].holds)
 
     def release(self, layer: int | None = None) -> None:
         """End every reservation of ``layer`` (its step is over), or of every layer (a new forward pass)."""
