@@ -25,11 +25,26 @@ def stats_table(session: Any) -> Table:
     table.add_column("prefetch recall", justify="right")
     table.add_column("MB moved", justify="right")
     table.add_column("on host", justify="right")  # misses computed on the host CPU (hybrid execution)
+    tier = engine.host_tier_stats()  # None unless experts are read from disk (--host-memory)
+    if tier is not None:
+        table.add_column("host-tier hit", justify="right")
+        table.add_column("MB read from disk", justify="right")
+        table.caption += (
+            f"; host tier {tier['bytes_held'] / 2**20:.1f} MiB, {tier['slots']} of {tier['experts']} experts, "
+            f"{tier['disk_wait_seconds']:.2f} s waited on disk"
+        )
+    tier_layers = tier["layers"] if tier is not None else []
     for layer, row in enumerate(stats.get("layers", [])):
-        table.add_row(str(layer), *_figures(row))
+        table.add_row(str(layer), *_figures(row), *_tier_figures(tier_layers[layer] if tier_layers else None))
     table.add_section()
-    table.add_row("all", *_figures(stats))
+    table.add_row("all", *_figures(stats), *_tier_figures(tier))
     return table
+
+
+def _tier_figures(row: dict[str, Any] | None) -> tuple[str, ...]:
+    if row is None:
+        return ()
+    return percent(row.get("hit_rate")), f"{row['disk_bytes_read'] / 1e6:.1f}"
 
 
 def _figures(row: dict[str, Any]) -> tuple[str, str, str, str]:

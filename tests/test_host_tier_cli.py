@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import shutil
+import types
 from pathlib import Path
 
 import pytest
@@ -191,3 +192,18 @@ def test_bench_reports_the_tier(tmp_path: Path, converted: Path, monkeypatch, ca
     console.print(bench_view(report))
     table = console.export_text()
     assert "host tier (decode steps)" in table and "disk emulated:5" in table and "MB read/tok" in table
+
+
+def test_chat_stats_show_the_tier_per_layer(converted: Path) -> None:
+    from cli.stats_view import stats_table
+    from offload.engine import Engine
+    from offload.settings.flags import LoadFlags
+
+    engine = Engine.load(converted, LoadFlags(experts_per_layer="2", host_memory=float(BUDGET), threads=1))
+    ids = engine.prompt_ids("The cat", chat=False)
+    list(engine.stream(ids, max_new_tokens=4, sampling=engine.sampling(temperature=0)))
+    console = Console(width=160, record=True, file=io.StringIO())
+    console.print(stats_table(types.SimpleNamespace(engine=engine)))
+    text = console.export_text()
+    assert "host-tier hit" in text and "MB read from disk" in text
+    assert f"of {engine.host_tier_stats()['experts']} experts" in text and "waited on disk" in text
