@@ -140,10 +140,13 @@ def test_the_emulated_disk_reads_the_same_bytes(tmp_path: Path) -> None:
     assert "emulated disk, 50 GB/s" in tier.describe()
 
 
-def test_a_file_cut_before_the_first_read_is_one_line(tmp_path: Path) -> None:
-    tier = make_tier(tmp_path, slots=2)
+def test_a_short_read_is_one_line(tmp_path: Path) -> None:
+    """A file shorter than its tensors from the start (never a checkpoint the loader accepted: its header is
+    checked against its size) reads short."""
     path = tmp_path / "experts.bin"
+    reads = write_experts(path, 2, 4)
     path.write_bytes(path.read_bytes()[:40])
+    tier = HostTier([LAYOUT] * 2, reads, 2 * LAYOUT.nbytes, FileDisk())
     with pytest.raises(
         CheckpointError, match=r"experts.bin: tensor l0.e1.a is cut short \(the file is truncated\)"
     ):

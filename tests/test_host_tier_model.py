@@ -4,6 +4,7 @@ on checkpoints made by the real `offload convert` and on a float one run at its 
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -181,3 +182,20 @@ def test_on_cuda_every_expert_resident_with_a_budget_runs_on_the_host_from_the_t
     assert "host CPU" in source.describe()
     tokens = greedy(model)
     assert len(tokens) == 16 and source.host_tier.stats.total().misses > 0
+
+
+def test_a_shard_cut_after_load_fails_the_next_read_in_one_line(
+    tmp_path: Path, checkpoints: dict[str, Path]
+) -> None:
+    directory = tmp_path / "cut"
+    shutil.copytree(checkpoints["hqq4"], directory)
+    model = load_model(directory, offload=OffloadOptions(experts_per_layer=2, host_memory_gib=1e-4))
+    for shard in sorted(directory.glob("model-*.safetensors"))[1:]:  # every layer's shard, not the first
+        shard.write_bytes(shard.read_bytes()[:-1000])
+    with pytest.raises(
+        CheckpointError,
+        match=r"model-0000\d-of-0000\d.safetensors: tensor model\.layers\.\d+\..* "
+        r"the file changed size since it was loaded",
+    ) as error:
+        greedy(model)
+    assert "\n" not in str(error.value)

@@ -82,6 +82,8 @@ class HostTier:
             for expert_reads in layer_reads:
                 sizes = [read.nbytes for read in expert_reads]
                 assert sizes == [piece.nbytes for piece in layout.slices], "reads must follow the layout"
+                for read in expert_reads:
+                    disk.open(read.path)  # now, at load: a file that changes size later is refused
         self._layouts = list(layouts)
         self._build = build
         self._reads = reads
