@@ -172,15 +172,16 @@ def replay_command(
     host_policy: Annotated[
         str | None,
         typer.Option(
-            help="The host tier's policies, a comma list of lru,lrfu,lfu,belady, or lrfu:D for LRFU with decay D "
-            "(belady is always shown). Default: all four. Example: --host-policy lrfu,lrfu:0.98",
+            help="The host tier's policies, a comma list of cyclic (the tier's default),lru,lrfu,lfu,belady, or "
+            "lrfu:D for LRFU with decay D (belady is always shown). Default: all five. "
+            "Example: --host-policy cyclic,lrfu:0.98",
         ),
     ] = None,
     host_counts: Annotated[
         str,
         typer.Option(
-            help="What the host tier's lrfu and lfu count: accesses (every one, device hits too, as the engine "
-            "does) or requests (only what reaches the tier). Example: --host-counts requests",
+            help="What the host tier's lrfu and lfu count: accesses (every one, device hits too) or requests "
+            "(only what reaches the tier, as cyclic always does). Example: --host-counts requests",
         ),
     ] = "accesses",
     as_json: Annotated[

@@ -6,6 +6,13 @@
   expert's count is multiplied by ``LRFU_DECAY`` and each expert the step used gets +1; ties go to
   the least recently used. It keeps experts that a layer returns to often, where LRU drops them
   after one quiet spell (docs/BENCHMARKS.md, "Cache policy").
+
+The host tier (issue 17) is one pool of experts of every layer, so its victim weighs experts of
+different layers; its default is ``cyclic`` (``choose_cyclic_victim``): a token visits layers 0..L-1 in
+order, so an expert of layer l' is next wanted when the model next reaches l', and among experts the
+tier is asked for about equally often, the one whose layer comes round last goes (Belady's rule on the
+cycle). Its counts are the tier's own requests, not every routed expert: behind a device cache, the
+experts used most are the device's hits and never reach the tier (docs/BENCHMARKS.md, "Disk tier").
 """
 
 from __future__ import annotations
@@ -15,6 +22,16 @@ from collections.abc import Iterable, Sequence
 CACHE_POLICIES = ("lrfu", "lru")
 DEFAULT_CACHE_POLICY = "lrfu"
 LRFU_DECAY = 0.9  # a use counts half after about 7 steps of its layer
+HOST_TIER_POLICIES = ("cyclic", "lrfu", "lru")  # the host tier's: cyclic counts requests, see above
+DEFAULT_HOST_POLICY = "cyclic"
+# cyclic's request counts: a request counts half after about 700 steps of its layer. Slower decays read
+# fewer bytes on the demo traces (0.9: 1.6 to 1.9x Belady's; 0.999 and no decay: 1.3 to 1.5x); 0.999
+# still lets a long-lived server follow a change of topic.
+CYCLIC_DECAY = 0.999
+# What one layer step nearer is worth, in requests: enough to order experts whose counts differ only
+# by the decay's rounding (two experts asked for once, a few steps apart), too little to override a
+# real difference of one request.
+CYCLIC_STEP_WEIGHT = 0.1
 
 
 def age_uses(uses: list[float], used: Iterable[int], decay: float = LRFU_DECAY) -> None:
@@ -36,3 +53,27 @@ def choose_victim(policy: str, candidates: Sequence[int], uses: Sequence[float])
     assert policy == "lrfu", f"unknown cache policy {policy!r}"
     # min() keeps the first of equal counts: ties go to the least recently used.
     return min(candidates, key=uses.__getitem__)
+
+
+def cycle_distance(layer: int, now: int, num_layers: int) -> int:
+    """Layer steps from layer ``now`` until the model next runs ``layer``: later in this token (1 to L-1),
+    else in the next token (L for ``now`` itself)."""
+    return (layer - now) % num_layers or num_layers
+
+
+def choose_cyclic_victim(
+    candidates: Sequence[tuple[int, int]], requests: Sequence[Sequence[float]], now: int, num_layers: int
+) -> tuple[int, int]:
+    """The (layer, expert) that the host tier evicts while serving layer ``now``: the smallest
+    ``requests[layer][expert] - CYCLIC_STEP_WEIGHT * cycle_distance(layer, now, num_layers)``.
+
+    ``candidates`` are the evictable experts, least recently requested first (ties go to the first);
+    ``requests`` are each layer's decayed counts of what it asked the tier for (``age_uses`` with
+    ``CYCLIC_DECAY`` after each of its steps, given the experts the step requested).
+    """
+    return min(
+        candidates,
+        key=lambda key: (
+            requests[key[0]][key[1]] - CYCLIC_STEP_WEIGHT * cycle_distance(key[0], now, num_layers)
+        ),
+    )

@@ -13,10 +13,12 @@ slots shared by every layer (``offload.experts.host_tier``'s pool), the rest rea
   requests), ``lrfu`` (each layer's decayed counts, aged after each of its steps with every expert the
   step used, device hits included, as ``HostTier.note_step`` does; victims compared across layers, ties
   to the least recently requested) with ``choose_victim``, ``lfu`` (uses over the whole trace, every
-  access counted), and ``belady`` (the expert whose next request is furthest away: the fewest disk reads
-  possible for that device stream, exact when no step overflows). ``lrfu:D`` is LRFU with decay D.
-  With ``counts="requests"`` LRFU and LFU count only the tier's requests, not the device's hits: the
-  alternative that docs/BENCHMARKS.md ("Disk tier") measured against the engine's way.
+  access counted), ``cyclic`` (the tier's default, ``choose_cyclic_victim``: the fewest decayed requests
+  of the tier's own, less a tenth for each layer step until the model reaches the expert's layer again;
+  it always counts requests), and ``belady`` (the expert whose next request is furthest away: the fewest
+  disk reads possible for that device stream, exact when no step overflows). ``lrfu:D`` is LRFU with
+  decay D. With ``counts="requests"`` LRFU and LFU count only the tier's requests, not the device's
+  hits: the alternative that docs/BENCHMARKS.md ("Disk tier") measured against the engine's way.
 - Not replayed: the engine's own early reads of the next layer's guesses into the tier, and its
   reservations (an expert in use is not evicted; here a step's requests are protected the same way).
 - The levels are not inclusive: the tier may evict an expert that a device slot still holds.
@@ -33,12 +35,18 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from offload.errors import ProfileError, TraceError
-from offload.experts.policy import LRFU_DECAY, age_uses, choose_victim
+from offload.experts.policy import (
+    CYCLIC_DECAY,
+    LRFU_DECAY,
+    age_uses,
+    choose_cyclic_victim,
+    choose_victim,
+)
 from offload.settings.plan_tiers import GIB, host_slots
 from offload.trace.format import Trace
 from offload.trace.replay import POLICIES, LayerCounts, layer_bytes, replay_layer
 
-HOST_POLICIES = ("lru", "lrfu", "lfu", "belady")  # and lrfu:D, LRFU with decay D
+HOST_POLICIES = ("cyclic", "lru", "lrfu", "lfu", "belady")  # and lrfu:D, LRFU with decay D
 HOST_COUNTS = ("accesses", "requests")  # what LRFU and LFU count: every access (the engine's), or the tier's
 Key = tuple[int, int]  # (layer, expert)
 
@@ -257,6 +265,7 @@ def _replay_pool(
     uses = [[0.0] * experts for _ in range(layers)]  # LRFU's decayed counts, per layer
     flat_uses = _FlatUses(uses, experts)
     frequency: dict[Key, int] = {}  # LFU: every access so far
+    requested = [[0.0] * experts for _ in range(layers)]  # cyclic's decayed counts of the tier's requests
     upcoming: dict[Key, deque[int]] = {}  # Belady: the times (step x L + layer) it is requested
     if policy == "belady":
         for step in range(trace.steps):
@@ -268,12 +277,14 @@ def _replay_pool(
         pending = upcoming.get(key)
         return pending[0] if pending else math.inf
 
-    def victim(candidates: list[Key]) -> Key:
+    def victim(candidates: list[Key], now: int) -> Key:
         if policy == "belady":
             return max(candidates, key=lambda key: (next_use(key), (-key[0], -key[1])))
         if policy == "lfu":
             return min(candidates, key=lambda key: (frequency.get(key, 0), last_used[key]))
         ordered = sorted(candidates, key=last_used.__getitem__)  # least recently requested first
+        if policy == "cyclic":
+            return choose_cyclic_victim(ordered, requested, now, layers)
         flat = choose_victim(policy, [layer * experts + e for layer, e in ordered], flat_uses)  # type: ignore[arg-type]
         return divmod(flat, experts)  # type: ignore[return-value]
 
@@ -300,12 +311,14 @@ def _replay_pool(
                     if not candidates:
                         layer_counts.streamed += len(misses) - index
                         break
-                    del last_used[victim(candidates)]
+                    del last_used[victim(candidates, layer)]
                 last_used[key] = 0  # a placeholder: the request's tick is set below
             for key in keys:
                 if key in last_used:
                     tick += 1
                     last_used[key] = tick
+            if policy == "cyclic":
+                age_uses(requested[layer], asked, CYCLIC_DECAY)
             used = counted[layer][step]
             age_uses(uses[layer], used, decay)
             for expert in used:

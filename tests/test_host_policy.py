@@ -1,0 +1,67 @@
+"""The host tier's default policy, cyclic (issue 17): its victim by hand, and the replay with it."""
+
+from __future__ import annotations
+
+from offload.experts.policy import (
+    CYCLIC_STEP_WEIGHT,
+    DEFAULT_HOST_POLICY,
+    HOST_TIER_POLICIES,
+    choose_cyclic_victim,
+    cycle_distance,
+)
+from offload.trace.replay_tiers import HOST_POLICIES, replay_two_level
+from tests.test_trace import make_trace
+
+
+def test_cycle_distance_counts_layer_steps_to_the_layers_next_visit() -> None:
+    # Four layers, the model at layer 1: layers 2 and 3 come later in this token, 0 and 1 in the next one.
+    assert [cycle_distance(layer, 1, 4) for layer in range(4)] == [3, 4, 1, 2]
+    assert cycle_distance(0, 0, 1) == 1  # one layer: every expert is next wanted at the next step
+
+
+def test_cyclic_victim_by_hand() -> None:
+    requests = [[1.0, 3.0], [1.0, 0.5], [1.0, 2.0], [1.0, 1.0]]  # [layer][expert], four layers of two
+    # Equal counts: the expert whose layer comes round last goes. At layer 1, layer 1 is next run in 4
+    # layer steps, layer 0 in 3, layer 3 in 2, layer 2 in 1.
+    assert choose_cyclic_victim([(2, 0), (0, 0), (1, 0), (3, 0)], requests, 1, 4) == (1, 0)
+    assert choose_cyclic_victim([(2, 0), (0, 0), (3, 0)], requests, 1, 4) == (0, 0)
+    # At layer 3 the same experts order the other way round: layer 3 is the furthest, then 2, 1, 0.
+    assert choose_cyclic_victim([(0, 0), (1, 0), (2, 0)], requests, 3, 4) == (2, 0)
+    # A real difference in requests outweighs the distance: (1, 1), asked for half as often, goes though
+    # layer 1 is the very next; and layer 0's expert 1 (3 requests) stays though layer 0 is the furthest.
+    assert choose_cyclic_victim([(0, 1), (1, 1), (2, 0)], requests, 0, 4) == (1, 1)
+    assert choose_cyclic_victim([(0, 1), (2, 1)], requests, 0, 4) == (2, 1)
+    # Counts a little apart (the decay's rounding) are ordered by the cycle, not by the difference.
+    nearly = [[0.0], [0.0], [1.0], [0.0, 1.0 + CYCLIC_STEP_WEIGHT / 2]]
+    assert choose_cyclic_victim([(2, 0), (3, 1)], nearly, 1, 4) == (3, 1)
+    # Same layer, same count: the least recently requested (the first candidate) goes.
+    assert choose_cyclic_victim([(3, 1), (3, 0)], requests, 0, 4) == (3, 1)
+
+
+def test_cyclic_is_the_host_tiers_default_and_a_replay_policy() -> None:
+    assert DEFAULT_HOST_POLICY == "cyclic" and DEFAULT_HOST_POLICY in HOST_TIER_POLICIES
+    assert set(HOST_TIER_POLICIES) <= set(HOST_POLICIES)
+
+
+def test_cyclic_keeps_the_expert_its_layer_needs_next() -> None:
+    # Three layers, top-1, K = 0 (the tier sees every access), a pool of 2 slots.
+    # Step 0 asks layer 0, 1, 2 for expert 0; step 1 asks layer 0 for 1, layers 1 and 2 for 0 again.
+    # LRU (and LFU, LRFU: every count is 1, ties to the least recent) evicts in request order and never
+    # hits: at step 0's (2, 0) it drops (0, 0); at step 1 each miss drops the very expert asked for next:
+    # 6 reads. Cyclic, at (2, 0), drops (1, 0) (layer 1 comes round last); at (0, 1), (0, 0) (layer 0,
+    # furthest); at (1, 0), (0, 1) (layer 0 again), keeping (2, 0): one hit, 5 reads, as few as Belady.
+    trace = make_trace([[[[0]], [[0]], [[0]]], [[[1]], [[0]], [[0]]]], num_experts=2)
+    reads = {p: replay_two_level(trace, "lru", 0, p, 2).host_misses for p in HOST_POLICIES}
+    assert reads == {"cyclic": 5, "lru": 6, "lrfu": 6, "lfu": 6, "belady": 5}
+
+
+def test_cyclic_counts_only_the_tiers_requests() -> None:
+    # One layer, top-1, K = 1 device slot (LRU), a pool of 2: uses 0 0 1 2 0 1; the tier is asked for
+    # 0 1 2 0 1 (0's second use is a device hit). Counting every access, LFU keeps 0 (used twice) when 2
+    # arrives: 4 reads. Cyclic counts requests: 0 and 1 were asked for once each, 0 longer ago (its
+    # count decayed more), so 0 goes, then 1, then 2: 5 reads, as LFU counting requests.
+    trace = make_trace([[[[e]]] for e in (0, 0, 1, 2, 0, 1)], num_experts=4)
+    assert replay_two_level(trace, "lru", 1, "lfu", 2).host_misses == 4
+    assert replay_two_level(trace, "lru", 1, "lfu", 2, counts="requests").host_misses == 5
+    for counts in ("accesses", "requests"):
+        assert replay_two_level(trace, "lru", 1, "cyclic", 2, counts=counts).host_misses == 5
