@@ -3,9 +3,11 @@ device slots, each host policy's disk reads against Belady's (issue 17's target)
 
 Records seven traces with `offload trace record` (greedy, --threads 1; two chat prompts that stop at EOS,
 five raw completions of up to 200 or 300 tokens), unless they are already in --out, then replays each as
-`offload trace replay TRACE -k K --policy lrfu+prefetch --host-experts H [--host-counts requests]` does, and sums the reads over
-the traces. The plan's prediction of the host tier's hit rate (``offload.settings.plan_tiers``) is shown
-beside the measured one.
+`offload trace replay TRACE -k K --policy lrfu+prefetch --host-experts H [--host-counts requests]` does (cyclic,
+the tier's default, first), and sums the reads over
+the traces. Then the seven traces as one session (one process serving the prompts in a row: both levels
+carry over from one prompt to the next). The plan's prediction of the host tier's hit rate
+(``offload.settings.plan_tiers``) is shown beside the measured one.
 
     python benchmarks/disk_tier_replay.py --out /tmp/offload-disk --host-experts 4 -k 0,2,4
 """
@@ -30,8 +32,9 @@ PROMPTS = (  # name, prompt, chat, new tokens
     ("numpy", "import numpy as np", False, 300),
     ("letter", "Dear hiring manager, I am writing to apply for", False, 300),
 )
-# (policy, what its lrfu and lfu count): the engine's way (every access) and the tier's requests only.
+# (policy, what its lrfu and lfu count): every access, or the tier's requests only (cyclic always counts these).
 HOST_POLICIES = (
+    ("cyclic", "requests"),
     ("lru", "accesses"),
     ("lrfu", "accesses"),
     ("lrfu:0.98", "accesses"),
@@ -55,6 +58,19 @@ def record(out: Path) -> list[Path]:
             subprocess.run(command, check=True, cwd=ROOT, env=env)
         paths.append(path)
     return paths
+
+
+def session(traces: list) -> object:
+    """The traces one after another, as one process would see them: a prompt's prefill follows the last reply."""
+    import numpy as np
+
+    from offload.trace.format import Trace
+
+    first = traces[0]
+    joined = {name: np.concatenate([getattr(t, name) for t in traces])
+              for name in ("step_tokens", "ids", "weights", "guess_counts", "guesses")}  # fmt: skip
+    return Trace(model=first.model, num_layers=first.num_layers, num_experts=first.num_experts,
+                 top_k=first.top_k, expert_bytes=first.expert_bytes, **joined)  # fmt: skip
 
 
 def main() -> None:
@@ -91,13 +107,29 @@ def main() -> None:
         }
         optimum = [row.host_misses for row in rows[("belady", "accesses")]]
         for (name, counted), results in rows.items():
-            policy = name if name in ("lru", "belady") else f"{name}, counting {counted}"
+            policy = name if name in ("cyclic", "lru", "belady") else f"{name}, counting {counted}"
             reads = [row.host_misses for row in results]
             hits = sum(row.host_hits for row in results) / sum(row.host_accesses for row in results)
             ratios = [r / o for r, o in zip(reads, optimum, strict=True)]
             device = args.device_policy if k else "none"
             print(f"| {k} | {device} | {policy} | {hits:.1%} | {sum(reads)} | {sum(reads) / sum(optimum):.2f} "
                   f"| {min(ratios):.2f} to {max(ratios):.2f} |")  # fmt: skip
+    joined = session(traces)
+    print(f"\nSession: the {len(traces)} prompts in a row, {joined.tokens} tokens\n")
+    print("| K | device | host policy | host hit rate | disk reads | reads / Belady |")
+    print("|---|---|---|---|---|---|")
+    for k in (int(text) for text in args.experts_per_layer.split(",")):
+        slots = h * joined.num_layers
+        rows = {
+            (p, c): replay_two_level(joined, args.device_policy, k, p, slots, counts=c)
+            for p, c in HOST_POLICIES
+        }
+        optimum = rows[("belady", "accesses")].host_misses
+        for (name, counted), row in rows.items():
+            policy = name if name in ("cyclic", "lru", "belady") else f"{name}, counting {counted}"
+            device = args.device_policy if k else "none"
+            print(f"| {k} | {device} | {policy} | {row.host_hit_rate:.1%} | {row.host_misses} "
+                  f"| {row.host_misses / optimum:.2f} |")  # fmt: skip
     print(
         f"\nThe plan's host-tier hit rate for H = {h} of {experts}: {hit_rate(h, experts, LOCALITY_BONUS):.1%}"
     )

@@ -65,3 +65,16 @@ def test_cyclic_counts_only_the_tiers_requests() -> None:
     assert replay_two_level(trace, "lru", 1, "lfu", 2, counts="requests").host_misses == 5
     for counts in ("accesses", "requests"):
         assert replay_two_level(trace, "lru", 1, "cyclic", 2, counts=counts).host_misses == 5
+
+
+def test_cyclic_starts_counting_again_with_each_prompt() -> None:
+    # One layer, top-1, K = 0, a pool of 2. Prompt 1 (a 2-token prefill on expert 0, then 0 0 1) leaves 0
+    # with 3 requests; prompt 2 (a 2-token prefill on 2, then 3 2 3 2) never asks for 0 again. Counts kept
+    # across prompts (LFU) pin 0 in a slot, and 2 and 3 evict each other: 5 reads in prompt 2, 7 in all.
+    # Cyclic forgets at prompt 2's prefill: 0 and 1 (both 0 requests now) go, the least recent first, and
+    # 2 and 3 stay: 2 reads in prompt 2, 4 in all, as few as Belady.
+    steps = [[[[0], [0]]], [[[0]]], [[[0]]], [[[1]]], [[[2], [2]]], [[[3]]], [[[2]]], [[[3]]], [[[2]]]]
+    trace = make_trace(steps, num_experts=4)
+    assert replay_two_level(trace, "lru", 0, "lfu", 2, counts="requests").host_misses == 7
+    assert replay_two_level(trace, "lru", 0, "cyclic", 2).host_misses == 4
+    assert replay_two_level(trace, "lru", 0, "belady", 2).host_misses == 4

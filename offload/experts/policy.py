@@ -12,7 +12,9 @@ different layers; its default is ``cyclic`` (``choose_cyclic_victim``): a token 
 order, so an expert of layer l' is next wanted when the model next reaches l', and among experts the
 tier is asked for about equally often, the one whose layer comes round last goes (Belady's rule on the
 cycle). Its counts are the tier's own requests, not every routed expert: behind a device cache, the
-experts used most are the device's hits and never reach the tier (docs/BENCHMARKS.md, "Disk tier").
+experts used most are the device's hits and never reach the tier; and they start again with each prompt
+(``forget_requests``): one prompt's experts say little about the next one's, and a tier still weighing
+the last prompt's reads up to 1.6x as much (docs/BENCHMARKS.md, "Disk tier").
 """
 
 from __future__ import annotations
@@ -61,6 +63,12 @@ def cycle_distance(layer: int, now: int, num_layers: int) -> int:
     return (layer - now) % num_layers or num_layers
 
 
+def forget_requests(requests: list[list[float]]) -> None:
+    """A new prompt: cyclic's counts start again from nothing (the experts in the tier stay)."""
+    for row in requests:
+        row[:] = [0.0] * len(row)
+
+
 def choose_cyclic_victim(
     candidates: Sequence[tuple[int, int]], requests: Sequence[Sequence[float]], now: int, num_layers: int
 ) -> tuple[int, int]:
@@ -68,8 +76,9 @@ def choose_cyclic_victim(
     ``requests[layer][expert] - CYCLIC_STEP_WEIGHT * cycle_distance(layer, now, num_layers)``.
 
     ``candidates`` are the evictable experts, least recently requested first (ties go to the first);
-    ``requests`` are each layer's decayed counts of what it asked the tier for (``age_uses`` with
-    ``CYCLIC_DECAY`` after each of its steps, given the experts the step requested).
+    ``requests`` are each layer's decayed counts of what it asked the tier for since the prompt began
+    (``age_uses`` with ``CYCLIC_DECAY`` after each of its steps, given the experts the step requested;
+    ``forget_requests`` when a prompt begins).
     """
     return min(
         candidates,
