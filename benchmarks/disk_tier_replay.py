@@ -7,7 +7,9 @@ five raw completions of up to 200 or 300 tokens), unless they are already in --o
 the tier's default, first), and sums the reads over
 the traces. Then the seven traces as one session (one process serving the prompts in a row: both levels
 carry over from one prompt to the next). The plan's prediction of the host tier's hit rate
-(``offload.settings.plan_tiers``) is shown beside the measured one.
+(``offload.settings.plan_tiers``) is shown beside the measured one. With --bounds, two oracles that no
+online policy can beat by much: a pool told each expert's request count over the whole trace in advance,
+and one told besides which experts the rest of the current token will ask for.
 
     python benchmarks/disk_tier_replay.py --out /tmp/offload-disk --host-experts 4 -k 0,2,4
 """
@@ -60,6 +62,60 @@ def record(out: Path) -> list[Path]:
     return paths
 
 
+def device_requests(trace, device_policy: str, k: int) -> list[list[list[int]]]:
+    """[layer][step]: what the device level asks the host tier for, as ``replay_two_level`` replays it."""
+    from offload.trace.replay import replay_layer
+
+    if not k:
+        return trace.needed_by_layer
+    requests = []
+    for layer in range(trace.num_layers):
+        guesses = trace.guesses_by_layer[layer] if device_policy.endswith("+prefetch") else None
+        loads: list[list[int]] = []
+        replay_layer(trace.needed_by_layer[layer], guesses, device_policy.removesuffix("+prefetch"), k,
+                     trace.num_experts, loads)  # fmt: skip
+        requests.append([sorted(step) for step in loads])
+    return requests
+
+
+def oracle_reads(trace, requests: list[list[list[int]]], slots: int, lookahead: bool) -> int:
+    """Disk reads of a pool that knows each expert's requests over the whole trace before it starts, and
+    evicts the fewest (ties: the layer that comes round last, then the least recent). With ``lookahead`` it
+    also knows which experts the rest of the current token asks for, and evicts those last (furthest first).
+    An analysis of what frequencies can give, not a policy: the future is not known."""
+    from offload.experts.policy import cycle_distance
+
+    layers = trace.num_layers
+    total: dict[tuple[int, int], int] = {}
+    for layer in range(layers):
+        for step in requests[layer]:
+            for expert in step:
+                total[(layer, expert)] = total.get((layer, expert), 0) + 1
+    held: dict[tuple[int, int], int] = {}  # key -> tick of its latest request
+    reads = tick = 0
+    for step in range(trace.steps):
+        for layer in range(layers):
+            keys = [(layer, e) for e in requests[layer][step]]
+            later = {(after, e): after for after in range(layer + 1, layers) for e in requests[after][step]}
+            missing = [key for key in keys if key not in held]
+            reads += len(missing)
+            for key in missing:
+                if len(held) >= slots:
+                    candidates = [other for other in held if other not in keys]
+                    if not candidates:
+                        break
+                    victim = min(candidates, key=lambda o: (
+                        lookahead and o in later, -later.get(o, 0) if lookahead else 0, total[o],
+                        -cycle_distance(o[0], layer, layers), held[o]))  # fmt: skip
+                    del held[victim]
+                held[key] = 0
+            for key in keys:
+                if key in held:
+                    tick += 1
+                    held[key] = tick
+    return reads
+
+
 def session(traces: list) -> object:
     """The traces one after another, as one process would see them: a prompt's prefill follows the last reply."""
     import numpy as np
@@ -83,6 +139,7 @@ def main() -> None:
         "-k", "--experts-per-layer", default="0,2,4", help="device slots per layer, a comma list"
     )
     parser.add_argument("--device-policy", default="lrfu+prefetch")
+    parser.add_argument("--bounds", action="store_true", help="also the two oracles' reads against Belady's")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
 
@@ -130,6 +187,23 @@ def main() -> None:
             device = args.device_policy if k else "none"
             print(f"| {k} | {device} | {policy} | {row.host_hit_rate:.1%} | {row.host_misses} "
                   f"| {row.host_misses / optimum:.2f} |")  # fmt: skip
+    if args.bounds:
+        print("\n| K | oracle | disk reads | reads / Belady | per trace |")
+        print("|---|---|---|---|---|")
+        for k in (int(text) for text in args.experts_per_layer.split(",")):
+            slots = h * traces[0].num_layers
+            optimum = [
+                replay_two_level(t, args.device_policy, k, "belady", slots).host_misses for t in traces
+            ]
+            requested = [device_requests(t, args.device_policy, k) for t in traces]
+            for name, lookahead in (
+                ("frequencies known", False),
+                ("frequencies + the rest of the token", True),
+            ):
+                reads = [oracle_reads(t, r, slots, lookahead) for t, r in zip(traces, requested, strict=True)]
+                ratios = [r / o for r, o in zip(reads, optimum, strict=True)]
+                print(f"| {k} | {name} | {sum(reads)} | {sum(reads) / sum(optimum):.2f} "
+                      f"| {min(ratios):.2f} to {max(ratios):.2f} |")  # fmt: skip
     print(
         f"\nThe plan's host-tier hit rate for H = {h} of {experts}: {hit_rate(h, experts, LOCALITY_BONUS):.1%}"
     )
