@@ -8,6 +8,7 @@ from offload.experts.policy import (
     HOST_TIER_POLICIES,
     choose_cyclic_victim,
     cycle_distance,
+    starts_prompt,
 )
 from offload.trace.replay_tiers import HOST_POLICIES, replay_two_level
 from tests.test_trace import make_trace
@@ -67,13 +68,20 @@ def test_cyclic_counts_only_the_tiers_requests() -> None:
         assert replay_two_level(trace, "lru", 1, "cyclic", 2, counts=counts).host_misses == 5
 
 
+def test_a_prompt_starts_where_the_first_layer_uses_more_than_one_token_can() -> None:
+    assert starts_prompt(0, [1, 4, 5], top_k=2)  # a prefill: several tokens, more than top-2 experts
+    assert not starts_prompt(0, [1, 4], top_k=2)  # a decode step: one token, its top-2
+    assert not starts_prompt(1, [0, 1, 2, 3], top_k=2)  # only the first layer marks a step
+
+
 def test_cyclic_starts_counting_again_with_each_prompt() -> None:
-    # One layer, top-1, K = 0, a pool of 2. Prompt 1 (a 2-token prefill on expert 0, then 0 0 1) leaves 0
-    # with 3 requests; prompt 2 (a 2-token prefill on 2, then 3 2 3 2) never asks for 0 again. Counts kept
-    # across prompts (LFU) pin 0 in a slot, and 2 and 3 evict each other: 5 reads in prompt 2, 7 in all.
-    # Cyclic forgets at prompt 2's prefill: 0 and 1 (both 0 requests now) go, the least recent first, and
-    # 2 and 3 stay: 2 reads in prompt 2, 4 in all, as few as Belady.
-    steps = [[[[0], [0]]], [[[0]]], [[[0]]], [[[1]]], [[[2], [2]]], [[[3]]], [[[2]]], [[[3]]], [[[2]]]]
+    # One layer, top-1, K = 0, a pool of 2. Prompt 1 (a 3-token prefill on experts 0 0 1, then 0 0) leaves
+    # 0 with 3 requests and 1 with 1; prompt 2 (a 2-token prefill on 0 and 2, evicting 1; then 3 2 3 2)
+    # never asks for 0 again. Counts kept across prompts (LFU) pin 0 in a slot, and 2 and 3 evict each
+    # other: 4 reads after the prefill, 7 in all. Cyclic forgets at prompt 2's prefill (its first layer
+    # uses 2 experts, more than top-1): 0 and 2 have 1 request each, 0 the older, so 3 evicts 0 and
+    # 2 and 3 stay: 4 reads in all, as few as Belady.
+    steps = [[[[0], [0], [1]]], [[[0]]], [[[0]]], [[[0], [2]]], [[[3]]], [[[2]]], [[[3]]], [[[2]]]]
     trace = make_trace(steps, num_experts=4)
     assert replay_two_level(trace, "lru", 0, "lfu", 2, counts="requests").host_misses == 7
     assert replay_two_level(trace, "lru", 0, "cyclic", 2).host_misses == 4

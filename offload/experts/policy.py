@@ -19,7 +19,7 @@ the last prompt's reads up to 1.6x as much (docs/BENCHMARKS.md, "Disk tier").
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 
 CACHE_POLICIES = ("lrfu", "lru")
 DEFAULT_CACHE_POLICY = "lrfu"
@@ -63,6 +63,12 @@ def cycle_distance(layer: int, now: int, num_layers: int) -> int:
     return (layer - now) % num_layers or num_layers
 
 
+def starts_prompt(layer: int, used: Collection[int], top_k: int) -> bool:
+    """Whether a step of ``layer`` that used ``used`` begins a prompt: a first layer using more experts
+    than one token can (a prefill of several tokens; a decode step uses exactly ``top_k``)."""
+    return layer == 0 and len(used) > top_k
+
+
 def forget_requests(requests: list[list[float]]) -> None:
     """A new prompt: cyclic's counts start again from nothing (the experts in the tier stay)."""
     for row in requests:
@@ -76,9 +82,9 @@ def choose_cyclic_victim(
     ``requests[layer][expert] - CYCLIC_STEP_WEIGHT * cycle_distance(layer, now, num_layers)``.
 
     ``candidates`` are the evictable experts, least recently requested first (ties go to the first);
-    ``requests`` are each layer's decayed counts of what it asked the tier for since the prompt began
-    (``age_uses`` with ``CYCLIC_DECAY`` after each of its steps, given the experts the step requested;
-    ``forget_requests`` when a prompt begins).
+    ``requests`` are each layer's decayed counts of what it asked the tier for since the prompt began:
+    after each step of a layer, ``forget_requests`` if the step ``starts_prompt``, then ``age_uses`` with
+    ``CYCLIC_DECAY`` and the experts the step asked the tier for.
     """
     return min(
         candidates,

@@ -14,7 +14,7 @@ slots shared by every layer (``offload.experts.host_tier``'s pool), the rest rea
   step used, device hits included, as ``HostTier.note_step`` does; victims compared across layers, ties
   to the least recently requested) with ``choose_victim``, ``lfu`` (uses over the whole trace, every
   access counted), ``cyclic`` (the tier's default, ``choose_cyclic_victim``: the fewest decayed requests
-  of the tier's own since the prompt began (a step of more than one token starts a prompt), less a tenth
+  of the tier's own since the prompt began (``starts_prompt``: a first layer using more than top_k), less a tenth
   for each layer step until the model reaches the expert's layer again; it always counts requests), and ``belady`` (the expert whose next request is furthest away: the fewest
   disk reads possible for that device stream, exact when no step overflows). ``lrfu:D`` is LRFU with
   decay D. With ``counts="requests"`` LRFU and LFU count only the tier's requests, not the device's
@@ -42,6 +42,7 @@ from offload.experts.policy import (
     choose_cyclic_victim,
     choose_victim,
     forget_requests,
+    starts_prompt,
 )
 from offload.settings.plan_tiers import GIB, host_slots
 from offload.trace.format import Trace
@@ -291,8 +292,6 @@ def _replay_pool(
 
     tick = 0
     for step in range(trace.steps):
-        if policy == "cyclic" and trace.step_tokens[step] > 1:
-            forget_requests(requested)  # a new prompt
         for layer in range(layers):
             asked = requests[layer][step]
             layer_counts = counts[layer]
@@ -321,6 +320,8 @@ def _replay_pool(
                     tick += 1
                     last_used[key] = tick
             if policy == "cyclic":
+                if starts_prompt(layer, trace.needed_by_layer[layer][step], trace.top_k):
+                    forget_requests(requested)
                 age_uses(requested[layer], asked, CYCLIC_DECAY)
             used = counted[layer][step]
             age_uses(uses[layer], used, decay)
