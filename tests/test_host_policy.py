@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import pytest
+
+from offload.experts import policy
 from offload.experts.policy import (
+    CYCLIC_DEVICE_WEIGHT,
     CYCLIC_STEP_WEIGHT,
     DEFAULT_HOST_POLICY,
     HOST_TIER_POLICIES,
@@ -37,6 +41,12 @@ def test_cyclic_victim_by_hand() -> None:
     assert choose_cyclic_victim([(2, 0), (3, 1)], nearly, 1, 4) == (3, 1)
     # Same layer, same count: the least recently requested (the first candidate) goes.
     assert choose_cyclic_victim([(3, 1), (3, 0)], requests, 0, 4) == (3, 1)
+    # Unless the device holds the other: the tier's copy of it waits for the device to evict it.
+    held = {(3, 0)}
+    assert choose_cyclic_victim([(3, 1), (3, 0)], requests, 0, 4, lambda *key: key in held) == (3, 0)
+    # A device-held expert's count is weighed down (x CYCLIC_DEVICE_WEIGHT), not ignored: 3 requests held
+    # by the device still outweigh 1 that is not.
+    assert choose_cyclic_victim([(0, 1), (3, 1)], requests, 1, 4, lambda *key: key == (0, 1)) == (3, 1)
 
 
 def test_cyclic_is_the_host_tiers_default_and_a_replay_policy() -> None:
@@ -86,3 +96,19 @@ def test_cyclic_starts_counting_again_with_each_prompt() -> None:
     assert replay_two_level(trace, "lru", 0, "lfu", 2, counts="requests").host_misses == 7
     assert replay_two_level(trace, "lru", 0, "cyclic", 2).host_misses == 4
     assert replay_two_level(trace, "lru", 0, "belady", 2).host_misses == 4
+
+
+def test_cyclic_drops_the_tiers_copy_of_what_the_device_holds(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Two layers, top-1, K = 1 device slot (LRU), a pool of 2. Layer 0 uses 0 at every step (one device
+    # miss, then hits); layer 1 uses 0 1 0 (all misses). The tier is asked for (0, 0) and (1, 0), then
+    # (1, 1), then (1, 0). For (1, 1) it evicts (0, 0) (0.999 requests, its layer next) or (1, 0) (1
+    # request, its layer furthest). Without the device's help: 0.999 - 0.1 > 1 - 0.2, so (1, 0) goes and is
+    # read again at step 2: 4 reads. The device holds (0, 0): 0.8 x 0.999 - 0.1 < 0.8, so (0, 0) goes and
+    # (1, 0) is a hit: 3 reads, as few as Belady.
+    trace = make_trace([[[[0]], [[0]]], [[[0]], [[1]]], [[[0]], [[0]]]], num_experts=3)
+    assert CYCLIC_DEVICE_WEIGHT == 0.8 and CYCLIC_STEP_WEIGHT == 0.1
+    cyclic = replay_two_level(trace, "lru", 1, "cyclic", 2)
+    assert (cyclic.host_accesses, cyclic.host_misses) == (4, 3)
+    assert replay_two_level(trace, "lru", 1, "belady", 2).host_misses == 3
+    monkeypatch.setattr(policy, "CYCLIC_DEVICE_WEIGHT", 1.0)  # the device's slots ignored
+    assert replay_two_level(trace, "lru", 1, "cyclic", 2).host_misses == 4

@@ -169,11 +169,13 @@ def replay_layer(
     num_experts: int,
     loaded: list[list[int]] | None = None,
     decay: float = LRFU_DECAY,
+    held: list[set[int]] | None = None,
 ) -> LayerCounts:
     """One layer's cache through every step; ``needed_steps`` are ascending and distinct.
 
     ``loaded``, when given, receives each step's loads (prefetches first, then misses): what the level
-    below (``offload.trace.replay_tiers``) is asked for. ``decay`` is lrfu's, per step.
+    below (``offload.trace.replay_tiers``) is asked for. ``decay`` is lrfu's, per step. ``held``, when
+    given, receives the experts in the slots after each step.
     """
     counts = LayerCounts()
     last_used: dict[int, int] = {}  # resident expert -> its recency tick (larger is more recent)
@@ -253,4 +255,6 @@ def replay_layer(
                 if expert in prefetched:
                     prefetched.discard(expert)
                     counts.prefetch_hits += 1
+        if held is not None:
+            held.append(set(last_used))
     return counts

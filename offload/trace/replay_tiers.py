@@ -15,7 +15,8 @@ slots shared by every layer (``offload.experts.host_tier``'s pool), the rest rea
   to the least recently requested) with ``choose_victim``, ``lfu`` (uses over the whole trace, every
   access counted), ``cyclic`` (the tier's default, ``choose_cyclic_victim``: the fewest decayed requests
   of the tier's own since the prompt began (``starts_prompt``: a first layer using more than top_k), less a tenth
-  for each layer step until the model reaches the expert's layer again; it always counts requests), and ``belady`` (the expert whose next request is furthest away: the fewest
+  for each layer step until the model reaches the expert's layer again, a device-held expert's count
+  weighed down; it always counts requests), and ``belady`` (the expert whose next request is furthest away: the fewest
   disk reads possible for that device stream, exact when no step overflows). ``lrfu:D`` is LRFU with
   decay D. With ``counts="requests"`` LRFU and LFU count only the tier's requests, not the device's
   hits: the alternative that docs/BENCHMARKS.md ("Disk tier") measured against the engine's way.
@@ -30,7 +31,7 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -180,21 +181,24 @@ def replay_two_level(
     device = LayerCounts()
     link_bytes = 0
     requests: list[list[list[int]]] = []  # [layer][step]
+    held: list[list[set[int]]] = []  # [layer][step]: the device's slots after the step (none when K = 0)
     base_policy = device_policy.removesuffix("+prefetch")
     for layer in range(layers):
         needed = trace.needed_by_layer[layer]
         if k:
             guesses = trace.guesses_by_layer[layer] if device_policy.endswith("+prefetch") else None
             loads: list[list[int]] = []
-            layer_counts = replay_layer(needed, guesses, base_policy, k, experts, loads)
+            slots_after: list[set[int]] = []
+            layer_counts = replay_layer(needed, guesses, base_policy, k, experts, loads, held=slots_after)
             requests.append([sorted(step) for step in loads])
+            held.append(slots_after)
             link_bytes += layer_counts.loads * sizes[layer] if sizes is not None else 0
         else:
             requests.append(needed)
             layer_counts = LayerCounts(accesses=sum(map(len, needed)), misses=sum(map(len, needed)))
         _add(device, layer_counts)
     counted = trace.needed_by_layer if counts == "accesses" else requests
-    tier = _replay_pool(trace, requests, counted, host_base, decay, s)
+    tier = _replay_pool(trace, requests, counted, host_base, decay, s, held if k else None)
     host = LayerCounts()
     for layer_counts in tier:
         _add(host, layer_counts)
@@ -258,9 +262,11 @@ def _replay_pool(
     policy: str,
     decay: float,
     slots: int,
+    held: list[list[set[int]]] | None,
 ) -> list[LayerCounts]:
     """The host pool through every (step, layer) in time order; per layer counters. ``requests`` and
-    ``counted`` are [layer][step]: what the tier is asked for, and what LRFU and LFU count as used."""
+    ``counted`` are [layer][step]: what the tier is asked for, and what LRFU and LFU count as used;
+    ``held`` [layer][step] the device's slots after each step, for cyclic (None: no device level)."""
     layers, experts = trace.num_layers, trace.num_experts
     counts = [LayerCounts() for _ in range(layers)]
     last_used: dict[Key, int] = {}  # resident key -> the tick of its latest request
@@ -279,6 +285,15 @@ def _replay_pool(
         pending = upcoming.get(key)
         return pending[0] if pending else math.inf
 
+    def on_device(now: int) -> Callable[[int, int], bool] | None:
+        """Whether the device holds an expert while layer ``now`` of ``step`` is served: the layers up to
+        ``now`` have had this step's loads, the later ones still hold the last step's."""
+        if held is None:
+            return None
+        return lambda layer, expert: (
+            expert in held[layer][step] if layer <= now else step > 0 and expert in held[layer][step - 1]
+        )
+
     def victim(candidates: list[Key], now: int) -> Key:
         if policy == "belady":
             return max(candidates, key=lambda key: (next_use(key), (-key[0], -key[1])))
@@ -286,7 +301,7 @@ def _replay_pool(
             return min(candidates, key=lambda key: (frequency.get(key, 0), last_used[key]))
         ordered = sorted(candidates, key=last_used.__getitem__)  # least recently requested first
         if policy == "cyclic":
-            return choose_cyclic_victim(ordered, requested, now, layers)
+            return choose_cyclic_victim(ordered, requested, now, layers, on_device(now))
         flat = choose_victim(policy, [layer * experts + e for layer, e in ordered], flat_uses)  # type: ignore[arg-type]
         return divmod(flat, experts)  # type: ignore[return-value]
 
