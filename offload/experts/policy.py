@@ -27,16 +27,18 @@ DEFAULT_CACHE_POLICY = "lrfu"
 LRFU_DECAY = 0.9  # a use counts half after about 7 steps of its layer
 HOST_TIER_POLICIES = ("cyclic", "lrfu", "lru")  # the host tier's: cyclic counts requests, see above
 DEFAULT_HOST_POLICY = "cyclic"
-# cyclic's request counts: a request counts half after about 700 steps of its layer. Slower decays read
-# fewer bytes on the demo traces (0.9: 1.6 to 1.9x Belady's; 0.999 and no decay: 1.3 to 1.5x); 0.999
-# still lets a long-lived server follow a change of topic.
+# The figures below are disk reads over Belady's on the seven demo traces of docs/BENCHMARKS.md ("Disk
+# tier"), K = 0 / 2 / 4 device slots, a tier of half the experts; tuned on those traces.
+# cyclic's request counts: a request counts half after about 700 steps of its layer. Slow decays read
+# fewer bytes within a prompt (0.9: 1.81 / 1.44 / 1.51x; 0.98: 1.61 / 1.29 / 1.31x; 0.999: 1.46 / 1.29 /
+# 1.30x; none: the same), and the counts start again with each prompt anyway.
 CYCLIC_DECAY = 0.999
 # What one layer step nearer is worth, in requests: enough to order experts whose counts differ only
 # by the decay's rounding (two experts asked for once, a few steps apart), too little to override a
-# real difference of one request.
+# real difference of one request (0: 1.50 / 1.30 / 1.30x; 0.05 to 0.3 within 0.02 of 0.1; 0.5: 1.49x at K = 0).
 CYCLIC_STEP_WEIGHT = 0.1
-# What a request of an expert that the device holds is worth: on the demo traces, 0.7 to 0.9 read 3 to
-# 7% fewer bytes than 1 at K = 1 to 4 slots (0.5 and below read more at K = 1 to 3).
+# What a request of an expert that the device holds is worth: 0.8 reads 2.5 to 6.5% fewer bytes than 1
+# at K = 1 to 4 (0.7 and 0.9 about as few; 0.5 and below more at K = 1 to 3).
 CYCLIC_DEVICE_WEIGHT = 0.8
 
 
