@@ -48,14 +48,16 @@ HOST_POLICIES = (
 )
 
 
-def record(out: Path) -> list[Path]:
-    """Each prompt's trace, recorded unless present: `offload trace record` in a child process."""
+def record(out: Path, model: str | None = None) -> list[Path]:
+    """Each prompt's trace, recorded unless present: `offload trace record` in a child process (of ``model``,
+    else the demo model)."""
     paths = []
     for name, prompt, chat, tokens in PROMPTS:
         path = out / f"{name}.trace"
         if not path.exists():
             command = [sys.executable, "-m", "cli.main", "trace", "record", str(path), "--prompt", prompt,
-                       "--max-new-tokens", str(tokens), "--threads", "1", *([] if chat else ["--no-chat"])]  # fmt: skip
+                       "--max-new-tokens", str(tokens), "--threads", "1", *([] if chat else ["--no-chat"]),
+                       *(["-m", model] if model else [])]  # fmt: skip
             env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
             subprocess.run(command, check=True, cwd=ROOT, env=env)
         paths.append(path)
@@ -139,6 +141,7 @@ def main() -> None:
         "-k", "--experts-per-layer", default="0,2,4", help="device slots per layer, a comma list"
     )
     parser.add_argument("--device-policy", default="lrfu+prefetch")
+    parser.add_argument("--model", help="record the traces from this model (default: the demo model)")
     parser.add_argument("--bounds", action="store_true", help="also the two oracles' reads against Belady's")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -148,7 +151,7 @@ def main() -> None:
     from offload.trace.format import load_trace
     from offload.trace.replay_tiers import replay_two_level
 
-    traces = [load_trace(path) for path in record(args.out)]
+    traces = [load_trace(path) for path in record(args.out, args.model)]
     h = args.host_experts
     experts = traces[0].num_experts
     print(f"traces: {', '.join(f'{name} {t.tokens}' for (name, *_), t in zip(PROMPTS, traces, strict=True))} "
