@@ -30,7 +30,7 @@ from offload.experts.host_only import HostOnlyExperts, InlineHost
 from offload.experts.host_tier import HostTier
 from offload.experts.link import parse_link
 from offload.experts.offloaded import OffloadedExperts
-from offload.experts.policy import DEFAULT_CACHE_POLICY
+from offload.experts.policy import DEFAULT_CACHE_POLICY, DEFAULT_HOST_POLICY
 from offload.experts.source import Expert, ExpertSource, ResidentExperts
 from offload.experts.store import HostStore
 from offload.hybrid import CostOverrides, build_host_path, host_materializer
@@ -55,6 +55,7 @@ class OffloadOptions:
     host_costs: CostOverrides | None = None  # cost-model inputs a profile gives instead of measuring them
     host_memory_gib: float | None = None  # the host tier's budget for experts; None holds every expert in RAM
     disk: str = "file"  # how the host tier reads: file | emulated:GBPS
+    host_policy: str = DEFAULT_HOST_POLICY  # which expert the host tier evicts (offload.experts.policy)
 
 
 def parse_device(name: str | torch.device | None) -> torch.device:
@@ -228,7 +229,7 @@ def open_host_tier(
         int(options.host_memory_gib * 2**30),
         parse_disk(options.disk),
         device=device,
-        policy=options.cache_policy,
+        policy=options.host_policy,
         min_slots=reader.checkpoint.config.num_experts_per_tok,
         build=build,
     )

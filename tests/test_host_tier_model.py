@@ -78,6 +78,7 @@ def test_the_tier_changes_no_logit_and_no_token(checkpoints: dict[str, Path], na
             experts_per_layer=2, host_memory_gib=budget, disk="emulated:5", link="emulated:5"
         ),
         "lru": OffloadOptions(experts_per_layer=2, host_memory_gib=budget, cache_policy="lru"),
+        "the tier under lrfu": OffloadOptions(experts_per_layer=2, host_memory_gib=budget, host_policy="lrfu"),
         "host-only (-k all on a cpu)": OffloadOptions(host_memory_gib=budget),
         "host-only, emulated disk": OffloadOptions(host_memory_gib=budget, disk="emulated:5"),
     }
@@ -93,6 +94,9 @@ def test_the_tier_changes_no_logit_and_no_token(checkpoints: dict[str, Path], na
         # Half the experts fit: the run must have read from disk and found some in RAM.
         assert tier.misses > 0 and tier.hits > 0 and tier.disk_bytes_read > 0, where
         assert source.memory().host_bytes <= budget * 2**30, where
+        # The tier's policy is its own (cyclic unless the profile says otherwise), told what the slots hold.
+        assert source.host_tier.policy == ("lrfu" if "lrfu" in where else "cyclic"), where
+        assert (source.host_tier.on_device is None) == ("host-only" in where), where
 
 
 def test_the_hybrid_host_path_reads_from_the_tier(checkpoints: dict[str, Path]) -> None:

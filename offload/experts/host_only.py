@@ -88,8 +88,8 @@ class HostOnlyExperts:
         unique = list(dict.fromkeys(needed))
         if layer == 0:  # a new forward pass: drop reservations left behind by one that was interrupted
             store.release()
-        for expert in unique:
-            store.fetch(layer, expert)
+        for expert in sorted(unique, key=lambda e: not store.is_ready(layer, e)):  # held ones reserved first,
+            store.fetch(layer, expert)  # so no read of this step evicts another expert the step needs
         for expert in dict.fromkeys(guesses):
             if not store.prefetch(layer + 1, expert):
                 break

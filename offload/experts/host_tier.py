@@ -13,9 +13,12 @@ host kernels read from either, plus what a tier needs:
 - ``prefetch(layer, e)``: a guess for the next layer; reads only into room that needs no waiting;
 - ``hold(layer, e, done, wait)``: a consumer (a link copy, a host job) still reads the slot until ``done()``.
 A slot is never evicted while its read is in flight, while it is held, or while it is reserved: fetched for
-the current layer and not yet handed to a consumer. Among the rest, the victim is the cache policy's
-(``offload.experts.policy``, the same ``--cache-policy`` as the device cache), over every layer at once:
-LRFU's decayed use counts age once per step of their own layer, so counts of different layers compare.
+the current layer and not yet handed to a consumer. Among the rest, the victim is the tier's policy's
+(``offload.experts.policy``, ``[host] policy`` in the profile), over every layer at once: by default
+``cyclic``, which weighs what each layer asked the tier for (each expert handed to a consumer: a link copy
+or a host job) against how soon the model reaches that layer again, and how much less the tier's copy of
+an expert the device holds is worth (``on_device``); or ``lrfu``/``lru``, whose decayed use counts age
+once per step of their own layer, so counts of different layers compare.
 """
 
 from __future__ import annotations
@@ -33,7 +36,16 @@ from offload.errors import CacheError
 from offload.experts.disk import DiskHandle, FileDisk, TensorRead
 from offload.experts.in_place import Materialize, build_in_place
 from offload.experts.packing import ExpertLayout, unpack_expert
-from offload.experts.policy import CACHE_POLICIES, age_uses, choose_victim
+from offload.experts.policy import (
+    CYCLIC_DECAY,
+    DEFAULT_HOST_POLICY,
+    HOST_TIER_POLICIES,
+    age_uses,
+    choose_cyclic_victim,
+    choose_victim,
+    forget_requests,
+    starts_prompt,
+)
 from offload.experts.source import Expert
 from offload.experts.store import is_out_of_memory
 from offload.experts.tier_stats import TierStats
@@ -71,12 +83,12 @@ class HostTier:
         disk: FileDisk,
         *,
         device: torch.device | str = "cpu",
-        policy: str = "lrfu",
+        policy: str = DEFAULT_HOST_POLICY,
         min_slots: int = 1,
         build: Sequence[Materialize] | None = None,
     ) -> None:
-        if policy not in CACHE_POLICIES:
-            raise CacheError(f"cache policy {policy!r} is not one of {', '.join(CACHE_POLICIES)}")
+        if policy not in HOST_TIER_POLICIES:
+            raise CacheError(f"host-tier policy {policy!r} is not one of {', '.join(HOST_TIER_POLICIES)}")
         self.num_layers, self.num_experts = len(reads), len(reads[0])
         for layout, layer_reads in zip(layouts, reads, strict=True):
             for expert_reads in layer_reads:
@@ -112,6 +124,11 @@ class HostTier:
         self._free = list(range(self.slots))
         self._entries: OrderedDict[Key, _Entry] = OrderedDict()  # least recently used first
         self._uses = [[0.0] * self.num_experts for _ in range(self.num_layers)]  # LRFU's decayed counts
+        self._requests = [[0.0] * self.num_experts for _ in range(self.num_layers)]  # cyclic's, decayed
+        self._asked: list[set[int]] = [set() for _ in range(self.num_layers)]  # handed out since note_step
+        self.top_k = min_slots  # one token's experts: a first layer using more starts a prompt
+        # Whether the device's slots hold an expert (the cache sets it; None: no device cache).
+        self.on_device: Callable[[int, int], bool] | None = None
         self.stats = TierStats(self.num_layers)
 
     @property
@@ -230,6 +247,7 @@ class HostTier:
         # Drop finished holds here too: a tier that never evicts would otherwise keep one per copy forever.
         entry.holds = [hold for hold in entry.holds if not hold.done()]
         entry.holds.append(_Hold(done, wait))
+        self._asked[layer].add(expert)  # a request served: what cyclic counts
         entry.reserved = max(0, entry.reserved - 1)
 
     def holds(self, layer: int, expert: int) -> int:
@@ -243,9 +261,16 @@ class HostTier:
                 entry.reserved = 0
 
     def note_step(self, layer: int, used: Collection[int]) -> None:
-        """Count one step of ``layer`` that used ``used`` (LRFU's decayed counts) and end its reservations."""
+        """Count one step of ``layer`` that used ``used`` (LRFU's decayed counts; cyclic's counts of the
+        experts handed out for the layer since its last step, forgotten when the step starts a prompt)
+        and end its reservations."""
         if self.policy == "lrfu":
             age_uses(self._uses[layer], used)
+        elif self.policy == "cyclic":
+            if starts_prompt(layer, used, self.top_k):
+                forget_requests(self._requests)
+            age_uses(self._requests[layer], self._asked[layer], CYCLIC_DECAY)
+        self._asked[layer].clear()
         self.release(layer)
 
     def reset_stats(self) -> None:
@@ -256,7 +281,7 @@ class HostTier:
         self.disk.close()
 
     def _start_read(self, layer: int, expert: int, *, wait: bool) -> _Entry | None:
-        slot = self._room(wait)
+        slot = self._room(wait, layer)
         if slot is None:
             return None
         buffer = self._slot(slot, layer)
@@ -276,13 +301,20 @@ class HostTier:
         self._entries[(layer, expert)] = entry
         return entry
 
-    def _room(self, wait: bool) -> int | None:
-        """A free slot, evicting the policy's victim among the evictable; with ``wait``, block on a consumer
-        or a read in flight until one is evictable."""
+    def _room(self, wait: bool, for_layer: int) -> int | None:
+        """A free slot for an expert of ``for_layer``, evicting the policy's victim among the evictable; with
+        ``wait``, block on a consumer or a read in flight until one is evictable."""
         while True:
             if self._free:
                 return self._free.pop()
             evictable = [key for key, entry in self._entries.items() if self._evictable(entry)]
+            if evictable and self.policy == "cyclic":  # least recently used first, as the ties want
+                self._drop(
+                    choose_cyclic_victim(
+                        evictable, self._requests, for_layer, self.num_layers, self.on_device
+                    )
+                )
+                continue
             if evictable:
                 flat = [layer * self.num_experts + expert for layer, expert in evictable]
                 uses = {

@@ -88,6 +88,8 @@ class OffloadedExperts:
         if len(gates) != cache.num_layers:
             raise CacheError(f"got {len(gates)} gates for a cache of {cache.num_layers} layers")
         self.cache = cache
+        if isinstance(cache.store, HostTier):  # its cyclic policy weighs down copies of what the slots hold
+            cache.store.on_device = cache.contains
         self.gates = list(gates)
         self.prefetch = prefetch
         self._guesses_for: dict[int, list[int]] = {}  # layer -> the guesses made for it one layer earlier
@@ -185,7 +187,9 @@ class OffloadedExperts:
         uncomputed = set(remaining)  # protected from eviction until the caller has used them
         misses = [e for e in remaining if not cache.lookup(layer, e)]
         store = cache.store
-        for expert in misses:  # a host tier starts reading every miss now, so the reads overlap the hits
+        # A host tier starts reading every miss now, so the reads overlap the hits; the experts it holds
+        # are fetched (reserved) first, so that no read of this step evicts another expert the step needs.
+        for expert in sorted(misses, key=lambda e: not store.is_ready(layer, e)):
             store.fetch(layer, expert)
         for expert in next_guesses:  # and then the next layer's guesses, behind the misses on the disk
             if not cache.contains(layer + 1, expert) and not store.prefetch(layer + 1, expert):

@@ -13,7 +13,12 @@ from pathlib import Path
 from typing import Any
 
 from offload.errors import ProfileError, QuantError
-from offload.experts.policy import CACHE_POLICIES, DEFAULT_CACHE_POLICY
+from offload.experts.policy import (
+    CACHE_POLICIES,
+    DEFAULT_CACHE_POLICY,
+    DEFAULT_HOST_POLICY,
+    HOST_TIER_POLICIES,
+)
 from offload.quant.spec import QuantSpec
 
 DEVICE_KINDS = ("cuda", "cpu")
@@ -79,6 +84,7 @@ class HostSettings:
     device_expert_ms: float | None = None  # the device's, likewise
     memory_gib: float | None = None  # host RAM for experts; the rest stay on disk (None: every expert in RAM)
     disk_gbps: float = 3.0  # the disk's read bandwidth in GB/s, for the plan (a laptop NVMe SSD: 2 to 7)
+    policy: str = DEFAULT_HOST_POLICY  # which expert the host tier evicts: cyclic, lrfu or lru
 
 
 class ProfileTable:
@@ -145,7 +151,16 @@ SECTIONS: dict[str, tuple[str, ...]] = {
     "prefetch": ("enabled", "experts"),
     "quant": (*QUANT_ROLES, "experts_overrides"),
     "generation": ("max_new_tokens", "temperature", "top_p", "top_k", "context"),
-    "host": ("cores", "memory_gbps", "compute", "expert_ms", "device_expert_ms", "memory_gib", "disk_gbps"),
+    "host": (
+        "cores",
+        "memory_gbps",
+        "compute",
+        "expert_ms",
+        "device_expert_ms",
+        "memory_gib",
+        "disk_gbps",
+        "policy",
+    ),
 }
 
 
@@ -225,6 +240,7 @@ def read_host(table: ProfileTable) -> HostSettings:
         device_expert_ms=table.number("device_expert_ms", None, lambda v: v > 0, f"{positive} milliseconds"),
         memory_gib=table.number("memory_gib", None, lambda v: v > 0, f"{positive} GiB"),
         disk_gbps=table.number("disk_gbps", 3.0, lambda v: v > 0, f"{positive} GB/s"),
+        policy=table.string("policy", DEFAULT_HOST_POLICY, HOST_TIER_POLICIES),
     )
 
 

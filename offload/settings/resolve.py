@@ -145,6 +145,7 @@ def resolve_settings(
             host_costs=_host_costs(chosen.host),
             host_memory_gib=host_memory,
             disk=disk,
+            host_policy=chosen.host.policy,
         ),
         profile_name=chosen.name,
         generation=chosen.generation,
