@@ -78,7 +78,9 @@ def test_the_tier_changes_no_logit_and_no_token(checkpoints: dict[str, Path], na
             experts_per_layer=2, host_memory_gib=budget, disk="emulated:5", link="emulated:5"
         ),
         "lru": OffloadOptions(experts_per_layer=2, host_memory_gib=budget, cache_policy="lru"),
-        "the tier under lrfu": OffloadOptions(experts_per_layer=2, host_memory_gib=budget, host_policy="lrfu"),
+        "the tier under lrfu": OffloadOptions(
+            experts_per_layer=2, host_memory_gib=budget, host_policy="lrfu"
+        ),
         "host-only (-k all on a cpu)": OffloadOptions(host_memory_gib=budget),
         "host-only, emulated disk": OffloadOptions(host_memory_gib=budget, disk="emulated:5"),
     }
