@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from offload.errors import ProfileError
+from offload.errors import CacheError, ProfileError
 from offload.experts.host_tier import HostTier
 from offload.experts.policy import DEFAULT_HOST_POLICY
 from offload.trace.replay_tiers import replay_two_level
@@ -33,11 +33,9 @@ def reads(tier: HostTier) -> int:
 
 
 def test_the_tiers_default_is_cyclic_and_a_bad_policy_is_one_line(tmp_path: Path) -> None:
-    reads_file = tmp_path / "a"
-    reads_file.mkdir()
     assert DEFAULT_HOST_POLICY == "cyclic"
-    with pytest.raises(Exception, match="host-tier policy 'mru' is not one of cyclic, lrfu, lru"):
-        make_tier(reads_file, slots=2, policy="mru")
+    with pytest.raises(CacheError, match=r"host-tier policy 'mru' is not one of cyclic, lrfu, lru$"):
+        make_tier(tmp_path, slots=2, policy="mru")
 
 
 def test_cyclic_keeps_the_expert_its_layer_needs_next(tmp_path: Path) -> None:
