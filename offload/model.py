@@ -87,15 +87,30 @@ class Attention(nn.Module):
     def forward(self, x: Tensor, layer: int, cache: KVCache | None, positions: Positions) -> Tensor:
         batch, tokens, _ = x.shape
         heads, kv_heads, head_dim = self.heads, self.kv_heads, self.head_dim
-        q = self.q_proj.forward(x).view(batch, tokens, heads, head_dim).transpose(1, 2)  # (B, H, T, K)
-        k = self.k_proj.forward(x).view(batch, tokens, kv_heads, head_dim).transpose(1, 2)  # (B, G, T, K)
-        v = self.v_proj.forward(x).view(batch, tokens, kv_heads, head_dim).transpose(1, 2)
+        q, k, v = self.q_proj.forward(x), self.k_proj.forward(x), self.v_proj.forward(x)  # (B, T, heads * K)
+        if tokens == 1:  # (B, 1, heads, K) and (B, heads, 1, K) are the same memory: a view, no transpose
+            q, k, v = (
+                q.view(batch, heads, 1, head_dim),
+                k.view(batch, kv_heads, 1, head_dim),
+                v.view(batch, kv_heads, 1, head_dim),
+            )
+        else:
+            q = q.view(batch, tokens, heads, head_dim).transpose(1, 2)  # (B, H, T, K)
+            k = k.view(batch, tokens, kv_heads, head_dim).transpose(1, 2)  # (B, G, T, K)
+            v = v.view(batch, tokens, kv_heads, head_dim).transpose(1, 2)
         q, k = apply_rope(q, positions.cos, positions.sin), apply_rope(k, positions.cos, positions.sin)
         if cache is not None:
             k, v = cache.update(layer, k, v, positions.start)  # (B, G, S, K): every position so far
         # enable_gqa shares each key/value head among its query heads without copying the cache.
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=positions.mask, enable_gqa=True)
-        return self.o_proj.forward(out.transpose(1, 2).reshape(batch, tokens, heads * head_dim))
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=positions.mask, enable_gqa=True
+        )  # (B, H, T, K)
+        out = (
+            out.reshape(batch, 1, heads * head_dim)
+            if tokens == 1
+            else out.transpose(1, 2).reshape(batch, tokens, -1)
+        )
+        return self.o_proj.forward(out)
 
 
 class Positions:
@@ -247,15 +262,15 @@ class MixtralModel(nn.Module):
         start = 0 if cache is None else cache.length
         if cache is not None:
             cache.reserve(start + input_ids.shape[1])
-        x = self.model.embed_tokens(input_ids)
+        x = self.model.embed_tokens.forward(input_ids)
         positions = Positions(self.config, self.rope, start, input_ids.shape[1], x.dtype, x.device)
         for layer in self.model.layers:
             x = layer.forward(x, cache, positions)
         if cache is not None:
             cache.length = start + input_ids.shape[1]
-        if last_only:
+        if last_only and x.shape[1] > 1:
             x = x[:, -1:]
-        return self.lm_head(self.model.norm(x))
+        return self.lm_head.forward(self.model.norm.forward(x))
 
     @property
     def device(self) -> torch.device:
