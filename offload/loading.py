@@ -31,7 +31,7 @@ from offload.experts.host_tier import HostTier
 from offload.experts.link import parse_link
 from offload.experts.offloaded import OffloadedExperts
 from offload.experts.policy import DEFAULT_CACHE_POLICY, DEFAULT_HOST_POLICY
-from offload.experts.source import Expert, ExpertSource, ResidentExperts
+from offload.experts.source import Expert, ExpertSource, ResidentExperts, prefers_input_major
 from offload.experts.store import HostStore
 from offload.hybrid import CostOverrides, build_host_path, host_materializer
 from offload.model import MixtralModel
@@ -176,7 +176,12 @@ def load_offloaded_experts(
     if options.host_memory_gib is not None:
         store: HostStore | HostTier = open_host_tier(reader, device, options)
     else:
-        store = HostStore(config.num_hidden_layers, config.num_local_experts, device=device)
+        store = HostStore(
+            config.num_hidden_layers,
+            config.num_local_experts,
+            device=device,
+            input_major=prefers_input_major(reader.dtype),
+        )
         for layer in range(config.num_hidden_layers):
             for expert in range(config.num_local_experts):
                 tensors = reader.expert(layer, expert)

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from offload.errors import CacheError
-from offload.experts.source import DenseExpert
+from offload.experts.source import DenseExpert, prefers_input_major
 
 # Every tensor starts on a 64-byte boundary: a uint8 view can then be reinterpreted as any dtype,
 # and matmul kernels see the same alignment as a fresh allocation (so results stay bit-identical).
@@ -34,6 +34,7 @@ class TensorSlice:
     shape: tuple[int, ...]
     offset: int  # bytes from the start of the buffer; a multiple of ALIGNMENT
     nbytes: int  # the tensor's own size, without padding
+    input_major: bool = False  # an (out, in) matrix stored as its contiguous (in, out) transpose
 
 
 @dataclass(frozen=True)
@@ -44,13 +45,21 @@ class ExpertLayout:
     nbytes: int  # the whole buffer, padded to ALIGNMENT so buffers can sit back to back
 
     @classmethod
-    def of(cls, tensors: dict[str, Tensor]) -> ExpertLayout:
-        """The layout that packs ``tensors`` in their dict order, each aligned to ALIGNMENT bytes."""
+    def of(cls, tensors: dict[str, Tensor], *, input_major: bool | None = None) -> ExpertLayout:
+        """The layout that packs ``tensors`` in their dict order, each aligned to ALIGNMENT bytes.
+
+        With ``input_major``, every float matrix (a dense expert's) with more rows than one and at least as
+        many as columns is stored transposed, so that its view is already in ``one_token_layout``: a slot or
+        the host store then computes from its bytes without a copy. Pass whether the compute dtype
+        ``prefers_input_major``; None decides by each tensor's own dtype (the experts compute as stored).
+        """
         slices = []
         offset = 0
         for name, tensor in tensors.items():
             nbytes = tensor.numel() * tensor.element_size()
-            slices.append(TensorSlice(name, tensor.dtype, tuple(tensor.shape), offset, nbytes))
+            wanted = prefers_input_major(tensor.dtype) if input_major is None else input_major
+            transposed = wanted and _is_tall_matrix(tensor)
+            slices.append(TensorSlice(name, tensor.dtype, tuple(tensor.shape), offset, nbytes, transposed))
             offset = _align(offset + nbytes)
         return cls(tuple(slices), max(offset, ALIGNMENT))
 
@@ -73,8 +82,14 @@ def _describe(tensors: dict[str, tuple[torch.dtype, tuple[int, ...]]]) -> str:
     return "{" + ", ".join(parts) + "}"
 
 
+def _is_tall_matrix(tensor: Tensor) -> bool:
+    return tensor.is_floating_point() and tensor.dim() == 2 and tensor.shape[0] >= tensor.shape[1] > 1
+
+
 def _view(buffer: Tensor, piece: TensorSlice) -> Tensor:
     raw = buffer[piece.offset : piece.offset + piece.nbytes]
+    if piece.input_major:
+        return raw.view(piece.dtype).view(piece.shape[::-1]).t()
     return raw.view(piece.dtype).view(piece.shape)
 
 

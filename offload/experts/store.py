@@ -20,8 +20,19 @@ from offload.experts.packing import ExpertLayout, pack_expert, unpack_expert
 class HostStore:
     """``num_experts`` packed experts for each of ``num_layers`` layers, in host memory."""
 
-    def __init__(self, num_layers: int, num_experts: int, device: torch.device | str = "cpu") -> None:
-        """``device`` is where the experts will be copied to; a CUDA device makes the store pinned."""
+    def __init__(
+        self,
+        num_layers: int,
+        num_experts: int,
+        device: torch.device | str = "cpu",
+        *,
+        input_major: bool | None = None,
+    ) -> None:
+        """``device`` is where the experts will be copied to; a CUDA device makes the store pinned.
+        ``input_major`` stores dense experts' tall matrices transposed (``ExpertLayout.of``): pass
+        ``prefers_input_major(compute dtype)``, so that they compute without a copy; None decides by the
+        stored dtype.
+        """
         if num_layers < 1 or num_experts < 1:
             raise CacheError(
                 f"a store needs one layer and one expert or more, got {num_layers} and {num_experts}"
@@ -29,6 +40,7 @@ class HostStore:
         self.num_layers = num_layers
         self.num_experts = num_experts
         self.pinned = torch.device(device).type == "cuda"
+        self.input_major = input_major
         self._layouts: list[ExpertLayout | None] = [None] * num_layers
         self._buffers: list[Tensor | None] = [None] * num_layers  # (num_experts * layout.nbytes,) uint8
         self._present = [[False] * num_experts for _ in range(num_layers)]
@@ -41,7 +53,7 @@ class HostStore:
         self._check_index(layer, expert)
         layout = self._layouts[layer]
         if layout is None:
-            layout = ExpertLayout.of(tensors)
+            layout = ExpertLayout.of(tensors, input_major=self.input_major)
             nbytes = self.num_experts * layout.nbytes
             try:
                 self._buffers[layer] = torch.zeros(nbytes, dtype=torch.uint8, pin_memory=self.pinned)

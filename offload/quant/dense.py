@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from offload.errors import QuantError
+from offload.experts.source import one_token_layout
 
 if TYPE_CHECKING:
     from offload.quant.spec import QuantSpec
@@ -56,24 +57,6 @@ def kernel_linear(
 def host_linear(tensors: dict[str, Tensor], spec: QuantSpec) -> nn.Module | None:
     """None: a float matrix has no codes for a CPU kernel to read."""
     return None
-
-
-def one_token_layout(weight: Tensor) -> Tensor:
-    """``weight`` (out, in), with the same values, in the memory layout a one-token ``F.linear`` runs fastest in.
-
-    On a CPU in float32, a matrix with at least as many outputs as inputs is stored input-major (the
-    transpose of a contiguous (in, out) tensor): MKL's one-row kernel over (out, in) rows computes one short
-    dot product per output and reads memory at about 7 GB/s on one core, against 18 GB/s for the input-major
-    kernel (one thread, float32: the demo's 5120 x 256 lm_head 0.72 -> 0.29 ms a token, a 448 x 256 matrix
-    63 -> 48 us, both out of cache). A wider-than-tall matrix (an expert's down projection) is slower so, and
-    bf16 and CUDA gain nothing measurable: those stay as they are. Costs one copy, once, at load.
-    """
-    out_features, in_features = weight.shape
-    if weight.device.type != "cpu" or weight.dtype != torch.float32 or out_features < in_features:
-        return weight
-    if weight.t().is_contiguous():
-        return weight
-    return weight.t().contiguous().t()
 
 
 class DenseLinear(nn.Module):
