@@ -66,6 +66,52 @@ class DenseExpert:
     def __call__(self, x: Tensor) -> Tensor:
         return F.linear(F.silu(F.linear(x, self.w1)) * F.linear(x, self.w3), self.w2)
 
+    def fused(self) -> DenseExpert:
+        """This expert with w1 and w3 in one matrix, where that gives the same bits (else itself).
+
+        On a CPU in float32 (input-major matrices), MKL computes each output column of an input-major matrix
+        the same whether it sits alone or beside others (checked at 1 and 2 threads, 1 to 100 tokens, widths
+        16 to 3584), so one (2F, D) product equals the two (F, D) ones bit for bit, and reads the weights
+        faster: two 448 x 256 matrices 95 -> 61 us out of cache. Costs one copy of w1 and w3: for resident
+        experts, built once at load; offloaded ones keep computing from their slot's separate views.
+        """
+        if (
+            self.w1.device.type != "cpu"
+            or not prefers_input_major(self.w1.dtype)
+            or self.w1.shape != self.w3.shape
+        ):
+            return self
+        return FusedDenseExpert(self.w1, self.w2, self.w3)
+
+
+class FusedDenseExpert(DenseExpert):
+    """A DenseExpert whose w1 and w3 are the halves of one input-major (2F, D) matrix, ``w13``."""
+
+    def __init__(self, w1: Tensor, w2: Tensor, w3: Tensor) -> None:  # not DenseExpert.__init__: no w1, w3
+        width, hidden = w1.shape
+        stacked = torch.empty(hidden, 2 * width, dtype=w1.dtype, device=w1.device)  # (D, 2F): w13 transposed
+        stacked[:, :width].copy_(w1.t())
+        stacked[:, width:].copy_(w3.t())
+        self.w13, self.w2, self.width = stacked.t(), one_token_layout(w2), width
+
+    @property
+    def w1(self) -> Tensor:
+        return self.w13[: self.width]
+
+    @property
+    def w3(self) -> Tensor:
+        return self.w13[self.width :]
+
+    def __call__(self, x: Tensor) -> Tensor:
+        both = F.linear(x, self.w13)
+        # silu's vectorised loop rounds differently in a row's tail: give it the (T, F) block the unfused
+        # expert gives it (a copy only when T > 1; at one token the half is already contiguous).
+        gate = both[..., : self.width].contiguous()
+        return F.linear(F.silu(gate) * both[..., self.width :], self.w2)
+
+    def fused(self) -> DenseExpert:
+        return self
+
 
 @dataclass(frozen=True)
 class ExpertMemory:
@@ -134,7 +180,8 @@ class ResidentExperts:
     stats: CacheStats | None = None  # nothing is cached or moved
 
     def __init__(self, experts: list[list[Expert]]) -> None:
-        self.experts = experts  # [layer][expert]
+        # Dense experts built once here may take the faster fused form; it computes the same bits.
+        self.experts = [[_fused(expert) for expert in layer] for layer in experts]  # [layer][expert]
 
     def speculate(self, layer: int, hidden: Tensor) -> Tensor | None:
         return None
@@ -163,6 +210,10 @@ class ResidentExperts:
 
     def describe(self) -> str:
         return "every expert resident on the device"
+
+
+def _fused(expert: Expert) -> Expert:
+    return expert.fused() if isinstance(expert, DenseExpert) else expert
 
 
 def expert_tensors(expert: object) -> Iterator[Tensor]:
