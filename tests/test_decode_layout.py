@@ -1,0 +1,84 @@
+"""The one-token memory layouts of dense matrices (issue 15's per-token overhead) keep every result's bits.
+
+Float32 matrices with at least as many outputs as inputs are held input-major on a CPU, resident experts
+fuse w1 and w3 into one matrix, and the host store packs experts so that slots compute from their bytes.
+None of this may change a bit between the places an expert computes, at any token count.
+"""
+
+import pytest
+import torch
+
+from offload.experts.packing import ExpertLayout, materialize_dense, pack_expert, unpack_expert
+from offload.experts.source import DenseExpert, FusedDenseExpert, ResidentExperts, one_token_layout
+from offload.experts.store import HostStore
+from offload.quant.dense import DenseLinear
+
+
+def dense(width: int, hidden: int, dtype: torch.dtype, seed: int = 0) -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    return {
+        "w1": (torch.randn(width, hidden, generator=generator) / hidden**0.5).to(dtype),
+        "w2": (torch.randn(hidden, width, generator=generator) / width**0.5).to(dtype),
+        "w3": (torch.randn(width, hidden, generator=generator) / hidden**0.5).to(dtype),
+    }
+
+
+def is_input_major(weight: torch.Tensor) -> bool:
+    return weight.t().is_contiguous() and not weight.is_contiguous()
+
+
+@pytest.mark.parametrize("width", [24, 40, 448])  # 24 and 40 leave a tail in silu's vectorised rows
+@pytest.mark.parametrize("tokens", [1, 2, 5, 17])
+def test_a_fused_expert_computes_the_bits_of_the_unfused_one(width, tokens):
+    tensors = dense(width, 16 if width < 100 else 256, torch.float32)
+    plain = DenseExpert(tensors["w1"], tensors["w2"], tensors["w3"])
+    fused = plain.fused()
+    assert isinstance(fused, FusedDenseExpert)
+    x = torch.randn(tokens, tensors["w1"].shape[1], generator=torch.Generator().manual_seed(tokens))
+    assert torch.equal(fused(x), plain(x))
+    assert torch.equal(fused.w1, tensors["w1"]) and torch.equal(fused.w3, tensors["w3"])
+
+
+def test_resident_experts_fuse_only_float32():
+    experts = [[DenseExpert(**dense(24, 16, torch.float32)), DenseExpert(**dense(24, 16, torch.bfloat16))]]
+    fused, kept = ResidentExperts(experts).experts[0]
+    assert isinstance(fused, FusedDenseExpert)
+    assert type(kept) is DenseExpert and kept.w1.is_contiguous()  # bf16's input-major kernel is slower
+
+
+@pytest.mark.parametrize("tokens", [1, 5])
+def test_an_expert_from_the_store_computes_without_a_copy_and_matches_the_resident_one(tokens):
+    tensors = dense(24, 16, torch.float32, seed=3)
+    store = HostStore(1, 1)
+    store.put(0, 0, {name: t.clone() for name, t in tensors.items()})
+    views = store.tensors(0, 0)
+    assert is_input_major(views["w1"]) and is_input_major(views["w3"])
+    assert views["w2"].is_contiguous()  # wider than tall: the row kernel is the faster one
+    offloaded = materialize_dense(views)
+    buffer = store.buffer(0, 0)
+    for weight in (offloaded.w1, offloaded.w2, offloaded.w3):
+        assert weight.untyped_storage().data_ptr() == buffer.untyped_storage().data_ptr()
+    resident = ResidentExperts([[DenseExpert(**tensors)]]).experts[0][0]
+    x = torch.randn(tokens, 16, generator=torch.Generator().manual_seed(4))
+    assert torch.equal(offloaded(x), resident(x))
+
+
+def test_a_bfloat16_store_converted_to_float32_stays_input_major():
+    """A half-precision checkpoint computed in float32 (the demo on a CPU): the store says so explicitly."""
+    tensors = dense(24, 16, torch.bfloat16)
+    layout = ExpertLayout.of(tensors, input_major=True)
+    views = unpack_expert(pack_expert(tensors, layout), layout)
+    assert is_input_major(views["w1"].to(torch.float32))
+    assert not is_input_major(
+        unpack_expert(pack_expert(tensors, ExpertLayout.of(tensors)), ExpertLayout.of(tensors))["w1"]
+    )
+
+
+def test_dense_linear_holds_tall_float32_matrices_input_major_with_the_same_values():
+    tall = torch.randn(64, 16)
+    assert is_input_major(DenseLinear(tall).weight) and torch.equal(DenseLinear(tall).weight, tall)
+    wide = torch.randn(16, 64)
+    assert DenseLinear(wide).weight.is_contiguous()
+    assert DenseLinear(tall.bfloat16()).weight.is_contiguous()
+    held = one_token_layout(tall)
+    assert one_token_layout(held) is held  # already so: no second copy
