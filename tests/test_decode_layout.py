@@ -11,7 +11,9 @@ import torch
 from offload.experts.packing import ExpertLayout, materialize_dense, pack_expert, unpack_expert
 from offload.experts.source import DenseExpert, FusedDenseExpert, ResidentExperts, one_token_layout
 from offload.experts.store import HostStore
+from offload.quant.codec import FusedInt4Expert, QuantizedExpert
 from offload.quant.dense import DenseLinear
+from offload.quant.host_kernels import Int4Linear, has_op
 
 
 def dense(width: int, hidden: int, dtype: torch.dtype, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -82,3 +84,33 @@ def test_dense_linear_holds_tall_float32_matrices_input_major_with_the_same_valu
     assert DenseLinear(tall.bfloat16()).weight.is_contiguous()
     held = one_token_layout(tall)
     assert one_token_layout(held) is held  # already so: no second copy
+
+
+def int4_expert(width: int, hidden: int, seed: int = 0) -> QuantizedExpert:
+    generator = torch.Generator().manual_seed(seed)
+
+    def matrix(rows: int, columns: int) -> Int4Linear:
+        codes = torch.randint(0, 16, (rows, columns), generator=generator, dtype=torch.uint8)
+        scale = torch.rand(rows, columns // 64, generator=generator) * 0.1
+        offset = torch.randn(rows, columns // 64, generator=generator) * 0.1
+        return Int4Linear.from_affine(codes, scale, offset, 64)
+
+    return QuantizedExpert(matrix(width, hidden), matrix(hidden, width), matrix(width, hidden))
+
+
+@pytest.mark.skipif(not has_op("_weight_int4pack_mm_for_cpu"), reason="this torch has no CPU int4 kernel")
+@pytest.mark.parametrize("tokens", [1, 3, 17])
+def test_a_fused_int4_expert_computes_the_bits_of_the_unfused_one(tokens):
+    plain = int4_expert(128, 64)
+    fused = plain.fused()
+    assert isinstance(fused, FusedInt4Expert)
+    x = torch.randn(tokens, 64, generator=torch.Generator().manual_seed(tokens))
+    assert torch.equal(fused(x), plain(x))
+    assert torch.equal(fused.w3(x), plain.w3(x))  # the parts stay usable on their own
+
+
+@pytest.mark.skipif(not has_op("_weight_int4pack_mm_for_cpu"), reason="this torch has no CPU int4 kernel")
+def test_an_int4_expert_whose_halves_may_not_be_whole_packing_blocks_keeps_its_bits():
+    plain = int4_expert(48, 64)  # 48 rows: a multiple of 16 the kernel takes; the packer's block may be 64
+    x = torch.randn(5, 64, generator=torch.Generator().manual_seed(5))
+    assert torch.equal(plain.fused()(x), plain(x))

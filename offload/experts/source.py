@@ -180,7 +180,7 @@ class ResidentExperts:
     stats: CacheStats | None = None  # nothing is cached or moved
 
     def __init__(self, experts: list[list[Expert]]) -> None:
-        # Dense experts built once here may take the faster fused form; it computes the same bits.
+        # Experts built once here may take a faster fused form (w1 and w3 in one matrix): the same bits.
         self.experts = [[_fused(expert) for expert in layer] for layer in experts]  # [layer][expert]
 
     def speculate(self, layer: int, hidden: Tensor) -> Tensor | None:
@@ -213,7 +213,9 @@ class ResidentExperts:
 
 
 def _fused(expert: Expert) -> Expert:
-    return expert.fused() if isinstance(expert, DenseExpert) else expert
+    """``expert.fused()`` where the expert offers one (dense and CPU int4 experts), else ``expert``."""
+    fused = getattr(expert, "fused", None)
+    return fused() if callable(fused) else expert
 
 
 def expert_tensors(expert: object) -> Iterator[Tensor]:

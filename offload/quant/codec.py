@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from offload.errors import QuantError
 from offload.experts.source import DenseExpert, Expert
+from offload.quant.host_kernels import Int4Linear
 from offload.quant.linear import build_linear, dequantize_linear, host_linear, matrix_nbytes, quantize_linear
 from offload.quant.spec import QuantSpec
 
@@ -44,7 +45,44 @@ class QuantizedExpert:
         self.w1, self.w2, self.w3 = w1, w2, w3
 
     def __call__(self, x: Tensor) -> Tensor:
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        # forward(), not __call__: no hooks go on an expert's matrices, and __call__ costs microseconds.
+        return self.w2.forward(F.silu(self.w1.forward(x)) * self.w3.forward(x))
+
+    def fused(self) -> QuantizedExpert:
+        """This expert with w1 and w3 in one CPU int4 module where that gives the same bits (else itself).
+
+        One kernel call instead of two, and one rounding of the input to bf16: two 448 x 256 int4 matrices
+        54 -> 33 us at one token, out of cache. Resident experts take it once at load (``ResidentExperts``).
+        """
+        if isinstance(self.w1, Int4Linear) and isinstance(self.w3, Int4Linear):
+            w13 = Int4Linear.stacked(self.w1, self.w3)
+            if w13 is not None:
+                return FusedInt4Expert(w13, self.w2, self.w1.out_features)
+        return self
+
+
+class FusedInt4Expert(QuantizedExpert):
+    """A QuantizedExpert whose w1 and w3 are the two halves of one Int4Linear, ``w13``."""
+
+    def __init__(self, w13: Int4Linear, w2: nn.Module, width: int) -> None:  # not the parent's: no w1, w3
+        self.w13, self.w2, self.width = w13, w2, width
+
+    @property
+    def w1(self) -> Int4Linear:
+        return self.w13.rows(0, self.width)
+
+    @property
+    def w3(self) -> Int4Linear:
+        return self.w13.rows(self.width, 2 * self.width)
+
+    def __call__(self, x: Tensor) -> Tensor:
+        both = self.w13.forward(x)
+        # As in FusedDenseExpert: silu gets the (T, F) block the unfused expert gives it.
+        gate = both[..., : self.width].contiguous()
+        return self.w2.forward(F.silu(gate) * both[..., self.width :])
+
+    def fused(self) -> QuantizedExpert:
+        return self
 
 
 class MatrixCodec:
