@@ -86,14 +86,14 @@ def test_dense_linear_holds_tall_float32_matrices_input_major_with_the_same_valu
     assert one_token_layout(held) is held  # already so: no second copy
 
 
-def int4_expert(width: int, hidden: int, seed: int = 0) -> QuantizedExpert:
+def int4_expert(width: int, hidden: int, group: int = 64, seed: int = 0) -> QuantizedExpert:
     generator = torch.Generator().manual_seed(seed)
 
     def matrix(rows: int, columns: int) -> Int4Linear:
         codes = torch.randint(0, 16, (rows, columns), generator=generator, dtype=torch.uint8)
-        scale = torch.rand(rows, columns // 64, generator=generator) * 0.1
-        offset = torch.randn(rows, columns // 64, generator=generator) * 0.1
-        return Int4Linear.from_affine(codes, scale, offset, 64)
+        scale = torch.rand(rows, columns // group, generator=generator) * 0.1
+        offset = torch.randn(rows, columns // group, generator=generator) * 0.1
+        return Int4Linear.from_affine(codes, scale, offset, group)
 
     return QuantizedExpert(matrix(width, hidden), matrix(hidden, width), matrix(width, hidden))
 
@@ -111,6 +111,8 @@ def test_a_fused_int4_expert_computes_the_bits_of_the_unfused_one(tokens):
 
 @pytest.mark.skipif(not has_op("_weight_int4pack_mm_for_cpu"), reason="this torch has no CPU int4 kernel")
 def test_an_int4_expert_whose_halves_may_not_be_whole_packing_blocks_keeps_its_bits():
-    plain = int4_expert(48, 64)  # 48 rows: a multiple of 16 the kernel takes; the packer's block may be 64
+    plain = int4_expert(
+        96, 64, group=32
+    )  # 96 rows: a multiple of 16 the kernel takes; the packer's block may be 64
     x = torch.randn(5, 64, generator=torch.Generator().manual_seed(5))
     assert torch.equal(plain.fused()(x), plain(x))
