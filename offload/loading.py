@@ -93,6 +93,7 @@ def load_model(
     with torch.device("meta"):
         mixtral = MixtralModel(config)
     load_dense_weights(mixtral, reader, device, progress, host_kernels=host_kernels)
+    mixtral.fuse_projections()
     if offload is not None and offload.experts_per_layer is None and offload.host_memory_gib is not None:
         source = load_host_tier_experts(mixtral, reader, device, offload, host_kernels=host_kernels)
     elif offload is None or offload.experts_per_layer is None:

@@ -13,6 +13,7 @@ from torch import Tensor, nn
 from offload.config import ModelConfig
 from offload.experts.source import ExpertSource, route
 from offload.kv_cache import KVCache
+from offload.quant.linear import stacked_linear
 
 
 class RMSNorm(nn.Module):
@@ -83,34 +84,52 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(hidden, self.kv_heads * self.head_dim, bias=False)
         self.v_proj = nn.Linear(hidden, self.kv_heads * self.head_dim, bias=False)
         self.o_proj = nn.Linear(self.heads * self.head_dim, hidden, bias=False)
+        # q, k and v as one matrix (``fuse_projections``); a plain attribute, so its weights, which the three
+        # projections share, are not counted twice among the model's buffers.
+        self.fused_qkv: tuple[nn.Module] | None = None
+
+    def fuse_projections(self) -> None:
+        """Compute q, k and v with one matrix call from now on, where the loaded projections allow it
+        (``offload.quant.linear.stacked_linear``); q_proj, k_proj and v_proj are rebuilt over its memory."""
+        stacked = stacked_linear([self.q_proj, self.k_proj, self.v_proj])
+        if stacked is not None:
+            fused, (self.q_proj, self.k_proj, self.v_proj) = stacked
+            self.fused_qkv = (fused,)
 
     def forward(self, x: Tensor, layer: int, cache: KVCache | None, positions: Positions) -> Tensor:
         batch, tokens, _ = x.shape
-        heads, kv_heads, head_dim = self.heads, self.kv_heads, self.head_dim
-        q, k, v = self.q_proj.forward(x), self.k_proj.forward(x), self.v_proj.forward(x)  # (B, T, heads * K)
-        if tokens == 1:  # (B, 1, heads, K) and (B, heads, 1, K) are the same memory: a view, no transpose
-            q, k, v = (
-                q.view(batch, heads, 1, head_dim),
-                k.view(batch, kv_heads, 1, head_dim),
-                v.view(batch, kv_heads, 1, head_dim),
-            )
-        else:
-            q = q.view(batch, tokens, heads, head_dim).transpose(1, 2)  # (B, H, T, K)
-            k = k.view(batch, tokens, kv_heads, head_dim).transpose(1, 2)  # (B, G, T, K)
-            v = v.view(batch, tokens, kv_heads, head_dim).transpose(1, 2)
-        q, k = apply_rope(q, positions.cos, positions.sin), apply_rope(k, positions.cos, positions.sin)
+        q, k, v = self._rotated_qkv(x, positions)
         if cache is not None:
             k, v = cache.update(layer, k, v, positions.start)  # (B, G, S, K): every position so far
         # enable_gqa shares each key/value head among its query heads without copying the cache.
         out = F.scaled_dot_product_attention(
             q, k, v, attn_mask=positions.mask, enable_gqa=True
         )  # (B, H, T, K)
-        out = (
-            out.reshape(batch, 1, heads * head_dim)
-            if tokens == 1
-            else out.transpose(1, 2).reshape(batch, tokens, -1)
-        )
+        # At one token (B, H, 1, K) and (B, 1, H, K) are the same memory: no transpose.
+        out = out.reshape(batch, 1, -1) if tokens == 1 else out.transpose(1, 2).reshape(batch, tokens, -1)
         return self.o_proj.forward(out)
+
+    def _rotated_qkv(self, x: Tensor, positions: Positions) -> tuple[Tensor, Tensor, Tensor]:
+        """(B, T, D) -> q (B, H, T, K), k and v (B, G, T, K), with RoPE applied to q and k."""
+        heads, kv_heads, head_dim = self.heads, self.kv_heads, self.head_dim
+        if self.fused_qkv is not None:
+            qkv = self.fused_qkv[0].forward(x)  # (B, T, (H + 2G) * K)
+            qkv = _split_heads(qkv, heads + 2 * kv_heads, head_dim)  # (B, H + 2G, T, K)
+            # One rotation for the query and key heads together: the same elementwise values as two.
+            qk = apply_rope(qkv[:, : heads + kv_heads], positions.cos, positions.sin)
+            return qk[:, :heads], qk[:, heads:], qkv[:, heads + kv_heads :]
+        q = _split_heads(self.q_proj.forward(x), heads, head_dim)
+        k = _split_heads(self.k_proj.forward(x), kv_heads, head_dim)
+        v = _split_heads(self.v_proj.forward(x), kv_heads, head_dim)
+        return apply_rope(q, positions.cos, positions.sin), apply_rope(k, positions.cos, positions.sin), v
+
+
+def _split_heads(x: Tensor, heads: int, head_dim: int) -> Tensor:
+    """(B, T, heads * K) -> (B, heads, T, K); at one token a view, as (B, 1, heads, K) is the same memory."""
+    batch, tokens, _ = x.shape
+    if tokens == 1:
+        return x.view(batch, heads, 1, head_dim)
+    return x.view(batch, tokens, heads, head_dim).transpose(1, 2)
 
 
 class Positions:
@@ -271,6 +290,11 @@ class MixtralModel(nn.Module):
         if last_only and x.shape[1] > 1:
             x = x[:, -1:]
         return self.lm_head.forward(self.model.norm.forward(x))
+
+    def fuse_projections(self) -> None:
+        """Once the weights are loaded: each layer's q, k and v in one matrix where they allow it."""
+        for layer in self.model.layers:
+            layer.self_attn.fuse_projections()
 
     @property
     def device(self) -> torch.device:

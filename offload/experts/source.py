@@ -48,7 +48,8 @@ def one_token_layout(weight: Tensor) -> Tensor:
     resident and offloaded experts bit-identical.
     """
     out_features, in_features = weight.shape
-    if not prefers_input_major(weight.dtype) or out_features < in_features or weight.t().is_contiguous():
+    # stride(0) == 1: input-major already, maybe a row block of a taller input-major matrix (fused q, k, v).
+    if not prefers_input_major(weight.dtype) or out_features < in_features or weight.stride(0) == 1:
         return weight
     return weight.t().contiguous().t()
 

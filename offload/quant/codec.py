@@ -55,7 +55,7 @@ class QuantizedExpert:
         54 -> 33 us at one token, out of cache. Resident experts take it once at load (``ResidentExperts``).
         """
         if isinstance(self.w1, Int4Linear) and isinstance(self.w3, Int4Linear):
-            w13 = Int4Linear.stacked(self.w1, self.w3)
+            w13 = Int4Linear.stacked([self.w1, self.w3])
             if w13 is not None:
                 return FusedInt4Expert(w13, self.w2, self.w1.out_features)
         return self

@@ -15,6 +15,7 @@ microseconds at decode. The weights are repacked once, when the module is built,
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
@@ -96,26 +97,24 @@ class Int4Linear(nn.Module):
         return cls(pack_int4(codes), scales_and_offsets.to(torch.bfloat16).contiguous(), group_size)
 
     @classmethod
-    def stacked(cls, top: Int4Linear, bottom: Int4Linear) -> Int4Linear | None:
-        """One module computing ``top``'s outputs then ``bottom``'s, or None where that could change a bit.
+    def stacked(cls, parts: Sequence[Int4Linear]) -> Int4Linear | None:
+        """One module computing each part's outputs in turn, or None where that could change a bit.
 
         The kernel computes each output column from its own packed rows and scales, so the stacked product
-        equals the two products bit for bit (checked at 1 to 64 tokens). The packing interleaves blocks of
+        equals the parts' products bit for bit (checked at 1 to 64 tokens). The packing interleaves blocks of
         rows, so each part's height must be a whole number of blocks.
         """
         block = _packing_block()
         if (
             block is None
-            or top.in_features != bottom.in_features
-            or top.group_size != bottom.group_size
-            or top.out_features % block
-            or bottom.out_features % block
+            or len({(part.in_features, part.group_size) for part in parts}) != 1
+            or any(part.out_features % block for part in parts)
         ):
             return None
         return cls(
-            torch.cat([top.packed, bottom.packed]),
-            torch.cat([top.scales_and_offsets, bottom.scales_and_offsets], dim=1),
-            top.group_size,
+            torch.cat([part.packed for part in parts]),
+            torch.cat([part.scales_and_offsets for part in parts], dim=1),
+            parts[0].group_size,
         )
 
     def rows(self, start: int, end: int) -> Int4Linear:

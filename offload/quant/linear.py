@@ -8,6 +8,8 @@ Every backend module (hqq_backend, bnb_backend, dense) offers the same functions
 
 from __future__ import annotations
 
+import itertools
+from collections.abc import Sequence
 from types import ModuleType
 
 import torch
@@ -16,6 +18,7 @@ from torch import Tensor, nn
 from offload.errors import QuantError
 from offload.quant import bnb_backend, dense, hqq_backend
 from offload.quant.dense import DenseLinear
+from offload.quant.host_kernels import Int4Linear
 from offload.quant.spec import QuantSpec
 
 _BACKENDS: dict[str, ModuleType] = {"hqq": hqq_backend, "bnb": bnb_backend, "none": dense}
@@ -117,3 +120,34 @@ def build_linear(
         if module is not None:
             return module
     return DenseLinear(dequantize_linear(tensors, spec, dtype, device))
+
+
+def stacked_linear(modules: Sequence[nn.Module]) -> tuple[nn.Module, list[nn.Module]] | None:
+    """One module whose outputs are ``modules``' outputs side by side, and the modules rebuilt over its
+    memory (so the weights are held once); None unless they are all dense in one dtype and device, or all
+    CPU int4 with one group size and whole packing blocks.
+
+    A decode step then makes one matrix call where it made several (attention's q, k and v: three).
+    """
+    if all(isinstance(m, DenseLinear) for m in modules):
+        weights = [m.weight for m in modules]
+        if len({(w.dtype, w.device, w.shape[1]) for w in weights}) != 1:
+            return None
+        stacked = DenseLinear(torch.cat(weights))
+        return stacked, [DenseLinear(part) for part in _row_blocks(stacked.weight, weights)]
+    if all(isinstance(m, Int4Linear) for m in modules):
+        fused = Int4Linear.stacked(modules)
+        if fused is None:
+            return None
+        bounds = _bounds([m.out_features for m in modules])
+        return fused, [fused.rows(start, end) for start, end in bounds]
+    return None
+
+
+def _bounds(heights: Sequence[int]) -> list[tuple[int, int]]:
+    ends = list(itertools.accumulate(heights))
+    return [(end - height, end) for end, height in zip(ends, heights, strict=True)]
+
+
+def _row_blocks(stacked: Tensor, parts: Sequence[Tensor]) -> list[Tensor]:
+    return [stacked[start:end] for start, end in _bounds([part.shape[0] for part in parts])]
