@@ -180,10 +180,13 @@ class MoEBlock(nn.Module):
         hidden = x.reshape(-1, shape[-1])  # (T, D)
         weights, ids = route(self.gate(hidden), self.top_k)  # (T, k) each
         guesses = self.source.speculate(self.layer, hidden)
-        flat_ids = ids.flatten()
         # The layer's one host synchronisation: which experts were chosen (and guessed for the next layer).
-        on_host = (flat_ids if guesses is None else torch.cat([flat_ids, guesses])).tolist()
-        chosen, guessed = on_host[: flat_ids.numel()], on_host[flat_ids.numel() :]
+        if guesses is None:
+            chosen, guessed = [expert for token in ids.tolist() for expert in token], []
+        else:
+            flat_ids = ids.flatten()
+            on_host = torch.cat([flat_ids, guesses]).tolist()
+            chosen, guessed = on_host[: flat_ids.numel()], on_host[flat_ids.numel() :]
         mix = self._one_token if hidden.shape[0] == 1 else self._tokens
         return mix(hidden, weights, chosen, guessed).view(shape)
 
