@@ -138,11 +138,36 @@ def _meta(tensors: dict[str, Tensor], spec: QuantSpec, dtype: torch.dtype) -> di
 
 
 def dequantize(tensors: dict[str, Tensor], spec: QuantSpec) -> Tensor:
-    """The fp32 (out, in) matrix, with hqq's dequantizer, on the tensors' device."""
-    from hqq.core.quantize import Quantizer
+    """The fp32 (out, in) matrix, on the tensors' device: hqq's dequantizer's arithmetic, without importing hqq.
 
+    Importing ``hqq.core.quantize`` costs 2.5 to 8 s (it builds torch.compile'd functions at import). A
+    checkpoint whose experts have no CPU kernel (3-bit) dequantizes at each cache miss, so on a CPU the first
+    miss, inside the first reply's prefill, paid that import: the TTFT of ``offload chat -k 4`` on a 3-bit demo
+    was 2.4 s, against 0.06 s here. The unpacking mirrors ``hqq.core.bitpack`` (tested bit for bit against it).
+    """
+    scale = tensors["scale"]
+    out_features, groups_per_row = scale.shape
+    groups = out_features * groups_per_row
+    codes = _unpack(tensors["W_q"], spec.bits, groups)  # (groups, group_size)
     # fp32 throughout, then one rounding by the caller: the same result whatever dtype the model runs in.
-    return Quantizer.dequantize(tensors["W_q"], _meta(tensors, spec, torch.float32))
+    zero = tensors["zero"].reshape(-1, 1).float()
+    weight = (codes.float() - zero) * scale.reshape(-1, 1).float()
+    return weight.reshape(out_features, groups_per_row * spec.group_size)
+
+
+def _unpack(packed: Tensor, bits: int, groups: int) -> Tensor:
+    """hqq's packed codes -> (groups, group_size) codes, as ``hqq.core.bitpack.BitPack.unpack_*``.
+
+    hqq packs by row blocks: the codes of row block i sit in the i-th field of each word from the top (3-bit:
+    ten fields of an int32 from bit 27 down, with the rows zero-padded to a multiple of ten).
+    """
+    if bits == 8:
+        return packed
+    fields = _codes_per_row(bits)
+    top = 30 if bits == 3 else 8  # bits above the first field: 3-bit leaves two of an int32's unused
+    mask = (1 << bits) - 1
+    codes = torch.cat([(packed >> (top - bits * (field + 1))) & mask for field in range(fields)])
+    return codes[:groups]
 
 
 def kernel_linear(
