@@ -116,12 +116,12 @@ class Attention(nn.Module):
             qkv = self.fused_qkv[0].forward(x)  # (B, T, (H + 2G) * K)
             qkv = _split_heads(qkv, heads + 2 * kv_heads, head_dim)  # (B, H + 2G, T, K)
             # One rotation for the query and key heads together: the same elementwise values as two.
-            qk = apply_rope(qkv[:, : heads + kv_heads], positions.cos, positions.sin)
+            qk = positions.rotate(qkv[:, : heads + kv_heads])
             return qk[:, :heads], qk[:, heads:], qkv[:, heads + kv_heads :]
         q = _split_heads(self.q_proj.forward(x), heads, head_dim)
         k = _split_heads(self.k_proj.forward(x), kv_heads, head_dim)
         v = _split_heads(self.v_proj.forward(x), kv_heads, head_dim)
-        return apply_rope(q, positions.cos, positions.sin), apply_rope(k, positions.cos, positions.sin), v
+        return positions.rotate(q), positions.rotate(k), v
 
 
 def _split_heads(x: Tensor, heads: int, head_dim: int) -> Tensor:
@@ -151,6 +151,10 @@ class Positions:
         # A single new token that sees every cached key needs no mask at all.
         needs_mask = tokens > 1 or (window is not None and keys > window)
         self.mask = attention_mask(start, tokens, keys, window, device) if needs_mask else None
+
+    def rotate(self, x: Tensor) -> Tensor:
+        """RoPE on (B, heads, T, K) query or key heads at these positions."""
+        return apply_rope(x, self.cos, self.sin)
 
 
 def attention_mask(

@@ -107,8 +107,8 @@ class FusedDenseExpert(DenseExpert):
         both = F.linear(x, self.w13)
         # silu's vectorised loop rounds differently in a row's tail: give it the (T, F) block the unfused
         # expert gives it (a copy only when T > 1; at one token the half is already contiguous).
-        gate = both[..., : self.width].contiguous()
-        return F.linear(F.silu(gate) * both[..., self.width :], self.w2)
+        gate, up = both.chunk(2, dim=-1)  # one op for both halves
+        return F.linear(F.silu(gate.contiguous()) * up, self.w2)
 
     def fused(self) -> DenseExpert:
         return self
