@@ -1,8 +1,9 @@
-"""The one-token memory layouts of dense matrices (issue 15's per-token overhead) keep every result's bits.
+"""Decode-step fast paths (issue 15's per-token overhead): one-token layouts keep every result's bits.
 
 Float32 matrices with at least as many outputs as inputs are held input-major on a CPU, resident experts
 fuse w1 and w3 into one matrix, and the host store packs experts so that slots compute from their bytes.
-None of this may change a bit between the places an expert computes, at any token count.
+None of this may change a bit between the places an expert computes, at any token count. A one-row RMSNorm
+takes a shorter path whose values must match the fused op's.
 """
 
 import pytest
@@ -11,6 +12,7 @@ import torch
 from offload.experts.packing import ExpertLayout, materialize_dense, pack_expert, unpack_expert
 from offload.experts.source import DenseExpert, FusedDenseExpert, ResidentExperts, one_token_layout
 from offload.experts.store import HostStore
+from offload.model import RMSNorm
 from offload.quant.codec import FusedInt4Expert, QuantizedExpert
 from offload.quant.dense import DenseLinear
 from offload.quant.host_kernels import Int4Linear, has_op
@@ -116,3 +118,14 @@ def test_an_int4_expert_whose_halves_may_not_be_whole_packing_blocks_keeps_its_b
     )  # 96 rows: a multiple of 16 the kernel takes; the packer's block may be 64
     x = torch.randn(5, 64, generator=torch.Generator().manual_seed(5))
     assert torch.equal(plain.fused()(x), plain(x))
+
+
+def test_rms_norm_of_one_float32_row_matches_the_fused_op_and_keeps_nan() -> None:
+    norm = RMSNorm(64, 1e-5)
+    norm.weight.data = torch.randn(64, generator=torch.Generator().manual_seed(7))
+    x = torch.randn(1, 1, 64, generator=torch.Generator().manual_seed(8)) * 30
+    reference = torch.nn.functional.rms_norm(x, (64,), norm.weight, 1e-5)
+    assert torch.allclose(norm(x), reference, rtol=1e-6, atol=1e-6)
+    assert torch.allclose(norm(torch.zeros(1, 1, 64)), torch.zeros(1, 1, 64))
+    x[0, 0, 3] = float("nan")
+    assert norm(x).isnan().all()  # a damaged step must still read as NaN logits, not as numbers
