@@ -31,7 +31,7 @@ from offload.experts.host_tier import HostTier
 from offload.experts.link import parse_link
 from offload.experts.offloaded import OffloadedExperts
 from offload.experts.policy import DEFAULT_CACHE_POLICY, DEFAULT_HOST_POLICY
-from offload.experts.source import Expert, ExpertSource, ResidentExperts, prefers_input_major
+from offload.experts.source import Expert, ExpertSource, ResidentExperts, fuse, prefers_input_major
 from offload.experts.store import HostStore
 from offload.hybrid import CostOverrides, build_host_path, host_materializer
 from offload.model import MixtralModel
@@ -155,7 +155,8 @@ def load_resident_experts(
         experts.append([])
         for expert in range(config.num_local_experts):
             tensors = reader.expert(layer, expert)
-            experts[layer].append(codec.materialize(tensors, reader.dtype, device))
+            # Fused here rather than in ResidentExperts, so that the unfused copy is freed (and trimmed) now.
+            experts[layer].append(fuse(codec.materialize(tensors, reader.dtype, device)))
             _report(progress, f"layers.{layer}.experts.{expert}", tensors)
             del tensors
             release_freed_memory()

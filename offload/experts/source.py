@@ -181,8 +181,16 @@ class ResidentExperts:
     stats: CacheStats | None = None  # nothing is cached or moved
 
     def __init__(self, experts: list[list[Expert]]) -> None:
-        # Experts built once here may take a faster fused form (w1 and w3 in one matrix): the same bits.
-        self.experts = [[_fused(expert) for expert in layer] for layer in experts]  # [layer][expert]
+        """``experts[layer][expert]``; the lists become this source's own.
+
+        Each expert may take a faster fused form here (w1 and w3 in one matrix: the same bits). It replaces
+        the expert in its list at once, so the unfused one is freed before the next is fused: the load's peak
+        RSS grows by one expert, not by every expert's w1 and w3.
+        """
+        for layer in experts:
+            for index, expert in enumerate(layer):
+                layer[index] = fuse(expert)
+        self.experts = experts  # [layer][expert]
 
     def speculate(self, layer: int, hidden: Tensor) -> Tensor | None:
         return None
@@ -213,8 +221,9 @@ class ResidentExperts:
         return "every expert resident on the device"
 
 
-def _fused(expert: Expert) -> Expert:
-    """``expert.fused()`` where the expert offers one (dense and CPU int4 experts), else ``expert``."""
+def fuse(expert: Expert) -> Expert:
+    """``expert.fused()`` where the expert offers one (dense and CPU int4 experts), else ``expert``: the form a
+    resident expert computes in (``ResidentExperts``); a loader may call it as each expert is built."""
     fused = getattr(expert, "fused", None)
     return fused() if callable(fused) else expert
 
