@@ -67,7 +67,7 @@ def tier_reads(
                 if spec.backend != "none":
                     _check_size(reader, f"{prefix}.{matrix}", spec, matrix_bytes)
             if expert == 0:
-                layouts.append(ExpertLayout.of(stored))
+                layouts.append(ExpertLayout.of(stored, input_major=False))  # the bytes as the file holds them
             try:
                 layouts[layer].check(stored)
             except CacheError as error:

@@ -26,8 +26,9 @@ def build_in_place(buffer: Tensor, layout: ExpertLayout, materialize: Materializ
 
     Returns the expert when it runs on views of ``buffer`` alone (as built, for an expert that computes from the
     stored tensors, or once moved); None when its built tensors do not fit the buffer (a spec dequantized to a
-    dense float matrix), or mix views of the stored bytes with tensors of their own: such an expert must be
-    built for each use instead. The stored bytes are overwritten, so ``buffer`` may then serve only this expert.
+    dense float matrix): such an expert must be built for each use instead. An expert that keeps some views of
+    the stored bytes has them copied out first. The stored bytes are overwritten, so ``buffer`` may then serve
+    only this expert.
     """
     expert = materialize(unpack_expert(buffer, layout))
     start, end = buffer.data_ptr(), buffer.data_ptr() + buffer.numel()
@@ -39,8 +40,15 @@ def build_in_place(buffer: Tensor, layout: ExpertLayout, materialize: Materializ
     outside = [(owner, name, tensor) for owner, name, tensor in held if not inside(tensor)]
     if not outside:
         return expert  # it computes from the stored tensors as they are
-    if len(outside) != len(held) or not all(tensor.is_contiguous() for _, _, tensor in outside):
+    if not all(_dense_in_memory(tensor) for _, _, tensor in outside):
         return None
+    if len(outside) != len(held):
+        # Some views of the stored bytes stay (a float expert's wide w2 beside its re-laid-out w1, w3): copy them
+        # out first, since the moved tensors overwrite the stored bytes under them.
+        outside = [
+            (owner, name, tensor if not inside(tensor) else _detached(owner, name, tensor))
+            for owner, name, tensor in held
+        ]
     offsets, offset = [], 0
     for _, _, tensor in outside:
         offsets.append(offset)
@@ -48,12 +56,25 @@ def build_in_place(buffer: Tensor, layout: ExpertLayout, materialize: Materializ
     if offset > buffer.numel():
         return None
     for (owner, name, tensor), at in zip(outside, offsets, strict=True):
-        view = buffer[at : at + tensor.numel() * tensor.element_size()].view(tensor.dtype).view(tensor.shape)
+        raw = buffer[at : at + tensor.numel() * tensor.element_size()].view(tensor.dtype)
+        # An input-major matrix (``one_token_layout``) keeps its layout: the summation order depends on it.
+        view = raw.view(tensor.shape) if tensor.is_contiguous() else raw.view(tensor.shape[::-1]).t()
         view.copy_(tensor)  # the stored bytes under it were read by materialize and are no longer needed
         setattr(
             owner, name, nn.Parameter(view, requires_grad=False) if isinstance(tensor, nn.Parameter) else view
         )
     return expert
+
+
+def _detached(owner: object, name: str, tensor: Tensor) -> Tensor:
+    copy = tensor.clone()
+    setattr(owner, name, nn.Parameter(copy, requires_grad=False) if isinstance(tensor, nn.Parameter) else copy)
+    return copy
+
+
+def _dense_in_memory(tensor: Tensor) -> bool:
+    """Contiguous, or the transpose of a contiguous matrix (an input-major one)."""
+    return tensor.is_contiguous() or (tensor.dim() == 2 and tensor.t().is_contiguous())
 
 
 def _held_tensors(expert: object):
