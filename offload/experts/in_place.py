@@ -68,7 +68,9 @@ def build_in_place(buffer: Tensor, layout: ExpertLayout, materialize: Materializ
 
 def _detached(owner: object, name: str, tensor: Tensor) -> Tensor:
     copy = tensor.clone()
-    setattr(owner, name, nn.Parameter(copy, requires_grad=False) if isinstance(tensor, nn.Parameter) else copy)
+    setattr(
+        owner, name, nn.Parameter(copy, requires_grad=False) if isinstance(tensor, nn.Parameter) else copy
+    )
     return copy
 
 
