@@ -47,6 +47,7 @@ def main() -> None:
     )
     parser.add_argument("--host-memory", default="0.0029", help="GiB: half the 4-bit demo's experts")
     parser.add_argument("--policies", default="cyclic,lrfu")
+    parser.add_argument("--prefetches", default="2,0", help="--prefetch values to run (0: no guesses)")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
 
@@ -58,9 +59,10 @@ def main() -> None:
         text = cpu.replace('name = "cpu"', f'name = "cpu-{policy}"') + f'policy = "{policy}"\n'
         (args.out / f"cpu-{policy}.toml").write_text(text)  # [host] is the profile's last table
     print(
-        "| prompt | K | tier policy | prefetch | demand misses | disk reads | of which guesses | Belady | reads / Belady |"
+        "| prompt | K | tier policy | prefetch | demand misses | disk reads | of which guesses | Belady "
+        "| reads / Belady | decode tok/s | disk wait s |"
     )
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for name, prompt, tokens in PROMPTS:
         trace_path = args.out / f"{name}.trace"
         if not trace_path.exists():
@@ -69,7 +71,7 @@ def main() -> None:
         trace = load_trace(trace_path)
         for k in (int(text) for text in args.experts_per_layer.split(",")):
             for policy in args.policies.split(","):
-                for prefetch in (2, 0):
+                for prefetch in (int(text) for text in args.prefetches.split(",")):
                     run = json.loads(offload(
                         "generate", prompt, "-m", args.model, "-p", str(args.out / f"cpu-{policy}.toml"), "--no-chat",
                         "--temperature", "0", "--max-new-tokens", str(tokens), "--threads", "1",
@@ -80,7 +82,9 @@ def main() -> None:
                     device = "lrfu+prefetch" if prefetch else "lrfu"
                     belady = replay_two_level(trace, device, k, "belady", tier["slots"]).host_misses
                     print(f"| {name} | {k} | {policy} | {prefetch} | {tier['misses']} | {tier['reads']} "
-                          f"| {tier['prefetch_reads']} | {belady} | {tier['reads'] / belady:.2f} |", flush=True)  # fmt: skip
+                          f"| {tier['prefetch_reads']} | {belady} | {tier['reads'] / belady:.2f} "
+                          f"| {run['timings']['decode_tokens_per_second']:.1f} | {tier['disk_wait_seconds']:.3f} |",
+                          flush=True)  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -10,7 +10,9 @@ An expert is read straight into its slot, one ``preadv`` per stored tensor at it
 host kernels read from either, plus what a tier needs:
 - ``fetch(layer, e)``: a demand, counted as a hit or a miss; starts the read at once when room allows, so
   the reads of a layer's misses overlap each other and the compute of its hits;
-- ``prefetch(layer, e)``: a guess for the next layer; reads only into room that needs no waiting;
+- ``prefetch(layer, e)``: a guess for the next layer; reads only into room that needs no waiting: a free slot,
+  or the policy's victim when the guess is worth ``GUESS_MARGIN`` more (``guess_may_evict``; lru: free slots
+  only), so guesses never push out what the tier is asked for most;
 - ``hold(layer, e, done, wait)``: a consumer (a link copy, a host job) still reads the slot until ``done()``.
 A slot is never evicted while its read is in flight, while it is held, or while it is reserved: fetched for
 the current layer and not yet handed to a consumer. Among the rest, the victim is the tier's policy's
@@ -43,7 +45,9 @@ from offload.experts.policy import (
     age_uses,
     choose_cyclic_victim,
     choose_victim,
+    cyclic_worth,
     forget_requests,
+    guess_may_evict,
     starts_prompt,
 )
 from offload.experts.source import Expert
@@ -195,10 +199,14 @@ class HostTier:
             entry.reserved += 1
 
     def prefetch(self, layer: int, expert: int) -> bool:
-        """Start reading a guess unless it is in the tier already; False when no slot is free without waiting."""
+        """Start reading a guess for ``layer`` (the next layer's) unless it is in the tier already: into a free
+        slot, or in place of the policy's victim when the guess is worth ``GUESS_MARGIN`` more
+        (``guess_may_evict``); False when neither is possible without waiting."""
         self._check_index(layer, expert)
         if (layer, expert) in self._entries:
             return True
+        if not self._free and not self._evict_for_guess(layer, expert):
+            return False
         if self._start_read(layer, expert, wait=False) is None:
             return False
         self.stats.layers[layer].prefetch_reads += 1
@@ -307,25 +315,47 @@ class HostTier:
         while True:
             if self._free:
                 return self._free.pop()
-            evictable = [key for key, entry in self._entries.items() if self._evictable(entry)]
-            if evictable and self.policy == "cyclic":  # least recently used first, as the ties want
-                self._drop(
-                    choose_cyclic_victim(
-                        evictable, self._requests, for_layer, self.num_layers, self.on_device
-                    )
-                )
-                continue
+            evictable = self._evictable_keys()
             if evictable:
-                flat = [layer * self.num_experts + expert for layer, expert in evictable]
-                uses = {
-                    i: self._uses[layer][expert] for i, (layer, expert) in zip(flat, evictable, strict=True)
-                }
-                victim = choose_victim(self.policy, flat, uses)  # type: ignore[arg-type]  (any __getitem__)
-                self._drop(evictable[flat.index(victim)])
+                self._drop(self._victim(evictable, for_layer))
                 continue
             if not wait:
                 return None
             self._wait_for_one()
+
+    def _evictable_keys(self) -> list[Key]:
+        """The experts that may go now, least recently used first (as the policies' ties want)."""
+        return [key for key, entry in self._entries.items() if self._evictable(entry)]
+
+    def _victim(self, evictable: list[Key], now: int) -> Key:
+        """The policy's victim among ``evictable`` while the model serves layer ``now``."""
+        if self.policy == "cyclic":
+            return choose_cyclic_victim(evictable, self._requests, now, self.num_layers, self.on_device)
+        flat = [layer * self.num_experts + expert for layer, expert in evictable]
+        uses = {i: self._uses[layer][expert] for i, (layer, expert) in zip(flat, evictable, strict=True)}
+        victim = choose_victim(self.policy, flat, uses)  # type: ignore[arg-type]  (any __getitem__)
+        return evictable[flat.index(victim)]
+
+    def _worth(self, key: Key, now: int) -> float:
+        """What keeping ``key`` is worth under the policy while the model serves layer ``now`` (lru: nothing
+        to compare; ``guess_may_evict`` does not ask)."""
+        if self.policy == "cyclic":
+            return cyclic_worth(key, self._requests, now, self.num_layers, self.on_device)
+        layer, expert = key
+        return self._uses[layer][expert] if self.policy == "lrfu" else 0.0
+
+    def _evict_for_guess(self, layer: int, expert: int) -> bool:
+        """Evict the policy's victim for a guess for ``layer`` if ``guess_may_evict``; whether it did."""
+        evictable = self._evictable_keys()
+        if not evictable:
+            return False
+        # Worth is judged from the layer being served, the one before the guess's: its guesses are next.
+        now = (layer - 1) % self.num_layers
+        victim = self._victim(evictable, now)
+        if not guess_may_evict(self.policy, self._worth(victim, now), self._worth((layer, expert), now)):
+            return False
+        self._drop(victim)
+        return True
 
     def _wait_for_one(self) -> None:
         for entry in self._entries.values():

@@ -40,6 +40,13 @@ CYCLIC_STEP_WEIGHT = 0.1
 # What a request of an expert that the device holds is worth: 0.8 reads 2.5 to 6.5% fewer bytes than 1
 # at K = 1 to 4 (0.7 and 0.9 about as few; 0.5 and below more at K = 1 to 3).
 CYCLIC_DEVICE_WEIGHT = 0.8
+# How much more than its victim (in requests, or lrfu's uses) a guess must be worth for the tier to evict
+# for it. A right guess saves a wait but no read (the step would have read it anyway); a wrong one costs a
+# read and the victim. Evicting for every guess read 2.6 to 2.8x Belady's bytes in the engine against 1.45
+# to 1.69x without guesses; a margin of 0 reads 8% (K = 0) and 27% (K = 2) more than no guesses, 1: 5 and 20%,
+# 3: 3 and 13%, while 8 and 16% of the demand misses are read early instead (docs/BENCHMARKS.md, "The
+# engine's tier under cyclic").
+GUESS_MARGIN = 3.0
 
 
 def age_uses(uses: list[float], used: Iterable[int], decay: float = LRFU_DECAY) -> None:
@@ -99,11 +106,31 @@ def choose_cyclic_victim(
     slots hold an expert (None: no device cache, as when the host computes every expert from the tier).
     """
 
-    def worth(key: tuple[int, int]) -> float:
-        layer, expert = key
-        count = requests[layer][expert]
-        if on_device is not None and on_device(layer, expert):
-            count *= CYCLIC_DEVICE_WEIGHT
-        return count - CYCLIC_STEP_WEIGHT * cycle_distance(layer, now, num_layers)
+    return min(candidates, key=lambda key: cyclic_worth(key, requests, now, num_layers, on_device))
 
-    return min(candidates, key=worth)
+
+def cyclic_worth(
+    key: tuple[int, int],
+    requests: Sequence[Sequence[float]],
+    now: int,
+    num_layers: int,
+    on_device: Callable[[int, int], bool] | None = None,
+) -> float:
+    """What keeping (layer, expert) in the host tier is worth under cyclic while the model serves layer
+    ``now``: its requests (times ``CYCLIC_DEVICE_WEIGHT`` if the device holds it) less
+    ``CYCLIC_STEP_WEIGHT`` per layer step until the model reaches its layer (``choose_cyclic_victim``)."""
+    layer, expert = key
+    count = requests[layer][expert]
+    if on_device is not None and on_device(layer, expert):
+        count *= CYCLIC_DEVICE_WEIGHT
+    return count - CYCLIC_STEP_WEIGHT * cycle_distance(layer, now, num_layers)
+
+
+def guess_may_evict(policy: str, victim_worth: float, guess_worth: float) -> bool:
+    """Whether the host tier evicts its victim to read a guess (an expert the next layer may ask for) early:
+    only for a guess worth ``GUESS_MARGIN`` more than the victim under the same policy (``cyclic_worth``;
+    lrfu's decayed use counts). lru has no worth to compare, so its guesses only fill free slots.
+    """
+    if policy == "lru":
+        return False
+    return victim_worth + GUESS_MARGIN < guess_worth
