@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from offload.experts.host_tier import HostTier
-from offload.experts.policy import GUESS_MARGIN, guess_may_evict
+from offload.experts.policy import GUESS_FACTOR, GUESS_MARGIN, guess_may_evict
 from tests.test_host_tier import make_tier
 from tests.test_host_tier_policy import serve
 
@@ -47,7 +47,7 @@ def test_a_guess_worth_more_than_the_victim_evicts_it(tmp_path: Path) -> None:
         serve(tier, 1, [2])
     serve(tier, 0, [0, 1])
     assert (1, 2) not in tier.resident()
-    # Worth more than an expert asked for once, by more than GUESS_MARGIN: it takes that expert's slot.
+    # Worth far more than an expert asked for once (guess_may_evict's bar): it takes that expert's slot.
     assert tier.prefetch(1, 2) and guess_reads(tier) == 1
     assert (1, 2) in tier.resident() and len({(0, 0), (0, 1)} & set(tier.resident())) == 1
 
@@ -61,11 +61,15 @@ def test_an_lru_tiers_guess_only_fills_a_free_slot(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    ("policy", "victim", "extra", "evicts"),
-    [("cyclic", 0.5, 0.5, True), ("cyclic", 1.0, 0.0, False), ("lrfu", 2.0, 0.5, True), ("lrfu", 2.0, -1.5, False),
+    ("policy", "victim", "guess", "evicts"),
+    [("cyclic", 2.0, 2.0 * GUESS_FACTOR + GUESS_MARGIN + 0.1, True),
+     ("cyclic", 2.0, 2.0 * GUESS_FACTOR + GUESS_MARGIN, False),
+     ("cyclic", 2.0, 2.0 + GUESS_MARGIN + 0.1, False),  # the factor: more than the margin over a count
+     ("cyclic", -0.3, -0.3 + GUESS_MARGIN + 0.1, True),  # a victim worth nothing: the margin alone
+     ("lrfu", 1.0, GUESS_FACTOR + GUESS_MARGIN + 0.1, True), ("lrfu", 1.0, 1.0, False),
      ("lru", 0.0, 9.0, False)],
 )  # fmt: skip
-def test_a_guess_evicts_only_a_victim_worth_the_margin_less(
-    policy: str, victim: float, extra: float, evicts: bool
+def test_a_guess_evicts_only_a_victim_worth_clearly_less(
+    policy: str, victim: float, guess: float, evicts: bool
 ) -> None:
-    assert guess_may_evict(policy, victim, victim + GUESS_MARGIN + extra) is evicts
+    assert guess_may_evict(policy, victim, guess) is evicts

@@ -11,8 +11,8 @@ host kernels read from either, plus what a tier needs:
 - ``fetch(layer, e)``: a demand, counted as a hit or a miss; starts the read at once when room allows, so
   the reads of a layer's misses overlap each other and the compute of its hits;
 - ``prefetch(layer, e)``: a guess for the next layer; reads only into room that needs no waiting: a free slot,
-  or the policy's victim when the guess is worth ``GUESS_MARGIN`` more (``guess_may_evict``; lru: free slots
-  only), so guesses never push out what the tier is asked for most;
+  or the policy's victim when the guess is worth clearly more (``guess_may_evict``; lru: free slots only),
+  so guesses never push out what the tier is asked for most;
 - ``hold(layer, e, done, wait)``: a consumer (a link copy, a host job) still reads the slot until ``done()``.
 A slot is never evicted while its read is in flight, while it is held, or while it is reserved: fetched for
 the current layer and not yet handed to a consumer. Among the rest, the victim is the tier's policy's
@@ -200,8 +200,8 @@ class HostTier:
 
     def prefetch(self, layer: int, expert: int) -> bool:
         """Start reading a guess for ``layer`` (the next layer's) unless it is in the tier already: into a free
-        slot, or in place of the policy's victim when the guess is worth ``GUESS_MARGIN`` more
-        (``guess_may_evict``); False when neither is possible without waiting."""
+        slot, or in place of the policy's victim when the guess is worth clearly more (``guess_may_evict``);
+        False when neither is possible without waiting."""
         self._check_index(layer, expert)
         if (layer, expert) in self._entries:
             return True

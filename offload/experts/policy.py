@@ -40,13 +40,16 @@ CYCLIC_STEP_WEIGHT = 0.1
 # What a request of an expert that the device holds is worth: 0.8 reads 2.5 to 6.5% fewer bytes than 1
 # at K = 1 to 4 (0.7 and 0.9 about as few; 0.5 and below more at K = 1 to 3).
 CYCLIC_DEVICE_WEIGHT = 0.8
-# How much more than its victim (in requests, or lrfu's uses) a guess must be worth for the tier to evict
-# for it. A right guess saves a wait but no read (the step would have read it anyway); a wrong one costs a
-# read and the victim. Evicting for every guess read 2.6 to 2.8x Belady's bytes in the engine against 1.45
-# to 1.69x without guesses; a margin of 0 reads 8% (K = 0) and 27% (K = 2) more than no guesses, 1: 5 and 20%,
-# 3: 3 and 13%, while 8 and 16% of the demand misses are read early instead (docs/BENCHMARKS.md, "The
-# engine's tier under cyclic").
-GUESS_MARGIN = 3.0
+# How much more than its victim a guess must be worth for the host tier to evict for it (worth: cyclic's
+# ``cyclic_worth``, lrfu's decayed uses): more than GUESS_FACTOR times the victim's worth (when positive) plus
+# GUESS_MARGIN. A right guess saves a wait but no read (the step would have read it anyway); a wrong one costs
+# a read and maybe its victim's. Disk reads over those of --prefetch 0 in the engine on three demo prompts
+# (docs/BENCHMARKS.md, "The engine's tier under cyclic"), K = 0 / 2: evicting for every guess 1.68 / 1.77x;
+# factor 1, margin 0: 1.08 / 1.27x; margin 3: 1.03 / 1.13x; margin 6: 1.01 / 1.07x; factor 2, margin 1: 1.002
+# / 1.03x; factor 1.5, margin 1: 1.006 / 1.05x, with 3 / 10% of the demand misses read early instead. Counts
+# grow through a prompt (CYCLIC_DECAY is slow), so a factor keeps the bar where a fixed margin would sink.
+GUESS_FACTOR = 1.5
+GUESS_MARGIN = 1.0
 
 
 def age_uses(uses: list[float], used: Iterable[int], decay: float = LRFU_DECAY) -> None:
@@ -128,9 +131,10 @@ def cyclic_worth(
 
 def guess_may_evict(policy: str, victim_worth: float, guess_worth: float) -> bool:
     """Whether the host tier evicts its victim to read a guess (an expert the next layer may ask for) early:
-    only for a guess worth ``GUESS_MARGIN`` more than the victim under the same policy (``cyclic_worth``;
-    lrfu's decayed use counts). lru has no worth to compare, so its guesses only fill free slots.
+    only for a guess worth more than ``GUESS_FACTOR`` times the victim (when that is positive) plus
+    ``GUESS_MARGIN`` under the same policy (``cyclic_worth``; lrfu's decayed use counts). lru has no worth to
+    compare, so its guesses only fill free slots.
     """
     if policy == "lru":
         return False
-    return victim_worth + GUESS_MARGIN < guess_worth
+    return max(victim_worth, GUESS_FACTOR * victim_worth) + GUESS_MARGIN < guess_worth
