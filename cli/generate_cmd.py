@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from pathlib import Path
 from typing import Annotated
 
@@ -57,7 +58,9 @@ def generate(
     options.check_max_new_tokens(max_new_tokens, resolved.config)
     # Read once the model's context is known, so that the read stops where the context does.
     text = source.read(resolved.config.max_position_embeddings)
+    load_started = time.perf_counter()
     engine = load_engine(resolved, quiet=as_json, summary=False)
+    load_seconds = time.perf_counter() - load_started
     sampling = engine.sampling(
         temperature, top_p, top_k, seed, min_p=min_p, repetition_penalty=repetition_penalty
     )
@@ -88,6 +91,7 @@ def generate(
             "cache": engine.cache_stats(),
             "host_tier": engine.host_tier_stats(),  # None unless experts are read from disk (--host-memory)
             "threads": torch.get_num_threads(),  # torch's CPU threads while it ran (--threads)
+            "load_seconds": load_seconds,  # reading the weights and building the model, before the prompt
         }
         sys.stdout.write(json.dumps(result) + "\n")
     else:
