@@ -65,7 +65,7 @@ MIXTRAL_VOCAB = 32000
 SAFETENSORS_DTYPES = {torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32", torch.uint8: "U8"}
 SAFETENSORS_DTYPES[torch.int32] = "I32"
 SPARE_BYTES = 1 << 30  # free space left over after the write, for the filesystem and everything else
-CHUNK = 1 << 26  # random values drawn per step: bounds the writer's memory whatever the tensor's size
+CHUNK = 1 << 24  # random values drawn per step: bounds the writer's memory whatever the tensor's size
 
 
 @dataclass(frozen=True)

@@ -122,3 +122,24 @@ def test_a_failed_write_leaves_nothing(tmp_path: Path, monkeypatch, capsys: pyte
     assert error == f"error: {tmp_path / 'model'}: cannot write the checkpoint (No space left on device)"
     assert not (tmp_path / "model").exists()
     assert list(tmp_path.iterdir()) == []
+
+
+def test_real_size_run_reports_rss_load_and_speed(shaped: Path, capsys: pytest.CaptureFixture) -> None:
+    from benchmarks.real_size_run import main as run_main
+
+    assert run_main([str(shaped), "--tokens", "4"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["generated_tokens"] == 4
+    assert summary["peak_rss_bytes"] > summary["plan"]["dense_bytes"] > 0
+    assert summary["load_seconds"] > 0 and summary["decode_tokens_per_second"] > 0
+    assert summary["disk_read_bytes"] is not None
+    assert "--threads 1" in summary["generate_command"]
+
+
+def test_real_size_run_refuses_what_ram_cannot_hold(shaped: Path, monkeypatch, capsys) -> None:
+    import benchmarks.real_size_run as runner
+
+    monkeypatch.setattr(runner, "available_bytes", lambda: 1 << 20)
+    assert runner.main([str(shaped)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--host-memory" in err
