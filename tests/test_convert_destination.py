@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from offload.checkpoint import convert as convert_module
 from offload.checkpoint.convert import convert_checkpoint
 from offload.checkpoint.convert_output import INSIDE, PARTIAL, is_convert_name
+from offload.checkpoint.shard_file import ShardFile
 from offload.errors import CheckpointError
 from offload.loading import load_model
 from offload.quant.scheme import QuantScheme
@@ -103,16 +103,16 @@ def test_a_failed_replacement_puts_the_old_output_back(
 
 def full_disk(monkeypatch: pytest.MonkeyPatch) -> None:
     """The second shard fills the disk: some bytes reach the file, then ENOSPC."""
-    save_file, calls = convert_module.save_file, []
+    close, calls = ShardFile.close, []
 
-    def save(tensors: dict, path: str, metadata: dict | None = None) -> None:
-        calls.append(path)
+    def closing(shard: ShardFile) -> None:
+        calls.append(shard.path)
         if len(calls) == 2:
-            Path(path).write_bytes(b"\0" * 1000)
+            shard.path.write_bytes(b"\0" * 1000)
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        save_file(tensors, path, metadata=metadata)
+        close(shard)
 
-    monkeypatch.setattr(convert_module, "save_file", save)
+    monkeypatch.setattr(ShardFile, "close", closing)
 
 
 def test_a_full_disk_is_one_line_and_leaves_no_partial_output(

@@ -3,9 +3,9 @@
 Every module is quantized by ``WeightReader``, exactly as load-time quantization does, so loading the result
 gives bit-identical weights. Conversion streams: shard 1 holds the embedding, the final norm and lm_head, then
 there is one shard per layer. The reader reads each tensor into memory of its own (no memory map keeps pages
-resident), and a module's tensors are dropped once its shard is written. Peak RSS is
-therefore about one layer's stored tensors (twice, while safetensors serializes them) plus one expert's float
-weights and the quantizer's temporaries, or the embedding shard, whatever the model size.
+resident), and a module's stored tensors go into its shard's data file as soon as it is quantized
+(``shard_file``). Peak RSS is therefore one expert's float weights and the quantizer's temporaries (or the
+embedding and lm_head, one at a time), whatever the model size: a layer's output is never held whole.
 
 The output appears atomically: everything is written and fsynced into a partial directory, config.json last,
 and put in place at the very end. Convert never removes a file it did not write (see ``convert_output``).
@@ -28,7 +28,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 from torch import Tensor
 
 from offload.checkpoint.convert_output import (
@@ -49,6 +48,7 @@ from offload.checkpoint.reader import (
     expected_tensors,
     expert_prefix,
 )
+from offload.checkpoint.shard_file import ShardFile
 from offload.checkpoint.weights import ATTENTION, MATRICES, WeightReader, parse_dtype
 from offload.config import ModelConfig
 from offload.errors import CheckpointError, OffloadError, QuantError
@@ -146,17 +146,17 @@ def convert_checkpoint(
 
         for index, units in enumerate(shards, start=1):
             filename = SHARD_NAME.format(index=index, count=len(shards))
-            tensors: dict[str, Tensor] = {}
+            shard = ShardFile(partial / filename, {"format": "pt"})
             for unit in units:
                 stored = _convert_unit(reader, unit, builder)
-                tensors |= stored
+                shard.add(stored)  # written now and dropped: a layer's output is never held whole
                 tensors_done += unit.source_tensors
                 bytes_done += sum(t.numel() * t.element_size() for t in stored.values())
+                del stored
                 step(unit.name, index - 1)
-            _save_shard(tensors, partial / filename)
+            shard.close()
             step(unit.name, index)
-            weight_map |= dict.fromkeys(tensors, filename)
-            del tensors, stored
+            weight_map |= dict.fromkeys(shard.names, filename)
             _test_delay()
         _write_json(partial / INDEX_FILE, {"metadata": {"total_size": bytes_done}, "weight_map": weight_map})
         for name in COPIED_FILES:
@@ -270,11 +270,6 @@ def _check_destination(source: Path, destination: Path, force: bool) -> Destinat
             f"{destination} exists and is not empty; pass --force to {target.question()[:-1]}"
         )
     return target
-
-
-def _save_shard(tensors: dict[str, Tensor], path: Path) -> None:
-    save_file(tensors, str(path), metadata={"format": "pt"})
-    fsync(path)
 
 
 def _write_json(path: Path, value: Any) -> None:
