@@ -10,8 +10,9 @@ Runs ``offload plan -m DIR --json``, then ``offload generate -m DIR --json`` for
 - load time (generate's ``load_seconds``), time to first token and decode tok/s;
 - bytes the child read from disk (/proc/PID/io ``read_bytes``: reads the page cache did not serve) and per token;
 - the cache's and the host tier's counters from generate's JSON (every ``cache`` and ``host_tier`` key);
-- the plan's prediction (``needed_bytes``) against the measured peak, and, with ``--host-memory``, whether the peak
-  stays within the budget plus the plan's dense weights plus 1.5 GiB (issue 17's target).
+- the plan's predicted peak RSS (``predicted_peak_rss_bytes``, else ``needed_bytes``) against the measured peak,
+  and, with ``--host-memory``, whether the peak stays within the budget plus the plan's dense weights plus
+  1.5 GiB (issue 17's target).
 
 ``--host-memory`` is passed through to generate (and to plan, if this offload's plan takes it). Without it, or on an
 offload without the disk tier, every expert must fit in RAM: the run refuses to start when the plan says it needs
@@ -206,10 +207,15 @@ def main(argv: list[str] | None = None) -> int:
         "command": shlex.join(["offload", *plan_command[3:]]),
         "seconds": round(time.perf_counter() - plan_started, 2),
         "needed_bytes": plan.get("needed_bytes"),
+        "predicted_peak_rss_bytes": plan.get("predicted_peak_rss_bytes"),
         "dense_bytes": plan.get("dense", {}).get("total"),
         "predicted_tok_s": plan.get("predicted_tok_s"),
         "fits": plan.get("fits"),
-        **{key: value for key, value in flatten(plan).items() if "host" in key and "speeds" not in key},
+        **{
+            k: v
+            for k, v in flatten(plan).items()
+            if k.startswith(("host_tier.", "peak_rss.", "tok_s_with_disk."))
+        },
     }
     needed = plan.get("needed_bytes") or 0
     if not host_flag and needed > available_bytes() and not args.anyway:
@@ -258,8 +264,9 @@ def main(argv: list[str] | None = None) -> int:
         },
         "rss_timeline_gib": decimate(ran["timeline"]),
     }
-    if needed:
-        summary["peak_over_plan"] = round(peak / needed, 3)
+    predicted = plan.get("predicted_peak_rss_bytes") or needed  # older plans predict no peak of their own
+    if predicted:
+        summary["peak_over_plan"] = round(peak / predicted, 3)
     dense = summary["plan"]["dense_bytes"]
     if args.host_memory is not None and dense:
         limit = args.host_memory * GIB + dense + OVERHEAD_GIB * GIB
