@@ -215,14 +215,9 @@ def replay_command(
     ks = _parse_ks(experts_per_layer, trace.num_experts)
     rows = replay_table(trace, policies, ks, expert_bytes)
     if as_json:
-        summary = {
-            "trace": str(trace_path),
-            **{key: value for key, value in trace.header().items() if key not in ("format", "version")},
-            "steps": trace.steps,
-            "tokens": trace.tokens,
-            "expert_bytes": expert_bytes or trace.header()["expert_bytes"],
-            "rows": [row.as_dict() for row in rows],
-        }
+        from cli.trace_tiers_view import replay_summary  # deferred with the rest of the replay
+
+        summary = {**replay_summary(trace, trace_path, expert_bytes), "rows": [row.as_dict() for row in rows]}
         typer.echo(json.dumps(summary, indent=2))
         return
     _print_table(trace, rows, trace_path, policy is None and not trace.has_guesses)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import typer
 from rich.console import Console
@@ -56,11 +56,7 @@ def replay_two_levels(
     rows = replay_two_level_table(trace, policies, ks, host_policies, slots, expert_bytes, host_counts)
     if as_json:
         summary = {
-            "trace": str(trace_path),
-            **{key: value for key, value in trace.header().items() if key not in ("format", "version")},
-            "steps": trace.steps,
-            "tokens": trace.tokens,
-            "expert_bytes": expert_bytes or trace.header()["expert_bytes"],
+            **replay_summary(trace, trace_path, expert_bytes),
             "host_memory_gib": host_memory,
             "host_counts": host_counts,
             "rows": [row.as_dict() for row in rows],
@@ -150,3 +146,14 @@ def _versus(reads: int, optimum: int, is_optimum: bool) -> str:
     if optimum == 0:
         return "=" if reads == 0 else "+inf"
     return f"{reads / optimum:.2f}x"
+
+
+def replay_summary(trace: Trace, trace_path: Path, expert_bytes: int | None) -> dict[str, Any]:
+    """What every replay's JSON starts with: the trace, its header and its size."""
+    return {
+        "trace": str(trace_path),
+        **{key: value for key, value in trace.header().items() if key not in ("format", "version")},
+        "steps": trace.steps,
+        "tokens": trace.tokens,
+        "expert_bytes": expert_bytes or trace.header()["expert_bytes"],
+    }

@@ -52,6 +52,7 @@ times seconds, speeds tokens per second; ratios are None where there is nothing 
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -185,11 +186,14 @@ class BenchReport:
         }
 
 
+def _per_token(value: float, tokens: int) -> float | None:
+    return value / tokens if tokens else None
+
+
 def counters(stats: LayerStats, tokens: int) -> dict[str, Any]:
     """One phase's counters with their ratios and per-token figures."""
 
-    def per_token(value: float) -> float | None:
-        return value / tokens if tokens else None
+    per_token = functools.partial(_per_token, tokens=tokens)
 
     return {
         "tokens": tokens,
@@ -217,8 +221,7 @@ def counters(stats: LayerStats, tokens: int) -> dict[str, Any]:
 def tier_counters(stats: TierLayerStats, tokens: int) -> dict[str, Any]:
     """One phase's host-tier counters with the hit rate and per-token figures."""
 
-    def per_token(value: float) -> float | None:
-        return value / tokens if tokens else None
+    per_token = functools.partial(_per_token, tokens=tokens)
 
     return {
         "tokens": tokens,
