@@ -43,7 +43,15 @@ from offload.settings.plan_speed import (
     SpeedPlan,
     predict_speeds,
 )
-from offload.settings.plan_tiers import HostTier, PeakRss, peak_rss, plan_host_tier, tier_rows, with_disk
+from offload.settings.plan_tiers import (
+    HostTier,
+    PeakRss,
+    hit_rate,
+    peak_rss,
+    plan_host_tier,
+    tier_rows,
+    with_disk,
+)
 from offload.settings.profile import CacheSettings, Profile, ResolvedProfile
 
 GIB = 1024**3
@@ -403,8 +411,7 @@ def _predict(
     recall = min(1.0, PREFETCH_RECALL * guesses / top_k)
     hits, moved, seconds = [], 0.0, config.vocab_size * d / rate
     for k, size in zip(ks, expert_bytes, strict=True):
-        p = min(1.0, k / experts)
-        hit = p + LOCALITY_BONUS * p * (1 - p)
+        hit = hit_rate(k, experts, LOCALITY_BONUS)
         miss_bytes = top_k * (1 - hit) * size
         link = miss_bytes / link_bps
         compute = overhead + active / rate

@@ -41,6 +41,7 @@ from offload.config import ModelConfig
 from offload.experts.cost_model import HOST, CostInputs, CostModel, Miss, TokenCurve
 from offload.quant.host_kernels import INT4_GROUP_SIZES
 from offload.quant.spec import QuantSpec
+from offload.settings.plan_tiers import hit_rate
 
 LOCALITY_BONUS = 0.3
 PREFETCH_RECALL = 0.6  # share of needed experts that top_k guesses catch one layer ahead (assumed)
@@ -234,8 +235,7 @@ def predict_speeds(
     totals = {"copy-only": paper_head, "host-only": head_s, "hybrid": head_s if miss_on_host else paper_head}
     hit_rates = []
     for k, size, device_s, host_s in zip(ks, expert_bytes, device_e, host_e, strict=True):
-        p = min(1.0, k / experts)
-        hit = p + LOCALITY_BONUS * p * (1 - p)
+        hit = hit_rate(k, experts, LOCALITY_BONUS)
         hit_rates.append(hit)
         link = top_k * (1 - hit) * size / link_bps
         compute = paper_dense + top_k * (device_s if on_cpu else paper_device_e)
