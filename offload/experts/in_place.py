@@ -1,9 +1,9 @@
 """Building an expert's runnable form inside the host-tier slot that holds its stored bytes.
 
 On a CPU, a 4-bit expert runs torch's int4 kernel, whose layout differs from the stored one: building it
-(``codec.materialize``) repacks every matrix, about 0.3 s for one 14336 x 4096 matrix at one thread, against
-7 ms for the matmul. Building at every call would cost that per expert per token; keeping the built tensors
-beside the stored ones would halve what the budget holds. The built tensors of a 4-bit expert take the same
+(``codec.materialize``) repacks every matrix, about 40 ms for one 14336 x 4096 matrix at one thread (docs/
+BENCHMARKS.md, "Repacking for the int4 kernel"), against 7 ms for the matmul. Building at every call would cost
+that per expert per token; keeping the built tensors beside the stored ones would halve what the budget holds. The built tensors of a 4-bit expert take the same
 bytes as its stored ones (the codes stay 4-bit, the scales and offsets 16-bit), so once built they are copied
 over the stored bytes in the slot itself, and the expert computes on views of the slot: hits cost only the
 matmul, and the slot still holds one expert's bytes.

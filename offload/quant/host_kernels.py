@@ -15,6 +15,7 @@ microseconds at decode. The weights are repacked once, when the module is built,
 from __future__ import annotations
 
 import functools
+import itertools
 from collections.abc import Sequence
 
 import torch
@@ -23,6 +24,7 @@ from torch import Tensor, nn
 INT4_GROUP_SIZES = (32, 64, 128, 256)  # what the int4 kernel accepts
 INT4_N_MULTIPLE = 16  # the int4 packer refuses other output widths
 _BLOCK_CANDIDATES = (64, 32, 16)  # the packer's block of output rows: 64 with AVX-512, less without
+_SCRATCH_BYTES = 1 << 19  # repacking works through this many bytes at a time: they stay in the L2 cache
 
 
 @functools.cache
@@ -79,6 +81,63 @@ def pack_int4(codes: Tensor) -> Tensor:
     return torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32).contiguous(), 2)
 
 
+def pack_int4_halves(halves: Tensor) -> Tensor:
+    """(N / 2, K) uint8 holding rows 0..N/2-1's codes in the high nibbles and rows N/2..N-1's in the low ones
+    (hqq's 4-bit packing) -> the (N, K / 2) uint8 the int4 kernel reads; the same bytes as unpacking and
+    ``pack_int4``, several times faster.
+
+    Each half's output row block takes the high (or low) nibbles of ``block`` consecutive input rows: the
+    nibbles of rows j and j + block/2 meet in one byte, then the (block/2, K) byte tile is transposed to
+    (K, block/2). Both steps run on a few blocks at a time in reused scratch that stays in cache, and the
+    transpose is torch's vectorised channel shuffle (a byte-wise ``transpose().contiguous()`` costs ten times
+    as much). Where a half is not a whole number of blocks, the codes are unpacked and packed as before.
+    """
+    half_rows, in_features = halves.shape
+    out_features = 2 * half_rows
+    block = _packing_block()
+    if block is None or half_rows % block or halves.dtype != torch.uint8:
+        return pack_int4(torch.cat([halves >> 4, halves & 0xF]))
+    tile = block // 2
+    blocks = half_rows // block
+    source = halves.view(blocks, 2, tile, in_features)  # a block's first tile rows and its last tile rows
+    packed = torch.empty(out_features, in_features // 2, dtype=torch.uint8)
+    target = packed.view(2, blocks, in_features, tile)  # [0]: rows from the high nibbles, [1]: the low ones
+    # Chunks of at least two blocks (one block alone would take the shuffle's scalar path), near the scratch size.
+    chunks = max(1, blocks // max(2, _SCRATCH_BYTES // (tile * in_features)))
+    bounds = [blocks * chunk // chunks for chunk in range(chunks + 1)]
+    low_rows = torch.empty(
+        max(b - a for a, b in itertools.pairwise(bounds)), tile, in_features, dtype=torch.uint8
+    )
+    high_rows = torch.empty_like(low_rows)
+    for start, end in itertools.pairwise(bounds):
+        first, second = source[start:end, 0], source[start:end, 1]
+        low, high = low_rows[: end - start], high_rows[: end - start]
+        # Output byte = row j's code (low nibble) | row j + tile's code (high nibble).
+        torch.bitwise_right_shift(first, 4, out=low)
+        torch.bitwise_and(second, 0xF0, out=high)
+        target[0, start:end].copy_(_transposed_tiles(low.bitwise_or_(high)))
+        torch.bitwise_and(first, 0x0F, out=low)
+        torch.bitwise_left_shift(second, 4, out=high)
+        target[1, start:end].copy_(_transposed_tiles(low.bitwise_or_(high)))
+    return packed
+
+
+def _transposed_tiles(tiles: Tensor) -> Tensor:
+    """(B, R, K) -> (B, K, R), contiguous, as ``tiles.transpose(1, 2).contiguous()``.
+
+    Read as a channels-last image of B pixels with R * K channels in R groups, the transpose is a channel
+    shuffle, whose CPU kernel transposes each pixel's channels with SIMD shuffles. Autograd's composite version
+    (a plain permute and copy) would run instead outside inference mode.
+    """
+    count, rows, columns = tiles.shape
+    if count == 1:  # one pixel is also a contiguous image: the kernel would take its scalar path
+        return tiles.transpose(1, 2).contiguous()
+    image = tiles.view(1, count, 1, rows * columns).permute(0, 3, 1, 2)
+    with torch.inference_mode():
+        shuffled = torch.native_channel_shuffle(image, rows)
+    return shuffled.permute(0, 2, 3, 1).reshape(count, columns, rows)
+
+
 class Int4Linear(nn.Module):
     """A bias-free linear over 4-bit codes in torch's CPU int4 layout; computes in bf16."""
 
@@ -95,6 +154,19 @@ class Int4Linear(nn.Module):
         """W[n, k] = (codes[n, k] - 8) * scale[n, g] + offset[n, g]; scale and offset are (N, K / group)."""
         scales_and_offsets = torch.stack([scale.float().T, offset.float().T], dim=-1)
         return cls(pack_int4(codes), scales_and_offsets.to(torch.bfloat16).contiguous(), group_size)
+
+    @classmethod
+    def from_zero_point(cls, packed: Tensor, scale: Tensor, zero: Tensor, group_size: int) -> Int4Linear:
+        """W[n, k] = (q[n, k] - zero[n, g]) * scale[n, g] for ``packed`` codes q (``pack_int4``'s layout).
+
+        The kernel's offset is ``(8 - zero) * scale``, computed in fp32 and rounded once to bf16 with the scale,
+        as ``from_affine`` rounds it; built in place in the kernel's (K / group, N, 2) layout.
+        """
+        scales_and_offsets = torch.empty(*scale.shape[::-1], 2, dtype=torch.bfloat16)
+        by_group = scale.T
+        scales_and_offsets[..., 0].copy_(by_group)
+        scales_and_offsets[..., 1].copy_(zero.T.float().neg_().add_(8).mul_(by_group))
+        return cls(packed, scales_and_offsets, group_size)
 
     @classmethod
     def stacked(cls, parts: Sequence[Int4Linear]) -> Int4Linear | None:

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from offload.errors import QuantError
-from offload.quant.host_kernels import Int4Linear, int4_fits
+from offload.quant.host_kernels import Int4Linear, int4_fits, pack_int4_halves
 from offload.quant.spec import HQQ_GROUP_SIZES
 
 if TYPE_CHECKING:
@@ -195,15 +195,14 @@ def host_linear(tensors: dict[str, Tensor], spec: QuantSpec) -> torch.nn.Module 
 
     hqq dequantizes ``(q - zero) * scale``; the kernel computes ``(q - 8) * scale + offset``, so the offset is
     ``(8 - zero) * scale``, rounded once to bf16 with the scale (the kernel's dtype). Both group along a row
-    (axis 1), which is the kernel's K: no regrouping. The codes are unpacked from hqq's layout (the first half of
-    the code rows in the high nibbles, the second half in the low ones) and repacked in torch's.
+    (axis 1), which is the kernel's K: no regrouping. hqq's layout holds the first half of the code rows in the
+    high nibbles and the second half in the low ones; ``pack_int4_halves`` repacks that straight into torch's.
     """
     scale = tensors["scale"]
     out_features, groups_per_row = scale.shape
     in_features = groups_per_row * spec.group_size
     if spec.bits != 4 or not int4_fits(out_features, in_features, spec.group_size):
         return None
-    packed = tensors["W_q"]
-    codes = torch.cat([packed >> 4, packed & 0xF]).reshape(out_features, in_features)
-    offset = (8 - tensors["zero"].float()) * scale.float()
-    return Int4Linear.from_affine(codes, scale, offset, spec.group_size)
+    # hqq's (groups / 2, group) rows are the (N / 2, K) matrix of code pairs, rows n and n + N/2 in one byte.
+    halves = tensors["W_q"].reshape(out_features // 2, in_features)
+    return Int4Linear.from_zero_point(pack_int4_halves(halves), scale, tensors["zero"], spec.group_size)
