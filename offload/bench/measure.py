@@ -5,6 +5,12 @@ measured runs are interleaved (run 1 of every row, then run 2 of every row, ...)
 machine's load while the bench runs slows every row alike instead of one row. Each row keeps its own
 cache, warm between runs (a chat's next turn finds it so); only the counters are zeroed. Counters are
 split at the first token: the prefill's, and the decode's (every later token).
+
+Rows that read experts through a host tier (``--host-memory``) share that one tier, whose budget holds one
+row's experts, not each row's. Interleaved, each row would start where the row before it left the tier, so
+a row's figures would depend on the order of the rows. Such rows run one after another instead, as
+llama-bench runs its tests: each from an empty tier, then its own warm-up, then its runs, so its tier is warm
+between its runs as its cache is, and two identical rows report the same figures.
 """
 
 from __future__ import annotations
@@ -124,25 +130,47 @@ def measure_rows(
     new_tokens: int,
     runs: int,
 ) -> list[RowResult]:
-    """Fill each (result, source) pair: a warm-up run each, then ``runs`` interleaved measured runs."""
-    for result, source in rows:
-        attach_source(model, source)
-        result.tokens = run_once(model, prompt_ids, new_tokens).tokens
-    for _ in range(runs):
+    """Fill each (result, source) pair: a warm-up run each, then ``runs`` measured runs, interleaved unless
+    the rows read through a host tier (then row by row, each from an empty tier; see the module's doc)."""
+    tiers = [getattr(source, "host_tier", None) for _, source in rows]
+    if any(tier is not None for tier in tiers):
+        for (result, source), tier in zip(rows, tiers, strict=True):
+            if tier is not None:
+                tier.empty()
+            _warm_up(result, source, model, prompt_ids, new_tokens)
+            for _ in range(runs):
+                _measure_run(result, source, model, prompt_ids, new_tokens)
+    else:
         for result, source in rows:
-            attach_source(model, source)
-            figures = run_once(model, prompt_ids, new_tokens)
-            if figures.tokens != result.tokens:
-                raise OffloadError(f"bench row {result.name!r}: two runs of the same greedy prompt differ")
-            result.timings.append(figures.timings)
-            result.prefill += figures.prefill
-            result.decode += figures.decode
-            if figures.tier_prefill is not None and figures.tier_decode is not None:
-                result.tier_prefill = (result.tier_prefill or TierLayerStats()) + figures.tier_prefill
-                result.tier_decode = (result.tier_decode or TierLayerStats()) + figures.tier_decode
+            _warm_up(result, source, model, prompt_ids, new_tokens)
+        for _ in range(runs):
+            for result, source in rows:
+                _measure_run(result, source, model, prompt_ids, new_tokens)
     for result, source in rows:
         result.memory = memory_of(model, source, len(prompt_ids) + new_tokens)
     return [result for result, _ in rows]
+
+
+def _warm_up(
+    result: RowResult, source: ExpertSource, model: MixtralModel, prompt_ids: list[int], new_tokens: int
+) -> None:
+    attach_source(model, source)
+    result.tokens = run_once(model, prompt_ids, new_tokens).tokens
+
+
+def _measure_run(
+    result: RowResult, source: ExpertSource, model: MixtralModel, prompt_ids: list[int], new_tokens: int
+) -> None:
+    attach_source(model, source)
+    figures = run_once(model, prompt_ids, new_tokens)
+    if figures.tokens != result.tokens:
+        raise OffloadError(f"bench row {result.name!r}: two runs of the same greedy prompt differ")
+    result.timings.append(figures.timings)
+    result.prefill += figures.prefill
+    result.decode += figures.decode
+    if figures.tier_prefill is not None and figures.tier_decode is not None:
+        result.tier_prefill = (result.tier_prefill or TierLayerStats()) + figures.tier_prefill
+        result.tier_decode = (result.tier_decode or TierLayerStats()) + figures.tier_decode
 
 
 def minus(after: Counters, before: Counters) -> Counters:

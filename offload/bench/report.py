@@ -38,8 +38,8 @@ times seconds, speeds tokens per second; ratios are None where there is nothing 
       host_tier                None, or (--host-memory) the host tier's counters summed over the runs:
                                {prefill, decode}, each {tokens, accesses, hits, misses, hit_rate, reads,
                                prefetch_reads, disk_bytes_read, disk_bytes_read_per_token, disk_wait_seconds,
-                               disk_wait_seconds_per_token}; every row shares one tier, so a row starts with
-                               what the row before it left there
+                               disk_wait_seconds_per_token}; rows share one tier, so they run one after
+                               another, each from an empty tier warmed by its own warm-up run
       tokens                   the generated ids
     host_tier                  None, or {budget_bytes, bytes_held, slots, experts, policy, disk}: the host tier
                                (offload.experts.host_tier) every offloaded row reads experts through

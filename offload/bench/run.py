@@ -4,7 +4,8 @@
 the configuration asked for, or with ``ablate`` the rows of ``offload.bench.ablation`` (resident, full,
 copy-only, no-prefetch, no-cache, naive, host-experts) over one host store, one link and one host. Every row decodes greedily the same prompt for exactly
 ``new_tokens`` tokens (EOS does not stop it): one warm-up run, then ``runs`` measured ones, interleaved
-across rows so that a change in machine load slows every row alike; speeds are medians over runs.
+across rows so that a change in machine load slows every row alike (row by row, each from an empty tier, when
+they share a host tier: ``offload.bench.measure``); speeds are medians over runs.
 Every row must give the same tokens as the resident one, or the bench fails (``BenchError``).
 
 ``copy_ratio`` sets an emulated link's bandwidth from a measurement: the resident row's decode time per

@@ -284,6 +284,23 @@ class HostTier:
     def reset_stats(self) -> None:
         self.stats.reset()
 
+    def empty(self) -> None:
+        """Forget every expert and what the policy has counted: the tier as loaded, cold (the counters stay).
+
+        Waits first for reads in flight and consumers still reading a slot, so no byte lands in a freed slot.
+        ``offload bench`` empties the shared tier before each row, so no row starts with another's experts.
+        """
+        for entry in self._entries.values():
+            if entry.read is not None:
+                entry.read.finished.wait()
+            for hold in entry.holds:
+                hold.wait()
+        self._entries.clear()
+        self._free = list(range(self.slots))
+        self._uses = [[0.0] * self.num_experts for _ in range(self.num_layers)]
+        self._requests = [[0.0] * self.num_experts for _ in range(self.num_layers)]
+        self._asked = [set() for _ in range(self.num_layers)]
+
     def close(self) -> None:
         """Finish the reads in flight and close the checkpoint's files."""
         self.disk.close()

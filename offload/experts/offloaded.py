@@ -175,6 +175,8 @@ class OffloadedExperts:
         if layer == 0:  # a new forward pass: drop guesses left over by one that was interrupted
             self._guesses_for.clear()
             cache.store.release()  # and a host tier's reservations that such a pass left behind
+            if isinstance(cache.store, HostTier):  # weigh what these slots hold, not another source's (bench)
+                cache.store.on_device = cache.contains
         guessed_here = self._guesses_for.pop(layer, None)
         if guessed_here is not None:
             cache.stats.layers[layer].record_guesses(guessed_here, needed)
