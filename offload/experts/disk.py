@@ -48,6 +48,7 @@ class DiskHandle:
         self.nbytes = nbytes
         self.done_at = done_at  # perf_counter() time before which an emulated disk does not deliver
         self.finished = threading.Event()  # set once every byte is in place (or a read failed)
+        self.finished_at = 0.0  # perf_counter() time it was set
         self.error: BaseException | None = None
         self.result: object = None  # what the submitted ``then`` returned, once finished
         self.reads: list[tuple[TensorRead, Tensor]] = []
@@ -157,6 +158,7 @@ class FileDisk:
                 handle.result = handle.then()
         except BaseException as error:  # handed to the waiter, which raises it
             handle.error = error
+        handle.finished_at = time.perf_counter()
         handle.finished.set()
 
     def _read(self, read: TensorRead, into: Tensor) -> None:

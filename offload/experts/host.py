@@ -9,7 +9,9 @@ One interface, ``submit(run, x) -> HostJob`` then ``wait(job) -> output``, like 
   device one. ``device_seconds`` is measured (``offload.experts.probe``), the way the bench times one
   layer for ``--copy-ratio``.
 
-Jobs complete in submission order (one worker: the host kernels use every thread torch has).
+Jobs complete in submission order (one worker: the host kernels use every thread torch has). A job may
+come with ``ready``, which the worker runs first and which returns once the job's expert is in host memory
+(a host-tier read still landing): the wait for the disk is then the worker's, not the caller's.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from torch import Tensor
 from offload.errors import CacheError
 
 HostRun = Callable[[Tensor], Tensor]  # (T, D) on the host -> (T, D) on the host
+Ready = Callable[[], float]  # blocks until a job's expert is in host memory; returns when it got there
 DeviceSeconds = Callable[[int], float]  # tokens -> the device's seconds for one expert
 
 
@@ -43,7 +46,9 @@ class ThreadHost:
     """Runs experts on the host on one worker thread, concurrently with the caller's device work."""
 
     def __init__(self) -> None:
-        self._queue: queue.SimpleQueue[tuple[HostRun, Tensor, HostJob] | None] = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[tuple[HostRun, Tensor, Ready | None, HostJob] | None] = (
+            queue.SimpleQueue()
+        )
         self._worker = threading.Thread(target=self._run_forever, name="HostExperts", daemon=True)
         self._closed = False
         self._threads = torch.get_num_threads()  # a new thread starts with torch's default, not ours
@@ -55,24 +60,29 @@ class ThreadHost:
     def _run_forever(self) -> None:
         torch.set_num_threads(self._threads)
         while (job := self._queue.get()) is not None:
-            run, x, handle = job
+            run, x, ready, handle = job
             try:
+                self._started(handle, ready() if ready is not None else 0.0)
                 with torch.inference_mode():
                     handle.output = run(x.to("cpu")).to(x.device)
             except BaseException as error:  # handed to the waiter, which re-raises it
                 handle.error = error
             handle.finished.set()
 
-    def submit(self, run: HostRun, x: Tensor) -> HostJob:
-        """Start ``run`` on the host with ``x`` (T, D) copied there; returns at once."""
+    def submit(self, run: HostRun, x: Tensor, ready: Ready | None = None) -> HostJob:
+        """Start ``run`` on the host with ``x`` (T, D) copied there; returns at once. ``ready``, if given, runs
+        first on the worker (``Ready``): a job whose expert is still being read waits there, not here."""
         if self._closed:
             raise RuntimeError("the host is closed")
         job = self._job(x.shape[0])
-        self._queue.put((run, x, job))
+        self._queue.put((run, x, ready, job))
         return job
 
     def _job(self, tokens: int) -> HostJob:
         return HostJob(tokens)
+
+    def _started(self, job: HostJob, ready_at: float) -> None:
+        """On the worker, as ``job`` starts, its expert in memory since ``ready_at``."""
 
     def wait(self, job: HostJob) -> Tensor:
         """The job's output, on the device of its input."""
@@ -117,6 +127,7 @@ class EmulatedHost(ThreadHost):
         self.ratio = ratio
         self.device_seconds = device_seconds
         self._free_at = 0.0  # when the emulated host finishes the last submitted job
+        self._delivered_at = 0.0  # the worker's: when the job it ran last is delivered
 
     def describe(self) -> str:
         return f"emulated host, {self.ratio:g}x the device's time per expert"
@@ -129,3 +140,10 @@ class EmulatedHost(ThreadHost):
         starts = max(time.perf_counter(), self._free_at)
         self._free_at = starts + self.seconds(tokens)
         return HostJob(tokens, self._free_at)
+
+    def _started(self, job: HostJob, ready_at: float) -> None:
+        # Submitting assumed the job could start at once; an expert whose read landed later (or a job ahead
+        # of it that slipped so) starts it later, so the emulated host never finishes before it could start.
+        starts = max(self._delivered_at, ready_at)
+        job.done_at = max(job.done_at, starts + self.seconds(job.tokens))
+        self._delivered_at = job.done_at

@@ -13,7 +13,9 @@ host kernels read from either, plus what a tier needs:
 - ``prefetch(layer, e)``: a guess for the next layer; reads only into room that needs no waiting: a free slot,
   or the policy's victim when the guess is worth clearly more (``guess_may_evict``; lru: free slots only),
   so guesses never push out what the tier is asked for most;
-- ``hold(layer, e, done, wait)``: a consumer (a link copy, a host job) still reads the slot until ``done()``.
+- ``hold(layer, e, done, wait)``: a consumer (a link copy, a host job) still reads the slot until ``done()``;
+- ``tensors_on_arrival(layer, e)``: the slot's views at once, and a wait for the read that a consumer on
+  another thread (a host job) calls itself, so the caller never blocks on the disk for it.
 A slot is never evicted while its read is in flight, while it is held, or while it is reserved: fetched for
 the current layer and not yet handed to a consumer. Among the rest, the victim is the tier's policy's
 (``offload.experts.policy``, ``[host] policy`` in the profile), over every layer at once: by default
@@ -248,6 +250,38 @@ class HostTier:
         buffer = self.buffer(layer, expert)
         assert self._entries[(layer, expert)].built is None, "a slot built in place holds no stored bytes"
         return unpack_expert(buffer, self.layout(layer))
+
+    def tensors_on_arrival(
+        self, layer: int, expert: int
+    ) -> tuple[dict[str, Tensor], Callable[[], float] | None]:
+        """``tensors`` without waiting for the expert's read: the views of its slot, and a function that returns
+        once the read has landed (the ``perf_counter`` time it landed; it raises the read's error), or None
+        when the bytes are there already.
+
+        For a consumer on another thread (a host job) that waits for the read itself while the caller goes on;
+        it must ``hold`` the expert until it is done. An expert not in the tier starts its read here, waiting
+        for room as ``buffer`` does.
+        """
+        self._check_index(layer, expert)
+        assert self._build is None, "a tier built without ``build`` holds stored bytes"
+        key = (layer, expert)
+        entry = self._entries.get(key)
+        read = entry.read if entry is not None else None
+        if read is not None and read.finished.is_set() and read.error is not None:
+            return self.tensors(layer, expert), None  # raises the read's error and forgets the expert
+        entry = entry or self._start_read(layer, expert, wait=True)
+        assert entry is not None
+        self._entries.move_to_end(key)
+        views = unpack_expert(self._slot(entry.slot, layer), self._layouts[layer])
+        if entry.read is None:
+            return views, None
+        disk, landing = self.disk, entry.read
+
+        def arrived() -> float:
+            disk.wait(landing)
+            return max(landing.finished_at, landing.done_at)
+
+        return views, arrived
 
     def hold(self, layer: int, expert: int, done: Callable[[], bool], wait: Callable[[], None]) -> None:
         """Keep ``expert``'s slot until ``done()`` (a copy or a job reading it); ends one reservation."""

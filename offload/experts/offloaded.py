@@ -242,20 +242,31 @@ class OffloadedExperts:
                 candidates.append(Miss(expert, inputs(expert).shape[0], arriving))
         now = time.perf_counter()
         choices = path.model.choose(layer, candidates, now, self._link_free_at, self._host_free_at, ready)
-        jobs = {}
         stats = cache.stats.layers[layer]
-        for miss in [*candidates, *ready]:
-            if choices.get(miss.expert) != HOST:
-                continue
-            tensors = cache.store.tensors(layer, miss.expert)
+        store = cache.store
+        chosen = [miss.expert for miss in [*candidates, *ready] if choices.get(miss.expert) == HOST]
+        sizes = {miss.expert: miss.tokens for miss in [*candidates, *ready]}
+        # A host tier hands out the slot's views without waiting for a read still landing: the job waits for it
+        # on the host's worker, so this thread goes on to the hits at once.
+        views = {
+            expert: store.tensors_on_arrival(layer, expert)
+            if isinstance(store, HostTier)
+            else (store.tensors(layer, expert), None)
+            for expert in chosen
+        }
+        submitted = {}
+        # Experts in host memory first: the host runs its jobs in order, and one still being read would hold
+        # up those behind it.
+        for expert in sorted(chosen, key=lambda expert: not store.is_ready(layer, expert)):
+            tensors, arrived = views[expert]
             materialize = path.materialize[layer]
-            job = jobs[miss.expert] = path.host.submit(
-                lambda x, t=tensors, m=materialize: m(t)(x), inputs(miss.expert)
+            job = submitted[expert] = path.host.submit(
+                lambda x, t=tensors, m=materialize: m(t)(x), inputs(expert), arrived
             )
-            cache.store.hold(layer, miss.expert, job.finished.is_set, job.finished.wait)
-            self._host_free_at = max(now, self._host_free_at) + path.model.inputs.host_seconds(miss.tokens)
+            store.hold(layer, expert, job.finished.is_set, job.finished.wait)
+            self._host_free_at = max(now, self._host_free_at) + path.model.inputs.host_seconds(sizes[expert])
             stats.host_computes += 1
-        return jobs
+        return {expert: submitted[expert] for expert in chosen}
 
     def _host_output(self, layer: int, job: HostJob) -> Expert:
         started = time.perf_counter()
@@ -278,13 +289,14 @@ class OffloadedExperts:
         return self.host_path is None or time.perf_counter() >= self._link_free_at
 
     def _admit(self, layer: int, hosted: dict[int, HostJob], protected: set[int]) -> None:
-        """Copy the host-computed misses into the cache while the link is idle, so hot experts settle there."""
+        """Copy the host-computed misses into the cache while the link is idle, so hot experts settle there;
+        an expert still being read from disk is left out (copying it now would wait for the read)."""
         for expert in hosted:
             if not self._link_idle():
                 return
-            if not self.cache.contains(layer, expert) and not self._load(
-                layer, expert, protected | set(hosted)
-            ):
+            if self.cache.contains(layer, expert) or not self.cache.store.is_ready(layer, expert):
+                continue
+            if not self._load(layer, expert, protected | set(hosted)):
                 return
 
     def _next_usable(self, layer: int, remaining: list[int], hosted: dict[int, HostJob]) -> int:
