@@ -99,7 +99,8 @@ def pack_int4_halves(halves: Tensor) -> Tensor:
         return pack_int4(torch.cat([halves >> 4, halves & 0xF]))
     tile = block // 2
     blocks = half_rows // block
-    source = halves.view(blocks, 2, tile, in_features)  # a block's first tile rows and its last tile rows
+    # Per block: its first tile rows, then its last tile rows.
+    source = halves.contiguous().view(blocks, 2, tile, in_features)
     packed = torch.empty(out_features, in_features // 2, dtype=torch.uint8)
     target = packed.view(2, blocks, in_features, tile)  # [0]: rows from the high nibbles, [1]: the low ones
     # Chunks of at least two blocks (one block alone would take the shuffle's scalar path), near the scratch size.
