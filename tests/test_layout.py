@@ -31,6 +31,8 @@ PRIVATE_ALLOWED = {
     ("offload/quant/host_kernels.py", "torch.ops.aten._convert_weight_to_int4pack_for_cpu"),
     ("offload/quant/host_kernels.py", "torch.ops.aten._weight_int4pack_mm_for_cpu"),
     ("offload/quant/host_kernels.py", "torch._weight_int8pack_mm"),
+    ("offload/quant/device_kernels.py", "torch.ops.aten._convert_weight_to_int4pack"),
+    ("offload/quant/device_kernels.py", "torch.ops.aten._weight_int4pack_mm"),
 }
 
 

@@ -1,6 +1,9 @@
 """The device tier: a fixed number of expert slots per layer, each layer with its own eviction order.
 
-A slot is a device byte buffer of the layer's layout size plus the Expert materialized from it.
+A slot is a device byte buffer of the layer's layout size plus the Expert materialized from it. Where the built
+expert's tensors fit the buffer (a 4-bit expert in the int4 kernels' layouts, CPU or CUDA: the same bytes as the
+stored ones), it is built in the slot itself (``offload.experts.in_place``): a slot then holds one expert's
+bytes, not its stored bytes plus a repacked copy, and the next load into the slot overwrites it.
 An eviction copies nothing back: the host store keeps every expert, and the host tier (``host_tier``) reads
 any expert again from disk.
 Loads go through a link; the cache never decides *what* to load, only *where*: the slot of the
@@ -20,8 +23,8 @@ import torch
 from torch import Tensor
 
 from offload.errors import CacheError
+from offload.experts.in_place import build_into
 from offload.experts.link import Link, LinkHandle
-from offload.experts.packing import unpack_expert
 from offload.experts.policy import CACHE_POLICIES, age_uses, choose_victim
 from offload.experts.source import Expert, expert_tensors
 from offload.experts.stats import CacheStats
@@ -38,7 +41,7 @@ class _Slot:
     buffer: Tensor  # (layout.nbytes,) uint8 on the device
     expert: int | None = None
     handle: LinkHandle | None = None  # the copy into buffer, until someone has waited on it
-    materialized: Expert | None = None  # built from buffer once the copy is waited on
+    materialized: Expert | None = None  # built from buffer once the copy is waited on (maybe inside it)
     prefetched: bool = False  # a prefetch brought the expert in and nobody has used it yet
     load_number: int = 0  # increases with every load: the link delivers in this order
 
@@ -79,7 +82,8 @@ class ExpertCache:
     """``experts_per_layer`` device slots per layer, filled from ``store`` through ``link``.
 
     ``materialize`` turns the views of a slot's buffer into a runnable Expert (for dense experts,
-    ``offload.experts.packing.materialize_dense``); it runs once per load, after the copy is waited on.
+    ``offload.experts.packing.materialize_dense``); it runs once per load, after the copy is waited on, and the
+    expert's tensors are moved into the slot where they fit (``in_place.build_into``).
     Give one per layer when layers are encoded differently (mixed-bit experts). ``policy`` picks the
     victim of a full layer (``offload.experts.policy``); plain LRU here, while the product's default,
     LRFU, comes from the profile through ``offload.loading.OffloadOptions``.
@@ -202,7 +206,8 @@ class ExpertCache:
             stats.wait_seconds += time.perf_counter() - started
             slot.handle = None
         if slot.materialized is None:
-            slot.materialized = self.materialize[layer](unpack_expert(slot.buffer, self.store.layout(layer)))
+            # Nothing reads a slot's stored bytes after this: the next load overwrites the whole buffer.
+            slot.materialized, _ = build_into(slot.buffer, self.store.layout(layer), self.materialize[layer])
         if slot.prefetched:
             stats.prefetch_hits += 1
             slot.prefetched = False
@@ -232,16 +237,17 @@ class ExpertCache:
 
     def built_bytes(self, layer: int) -> int:
         """What materializing one slot of ``layer`` adds beyond its buffer: 0 when the expert runs on views
-        of the buffer (unquantized), the dequantized weights when a CPU slot holds a quantized expert.
+        of the buffer (unquantized, or built in place), the dequantized weights when a CPU slot holds an
+        expert without a CPU kernel (3-bit).
 
-        Measured by materializing expert 0 into a scratch buffer of its own.
+        Measured by building expert 0 into a scratch buffer of its own, as ``acquire`` builds a slot's.
         """
         layout = self.store.layout(layer)
         buffer = torch.empty(
             layout.nbytes, dtype=torch.uint8, device=self._layers[layer].slots[0].buffer.device
         )
         buffer.copy_(self.store.buffer(layer, 0))
-        expert = self.materialize[layer](unpack_expert(buffer, layout))
+        expert, _ = build_into(buffer, layout, self.materialize[layer])
         own = buffer.untyped_storage().data_ptr()
         return sum(
             t.numel() * t.element_size()

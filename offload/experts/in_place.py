@@ -1,4 +1,5 @@
-"""Building an expert's runnable form inside the host-tier slot that holds its stored bytes.
+"""Building an expert's runnable form inside the slot that holds its stored bytes (a host-tier slot, or a device
+cache slot: ``ExpertCache``).
 
 On a CPU, a 4-bit expert runs torch's int4 kernel, whose layout differs from the stored one: building it
 (``codec.materialize``) repacks every matrix, about 40 ms for one 14336 x 4096 matrix at one thread (docs/
@@ -6,12 +7,13 @@ BENCHMARKS.md, "Repacking for the int4 kernel"), against 7 ms for the matmul. Bu
 that per expert per token; keeping the built tensors beside the stored ones would halve what the budget holds. The built tensors of a 4-bit expert take the same
 bytes as its stored ones (the codes stay 4-bit, the scales and offsets 16-bit), so once built they are copied
 over the stored bytes in the slot itself, and the expert computes on views of the slot: hits cost only the
-matmul, and the slot still holds one expert's bytes.
+matmul, and the slot still holds one expert's bytes. On CUDA, torch's int4 kernel's layout
+(``offload.quant.device_kernels``) has the same property: the packed codes take the stored codes' bytes.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 from torch import Tensor, nn
 
@@ -31,13 +33,24 @@ def build_in_place(buffer: Tensor, layout: ExpertLayout, materialize: Materializ
     the stored bytes has them copied out first. The stored bytes are overwritten, so ``buffer`` may then serve
     only this expert.
     """
+    expert, in_place = build_into(buffer, layout, materialize)
+    return expert if in_place else None
+
+
+def build_into(buffer: Tensor, layout: ExpertLayout, materialize: Materialize) -> tuple[Expert, bool]:
+    """The expert built from ``buffer``'s stored tensors and whether it runs on views of ``buffer`` alone
+    (``build_in_place``'s expert, True); else, its built tensors not fitting, the expert as built, beside the
+    untouched stored bytes (False)."""
     expert = materialize(unpack_expert(buffer, layout))
     try:
-        return _moved_into(buffer, expert)
+        moved = _moved_into(buffer, expert)
     finally:
-        # Repacking a Mixtral expert frees ~0.3 GB of temporaries on the reader's thread, whose glibc arena would
-        # keep them: the tier's RSS would grow past its budget by that much per reading thread.
-        release_freed_memory()
+        if buffer.device.type == "cpu":
+            # Repacking a Mixtral expert frees ~0.3 GB of temporaries on the reader's thread, whose glibc arena
+            # would keep them: the tier's RSS would grow past its budget by that much per reading thread.
+            # (Device memory goes back to torch's caching allocator, not to glibc.)
+            release_freed_memory()
+    return (expert, False) if moved is None else (moved, True)
 
 
 def _moved_into(buffer: Tensor, expert: Expert) -> Expert | None:
@@ -52,6 +65,8 @@ def _moved_into(buffer: Tensor, expert: Expert) -> Expert | None:
         return expert  # it computes from the stored tensors as they are
     if not all(_dense_in_memory(tensor) for _, _, tensor in outside):
         return None
+    if _packed_size(tensor for _, _, tensor in held) > buffer.numel():
+        return None  # checked before anything is detached: the expert stays as built
     if len(outside) != len(held):
         # Some views of the stored bytes stay (a float expert's wide w2 beside its re-laid-out w1, w3): copy them
         # out first, since the moved tensors overwrite the stored bytes under them.
@@ -62,9 +77,7 @@ def _moved_into(buffer: Tensor, expert: Expert) -> Expert | None:
     offsets, offset = [], 0
     for _, _, tensor in outside:
         offsets.append(offset)
-        offset = -(-(offset + tensor.numel() * tensor.element_size()) // ALIGNMENT) * ALIGNMENT
-    if offset > buffer.numel():
-        return None
+        offset = _packed_size([tensor], offset)
     for (owner, name, tensor), at in zip(outside, offsets, strict=True):
         raw = buffer[at : at + tensor.numel() * tensor.element_size()].view(tensor.dtype)
         # An input-major matrix (``one_token_layout``) keeps its layout: the summation order depends on it.
@@ -74,6 +87,13 @@ def _moved_into(buffer: Tensor, expert: Expert) -> Expert | None:
             owner, name, nn.Parameter(view, requires_grad=False) if isinstance(tensor, nn.Parameter) else view
         )
     return expert
+
+
+def _packed_size(tensors: Iterable[Tensor], offset: int = 0) -> int:
+    """Where ``tensors`` end, moved one after another from ``offset``, each to an ALIGNMENT boundary."""
+    for tensor in tensors:
+        offset = -(-(offset + tensor.numel() * tensor.element_size()) // ALIGNMENT) * ALIGNMENT
+    return offset
 
 
 def _detached(owner: object, name: str, tensor: Tensor) -> Tensor:

@@ -189,6 +189,11 @@ def kernel_linear(
     return BnbInt8Linear(on_device) if spec.kind == "int8" else Bnb4bitLinear(on_device, spec, dtype)
 
 
+def device_linear(tensors: dict[str, Tensor], spec: QuantSpec, device: torch.device) -> nn.Module | None:
+    """None: bitsandbytes' own CUDA kernels (``kernel_linear``) read its layout."""
+    return None
+
+
 def host_linear(tensors: dict[str, Tensor], spec: QuantSpec) -> nn.Module | None:
     """For int8, the CPU int8 kernel's linear over the stored codes (W = CB * SCB / 127); None for nf4 / fp4.
 

@@ -17,8 +17,16 @@ from torch import Tensor, nn
 
 from offload.errors import QuantError
 from offload.experts.source import DenseExpert, Expert
+from offload.quant.device_kernels import CudaInt4Linear
 from offload.quant.host_kernels import Int4Linear
-from offload.quant.linear import build_linear, dequantize_linear, host_linear, matrix_nbytes, quantize_linear
+from offload.quant.linear import (
+    build_linear,
+    dequantize_linear,
+    device_linear,
+    host_linear,
+    matrix_nbytes,
+    quantize_linear,
+)
 from offload.quant.spec import QuantSpec
 
 MATRICES = ("w1", "w2", "w3")  # gate projection, down projection, up projection (the hub's names)
@@ -49,30 +57,35 @@ class QuantizedExpert:
         return self.w2.forward(F.silu(self.w1.forward(x)) * self.w3.forward(x))
 
     def fused(self) -> QuantizedExpert:
-        """This expert with w1 and w3 in one CPU int4 module where that gives the same bits (else itself).
+        """This expert with w1 and w3 in one int4 module (CPU or CUDA) where that gives the same bits (else
+        itself).
 
         One kernel call instead of two, and one rounding of the input to bf16: two 448 x 256 int4 matrices
         54 -> 33 us at one token, out of cache. Resident experts take it once at load (``ResidentExperts``).
         """
-        if isinstance(self.w1, Int4Linear) and isinstance(self.w3, Int4Linear):
-            w13 = Int4Linear.stacked([self.w1, self.w3])
-            if w13 is not None:
-                return FusedInt4Expert(w13, self.w2, self.w1.out_features)
+        for kind in (Int4Linear, CudaInt4Linear):
+            if isinstance(self.w1, kind) and isinstance(self.w3, kind):
+                w13 = kind.stacked([self.w1, self.w3])
+                if w13 is not None:
+                    return FusedInt4Expert(w13, self.w2, self.w1.out_features)
         return self
 
 
-class FusedInt4Expert(QuantizedExpert):
-    """A QuantizedExpert whose w1 and w3 are the two halves of one Int4Linear, ``w13``."""
+Int4Module = Int4Linear | CudaInt4Linear
 
-    def __init__(self, w13: Int4Linear, w2: nn.Module, width: int) -> None:  # not the parent's: no w1, w3
+
+class FusedInt4Expert(QuantizedExpert):
+    """A QuantizedExpert whose w1 and w3 are the two halves of one int4 module, ``w13``."""
+
+    def __init__(self, w13: Int4Module, w2: nn.Module, width: int) -> None:  # not the parent's: no w1, w3
         self.w13, self.w2, self.width = w13, w2, width
 
     @property
-    def w1(self) -> Int4Linear:
+    def w1(self) -> Int4Module:
         return self.w13.rows(0, self.width)
 
     @property
-    def w3(self) -> Int4Linear:
+    def w3(self) -> Int4Module:
         return self.w13.rows(self.width, 2 * self.width)
 
     def __call__(self, x: Tensor) -> Tensor:
@@ -120,7 +133,9 @@ class MatrixCodec:
     ) -> Expert:
         """Rebuild the expert on ``device``, computing in ``dtype``.
 
-        On CUDA the matrices stay quantized and run the library's kernels. On a CPU, a spec with a CPU kernel
+        On CUDA the matrices stay quantized: torch's int4 kernel runs them where all three fit it
+        (``linear.device_linear``), else the library's kernels; one kind per expert, so that an in-place build
+        (``offload.experts.in_place``) moves every tensor or none. On a CPU, a spec with a CPU kernel
         (``hqq:4:G``, ``bnb:int8``; ``linear.host_linear``) keeps its codes, repacked here once per
         materialization (so once per load into a slot, never per call). Otherwise the matrices are dequantized
         once into a DenseExpert, so that a cached expert costs a dense matmul rather than a dequantization per
@@ -130,7 +145,15 @@ class MatrixCodec:
         device = torch.device(device)
         parts = [_matrix(tensors, name) for name in MATRICES]
         if device.type == "cuda" and self.spec.backend != "none":
-            return QuantizedExpert(*(build_linear(part, self.spec, dtype, device) for part in parts))
+            kernels = [
+                device_linear(part, self.spec, device, name=name)
+                for name, part in zip(MATRICES, parts, strict=True)
+            ]
+            if any(kernel is None for kernel in kernels):
+                kernels = [
+                    build_linear(part, self.spec, dtype, device, device_kernels=False) for part in parts
+                ]
+            return QuantizedExpert(*kernels)
         if device.type == "cpu" and self.host_kernels:
             kernels = [
                 host_linear(part, self.spec, name=name) for name, part in zip(MATRICES, parts, strict=True)

@@ -54,6 +54,11 @@ def kernel_linear(
     return DenseLinear(tensors["weight"].to(device=device, dtype=dtype))
 
 
+def device_linear(tensors: dict[str, Tensor], spec: QuantSpec, device: torch.device) -> nn.Module | None:
+    """None: ``kernel_linear``'s dense matmul is the device kernel."""
+    return None
+
+
 def host_linear(tensors: dict[str, Tensor], spec: QuantSpec) -> nn.Module | None:
     """None: a float matrix has no codes for a CPU kernel to read."""
     return None

@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from offload.errors import QuantError
+from offload.quant.device_kernels import CudaInt4Linear, cuda_int4_fits
 from offload.quant.host_kernels import Int4Linear, int4_fits, pack_int4_halves
 from offload.quant.spec import HQQ_GROUP_SIZES
 
@@ -173,7 +174,8 @@ def _unpack(packed: Tensor, bits: int, groups: int) -> Tensor:
 def kernel_linear(
     tensors: dict[str, Tensor], spec: QuantSpec, dtype: torch.dtype, device: torch.device
 ) -> torch.nn.Module:
-    """An HQQLinear on ``device`` that keeps the codes and dequantizes in ``dtype`` at each forward."""
+    """An HQQLinear on ``device`` that keeps the codes and dequantizes in ``dtype`` at each forward (the CUDA
+    path where ``device_linear`` does not fit)."""
     from hqq.core.quantize import HQQLinear, hqq_base_quant_config
 
     layer = HQQLinear(
@@ -188,6 +190,31 @@ def kernel_linear(
     state["W_q"] = tensors["W_q"].to(device)
     layer.load_state_dict(state)
     return layer
+
+
+def device_linear(
+    tensors: dict[str, Tensor], spec: QuantSpec, device: torch.device
+) -> torch.nn.Module | None:
+    """torch's CUDA int4 kernel's linear over the stored 4-bit codes (``device_kernels``), built on ``device``
+    from the tensors there; None when the spec, the shape or the device does not fit it.
+
+    The same arithmetic as ``host_linear``: the kernel computes ``(q - 8) * scale + offset`` with the offset
+    ``(8 - zero) * scale``, rounded once to bf16 with the scale. The packed tensors take the stored bytes' size.
+    """
+    scale = tensors["scale"]
+    out_features, groups_per_row = scale.shape
+    in_features = groups_per_row * spec.group_size
+    if spec.bits != 4 or not cuda_int4_fits(out_features, in_features, spec.group_size, device):
+        return None
+    codes = codes4(tensors["W_q"].to(device), out_features, in_features)
+    offset = (8 - tensors["zero"].float()) * scale.float()
+    return CudaInt4Linear.from_affine(codes, scale.to(device), offset.to(device), spec.group_size)
+
+
+def codes4(packed: Tensor, out_features: int, in_features: int) -> Tensor:
+    """hqq's packed 4-bit codes -> the (out, in) uint8 codes: the first half of the code rows sits in the high
+    nibbles, the second half in the low ones."""
+    return torch.cat([packed >> 4, packed & 0xF]).reshape(out_features, in_features)
 
 
 def host_linear(tensors: dict[str, Tensor], spec: QuantSpec) -> torch.nn.Module | None:

@@ -2,8 +2,9 @@
 
 Used directly for the attention, gate and lm_head roles, and three times per expert by ``codec.py``.
 Every backend module (hqq_backend, bnb_backend, dense) offers the same functions: ``keys``, ``check``,
-``nbytes``, ``quantize``, ``dequantize`` (to fp32, or the stored dtype for ``none``), ``kernel_linear`` (CUDA) and
-``host_linear`` (a CPU kernel over the codes, or None).
+``nbytes``, ``quantize``, ``dequantize`` (to fp32, or the stored dtype for ``none``), ``kernel_linear`` (CUDA, the
+library's kernel), ``device_linear`` (torch's CUDA int4 kernel over the codes, or None) and ``host_linear`` (a CPU
+kernel over the codes, or None).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from torch import Tensor, nn
 from offload.errors import QuantError
 from offload.quant import bnb_backend, dense, hqq_backend
 from offload.quant.dense import DenseLinear
+from offload.quant.device_kernels import CudaInt4Linear
 from offload.quant.host_kernels import Int4Linear
 from offload.quant.spec import QuantSpec
 
@@ -96,6 +98,15 @@ def host_linear(tensors: dict[str, Tensor], spec: QuantSpec, *, name: str = "wei
     return backend_for(spec).host_linear(_checked(tensors, spec, name), spec)
 
 
+def device_linear(
+    tensors: dict[str, Tensor], spec: QuantSpec, device: torch.device | str, *, name: str = "weight"
+) -> nn.Module | None:
+    """A CUDA module over the stored codes that torch's int4 kernel runs (``offload.quant.device_kernels``),
+    built on ``device`` from the tensors there; None unless ``hqq:4:G`` (G 32 to 256) fits the kernel, the shape
+    and the device (compute capability 8.0 or more, probed once)."""
+    return backend_for(spec).device_linear(_checked(tensors, spec, name), spec, torch.device(device))
+
+
 def build_linear(
     tensors: dict[str, Tensor],
     spec: QuantSpec,
@@ -103,10 +114,12 @@ def build_linear(
     device: torch.device | str,
     *,
     host_kernels: bool = True,
+    device_kernels: bool = True,
 ) -> nn.Module:
     """A module whose forward(x) is ``F.linear(x, W)`` for the stored weight W.
 
-    On CUDA the codes stay quantized and the library's kernel runs (hqq's HQQLinear, bitsandbytes' matmul).
+    On CUDA the codes stay quantized: torch's int4 kernel runs them where ``device_linear`` fits (unless
+    ``device_kernels=False``), else the library's kernel (hqq's HQQLinear, bitsandbytes' matmul).
     On a CPU, a spec with a CPU kernel (``hqq:4:G`` with G 32 to 128, ``bnb:int8``) keeps its codes, repacked once
     for that kernel, which computes in bf16 (``host_kernels=False`` turns this off). Any other weight is
     dequantized once to a dense ``dtype`` matrix: hqq's CPU forward dequantizes at every call (tens of ms per
@@ -114,6 +127,9 @@ def build_linear(
     """
     device = torch.device(device)
     if device.type == "cuda":
+        module = device_linear(tensors, spec, device) if device_kernels else None
+        if module is not None:
+            return module
         return backend_for(spec).kernel_linear(_checked(tensors, spec, "weight"), spec, dtype, device)
     if host_kernels and device.type == "cpu":
         module = host_linear(tensors, spec)
@@ -124,8 +140,8 @@ def build_linear(
 
 def stacked_linear(modules: Sequence[nn.Module]) -> tuple[nn.Module, list[nn.Module]] | None:
     """One module whose outputs are ``modules``' outputs side by side, and the modules rebuilt over its
-    memory (so the weights are held once); None unless they are all dense in one dtype and device, or all
-    CPU int4 with one group size and whole packing blocks.
+    memory (so the weights are held once); None unless they are all dense in one dtype and device, all
+    CPU int4 with one group size and whole packing blocks, or all CUDA int4 with one K and group size.
 
     A decode step then makes one matrix call where it made several (attention's q, k and v: three).
     """
@@ -135,12 +151,13 @@ def stacked_linear(modules: Sequence[nn.Module]) -> tuple[nn.Module, list[nn.Mod
             return None
         stacked = DenseLinear(torch.cat(weights))
         return stacked, [DenseLinear(part) for part in _row_blocks(stacked.weight, weights)]
-    if all(isinstance(m, Int4Linear) for m in modules):
-        fused = Int4Linear.stacked(modules)
-        if fused is None:
-            return None
-        bounds = _bounds([m.out_features for m in modules])
-        return fused, [fused.rows(start, end) for start, end in bounds]
+    for kind in (Int4Linear, CudaInt4Linear):
+        if all(isinstance(m, kind) for m in modules):
+            fused = kind.stacked(modules)
+            if fused is None:
+                return None
+            bounds = _bounds([m.out_features for m in modules])
+            return fused, [fused.rows(start, end) for start, end in bounds]
     return None
 
 
