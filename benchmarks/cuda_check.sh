@@ -17,7 +17,8 @@ python3 -c "import torch, transformers; print('torch', torch.__version__, 'trans
 
 echo "== cuda-marked tests"
 timeout 240 python3 -m pytest -q -p no:cacheprovider -m cuda \
-    tests/test_quant_codec.py tests/test_link.py tests/test_offload_equivalence.py 2>&1 | tee "$OUT/cuda_tests.log" | tail -25
+    tests/test_quant_codec.py tests/test_link.py tests/test_offload_equivalence.py tests/test_device_kernels.py \
+    tests/test_cache_in_place.py 2>&1 | tee "$OUT/cuda_tests.log" | tail -25
 
 echo "== generate on the GPU (auto profile: hqq experts quantized at load), offloaded with K=2"
 timeout 120 python3 -m cli.main generate --device cuda -k 2 --prefetch 2 --temperature 0 --max-new-tokens 24 \
@@ -26,9 +27,24 @@ timeout 120 python3 -m cli.main generate --device cuda -k 2 --prefetch 2 --tempe
 echo "== a random model of 3 GB, drawn on the GPU"
 timeout 120 python3 benchmarks/random_model.py --out "$MODEL" --hidden 2048 --ffn 7168 --layers 4 --device cuda
 # Quantize once (on the CPU, as load-time quantization would in every process), then load that.
-timeout 300 python3 -m cli.main convert "$MODEL" "$MODEL-hqq" --attention hqq:4:64 --experts hqq:3:64 --force \
+timeout 300 python3 -m cli.main convert "$MODEL" "$MODEL-hqq" --attention hqq:4:64 --experts hqq:4:64 --force \
     > "$OUT/convert.txt" 2>&1; tail -3 "$OUT/convert.txt"
 MODEL="$MODEL-hqq"
+
+echo "== which kernel the 4-bit experts run (torch's int4 kernel, else HQQLinear after a logged probe failure)"
+timeout 120 python3 - "$MODEL" <<'EOF' 2>&1 | tee "$OUT/expert_kernel.txt"
+import sys, torch
+from offload.loading import OffloadOptions, load_model
+from offload.quant.device_kernels import unusable_because
+model = load_model(sys.argv[1], device="cuda", dtype="bfloat16", offload=OffloadOptions(experts_per_layer=2))
+source = model.expert_source
+source.cache.load(0, 0)
+expert = source.cache.acquire(0, 0)
+print(torch.cuda.get_device_name(), torch.cuda.get_device_capability(), "| int4 kernel:",
+      unusable_because(torch.device("cuda")) or "usable", "| experts run", type(expert.w2).__name__,
+      "| attention runs", type(model.model.layers[0].self_attn.o_proj).__name__,
+      "| bytes built beside the slots", source.memory().device_bytes - source.cache.nbytes)
+EOF
 
 echo "== where the host time goes (cProfile), full and no-prefetch"
 for prefetch in 2 0; do
