@@ -129,11 +129,16 @@ def test_a_streaming_gpu_kernel_reads_its_bytes_at_a_share_of_the_memory_bandwid
     assert no_bandwidth.speeds.device_expert_s == pytest.approx(3 * 4096 * 14336 / 50e9)
 
 
-def test_hqq_4bit_on_cuda_is_dequantized_per_call_until_the_int4_kernel_is_wired(
-    mixtral: ModelConfig,
+@pytest.mark.parametrize("capability", [None, 7.5])
+def test_hqq_4bit_on_a_gpu_below_compute_capability_8_is_dequantized_per_call(
+    mixtral: ModelConfig, capability: float | None
 ) -> None:
-    plan = _plan(mixtral, GPU, {"experts": "hqq:4:64"}, {"cores": 6, "memory_gbps": 45.0}, k=3)
-    assert plan.speeds.device_expert_s == pytest.approx(3 * 4096 * 14336 / 50e9)  # HQQLinear today
+    device = GPU if capability is None else {**GPU, "compute_capability": capability}
+    plan = _plan(mixtral, device, {"experts": "hqq:4:64"}, {"cores": 6, "memory_gbps": 45.0}, k=3)
+    assert plan.speeds.device_expert_s == pytest.approx(
+        3 * 4096 * 14336 / 50e9
+    )  # HQQLinear: a T4, or unknown
+    assert not plan.speeds.int4_gpu_kernel and plan.speeds.without_int4_kernel is None
     # The what-if, by hand: int4 experts and attention at 862.69 / 2039 of 360 GB/s, our 1 ms a layer.
     share = 360e9 * 862.69 / 2039
     device_e, attention = plan.expert_bytes[0] / share, plan.dense.attention / 32 / share
@@ -143,14 +148,38 @@ def test_hqq_4bit_on_cuda_is_dequantized_per_call_until_the_int4_kernel_is_wired
     experts = max(2 * hit * device_e, 2 * (1 - hit) * host_e)  # the device is faster: no hit moves
     hybrid = 1 / (32 * (1e-3 + attention + experts) + head)
     assert plan.speeds.with_int4_kernel["hybrid"] == pytest.approx(hybrid)
-    assert any("it is not wired in" in line for line in plan.speeds.arithmetic)
+    why = "the profile gives no [device] compute_capability" if capability is None else "this GPU's is 7.5"
+    assert any(f"it needs compute capability 8.0; {why}" in line for line in plan.speeds.arithmetic)
 
 
-def test_rtx3060_reaches_8_tok_s_only_with_the_int4_gpu_kernel() -> None:
+def test_hqq_4bit_on_an_ampere_gpu_runs_the_int4_kernel(mixtral: ModelConfig) -> None:
+    device = {**GPU, "compute_capability": 8.6}
+    host = {"cores": 6, "memory_gbps": 45.0}
+    plan = _plan(mixtral, device, {"experts": "hqq:4:64"}, host, k=3)
+    share = 360e9 * 862.69 / 2039
+    assert plan.speeds.device_expert_s == pytest.approx(plan.expert_bytes[0] / share)
+    assert plan.speeds.int4_gpu_kernel and plan.speeds.with_int4_kernel is None
+    # the fallback, should the load-time check fail: HQQLinear's rate, what a T4 gets
+    t4 = _plan(mixtral, {**GPU, "compute_capability": 7.5}, {"experts": "hqq:4:64"}, host, k=3)
+    assert plan.speeds.without_int4_kernel == {p: t4.speeds.tok_s[p] for p in ("host-only", "hybrid")}
+    assert t4.speeds.with_int4_kernel == {p: plan.speeds.tok_s[p] for p in ("host-only", "hybrid")}
+    assert any(
+        "run torch's int4 GPU kernel (compute capability 8.6 >= 8.0" in line
+        for line in plan.speeds.arithmetic
+    )
+    # 3-bit has no int4 kernel, whatever the GPU
+    three = _plan(mixtral, device, {"experts": "hqq:3:64", "attention": "hqq:3:64"}, host, k=3)
+    assert not three.speeds.int4_gpu_kernel and three.speeds.without_int4_kernel is None
+
+
+def test_rtx3060_reaches_8_tok_s_with_the_int4_gpu_kernel() -> None:
     """The figure docs/BENCHMARKS.md gives for issue 15's plan target, under its stated assumptions."""
     config = ModelConfig.from_file(MIXTRAL / "config.json")
     plan = plan_memory(config, Profile.from_file(PROFILES / "rtx3060-12gb.toml"), 8192)
-    assert plan.speeds.tok_s["hybrid"] < 8 <= plan.speeds.with_int4_kernel["hybrid"]
+    assert plan.speeds.int4_gpu_kernel
+    assert plan.speeds.without_int4_kernel["hybrid"] < 8 <= plan.speeds.tok_s["hybrid"]
+    t4 = plan_memory(config, Profile.from_file(PROFILES / "t4-16gb.toml"), 8192)
+    assert not t4.speeds.int4_gpu_kernel  # Turing, 7.5
 
 
 def test_a_cpu_device_runs_kernel_specs_at_the_measured_kernel_rates(mixtral: ModelConfig) -> None:
@@ -181,3 +210,11 @@ def test_a_host_without_a_kernel_for_the_spec_dequantizes_per_call(mixtral: Mode
 def test_device_memory_gbps_must_be_positive() -> None:
     with pytest.raises(ProfileError, match=r"device\.memory_gbps = 0: allowed is a positive number of GB/s"):
         Profile.from_dict({"device": {**GPU, "memory_gbps": 0}}, source="test.toml")
+
+
+@pytest.mark.parametrize("value", [0, "8.6", True, 120])
+def test_device_compute_capability_must_be_a_capability(value: object) -> None:
+    with pytest.raises(
+        ProfileError, match=r"device\.compute_capability = .*: allowed is a CUDA compute capability"
+    ):
+        Profile.from_dict({"device": {**GPU, "compute_capability": value}}, source="test.toml")

@@ -11,8 +11,8 @@ Per token, summed over layers l (E experts, top_k chosen, K_l slots), at batch 1
     our engine (host-only and hybrid), each matrix timed by the kernel that runs it (``matrix_seconds``):
       ours_l   = ENGINE_LAYER_OVERHEAD_S + the attention's time on the device
       device_e = one expert on the device: on CUDA, its bytes / (device memory GB/s · GPU_BANDWIDTH_SHARE) for a
-                 kernel that streams them (dense, or int4 once wired in: INT4_GPU_KERNEL_WIRED), else the
-                 paper's per-weight rate; on a CPU device, as host_e for an int4 or int8 kernel, else a dense
+                 kernel that streams them (dense, or int4 on a GPU of compute capability 8.0 or more:
+                 ``int4_gpu_kernel_runs``), else the paper's per-weight rate; on a CPU device, as host_e for an int4 or int8 kernel, else a dense
                  matmul at DENSE_CPU_WEIGHTS_PER_S_PER_CORE (such a spec is dequantized once, at load)
       host_e   = one expert on the host: bytes / min(cores · HOST_GBPS_PER_CORE[kernel], memory GB/s) + HOST_JOB_S
                  for a spec with a CPU kernel, else 3·D·F / (cores · HOST_DEQUANT_WEIGHTS_PER_S_PER_CORE)
@@ -63,9 +63,13 @@ ENGINE_LAYER_OVERHEAD_S = 1.0e-3
 # README (Llama-2-7B, batch 1, torch.compile, on an A100-80GB SXM: 2039 GB/s) gives 1397.31 GB/s in bf16 and
 # 862.69 GB/s in int4 with groups of 32 (torch's _weight_int4pack_mm).
 GPU_BANDWIDTH_SHARE = {"dense": 1397.31 / 2039, "int4": 862.69 / 2039}
-# Whether our CUDA path runs torch's int4 kernel for hqq 4-bit weights. It does not yet: hqq_backend.kernel_linear
-# builds hqq's HQQLinear, whose forward dequantizes the whole matrix at every call (docs/BENCHMARKS.md).
-INT4_GPU_KERNEL_WIRED = False
+# Whether our CUDA path runs torch's int4 kernel for hqq 4-bit weights (hqq:4:G, G 32 to 256). It does:
+# hqq_backend.device_linear builds offload.quant.device_kernels.CudaInt4Linear, once a probe at load has checked
+# the kernel against the dequantized matmul on that GPU (else hqq's HQQLinear, which dequantizes the whole matrix
+# at every call). The kernel is compiled for compute capability 8.0 and up only: a profile's GPU below that, or one
+# whose [device] compute_capability is not given ("auto"), is planned at HQQLinear's rate.
+INT4_GPU_KERNEL_WIRED = True
+INT4_GPU_MIN_CAPABILITY = 8.0
 # CPU kernels at batch 1 on one thread, one 14336 x 4096 matrix (issue 15, FACTS.md), as GB/s of the bytes read:
 # int4 29.4 MB of codes in 3.8 ms, int8 58.7 MB in 8.6 ms, a bf16 F.linear 117 MB in 16 ms.
 HOST_GBPS_PER_CORE = {"int4": 7.7, "int8": 6.8, "dense": 7.3}
@@ -103,14 +107,32 @@ class SpeedPlan:
     device_kernel: str = "paper rate"  # how device_expert_s was found (``matrix_seconds``)
     # host-only and hybrid if torch's int4 GPU kernel ran the 4-bit weights; None when it changes nothing
     with_int4_kernel: dict[str, float] | None = None
+    # host-only and hybrid where it runs but were not to (its probe failing at load); None when it does not run
+    without_int4_kernel: dict[str, float] | None = None
+    int4_gpu_kernel: bool = (
+        False  # whether tok_s counts on torch's int4 GPU kernel (``int4_gpu_kernel_runs``)
+    )
 
     def as_dict(self) -> dict[str, Any]:
         return {**vars(self), "arithmetic": list(self.arithmetic)}
 
 
-def gpu_kernel(spec: QuantSpec, int4_wired: bool = INT4_GPU_KERNEL_WIRED) -> str | None:
+def int4_gpu_kernel_runs(profile: Any) -> bool:
+    """Whether torch's int4 kernel runs 4-bit weights on ``profile``'s device: a CUDA GPU whose
+    ``[device] compute_capability`` is 8.0 or more."""
+    capability = profile.device.compute_capability
+    return (
+        INT4_GPU_KERNEL_WIRED
+        and profile.device.kind == "cuda"
+        and capability is not None
+        and capability >= INT4_GPU_MIN_CAPABILITY
+    )
+
+
+def gpu_kernel(spec: QuantSpec, int4_wired: bool = False) -> str | None:
     """The GPU kernel that streams ``spec``'s stored bytes in our engine: "dense" (cuBLAS), "int4" (torch's
-    _weight_int4pack_mm, hqq 4-bit with groups of 32 to 256, once wired in), or None (dequantized per call)."""
+    _weight_int4pack_mm, hqq 4-bit with groups of 32 to 256, where ``int4_wired``: it runs on the GPU), or None
+    (hqq's HQQLinear, dequantized per call)."""
     if spec.backend == "none":
         return "dense"
     if int4_wired and spec.backend == "hqq" and spec.bits == 4 and spec.group_size in INT4_GROUP_SIZES:
@@ -148,7 +170,7 @@ def matrix_seconds(
     nbytes: int,
     weights: int,
     profile: Any,
-    int4_wired: bool = INT4_GPU_KERNEL_WIRED,
+    int4_wired: bool = False,
     dtype: str = "bfloat16",
 ) -> tuple[float, str]:
     """One matrix (or expert) on the device in our engine, and how the time was found.
@@ -182,9 +204,16 @@ def predict_speeds(
     expert_bytes: Sequence[int],
     roles: Roles,
     *,
-    int4_wired: bool = INT4_GPU_KERNEL_WIRED,
+    int4_wired: bool | None = None,
+    alternative: bool = True,
 ) -> SpeedPlan:
-    """Every policy's predicted decode speed for ``config`` with K_l = ``ks`` under ``profile``."""
+    """Every policy's predicted decode speed for ``config`` with K_l = ``ks`` under ``profile``.
+
+    ``int4_wired``: whether torch's int4 kernel runs the 4-bit weights on the GPU (default: where the profile's
+    GPU supports it, ``int4_gpu_kernel_runs``). With ``alternative``, the other case is shown as well.
+    """
+    if int4_wired is None:
+        int4_wired = int4_gpu_kernel_runs(profile)
     kind, top_k, experts = profile.device.kind, config.num_experts_per_tok, config.num_local_experts
     host, link_bps = profile.host, profile.device.link_gbps * 1e9
     rate, overhead = WEIGHTS_PER_S[kind], LAYER_OVERHEAD_S[kind]
@@ -246,23 +275,22 @@ def predict_speeds(
         experts_time = balanced(top_k * hit, top_k * (1 - hit), device_s, host_s + crossing)
         totals["hybrid"] += ours_dense + experts_time if miss_on_host else copy_only
     tok_s = {policy: 1.0 / seconds for policy, seconds in totals.items()}
-    with_int4, wired_lines = None, []
+    other, other_lines = None, []
     int4_specs = any(gpu_kernel(spec, True) == "int4" for spec in (roles.attention, *roles.experts))
-    if not int4_wired and int4_specs and kind == "cuda" and profile.device.memory_gbps is not None:
-        wired = predict_speeds(config, profile, ks, expert_bytes, roles, int4_wired=True)
-        with_int4 = {policy: wired.tok_s[policy] for policy in ("host-only", "hybrid")}
-        wired_lines = [wired.arithmetic[i] for i in (0, 1, 3, 4)]
+    if alternative and int4_specs and kind == "cuda" and profile.device.memory_gbps is not None:
+        flipped = predict_speeds(
+            config, profile, ks, expert_bytes, roles, int4_wired=not int4_wired, alternative=False
+        )
+        other = {policy: flipped.tok_s[policy] for policy in ("host-only", "hybrid")}
+        other_lines = [flipped.arithmetic[i] for i in (0, 1, 3, 4)]
     copy_s = expert_bytes[0] / link_bps
     lines = _arithmetic(
         config, ks, expert_bytes, hit_rates[0], ours_dense, attention_s, device_e[0], device_why[0], host_e[0],
         host_why[0], copy_s, miss_on_host, totals, tok_s, head_s, head_why, on_cpu,
     )  # fmt: skip
-    if with_int4 is not None:
-        lines.append(
-            "if torch's int4 GPU kernel ran the 4-bit weights (it is not wired in: on CUDA hqq dequantizes per "
-            f"call): host-only {with_int4['host-only']:.2f}, hybrid {with_int4['hybrid']:.2f} tok/s, from"
-        )
-        lines += [f"  {line}" for line in wired_lines]
+    if other is not None:
+        lines.append(_int4_line(profile, int4_wired, other))
+        lines += [f"  {line}" for line in other_lines]
     return SpeedPlan(
         tok_s=tok_s,
         hit_rate=sum(hit_rates) / len(hit_rates),
@@ -272,8 +300,29 @@ def predict_speeds(
         miss_on_host=miss_on_host,
         arithmetic=tuple(lines),
         device_kernel=device_why[0],
-        with_int4_kernel=with_int4,
+        with_int4_kernel=None if int4_wired else other,
+        without_int4_kernel=other if int4_wired else None,
+        int4_gpu_kernel=int4_wired and int4_specs and kind == "cuda",
     )
+
+
+def _int4_line(profile: Any, runs: bool, other: dict[str, float]) -> str:
+    """What the other case of torch's int4 GPU kernel gives, and why this profile is planned as it is."""
+    capability = profile.device.compute_capability
+    figures = f"host-only {other['host-only']:.2f}, hybrid {other['hybrid']:.2f} tok/s, from"
+    if runs:
+        return (
+            f"the 4-bit weights run torch's int4 GPU kernel (compute capability {capability:g} >= "
+            f"{INT4_GPU_MIN_CAPABILITY:.1f}; checked against the dequantized matmul at load). Were that check to "
+            f"fail, hqq's HQQLinear would dequantize per call: {figures}"
+        )
+    why = (
+        f"it needs compute capability {INT4_GPU_MIN_CAPABILITY:.1f}; this GPU's is {capability:g}"
+        if capability is not None
+        else f"it needs compute capability {INT4_GPU_MIN_CAPABILITY:.1f}; the profile gives no "
+        "[device] compute_capability"
+    )
+    return f"if torch's int4 GPU kernel ran the 4-bit weights ({why}; hqq dequantizes per call): {figures}"
 
 
 def balanced(hits: float, misses: float, device_e: float, host_e: float) -> float:

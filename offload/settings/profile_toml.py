@@ -37,6 +37,9 @@ class DeviceSettings:
     memory_gib: float | None  # budget for dense weights + expert slots + KV + workspace; None = free memory
     link_gbps: float  # host→device bandwidth in GB/s (1e9 bytes/s), for the plan and EmulatedLink
     memory_gbps: float | None = None  # the device memory's bandwidth in GB/s (its datasheet's), for the plan
+    # the GPU's CUDA compute capability (8.6 for an RTX 3060), for the plan: torch's int4 kernel needs 8.0; None
+    # when unknown (the "auto" profile), and the plan then counts on no int4 kernel. At run time it is probed.
+    compute_capability: float | None = None
 
 
 @dataclass(frozen=True)
@@ -146,7 +149,7 @@ class ProfileTable:
 
 
 SECTIONS: dict[str, tuple[str, ...]] = {
-    "device": ("kind", "memory_gib", "link_gbps", "memory_gbps"),
+    "device": ("kind", "memory_gib", "link_gbps", "memory_gbps", "compute_capability"),
     "cache": ("experts_per_layer", "policy"),
     "prefetch": ("enabled", "experts"),
     "quant": (*QUANT_ROLES, "experts_overrides"),
@@ -177,7 +180,12 @@ def read_device(table: ProfileTable) -> DeviceSettings:
     memory = table.number("memory_gib", None, lambda v: v > 0, f"{positive} GiB (omit it to use free memory)")
     link = table.number("link_gbps", _DEFAULT_LINK_GBPS[kind], lambda v: v > 0, f"{positive} GB/s")
     bandwidth = table.number("memory_gbps", None, lambda v: v > 0, f"{positive} GB/s")
-    return DeviceSettings(kind=kind, memory_gib=memory, link_gbps=link, memory_gbps=bandwidth)
+    capability = table.number(
+        "compute_capability", None, lambda v: 1 <= v < 100, "a CUDA compute capability, e.g. 8.6"
+    )
+    return DeviceSettings(
+        kind=kind, memory_gib=memory, link_gbps=link, memory_gbps=bandwidth, compute_capability=capability
+    )
 
 
 def read_cache(table: ProfileTable) -> CacheSettings:
