@@ -109,9 +109,8 @@ class SpeedPlan:
     with_int4_kernel: dict[str, float] | None = None
     # host-only and hybrid where it runs but were not to (its probe failing at load); None when it does not run
     without_int4_kernel: dict[str, float] | None = None
-    int4_gpu_kernel: bool = (
-        False  # whether tok_s counts on torch's int4 GPU kernel (``int4_gpu_kernel_runs``)
-    )
+    # whether tok_s counts on torch's int4 GPU kernel (``int4_gpu_kernel_runs``)
+    int4_gpu_kernel: bool = False
 
     def as_dict(self) -> dict[str, Any]:
         return {**vars(self), "arithmetic": list(self.arithmetic)}
