@@ -15,8 +15,9 @@ test/test_linalg.py and torch/testing/_internal/common_quantization.py (torch 2.
 - the matmul: bf16 activations, contiguous and 2-D; group 32, 64, 128 or 256, dividing K; ``scales_and_zeros``
   a (K / group, N, 2) bf16; the output width is 8 times the packed tensor's first dimension, so N % 8 == 0.
   It dequantizes with a bf16 fma ``(q - 8) * scale + zero`` and accumulates in fp32;
-- it is compiled only for CUDA 12 and compute capability 8.0 or more: elsewhere it raises, or on an older GPU
-  the kernel body is empty. So a device is probed once (``kernel_works``) before any module uses it.
+- it is compiled only for CUDA 12 and compute capability 8.0 or more (its device code sits under
+  ``__CUDA_ARCH__ >= 800``): elsewhere it raises, or has no kernel for the GPU. So a device is probed once
+  (``kernel_works``), and its answer checked, before any module uses it.
 
 Each output tile of 8 columns is one thread block, ``grid(1, N / 8, ceil(M / 16))``, whose k-loop order depends
 on K alone: a column's bits do not depend on the other columns, so stacking matrices along N (``stacked``)
