@@ -48,9 +48,11 @@ def _inside(tensor: torch.Tensor, buffer: torch.Tensor) -> bool:
     return buffer.data_ptr() <= tensor.data_ptr() < buffer.data_ptr() + buffer.numel()
 
 
+@pytest.mark.parametrize("spec", ["hqq:4:64", "bnb:int8"])
 @pytest.mark.parametrize("link", [LocalLink, lambda: EmulatedLink(50.0)], ids=["local", "emulated"])
-def test_one_slot_reused_for_each_expert_in_turn_builds_each_correctly(link) -> None:  # type: ignore[no-untyped-def]
-    cache, store, codec = _cache("hqq:4:64", link())
+def test_one_slot_reused_for_each_expert_in_turn_builds_each_correctly(link, spec: str) -> None:  # type: ignore[no-untyped-def]
+    cache, store, codec = _cache(spec, link())
+    assert cache.built_bytes(0) == 0
     slot = cache._layers[0].slots[0].buffer  # the one slot: where the expert lives
     x = torch.randn(3, HIDDEN, generator=torch.Generator().manual_seed(2))
     for expert in (0, 1, 2, 3, 0, 2):
