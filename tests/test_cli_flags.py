@@ -136,7 +136,10 @@ def test_one_loader_one_config_read_and_the_flags_reach_it(
     if command == ("bench",):  # the loader copies every miss; the measured row uses the flags
         report = json.loads(out)
         assert (report["host"]["host_compute"], report["host"]["host_ratio"]) == ("always", 7.0)
-        assert report["rows"][0]["decode"]["host_computes"] > 0
+        # Which decode misses a prefetch covers in time depends on timing; prefill and decode together
+        # always miss on a cold cache of 3 slots of 8.
+        row = report["rows"][0]
+        assert row["prefill"]["host_computes"] + row["decode"]["host_computes"] > 0
     elif command != ("trace", "record"):
         assert (settings.offload.host_compute, settings.offload.host_ratio) == ("always", 7.0)
 
