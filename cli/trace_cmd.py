@@ -172,8 +172,8 @@ def replay_command(
     host_policy: Annotated[
         str | None,
         typer.Option(
-            help="The host tier's policies, a comma list of cyclic (the tier's default),lru,lrfu,lfu,belady, or "
-            "lrfu:D for LRFU with decay D (belady is always shown). Default: all five. "
+            help="The host tier's policies, a comma list of adaptive (the tier's default),cyclic,lru,lrfu,lfu,belady, or "
+            "lrfu:D for LRFU with decay D (belady is always shown). Default: all six. "
             "Example: --host-policy cyclic,lrfu:0.98",
         ),
     ] = None,
@@ -181,7 +181,7 @@ def replay_command(
         str,
         typer.Option(
             help="What the host tier's lrfu and lfu count: accesses (every one, device hits too) or requests "
-            "(only what reaches the tier, as cyclic always does). Example: --host-counts requests",
+            "(only what reaches the tier, as adaptive and cyclic always do). Example: --host-counts requests",
         ),
     ] = "accesses",
     as_json: Annotated[

@@ -1,10 +1,11 @@
-"""The host tier's default policy, cyclic (issue 17): its victim by hand, and the replay with it."""
+"""The host tier's policies (issue 17): cyclic's and adaptive's victims by hand, and the replay with them."""
 
 from __future__ import annotations
 
 import pytest
 
 from offload.experts import policy
+from offload.experts.adaptive_policy import MIN_RATE, RECENT_DECAY, AdaptivePolicy, next_request_worth
 from offload.experts.policy import (
     CYCLIC_DEVICE_WEIGHT,
     CYCLIC_STEP_WEIGHT,
@@ -49,8 +50,8 @@ def test_cyclic_victim_by_hand() -> None:
     assert choose_cyclic_victim([(0, 1), (3, 1)], requests, 1, 4, lambda *key: key == (0, 1)) == (3, 1)
 
 
-def test_cyclic_is_the_host_tiers_default_and_a_replay_policy() -> None:
-    assert DEFAULT_HOST_POLICY == "cyclic" and DEFAULT_HOST_POLICY in HOST_TIER_POLICIES
+def test_adaptive_is_the_host_tiers_default_and_cyclic_a_choice() -> None:
+    assert DEFAULT_HOST_POLICY == "adaptive" and "cyclic" in HOST_TIER_POLICIES
     assert set(HOST_TIER_POLICIES) <= set(HOST_POLICIES)
 
 
@@ -63,7 +64,8 @@ def test_cyclic_keeps_the_expert_its_layer_needs_next() -> None:
     # furthest); at (1, 0), (0, 1) (layer 0 again), keeping (2, 0): one hit, 5 reads, as few as Belady.
     trace = make_trace([[[[0]], [[0]], [[0]]], [[[1]], [[0]], [[0]]]], num_experts=2)
     reads = {p: replay_two_level(trace, "lru", 0, p, 2).host_misses for p in HOST_POLICIES}
-    assert reads == {"cyclic": 5, "lru": 6, "lrfu": 6, "lfu": 6, "belady": 5}
+    # adaptive: both its rules keep (2, 0) here (the shadows tie, so it follows cyclic).
+    assert reads == {"adaptive": 5, "cyclic": 5, "lru": 6, "lrfu": 6, "lfu": 6, "belady": 5}
 
 
 def test_cyclic_counts_only_the_tiers_requests() -> None:
@@ -112,3 +114,50 @@ def test_cyclic_drops_the_tiers_copy_of_what_the_device_holds(monkeypatch: pytes
     assert replay_two_level(trace, "lru", 1, "belady", 2).host_misses == 3
     monkeypatch.setattr(policy, "CYCLIC_DEVICE_WEIGHT", 1.0)  # the device's slots ignored
     assert replay_two_level(trace, "lru", 1, "cyclic", 2).host_misses == 4
+
+
+def test_next_request_worth_by_hand() -> None:
+    # Four layers, the model at layer 1. Expert (3, 0): layer 3 is next run in 2 layer steps; asked for at
+    # 1 of 4 visits (rate 0.25), recent share 0.5: it waits 2 + (1 - 0.5) x 4 / 0.25 = 10 layer steps.
+    requests, visits = [[0.0, 0.0]] * 3 + [[1.0, 0.0]], [4.0] * 4
+    recent = [[0.0, 0.0]] * 3 + [[0.5, 0.0]]
+    assert next_request_worth((3, 0), requests, visits, recent, 1, 4) == pytest.approx(-10.0)
+    # Never asked for: its rate is floored at MIN_RATE, so it waits L / MIN_RATE after its layer comes round.
+    assert next_request_worth((3, 1), requests, visits, recent, 1, 4) == pytest.approx(-(2 + 4 / MIN_RATE))
+    # Held by the device: share and rate x CYCLIC_DEVICE_WEIGHT (0.8): 2 + 0.6 x 4 / 0.2 = 14.
+    held = lambda *key: key == (3, 0)  # noqa: E731
+    assert next_request_worth((3, 0), requests, visits, recent, 1, 4, held) == pytest.approx(-14.0)
+
+
+def test_adaptive_follows_the_rule_whose_shadow_missed_less() -> None:
+    # One layer of three experts, a pool of 2: expert 0 asked for 20 times, then 1 and 2 by turns. Both
+    # shadows hold 0 and thrash between 1 and 2 (one miss each a step) until the next-request shadow drops
+    # 0 at step 43: 0's recent share has decayed to 0.9^23 of its peak while its request count (19.3)
+    # still keeps it under cyclic. From step 44 that shadow hits and cyclic's misses, so the rule leads.
+    policy = AdaptivePolicy(slots=2, num_layers=1, num_experts=3)
+    seq = [0] * 20 + [1, 2] * 25
+    for step, expert in enumerate(seq[:44]):
+        policy.note_step(0, [expert], starts_prompt=False)
+        assert policy.leader == 0, step  # ties go to cyclic
+    assert policy.missed[0] == pytest.approx(policy.missed[1])
+    policy.note_step(0, [seq[44]], starts_prompt=False)
+    assert policy.leader == 1 and policy.missed[1] < policy.missed[0]
+    # The victims now: cyclic would keep 0 (19.3 requests against 2's 11.9), the leader drops it (recent
+    # share 0.06 against 0.44).
+    assert policy.victim([(0, 0), (0, 2)], 0, rule=0) == (0, 2)
+    assert policy.victim([(0, 0), (0, 2)], 0) == (0, 0)
+    # The replay of the same trace: cyclic thrashes for 40 reads after the first; adaptive follows it until
+    # the switch (1 + 25 reads: steps 20 to 44), then evicts 0 at step 45's miss and hits ever after.
+    trace = make_trace([[[[e]]] for e in seq], num_experts=3)
+    reads = {p: replay_two_level(trace, "lru", 0, p, 2).host_misses for p in ("cyclic", "adaptive", "belady")}
+    assert reads == {"cyclic": 41, "adaptive": 27, "belady": 3}
+
+
+def test_a_new_prompt_forgets_adaptives_counts_but_not_its_shadows() -> None:
+    policy = AdaptivePolicy(slots=2, num_layers=2, num_experts=2)
+    policy.note_step(0, [0, 1], starts_prompt=False)
+    policy.note_step(1, [0], starts_prompt=False)
+    assert policy.requests == [[1.0, 1.0], [1.0, 0.0]] and policy.visits == [1.0, 1.0]
+    policy.note_step(0, [1], starts_prompt=True)
+    assert policy.requests == [[0.0, 1.0], [0.0, 0.0]] and policy.visits == [1.0, 0.0]
+    assert policy.recent[0] == pytest.approx([0.0, 1 - RECENT_DECAY]) and policy.missed[0] > 0

@@ -181,7 +181,7 @@ def test_bench_reports_the_tier(tmp_path: Path, converted: Path, monkeypatch, ca
     assert report["format"] == "offload-bench" and plain["host_tier"] is None
     assert report["rows"][0]["tokens"] == plain["rows"][0]["tokens"]
     assert report["host_tier"]["budget_bytes"] == int(float(BUDGET) * 2**30)
-    assert report["host_tier"]["disk"] == "emulated:5" and report["host_tier"]["policy"] == "cyclic"
+    assert report["host_tier"]["disk"] == "emulated:5" and report["host_tier"]["policy"] == "adaptive"
     measured = report["rows"][0]
     assert measured["name"] == row
     assert measured["memory"]["host"]["store_bytes"] == report["host_tier"]["bytes_held"]

@@ -1,5 +1,6 @@
-"""The engine's host tier under its default policy, cyclic (issue 17): the same victims as the two-level
-replay, counting only what it hands out, weighing down what the device holds; the profile's [host] policy."""
+"""The engine's host tier under its default policy, adaptive, and under cyclic (issue 17): the same victims as
+the two-level replay, counting only what it hands out, weighing down what the device holds; the profile's
+[host] policy."""
 
 from __future__ import annotations
 
@@ -32,9 +33,11 @@ def reads(tier: HostTier) -> int:
     return tier.stats.total().misses
 
 
-def test_the_tiers_default_is_cyclic_and_a_bad_policy_is_one_line(tmp_path: Path) -> None:
-    assert DEFAULT_HOST_POLICY == "cyclic"
-    with pytest.raises(CacheError, match=r"host-tier policy 'mru' is not one of cyclic, lrfu, lru$"):
+def test_the_tiers_default_is_adaptive_and_a_bad_policy_is_one_line(tmp_path: Path) -> None:
+    assert DEFAULT_HOST_POLICY == "adaptive"
+    with pytest.raises(
+        CacheError, match=r"host-tier policy 'mru' is not one of adaptive, cyclic, lrfu, lru$"
+    ):
         make_tier(tmp_path, slots=2, policy="mru")
 
 
@@ -62,13 +65,27 @@ def test_the_tier_reads_what_the_replay_reads(tmp_path: Path) -> None:
         tokens = 3 if step % 20 == 0 else 1
         steps.append([[sorted(rng.sample(range(4), 2)) for _ in range(tokens)] for _ in range(3)])
     trace = make_trace(steps, num_experts=4)
-    tier = make_tier(tmp_path, slots=5, layers=3, experts=4, policy="cyclic", min_slots=2)
-    for step in range(trace.steps):
-        for layer in range(3):
-            serve(tier, layer, trace.needed_by_layer[layer][step])
-    replayed = replay_two_level(trace, "lru", 0, "cyclic", 5)
-    assert reads(tier) == replayed.host_misses
-    assert replayed.host_misses < replay_two_level(trace, "lru", 0, "lru", 5).host_misses
+    for policy in ("cyclic", "adaptive"):
+        (tmp_path / policy).mkdir()
+        tier = make_tier(tmp_path / policy, slots=5, layers=3, experts=4, policy=policy, min_slots=2)
+        for step in range(trace.steps):
+            for layer in range(3):
+                serve(tier, layer, trace.needed_by_layer[layer][step])
+        replayed = replay_two_level(trace, "lru", 0, policy, 5)
+        assert reads(tier) == replayed.host_misses, policy
+        assert replayed.host_misses < replay_two_level(trace, "lru", 0, "lru", 5).host_misses, policy
+
+
+def test_adaptive_switches_rules_in_the_engines_tier_as_in_the_replay(tmp_path: Path) -> None:
+    # tests/test_host_policy.py's drift case (one layer, a pool of 2: expert 0 twenty times, then 1 and 2 by
+    # turns): the engine's tier reads what the replay reads, 27 under adaptive against 41 under cyclic.
+    seq = [0] * 20 + [1, 2] * 25
+    for policy, want in (("cyclic", 41), ("adaptive", 27)):
+        (tmp_path / policy).mkdir()
+        tier = make_tier(tmp_path / policy, slots=2, layers=1, experts=3, policy=policy)
+        for expert in seq:
+            serve(tier, 0, [expert])
+        assert reads(tier) == want, policy
 
 
 def test_cyclic_drops_the_tiers_copy_of_what_the_device_holds(tmp_path: Path) -> None:
@@ -88,7 +105,9 @@ def test_cyclic_drops_the_tiers_copy_of_what_the_device_holds(tmp_path: Path) ->
 
 
 def test_the_profile_names_the_tiers_policy_in_one_line() -> None:
-    assert profile({}).host.policy == "cyclic"
+    assert profile({}).host.policy == "adaptive"
     assert profile({"policy": "lrfu"}).host.policy == "lrfu"
-    with pytest.raises(ProfileError, match=r"host.policy = \"mru\": allowed is 'cyclic' or 'lrfu' or 'lru'"):
+    assert profile({"policy": "cyclic"}).host.policy == "cyclic"
+    allowed = "'adaptive' or 'cyclic' or 'lrfu' or 'lru'"
+    with pytest.raises(ProfileError, match=rf"host.policy = \"mru\": allowed is {allowed}"):
         profile({"policy": "mru"})

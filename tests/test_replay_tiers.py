@@ -169,11 +169,11 @@ def test_cli_two_level_replay(cli, tmp_path: Path) -> None:
     # K = 0: LRFU and LFU keep 0 (used twice) when 2 arrives and evict 1, so they read as few as Belady.
     # K = 1: the tier is asked for 0 1 2 0 1, but LRFU and LFU count every access (0 twice at steps 0 and
     # 1, a device hit), so they too keep 0 when 2 arrives; LRU sees only the requests and evicts 0.
-    # Cyclic (the default) counts requests only: 4 reads at K = 0, where requests are every access, and 5 at
-    # K = 1, as LRU (tests/test_host_policy.py).
+    # Cyclic counts requests only: 4 reads at K = 0, where requests are every access, and 5 at K = 1, as
+    # LRU (tests/test_host_policy.py); adaptive (the default) follows cyclic while its shadows tie.
     assert found == [
-        (0, "cyclic", 4), (0, "lru", 5), (0, "lrfu", 4), (0, "lfu", 4), (0, "belady", 4),
-        (1, "cyclic", 5), (1, "lru", 5), (1, "lrfu", 4), (1, "lfu", 4), (1, "belady", 4),
+        (0, "adaptive", 4), (0, "cyclic", 4), (0, "lru", 5), (0, "lrfu", 4), (0, "lfu", 4), (0, "belady", 4),
+        (1, "adaptive", 5), (1, "cyclic", 5), (1, "lru", 5), (1, "lrfu", 4), (1, "lfu", 4), (1, "belady", 4),
     ]  # fmt: skip
     assert rows[-1]["host_tier"]["disk_bytes_read"] == 400 and rows[-1]["device"]["bytes_moved"] == 500
     table = CliRunner().invoke(cli, [*args, "--host-policy", "lru"], env={"COLUMNS": "160"})

@@ -18,11 +18,12 @@ host kernels read from either, plus what a tier needs:
   another thread (a host job) calls itself, so the caller never blocks on the disk for it.
 A slot is never evicted while its read is in flight, while it is held, or while it is reserved: fetched for
 the current layer and not yet handed to a consumer. Among the rest, the victim is the tier's policy's
-(``offload.experts.policy``, ``[host] policy`` in the profile), over every layer at once: by default
-``cyclic``, which weighs what each layer asked the tier for (each expert handed to a consumer: a link copy
-or a host job) against how soon the model reaches that layer again, and how much less the tier's copy of
-an expert the device holds is worth (``on_device``); or ``lrfu``/``lru``, whose decayed use counts age
-once per step of their own layer, so counts of different layers compare.
+(``offload.experts.policy``, ``[host] policy`` in the profile), over every layer at once: ``cyclic``
+weighs what each layer asked the tier for (each expert handed to a consumer: a link copy or a host job)
+against how soon the model reaches that layer again, and how much less the tier's copy of an expert the
+device holds is worth (``on_device``); ``adaptive`` (the default, ``offload.experts.adaptive_policy``)
+follows cyclic or an estimate of each expert's next request, whichever has lately missed less; ``lrfu``/``lru``'s
+decayed use counts age once per step of their own layer, so counts of different layers compare.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ import torch
 from torch import Tensor
 
 from offload.errors import CacheError
+from offload.experts.adaptive_policy import AdaptivePolicy
 from offload.experts.disk import DiskHandle, FileDisk, TensorRead
 from offload.experts.in_place import Materialize, build_in_place
 from offload.experts.packing import ExpertLayout, unpack_expert
@@ -132,6 +134,7 @@ class HostTier:
         self._uses = [[0.0] * self.num_experts for _ in range(self.num_layers)]  # LRFU's decayed counts
         self._requests = [[0.0] * self.num_experts for _ in range(self.num_layers)]  # cyclic's, decayed
         self._asked: list[set[int]] = [set() for _ in range(self.num_layers)]  # handed out since note_step
+        self._adaptive = AdaptivePolicy(self.slots, self.num_layers, self.num_experts)  # adaptive's counts
         self.top_k = min_slots  # one token's experts: a first layer using more starts a prompt
         # Whether the device's slots hold an expert (the cache sets it; None: no device cache).
         self.on_device: Callable[[int, int], bool] | None = None
@@ -312,6 +315,9 @@ class HostTier:
             if starts_prompt(layer, used, self.top_k):
                 forget_requests(self._requests)
             age_uses(self._requests[layer], self._asked[layer], CYCLIC_DECAY)
+        elif self.policy == "adaptive":
+            starts = starts_prompt(layer, used, self.top_k)
+            self._adaptive.note_step(layer, sorted(self._asked[layer]), starts, self.on_device)
         self._asked[layer].clear()
         self.release(layer)
 
@@ -382,6 +388,8 @@ class HostTier:
         """The policy's victim among ``evictable`` while the model serves layer ``now``."""
         if self.policy == "cyclic":
             return choose_cyclic_victim(evictable, self._requests, now, self.num_layers, self.on_device)
+        if self.policy == "adaptive":
+            return self._adaptive.victim(evictable, now, self.on_device)
         flat = [layer * self.num_experts + expert for layer, expert in evictable]
         uses = {i: self._uses[layer][expert] for i, (layer, expert) in zip(flat, evictable, strict=True)}
         victim = choose_victim(self.policy, flat, uses)  # type: ignore[arg-type]  (any __getitem__)
@@ -392,6 +400,8 @@ class HostTier:
         to compare; ``guess_may_evict`` does not ask)."""
         if self.policy == "cyclic":
             return cyclic_worth(key, self._requests, now, self.num_layers, self.on_device)
+        if self.policy == "adaptive":
+            return self._adaptive.guess_worth(key, now, self.on_device)
         layer, expert = key
         return self._uses[layer][expert] if self.policy == "lrfu" else 0.0
 

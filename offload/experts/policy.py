@@ -8,7 +8,9 @@
   after one quiet spell (docs/BENCHMARKS.md, "Cache policy").
 
 The host tier (issue 17) is one pool of experts of every layer, so its victim weighs experts of
-different layers; its default is ``cyclic`` (``choose_cyclic_victim``): a token visits layers 0..L-1 in
+different layers; its default, ``adaptive`` (``offload.experts.adaptive_policy``), follows whichever of
+``cyclic`` and an estimate of each expert's next request has lately missed less. ``cyclic``
+(``choose_cyclic_victim``): a token visits layers 0..L-1 in
 order, so an expert of layer l' is next wanted when the model next reaches l', and among experts the
 tier is asked for about equally often, the one whose layer comes round last goes (Belady's rule on the
 cycle). Its counts are the tier's own requests, not every routed expert: behind a device cache, the
@@ -25,8 +27,9 @@ from collections.abc import Callable, Collection, Iterable, Sequence
 CACHE_POLICIES = ("lrfu", "lru")
 DEFAULT_CACHE_POLICY = "lrfu"
 LRFU_DECAY = 0.9  # a use counts half after about 7 steps of its layer
-HOST_TIER_POLICIES = ("cyclic", "lrfu", "lru")  # the host tier's: cyclic counts requests, see above
-DEFAULT_HOST_POLICY = "cyclic"
+# The host tier's policies; adaptive and cyclic count requests, see above.
+HOST_TIER_POLICIES = ("adaptive", "cyclic", "lrfu", "lru")
+DEFAULT_HOST_POLICY = "adaptive"
 # The figures below are disk reads over Belady's on the seven demo traces of docs/BENCHMARKS.md ("Disk
 # tier"), K = 0 / 2 / 4 device slots, a tier of half the experts; tuned on those traces.
 # cyclic's request counts: a request counts half after about 700 steps of its layer. Slow decays read

@@ -9,11 +9,13 @@ slots shared by every layer (``offload.experts.host_tier``'s pool), the rest rea
   it holds is a hit; any other is a miss, read from disk (one expert's bytes) and kept by evicting the
   policy's victim among every layer's experts. Requests of one layer's step never evict each other; a
   step asking for more than the pool can give streams the rest through (read, not kept).
-- Its policies (``HOST_POLICIES``) are the engine's and the device level's: ``lru`` (recency of the
+- Its policies (``HOST_POLICIES``) are the engine's and the device level's: ``adaptive`` (the tier's
+  default, ``offload.experts.adaptive_policy``: cyclic's rule or an estimate of each expert's next request,
+  whichever of two shadow pools has lately missed less), ``lru`` (recency of the
   requests), ``lrfu`` (each layer's decayed counts, aged after each of its steps with every expert the
   step used, device hits included, as ``HostTier.note_step`` does; victims compared across layers, ties
   to the least recently requested) with ``choose_victim``, ``lfu`` (uses over the whole trace, every
-  access counted), ``cyclic`` (the tier's default, ``choose_cyclic_victim``: the fewest decayed requests
+  access counted), ``cyclic`` (``choose_cyclic_victim``: the fewest decayed requests
   of the tier's own since the prompt began (``starts_prompt``: a first layer using more than top_k), less a tenth
   for each layer step until the model reaches the expert's layer again, a device-held expert's count
   weighed down; it always counts requests), and ``belady`` (the expert whose next request is furthest away: the fewest
@@ -36,6 +38,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from offload.errors import ProfileError, TraceError
+from offload.experts.adaptive_policy import AdaptivePolicy
 from offload.experts.policy import (
     CYCLIC_DECAY,
     LRFU_DECAY,
@@ -49,7 +52,7 @@ from offload.settings.plan_tiers import GIB, host_slots
 from offload.trace.format import Trace
 from offload.trace.replay import POLICIES, LayerCounts, layer_bytes, replay_layer
 
-HOST_POLICIES = ("cyclic", "lru", "lrfu", "lfu", "belady")  # and lrfu:D, LRFU with decay D
+HOST_POLICIES = ("adaptive", "cyclic", "lru", "lrfu", "lfu", "belady")  # and lrfu:D, LRFU with decay D
 HOST_COUNTS = ("accesses", "requests")  # what LRFU and LFU count: every access (the engine's), or the tier's
 Key = tuple[int, int]  # (layer, expert)
 
@@ -274,6 +277,7 @@ def _replay_pool(
     flat_uses = _FlatUses(uses, experts)
     frequency: dict[Key, int] = {}  # LFU: every access so far
     requested = [[0.0] * experts for _ in range(layers)]  # cyclic's decayed counts of the tier's requests
+    adaptive = AdaptivePolicy(slots, layers, experts)  # the same object the engine's tier asks
     upcoming: dict[Key, deque[int]] = {}  # Belady: the times (step x L + layer) it is requested
     if policy == "belady":
         for step in range(trace.steps):
@@ -302,6 +306,8 @@ def _replay_pool(
         ordered = sorted(candidates, key=last_used.__getitem__)  # least recently requested first
         if policy == "cyclic":
             return choose_cyclic_victim(ordered, requested, now, layers, on_device(now))
+        if policy == "adaptive":
+            return adaptive.victim(ordered, now, on_device(now))
         flat = choose_victim(policy, [layer * experts + e for layer, e in ordered], flat_uses)  # type: ignore[arg-type]
         return divmod(flat, experts)  # type: ignore[return-value]
 
@@ -338,6 +344,9 @@ def _replay_pool(
                 if starts_prompt(layer, trace.needed_by_layer[layer][step], trace.top_k):
                     forget_requests(requested)
                 age_uses(requested[layer], asked, CYCLIC_DECAY)
+            elif policy == "adaptive":
+                starts = starts_prompt(layer, trace.needed_by_layer[layer][step], trace.top_k)
+                adaptive.note_step(layer, asked, starts, on_device(layer))
             used = counted[layer][step]
             age_uses(uses[layer], used, decay)
             for expert in used:
