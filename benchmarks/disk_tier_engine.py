@@ -25,6 +25,11 @@ PROMPTS = (  # name, raw-completion prompt, new tokens: three of disk_tier_repla
     ("rome", "The history of the Roman Empire", 200),
     ("numpy", "import numpy as np", 300),
 )
+HELD_OUT = (  # --held-out: three of disk_tier_replay.py's HELD_OUT_PROMPTS, on which no constant was chosen
+    ("sort", "def quicksort(arr):", 250),
+    ("ocean", "The deep ocean is home to", 250),
+    ("news", "Breaking news: scientists have discovered", 300),
+)
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
 
 
@@ -46,7 +51,8 @@ def main() -> None:
         "-k", "--experts-per-layer", default="0,2", help="device slots per layer (0: host only)"
     )
     parser.add_argument("--host-memory", default="0.0029", help="GiB: half the 4-bit demo's experts")
-    parser.add_argument("--policies", default="cyclic,lrfu")
+    parser.add_argument("--policies", default="adaptive,cyclic,lrfu")
+    parser.add_argument("--held-out", action="store_true", help="the HELD_OUT prompts instead of PROMPTS")
     parser.add_argument("--prefetches", default="2,0", help="--prefetch values to run (0: no guesses)")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -63,7 +69,7 @@ def main() -> None:
         "| reads / Belady | decode tok/s | disk wait s |"
     )
     print("|---|---|---|---|---|---|---|---|---|---|---|")
-    for name, prompt, tokens in PROMPTS:
+    for name, prompt, tokens in HELD_OUT if args.held_out else PROMPTS:
         trace_path = args.out / f"{name}.trace"
         if not trace_path.exists():
             offload("trace", "record", str(trace_path), "-m", args.model, "--prompt", prompt, "--no-chat",

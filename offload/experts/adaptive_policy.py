@@ -21,7 +21,13 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
-from offload.experts.policy import CYCLIC_DECAY, CYCLIC_DEVICE_WEIGHT, cycle_distance, cyclic_worth
+from offload.experts.policy import (
+    CYCLIC_DECAY,
+    CYCLIC_DEVICE_WEIGHT,
+    CYCLIC_STEP_WEIGHT,
+    cycle_distance,
+    cyclic_worth,
+)
 
 Key = tuple[int, int]  # (layer, expert)
 OnDevice = Callable[[int, int], bool] | None
@@ -90,8 +96,29 @@ class AdaptivePolicy:
     ) -> Key:
         """The evictable expert of least worth under ``rule`` (default: the leader); ``candidates`` are least
         recently requested first, and ties go to the first."""
-        rule = self.leader if rule is None else rule
-        return min(candidates, key=lambda key: self.worth(key, now, on_device, rule))
+        worths = self._worths(candidates, now, on_device, self.leader if rule is None else rule)
+        return candidates[worths.index(min(worths))]
+
+    def _worths(self, keys: Sequence[Key], now: int, on_device: OnDevice, rule: int) -> list[float]:
+        """``worth`` of each key, computed in one loop: the victim is chosen on the decode path, for every miss
+        of the tier and of both shadows (the same operations as cyclic_worth and next_request_worth, so the
+        same values)."""
+        layers, requests, out = self.num_layers, self.requests, []
+        visits, recent = self.visits, self.recent
+        for layer, expert in keys:
+            held = on_device is not None and on_device(layer, expert)
+            distance = (layer - now) % layers or layers  # cycle_distance
+            if rule == 0:
+                count = requests[layer][expert] * CYCLIC_DEVICE_WEIGHT if held else requests[layer][expert]
+                out.append(count - CYCLIC_STEP_WEIGHT * distance)
+                continue
+            share = recent[layer][expert]
+            rate = requests[layer][expert] / max(visits[layer], 1.0)
+            if held:
+                share *= CYCLIC_DEVICE_WEIGHT
+                rate *= CYCLIC_DEVICE_WEIGHT
+            out.append(-(distance + (1.0 - share) * layers / max(rate, MIN_RATE)))
+        return out
 
     def note_step(
         self, layer: int, asked: Sequence[int], starts_prompt: bool, on_device: OnDevice = None
@@ -104,10 +131,13 @@ class AdaptivePolicy:
             self.missed[rule] = self.missed[rule] * WINDOW ** len(keys) + len(misses)
             for key in misses:
                 if len(shadow) >= self.slots:
-                    candidates = sorted((k for k in shadow if k not in keys), key=shadow.__getitem__)
+                    candidates = [k for k in shadow if k not in keys]
                     if not candidates:
                         break  # the step asks for more than the pool holds: the rest stream through
-                    del shadow[self.victim(candidates, layer, on_device, rule)]
+                    worths = self._worths(candidates, layer, on_device, rule)
+                    # The least worth; among equals the least recently requested (the smallest tick).
+                    best = min(range(len(candidates)), key=lambda i: (worths[i], shadow[candidates[i]]))
+                    del shadow[candidates[best]]
                 shadow[key] = 0
             for key in keys:
                 if key in shadow:
