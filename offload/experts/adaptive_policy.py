@@ -32,11 +32,11 @@ from offload.experts.policy import (
 Key = tuple[int, int]  # (layer, expert)
 OnDevice = Callable[[int, int], bool] | None
 RULES = ("cyclic", "next request")
-# Figures: disk reads over Belady's at K = 0 / 2 / 4 (docs/BENCHMARKS.md, "A default that adapts"), chosen on
-# the float and 4-bit demo traces of disk_tier_replay.py, checked on five other prompts.
-RECENT_DECAY = 0.9  # the recent share's memory, per visit of the layer (0.8 and 0.95 read 0.3 to 1% more)
+# The first values tried on the float and 4-bit demo traces of disk_tier_replay.py; their neighbours, as disk
+# reads on five held-out prompts (docs/BENCHMARKS.md, "A default that adapts"), changed none of them.
+RECENT_DECAY = 0.9  # the recent share's memory, per visit of the layer (0.8 and 0.95: within 1%, mostly more)
 MIN_RATE = 0.02  # an expert asked for once in 50 visits or less waits as long (0.05: the same to 0.1%)
-WINDOW = 0.99  # a shadow's miss counts half after about 70 requests (0.98 and 0.999 within 0.5%)
+WINDOW = 0.99  # a shadow's miss counts half after about 70 requests (0.98 and 0.999 within 0.6%)
 
 
 def next_request_worth(
