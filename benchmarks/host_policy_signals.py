@@ -35,6 +35,7 @@ def record(out: Path, model: str | None, prompts: tuple) -> list[tuple[object, o
     import numpy as np
     import torch
     import torch.nn.functional as F
+    from safetensors.numpy import load_file, save_file
 
     from cli.trace_cmd import _with_guesses
     from offload.engine import Engine, resolve_model
@@ -44,7 +45,7 @@ def record(out: Path, model: str | None, prompts: tuple) -> list[tuple[object, o
     engine = None
     found = []
     for name, prompt, chat, tokens in prompts:
-        trace_path, probs_path = out / f"{name}.trace", out / f"{name}.npy"
+        trace_path, probs_path = out / f"{name}.trace", out / f"{name}.probs.safetensors"
         if not probs_path.exists():
             if engine is None:
                 torch.set_num_threads(1)
@@ -77,8 +78,8 @@ def record(out: Path, model: str | None, prompts: tuple) -> list[tuple[object, o
                 [per_token[e - n : e].max(0) for e, n in zip(ends, trace.step_tokens, strict=True)]
             )
             save_trace(trace, trace_path)
-            np.save(probs_path, per_step)
-        found.append((load_trace(trace_path), np.load(probs_path)))
+            save_file({"probs": np.ascontiguousarray(per_step, dtype=np.float32)}, str(probs_path))
+        found.append((load_trace(trace_path), load_file(str(probs_path))["probs"]))
     return found
 
 
