@@ -340,6 +340,7 @@ class HostTier:
         self._uses = [[0.0] * self.num_experts for _ in range(self.num_layers)]
         self._requests = [[0.0] * self.num_experts for _ in range(self.num_layers)]
         self._asked = [set() for _ in range(self.num_layers)]
+        self._adaptive = AdaptivePolicy(self.slots, self.num_layers, self.num_experts)
 
     def close(self) -> None:
         """Finish the reads in flight and close the checkpoint's files."""
