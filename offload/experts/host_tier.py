@@ -18,12 +18,8 @@ host kernels read from either, plus what a tier needs:
   another thread (a host job) calls itself, so the caller never blocks on the disk for it.
 A slot is never evicted while its read is in flight, while it is held, or while it is reserved: fetched for
 the current layer and not yet handed to a consumer. Among the rest, the victim is the tier's policy's
-(``offload.experts.policy``, ``[host] policy`` in the profile), over every layer at once: ``cyclic``
-weighs what each layer asked the tier for (each expert handed to a consumer: a link copy or a host job)
-against how soon the model reaches that layer again, and how much less the tier's copy of an expert the
-device holds is worth (``on_device``); ``adaptive`` (the default, ``offload.experts.adaptive_policy``)
-follows cyclic or an estimate of each expert's next request, whichever has lately missed less; ``lrfu``/``lru``'s
-decayed use counts age once per step of their own layer, so counts of different layers compare.
+(``[host] policy`` in the profile; its state in ``offload.experts.tier_policy``, its rules in
+``offload.experts.policy`` and ``adaptive_policy``), over every layer at once.
 """
 
 from __future__ import annotations
@@ -38,24 +34,13 @@ import torch
 from torch import Tensor
 
 from offload.errors import CacheError
-from offload.experts.adaptive_policy import AdaptivePolicy
 from offload.experts.disk import DiskHandle, FileDisk, TensorRead
 from offload.experts.in_place import Materialize, build_in_place
 from offload.experts.packing import ExpertLayout, unpack_expert
-from offload.experts.policy import (
-    CYCLIC_DECAY,
-    DEFAULT_HOST_POLICY,
-    HOST_TIER_POLICIES,
-    age_uses,
-    choose_cyclic_victim,
-    choose_victim,
-    cyclic_worth,
-    forget_requests,
-    guess_may_evict,
-    starts_prompt,
-)
+from offload.experts.policy import DEFAULT_HOST_POLICY, HOST_TIER_POLICIES
 from offload.experts.source import Expert
 from offload.experts.store import is_out_of_memory
+from offload.experts.tier_policy import TierPolicy
 from offload.experts.tier_stats import TierStats
 
 Key = tuple[int, int]  # (layer, expert)
@@ -95,7 +80,7 @@ class HostTier:
         min_slots: int = 1,
         build: Sequence[Materialize] | None = None,
     ) -> None:
-        if policy not in HOST_TIER_POLICIES:
+        if policy not in HOST_TIER_POLICIES:  # before the files are opened and the arena allocated
             raise CacheError(f"host-tier policy {policy!r} is not one of {', '.join(HOST_TIER_POLICIES)}")
         self.num_layers, self.num_experts = len(reads), len(reads[0])
         for layout, layer_reads in zip(layouts, reads, strict=True):
@@ -131,11 +116,8 @@ class HostTier:
             ) from None
         self._free = list(range(self.slots))
         self._entries: OrderedDict[Key, _Entry] = OrderedDict()  # least recently used first
-        self._uses = [[0.0] * self.num_experts for _ in range(self.num_layers)]  # LRFU's decayed counts
-        self._requests = [[0.0] * self.num_experts for _ in range(self.num_layers)]  # cyclic's, decayed
-        self._asked: list[set[int]] = [set() for _ in range(self.num_layers)]  # handed out since note_step
-        self._adaptive = AdaptivePolicy(self.slots, self.num_layers, self.num_experts)  # adaptive's counts
-        self.top_k = min_slots  # one token's experts: a first layer using more starts a prompt
+        # What the policy counts, and its victims; min_slots is one token's experts (a prompt's start).
+        self._policy = TierPolicy(policy, self.slots, self.num_layers, self.num_experts, min_slots)
         # Whether the device's slots hold an expert (the cache sets it; None: no device cache).
         self.on_device: Callable[[int, int], bool] | None = None
         self.stats = TierStats(self.num_layers)
@@ -292,7 +274,7 @@ class HostTier:
         # Drop finished holds here too: a tier that never evicts would otherwise keep one per copy forever.
         entry.holds = [hold for hold in entry.holds if not hold.done()]
         entry.holds.append(_Hold(done, wait))
-        self._asked[layer].add(expert)  # a request served: what cyclic counts
+        self._policy.asked(layer, expert)  # a request served: what cyclic and adaptive count
         entry.reserved = max(0, entry.reserved - 1)
 
     def holds(self, layer: int, expert: int) -> int:
@@ -309,16 +291,7 @@ class HostTier:
         """Count one step of ``layer`` that used ``used`` (LRFU's decayed counts; cyclic's counts of the
         experts handed out for the layer since its last step, forgotten when the step starts a prompt)
         and end its reservations."""
-        if self.policy == "lrfu":
-            age_uses(self._uses[layer], used)
-        elif self.policy == "cyclic":
-            if starts_prompt(layer, used, self.top_k):
-                forget_requests(self._requests)
-            age_uses(self._requests[layer], self._asked[layer], CYCLIC_DECAY)
-        elif self.policy == "adaptive":
-            starts = starts_prompt(layer, used, self.top_k)
-            self._adaptive.note_step(layer, sorted(self._asked[layer]), starts, self.on_device)
-        self._asked[layer].clear()
+        self._policy.note_step(layer, used, self.on_device)
         self.release(layer)
 
     def reset_stats(self) -> None:
@@ -337,10 +310,7 @@ class HostTier:
                 hold.wait()
         self._entries.clear()
         self._free = list(range(self.slots))
-        self._uses = [[0.0] * self.num_experts for _ in range(self.num_layers)]
-        self._requests = [[0.0] * self.num_experts for _ in range(self.num_layers)]
-        self._asked = [set() for _ in range(self.num_layers)]
-        self._adaptive = AdaptivePolicy(self.slots, self.num_layers, self.num_experts)
+        self._policy.reset()
 
     def close(self) -> None:
         """Finish the reads in flight and close the checkpoint's files."""
@@ -375,7 +345,7 @@ class HostTier:
                 return self._free.pop()
             evictable = self._evictable_keys()
             if evictable:
-                self._drop(self._victim(evictable, for_layer))
+                self._drop(self._policy.victim(evictable, for_layer, self.on_device))
                 continue
             if not wait:
                 return None
@@ -385,27 +355,6 @@ class HostTier:
         """The experts that may go now, least recently used first (as the policies' ties want)."""
         return [key for key, entry in self._entries.items() if self._evictable(entry)]
 
-    def _victim(self, evictable: list[Key], now: int) -> Key:
-        """The policy's victim among ``evictable`` while the model serves layer ``now``."""
-        if self.policy == "cyclic":
-            return choose_cyclic_victim(evictable, self._requests, now, self.num_layers, self.on_device)
-        if self.policy == "adaptive":
-            return self._adaptive.victim(evictable, now, self.on_device)
-        flat = [layer * self.num_experts + expert for layer, expert in evictable]
-        uses = {i: self._uses[layer][expert] for i, (layer, expert) in zip(flat, evictable, strict=True)}
-        victim = choose_victim(self.policy, flat, uses)  # type: ignore[arg-type]  (any __getitem__)
-        return evictable[flat.index(victim)]
-
-    def _worth(self, key: Key, now: int) -> float:
-        """What keeping ``key`` is worth under the policy while the model serves layer ``now`` (lru: nothing
-        to compare; ``guess_may_evict`` does not ask)."""
-        if self.policy == "cyclic":
-            return cyclic_worth(key, self._requests, now, self.num_layers, self.on_device)
-        if self.policy == "adaptive":
-            return self._adaptive.guess_worth(key, now, self.on_device)
-        layer, expert = key
-        return self._uses[layer][expert] if self.policy == "lrfu" else 0.0
-
     def _evict_for_guess(self, layer: int, expert: int) -> bool:
         """Evict the policy's victim for a guess for ``layer`` if ``guess_may_evict``; whether it did."""
         evictable = self._evictable_keys()
@@ -413,8 +362,8 @@ class HostTier:
             return False
         # Worth is judged from the layer being served, the one before the guess's: its guesses are next.
         now = (layer - 1) % self.num_layers
-        victim = self._victim(evictable, now)
-        if not guess_may_evict(self.policy, self._worth(victim, now), self._worth((layer, expert), now)):
+        victim = self._policy.victim(evictable, now, self.on_device)
+        if not self._policy.guess_may_evict(victim, (layer, expert), now, self.on_device):
             return False
         self._drop(victim)
         return True
