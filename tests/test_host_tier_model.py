@@ -77,6 +77,10 @@ def test_the_tier_changes_no_logit_and_no_token(checkpoints: dict[str, Path], na
         "emulated disk and link": OffloadOptions(
             experts_per_layer=2, host_memory_gib=budget, disk="emulated:5", link="emulated:5"
         ),
+        # Reads of a few ms: copies wait for theirs on the link's worker while the caller computes the hits.
+        "a slow emulated disk, copies waiting for their reads": OffloadOptions(
+            experts_per_layer=2, host_memory_gib=budget, disk="emulated:0.05", link="emulated:5"
+        ),
         "lru": OffloadOptions(experts_per_layer=2, host_memory_gib=budget, cache_policy="lru"),
         "the tier under lrfu": OffloadOptions(
             experts_per_layer=2, host_memory_gib=budget, host_policy="lrfu"

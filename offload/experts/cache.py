@@ -180,10 +180,20 @@ class ExpertCache:
             victim = choose_victim(self.policy, candidates, slots.uses)
             slot = slots.lru.pop(victim)
             self.stats.layers[layer].wasted_prefetches += slot.prefetched
+        # A host tier's read still landing is waited for on the link's side where the link can (the emulated
+        # one), not here: the caller goes on to the experts that are ready (``HostTier.buffer_on_arrival``).
+        try:
+            if self.link.waits_for_sources:
+                source, arrived = self.store.buffer_on_arrival(layer, expert)
+            else:
+                source, arrived = self.store.buffer(layer, expert), None
+        except BaseException:
+            slot.expert, slot.materialized, slot.prefetched = None, None, False  # a free slot again
+            raise
         self._loads_begun += 1
         slot.expert, slot.materialized, slot.prefetched = expert, None, prefetch
         slot.load_number = self._loads_begun
-        handle = slot.handle = self.link.submit(self.store.buffer(layer, expert), slot.buffer)
+        handle = slot.handle = self.link.submit(source, slot.buffer, arrived)
         # A host tier keeps the source slot until the link has read it.
         self.store.hold(
             layer, expert, lambda: self.link.source_free(handle), lambda: self.link.wait_source(handle)
@@ -202,8 +212,15 @@ class ExpertCache:
         stats = self.stats.layers[layer]
         if slot.handle is not None:
             started = time.perf_counter()
-            self.link.wait(slot.handle)
-            stats.wait_seconds += time.perf_counter() - started
+            try:
+                self.link.wait(slot.handle)
+            except BaseException:
+                # Its source never landed (a damaged read): forget the slot, so a later demand loads it again.
+                slot.expert, slot.handle, slot.prefetched = None, None, False
+                del slots.lru[expert]
+                raise
+            finally:
+                stats.wait_seconds += time.perf_counter() - started
             slot.handle = None
         if slot.materialized is None:
             # Nothing reads a slot's stored bytes after this: the next load overwrites the whole buffer.

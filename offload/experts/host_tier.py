@@ -10,16 +10,14 @@ An expert is read straight into its slot, one ``preadv`` per stored tensor at it
 host kernels read from either, plus what a tier needs:
 - ``fetch(layer, e)``: a demand, counted as a hit or a miss; starts the read at once when room allows, so
   the reads of a layer's misses overlap each other and the compute of its hits;
-- ``prefetch(layer, e)``: a guess for the next layer; reads only into room that needs no waiting: a free slot,
-  or the policy's victim when the guess is worth clearly more (``guess_may_evict``; lru: free slots only),
-  so guesses never push out what the tier is asked for most;
+- ``prefetch(layer, e)``: a guess for the next layer, read only into a free slot or in place of the policy's
+  victim when the guess is worth clearly more (``guess_may_evict``), never into room that needs waiting;
 - ``hold(layer, e, done, wait)``: a consumer (a link copy, a host job) still reads the slot until ``done()``;
-- ``tensors_on_arrival(layer, e)``: the slot's views at once, and a wait for the read that a consumer on
-  another thread (a host job) calls itself, so the caller never blocks on the disk for it.
+- ``buffer_on_arrival``, ``tensors_on_arrival``: the slot at once, and a wait for its read that the consumer
+  does on its own side (the host's worker, the link's), so the caller never blocks on the disk for it.
 A slot is never evicted while its read is in flight, while it is held, or while it is reserved: fetched for
-the current layer and not yet handed to a consumer. Among the rest, the victim is the tier's policy's
-(``[host] policy`` in the profile; its state in ``offload.experts.tier_policy``, its rules in
-``offload.experts.policy`` and ``adaptive_policy``), over every layer at once.
+the current layer and not yet handed to a consumer. Among the rest, the victim is the tier's policy's over
+every layer at once (``[host] policy``; its state in ``tier_policy``, its rules in ``policy``, ``adaptive_policy``).
 """
 
 from __future__ import annotations
@@ -35,6 +33,7 @@ from torch import Tensor
 
 from offload.errors import CacheError
 from offload.experts.disk import DiskHandle, FileDisk, TensorRead
+from offload.experts.host import Ready
 from offload.experts.in_place import Materialize, build_in_place
 from offload.experts.packing import ExpertLayout, unpack_expert
 from offload.experts.policy import DEFAULT_HOST_POLICY, HOST_TIER_POLICIES
@@ -236,37 +235,33 @@ class HostTier:
         assert self._entries[(layer, expert)].built is None, "a slot built in place holds no stored bytes"
         return unpack_expert(buffer, self.layout(layer))
 
-    def tensors_on_arrival(
-        self, layer: int, expert: int
-    ) -> tuple[dict[str, Tensor], Callable[[], float] | None]:
-        """``tensors`` without waiting for the expert's read: the views of its slot, and a function that returns
-        once the read has landed (the ``perf_counter`` time it landed; it raises the read's error), or None
-        when the bytes are there already.
-
-        For a consumer on another thread (a host job) that waits for the read itself while the caller goes on;
-        it must ``hold`` the expert until it is done. An expert not in the tier starts its read here, waiting
-        for room as ``buffer`` does.
+    def buffer_on_arrival(self, layer: int, expert: int) -> tuple[Tensor, Ready | None]:
+        """``buffer`` without waiting for the expert's read: the slot's bytes, and a function that returns once
+        the read has landed (the ``perf_counter`` time it landed; it raises the read's error), or None when the
+        bytes are there already. The consumer that waits for the read (a host job, a link copy) must ``hold`` the
+        expert until it is done. An expert not in the tier starts its read here, waiting for room as ``buffer``.
         """
         self._check_index(layer, expert)
-        assert self._build is None, "a tier built without ``build`` holds stored bytes"
-        key = (layer, expert)
-        entry = self._entries.get(key)
-        read = entry.read if entry is not None else None
-        if read is not None and read.finished.is_set() and read.error is not None:
-            return self.tensors(layer, expert), None  # raises the read's error and forgets the expert
-        entry = entry or self._start_read(layer, expert, wait=True)
+        entry = self._entries.get((layer, expert)) or self._start_read(layer, expert, wait=True)
         assert entry is not None
-        self._entries.move_to_end(key)
-        views = unpack_expert(self._slot(entry.slot, layer), self._layouts[layer])
-        if entry.read is None:
-            return views, None
-        disk, landing = self.disk, entry.read
+        landing = entry.read
+        failed = landing is not None and landing.finished.is_set() and landing.error is not None
+        if landing is None or failed or self.disk.is_done(landing):
+            return self.buffer(layer, expert), None  # no wait (a failed read raises here, and is forgotten)
+        self._entries.move_to_end((layer, expert))
+        disk = self.disk
 
         def arrived() -> float:
             disk.wait(landing)
             return max(landing.finished_at, landing.done_at)
 
-        return views, arrived
+        return self._slot(entry.slot, layer), arrived
+
+    def tensors_on_arrival(self, layer: int, expert: int) -> tuple[dict[str, Tensor], Ready | None]:
+        """``buffer_on_arrival`` as the zero-copy views of the expert's encoded tensors (``tensors``)."""
+        assert self._build is None, "a tier built without ``build`` holds stored bytes"
+        buffer, arrived = self.buffer_on_arrival(layer, expert)
+        return unpack_expert(buffer, self._layouts[layer]), arrived
 
     def hold(self, layer: int, expert: int, done: Callable[[], bool], wait: Callable[[], None]) -> None:
         """Keep ``expert``'s slot until ``done()`` (a copy or a job reading it); ends one reservation."""

@@ -198,6 +198,11 @@ class OffloadedExperts:
                 break
         hosted = self._start_on_host(layer, remaining, misses, inputs) if inputs is not None else {}
         to_load = deque(e for e in misses if e not in hosted)
+        if cache.link.waits_for_sources:
+            # Experts in host memory first: the link copies in order, and a copy whose read is still landing
+            # would hold up those behind it. (A link that copies at once keeps the order: ``is_ready`` depends
+            # on timing, and its loads, hence a long prefill's evictions, would too.)
+            to_load = deque(sorted(to_load, key=lambda e: not store.is_ready(layer, e)))
         prefetched = False
         while remaining:
             while to_load and self._load(layer, to_load[0], uncomputed):

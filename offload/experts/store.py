@@ -119,6 +119,9 @@ class HostStore:
     def is_ready(self, layer: int, expert: int) -> bool:
         return True
 
+    def buffer_on_arrival(self, layer: int, expert: int) -> tuple[Tensor, None]:
+        return self.buffer(layer, expert), None  # in memory already: nothing to wait for
+
     def release(self, layer: int | None = None) -> None:
         pass
 
