@@ -28,7 +28,8 @@ from offload.experts.host_tier import HostTier
 from offload.experts.link import parse_link
 from offload.experts.offloaded import OffloadedExperts
 from offload.experts.policy import DEFAULT_CACHE_POLICY, DEFAULT_HOST_POLICY
-from offload.experts.source import Expert, ExpertSource, ResidentExperts, fuse, prefers_input_major
+from offload.experts.source import Expert, ExpertSource, ResidentExperts, prefers_input_major
+from offload.experts.stacked import ExpertStack
 from offload.experts.store import HostStore
 from offload.hybrid import CostOverrides, build_host_path, host_materializer
 from offload.memory_release import release_freed_memory
@@ -95,7 +96,7 @@ def load_model(
     if offload is not None and offload.experts_per_layer is None and offload.host_memory_gib is not None:
         source = load_host_tier_experts(mixtral, reader, device, offload, host_kernels=host_kernels)
     elif offload is None or offload.experts_per_layer is None:
-        source = ResidentExperts(load_resident_experts(reader, device, progress, host_kernels=host_kernels))
+        source = ResidentExperts(*load_resident_experts(reader, device, progress, host_kernels=host_kernels))
     else:
         source = load_offloaded_experts(mixtral, reader, device, offload, progress, host_kernels=host_kernels)
     attach_source(mixtral, source)
@@ -144,21 +145,25 @@ def load_resident_experts(
     progress: Progress | None = None,
     *,
     host_kernels: bool = True,
-) -> list[list[Expert]]:
-    """Every expert materialized on the device."""
+) -> tuple[list[list[Expert]], list[ExpertStack | None]]:
+    """Every expert materialized on the device, and per layer the stack that pairs its experts (or None)."""
     config = reader.checkpoint.config
     experts: list[list[Expert]] = []
+    stacks: list[ExpertStack | None] = []
     for layer in range(config.num_hidden_layers):
         codec = codec_for(reader.scheme.expert_spec(layer), host_kernels=host_kernels)
         experts.append([])
+        stack = ExpertStack(config.num_local_experts)
         for expert in range(config.num_local_experts):
             tensors = reader.expert(layer, expert)
-            # Fused here rather than in ResidentExperts, so that the unfused copy is freed (and trimmed) now.
-            experts[layer].append(fuse(codec.materialize(tensors, reader.dtype, device)))
+            # Fused (into the layer's stack where it fits) here rather than in ResidentExperts, so that the
+            # unfused copy is freed (and trimmed) now.
+            experts[layer].append(stack.add(expert, codec.materialize(tensors, reader.dtype, device)))
             _report(progress, f"layers.{layer}.experts.{expert}", tensors)
             del tensors
             release_freed_memory()
-    return experts
+        stacks.append(stack.check())
+    return experts, stacks
 
 
 def load_offloaded_experts(

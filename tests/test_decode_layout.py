@@ -129,3 +129,17 @@ def test_rms_norm_of_one_float32_row_matches_the_fused_op_and_keeps_nan() -> Non
     assert torch.allclose(norm(torch.zeros(1, 1, 64)), torch.zeros(1, 1, 64))
     x[0, 0, 3] = float("nan")
     assert norm(x).isnan().all()  # a damaged step must still read as NaN logits, not as numbers
+
+
+@pytest.mark.parametrize("hidden, width", [(72, 50), (128, 24), (33, 17), (256, 448)])
+def test_fusing_never_changes_a_bit_even_where_the_blas_would(hidden, width):
+    """At some shapes MKL computes a column of the fused matrix otherwise than alone: those stay unfused."""
+    generator = torch.Generator().manual_seed(hidden)
+    plain = DenseExpert(
+        torch.randn(width, hidden, generator=generator),
+        torch.randn(hidden, width, generator=generator),
+        torch.randn(width, hidden, generator=generator),
+    )
+    for tokens in (1, 4):
+        x = torch.randn(tokens, hidden, generator=generator)
+        assert torch.equal(plain.fused()(x), plain(x))
