@@ -21,7 +21,10 @@ class KVCache:
         self.batch, self.dtype, self.device = batch, dtype, torch.device(device)
         self.length = 0  # positions filled
         self.capacity = 0
-        self.keys: list[Tensor] = []
+        # Per layer, one (B, S, 2 * G * K) buffer: position s holds its G key heads, then its G value heads, as
+        # the fused q, k, v projection lays out one token's k and v, so a decode step stores both in one copy.
+        self.rows: list[Tensor] = []
+        self.keys: list[Tensor] = []  # (B, G, S, K) views of rows
         self.values: list[Tensor] = []
         self.reserve(capacity)
 
@@ -32,14 +35,17 @@ class KVCache:
             return
         # Grow geometrically so a long chat reallocates O(log n) times, not every turn.
         capacity = min(max(capacity, 2 * self.capacity), self.config.max_position_embeddings)
-        shape = (self.batch, self.config.num_key_value_heads, capacity, self.config.head_dim)
-        layers = self.config.num_hidden_layers
-        new_keys = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(layers)]
-        new_values = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(layers)]
-        if self.keys:
-            for old, new in zip(self.keys + self.values, new_keys + new_values, strict=True):
-                new[:, :, : self.length] = old[:, :, : self.length]
-        self.keys, self.values, self.capacity = new_keys, new_values, capacity
+        heads, head_dim = self.config.num_key_value_heads, self.config.head_dim
+        shape = (self.batch, capacity, 2 * heads * head_dim)
+        rows = [
+            torch.zeros(shape, dtype=self.dtype, device=self.device)
+            for _ in range(self.config.num_hidden_layers)
+        ]
+        for old, new in zip(self.rows, rows, strict=False):
+            new[:, : self.length] = old[:, : self.length]
+        self.rows, self.capacity = rows, capacity
+        kv = [row.view(self.batch, capacity, 2, heads, head_dim).permute(2, 0, 3, 1, 4) for row in rows]
+        self.keys, self.values = [both[0] for both in kv], [both[1] for both in kv]
 
     def update(self, layer: int, keys: Tensor, values: Tensor, start: int) -> tuple[Tensor, Tensor]:
         """Write (B, G, T, K) at positions [start, start+T); return every position up to start+T."""
@@ -51,6 +57,14 @@ class KVCache:
         cached_values.narrow(2, start, end - start).copy_(values)
         return cached_keys.narrow(2, 0, end), cached_values.narrow(2, 0, end)
 
+    def append(self, layer: int, row: Tensor, position: int) -> tuple[Tensor, Tensor]:
+        """Store one token's keys and values, (B, 2 * G * K) laid out as a cache row, at ``position``; return
+        every position up to it, (B, G, position + 1, K) each."""
+        assert position < self.capacity, "reserve() the cache before running past its capacity"
+        self.rows[layer].select(1, position).copy_(row)
+        end = position + 1
+        return self.keys[layer].narrow(2, 0, end), self.values[layer].narrow(2, 0, end)
+
     def truncate(self, length: int) -> None:
         """Forget positions from ``length`` on (the buffers stay allocated)."""
         self.length = min(self.length, length)
@@ -58,4 +72,4 @@ class KVCache:
     @property
     def nbytes(self) -> int:
         """Bytes held by the buffers."""
-        return sum(t.numel() * t.element_size() for t in self.keys + self.values)
+        return sum(t.numel() * t.element_size() for t in self.rows)

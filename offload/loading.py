@@ -31,6 +31,7 @@ from offload.experts.policy import DEFAULT_CACHE_POLICY, DEFAULT_HOST_POLICY
 from offload.experts.source import Expert, ExpertSource, ResidentExperts, prefers_input_major
 from offload.experts.stacked import ExpertStack
 from offload.experts.store import HostStore
+from offload.huge_pages import into_huge_pages
 from offload.hybrid import CostOverrides, build_host_path, host_materializer
 from offload.memory_release import release_freed_memory
 from offload.model import MixtralModel
@@ -93,6 +94,12 @@ def load_model(
         mixtral = MixtralModel(config)
     load_dense_weights(mixtral, reader, device, progress, host_kernels=host_kernels)
     mixtral.fuse_projections()
+    if device.type == "cpu":
+        dense = mixtral.dense_tensors()
+        for tensor, moved in zip(dense, into_huge_pages(dense), strict=True):
+            tensor.data = moved  # the same values, strides and sharing, in 2 MiB pages
+        del dense
+        release_freed_memory()
     if offload is not None and offload.experts_per_layer is None and offload.host_memory_gib is not None:
         source = load_host_tier_experts(mixtral, reader, device, offload, host_kernels=host_kernels)
     elif offload is None or offload.experts_per_layer is None:

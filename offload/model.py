@@ -112,6 +112,8 @@ class Attention(nn.Module):
 
     def forward(self, x: Tensor, layer: int, cache: KVCache | None, positions: Positions) -> Tensor:
         batch, tokens, _ = x.shape
+        if tokens == 1 and cache is not None and self.fused_qkv is not None:
+            return self._one_token(x, layer, cache, positions)
         q, k, v = self._rotated_qkv(x, positions)
         if cache is not None:
             k, v = cache.update(layer, k, v, positions.start)  # (B, G, S, K): every position so far
@@ -122,6 +124,22 @@ class Attention(nn.Module):
         # At one token (B, H, 1, K) and (B, 1, H, K) are the same memory: no transpose.
         out = out.reshape(batch, 1, -1) if tokens == 1 else out.transpose(1, 2).reshape(batch, tokens, -1)
         return self.o_proj.forward(out)
+
+    def _one_token(self, x: Tensor, layer: int, cache: KVCache, positions: Positions) -> Tensor:
+        """A decode step's attention: the general path's operations on the same values (the same bits), with
+        RoPE in place on the fused projection's output and its keys and values stored in the cache in one copy
+        (a decode step on a CPU pays several microseconds for each kernel and allocation)."""
+        batch = x.shape[0]
+        heads, kv_heads, head_dim = self.heads, self.kv_heads, self.head_dim
+        qkv = self.fused_qkv[0].forward(x).view(batch, heads + 2 * kv_heads, head_dim)  # a fresh tensor
+        qk = qkv[:, : heads + kv_heads]
+        rolled = qk.roll(head_dim // 2, dims=-1)
+        qk.mul_(positions.cos).add_(rolled.mul_(positions.sin))  # x * cos + roll(x) * sin, as apply_rope
+        keys, values = cache.append(layer, qkv.view(batch, -1)[:, heads * head_dim :], positions.start)
+        out = F.scaled_dot_product_attention(
+            qkv[:, :heads].unsqueeze(2), keys, values, attn_mask=positions.mask, enable_gqa=True
+        )  # (B, H, 1, K), the memory of (B, 1, H * K)
+        return self.o_proj.forward(out.view(batch, 1, -1))
 
     def _rotated_qkv(self, x: Tensor, positions: Positions) -> tuple[Tensor, Tensor, Tensor]:
         """(B, T, D) -> q (B, H, T, K), k and v (B, G, T, K), with RoPE applied to q and k."""
@@ -316,6 +334,23 @@ class MixtralModel(nn.Module):
         """Once the weights are loaded: each layer's q, k and v in one matrix where they allow it."""
         for layer in self.model.layers:
             layer.self_attn.fuse_projections()
+
+    def dense_tensors(self) -> list[Tensor]:
+        """Every parameter and buffer outside the experts, the fused q, k and v matrices included, in the order a
+        forward pass reads them (each once)."""
+        modules: list[nn.Module] = []
+        for module in self.modules():
+            modules.append(module)
+            if isinstance(module, Attention) and module.fused_qkv is not None:
+                modules.append(module.fused_qkv[0])
+        seen: set[int] = set()
+        tensors = []
+        for module in modules:
+            for tensor in [*module.parameters(recurse=False), *module.buffers(recurse=False)]:
+                if id(tensor) not in seen:
+                    seen.add(id(tensor))
+                    tensors.append(tensor)
+        return tensors
 
     @property
     def device(self) -> torch.device:
