@@ -15,6 +15,7 @@ from torch import Tensor, nn
 from offload.config import ModelConfig
 from offload.experts.source import ExpertSource, route
 from offload.kv_cache import KVCache
+from offload.quant.dense import DenseLinear
 from offload.quant.linear import stacked_linear
 
 
@@ -81,8 +82,12 @@ def rope_tables(positions: Tensor, head_dim: int, theta: float, dtype: torch.dty
 
 
 def apply_rope(x: Tensor, cos: Tensor, signed_sin: Tensor) -> Tensor:
-    """Rotate (B, heads, T, K) by RopeTables' (T, K) tables, pairing the two halves of each head."""
-    return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * signed_sin
+    """Rotate (B, heads, T, K) by RopeTables' (T, K) tables, pairing the two halves of each head.
+
+    ``x * cos + roll(x) * sin`` with the second product and the sum as one kernel (addcmul, which may fuse
+    them: the reference's values to a rounding); the decode step computes the same in place.
+    """
+    return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, dims=-1), signed_sin)
 
 
 class Attention(nn.Module):
@@ -110,10 +115,13 @@ class Attention(nn.Module):
             fused, (self.q_proj, self.k_proj, self.v_proj) = stacked
             self.fused_qkv = (fused,)
 
-    def forward(self, x: Tensor, layer: int, cache: KVCache | None, positions: Positions) -> Tensor:
+    def forward(
+        self, x: Tensor, layer: int, cache: KVCache | None, positions: Positions, residual: Tensor
+    ) -> Tensor:
+        """``residual`` + attention over normalised ``x`` (B, T, D)."""
         batch, tokens, _ = x.shape
         if tokens == 1 and cache is not None and self.fused_qkv is not None:
-            return self._one_token(x, layer, cache, positions)
+            return self._one_token(x, layer, cache, positions, residual)
         q, k, v = self._rotated_qkv(x, positions)
         if cache is not None:
             k, v = cache.update(layer, k, v, positions.start)  # (B, G, S, K): every position so far
@@ -123,9 +131,11 @@ class Attention(nn.Module):
         )  # (B, H, T, K)
         # At one token (B, H, 1, K) and (B, 1, H, K) are the same memory: no transpose.
         out = out.reshape(batch, 1, -1) if tokens == 1 else out.transpose(1, 2).reshape(batch, tokens, -1)
-        return self.o_proj.forward(out)
+        return _plus_projection(residual, out, self.o_proj)
 
-    def _one_token(self, x: Tensor, layer: int, cache: KVCache, positions: Positions) -> Tensor:
+    def _one_token(
+        self, x: Tensor, layer: int, cache: KVCache, positions: Positions, residual: Tensor
+    ) -> Tensor:
         """A decode step's attention: the general path's operations on the same values (the same bits), with
         RoPE in place on the fused projection's output and its keys and values stored in the cache in one copy
         (a decode step on a CPU pays several microseconds for each kernel and allocation)."""
@@ -134,12 +144,12 @@ class Attention(nn.Module):
         qkv = self.fused_qkv[0].forward(x).view(batch, heads + 2 * kv_heads, head_dim)  # a fresh tensor
         qk = qkv[:, : heads + kv_heads]
         rolled = qk.roll(head_dim // 2, dims=-1)
-        qk.mul_(positions.cos).add_(rolled.mul_(positions.sin))  # x * cos + roll(x) * sin, as apply_rope
+        qk.mul_(positions.cos).addcmul_(rolled, positions.sin)  # apply_rope's kernels, in place
         keys, values = cache.append(layer, qkv.view(batch, -1)[:, heads * head_dim :], positions.start)
         out = F.scaled_dot_product_attention(
             qkv[:, :heads].unsqueeze(2), keys, values, attn_mask=positions.mask, enable_gqa=True
         )  # (B, H, 1, K), the memory of (B, 1, H * K)
-        return self.o_proj.forward(out.view(batch, 1, -1))
+        return _plus_projection(residual, out.view(batch, 1, -1), self.o_proj)
 
     def _rotated_qkv(self, x: Tensor, positions: Positions) -> tuple[Tensor, Tensor, Tensor]:
         """(B, T, D) -> q (B, H, T, K), k and v (B, G, T, K), with RoPE applied to q and k."""
@@ -154,6 +164,16 @@ class Attention(nn.Module):
         k = _split_heads(self.k_proj.forward(x), kv_heads, head_dim)
         v = _split_heads(self.v_proj.forward(x), kv_heads, head_dim)
         return positions.rotate(q), positions.rotate(k), v
+
+
+def _plus_projection(residual: Tensor, x: Tensor, projection: nn.Module) -> Tensor:
+    """``residual + projection(x)`` for (B, T, D) tensors; a dense projection adds the residual in its matrix call
+    (addmm: one kernel, not two, per layer of a decode step; the sum may round once where two calls round twice)."""
+    if type(projection) is DenseLinear:
+        weight = projection.weight
+        out = torch.addmm(residual.reshape(-1, weight.shape[0]), x.reshape(-1, weight.shape[1]), weight.t())
+        return out.view(residual.shape)
+    return residual + projection.forward(x)
 
 
 def _split_heads(x: Tensor, heads: int, head_dim: int) -> Tensor:
@@ -211,7 +231,8 @@ class MoEBlock(nn.Module):
         self.gate = nn.Linear(config.hidden_size, config.num_local_experts, bias=False)
         self.source: ExpertSource | None = None  # set by the loader
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, residual: Tensor) -> Tensor:
+        """``residual`` + the experts' weighted outputs for normalised ``x`` (B, T, D)."""
         shape = x.shape
         hidden = x.reshape(-1, shape[-1])  # (T, D)
         weights, ids = route(self.gate(hidden), self.top_k)  # (T, k) each
@@ -224,10 +245,13 @@ class MoEBlock(nn.Module):
             on_host = torch.cat([flat_ids, guesses]).tolist()
             chosen, guessed = on_host[: flat_ids.numel()], on_host[flat_ids.numel() :]
         mix = self._one_token if hidden.shape[0] == 1 else self._tokens
-        return mix(hidden, weights, chosen, guessed).view(shape)
+        return mix(hidden, weights, chosen, guessed, residual.reshape(hidden.shape)).view(shape)
 
-    def _tokens(self, hidden: Tensor, weights: Tensor, chosen: list[int], guessed: list[int]) -> Tensor:
-        """(T, D) -> (T, D): every chosen expert on the tokens routed to it, weighted, summed per token.
+    def _tokens(
+        self, hidden: Tensor, weights: Tensor, chosen: list[int], guessed: list[int], residual: Tensor
+    ) -> Tensor:
+        """(T, D) -> (T, D): every chosen expert on the tokens routed to it, weighted, summed per token, plus
+        ``residual`` (T, D).
 
         Each (token, slot) is written once, then scaled and summed in slot order, so the order experts
         arrive in (resident first, misses later) never changes the result.
@@ -249,9 +273,11 @@ class MoEBlock(nn.Module):
         for expert_id, expert in self.source.experts_for(self.layer, sorted(set(chosen)), guessed, inputs):
             tokens, slots = routed(expert_id)
             out[tokens, slots] = expert(hidden[tokens])
-        return _weighted_sum(out, weights)
+        return _weighted_sum(out, weights, residual)
 
-    def _one_token(self, hidden: Tensor, weights: Tensor, chosen: list[int], guessed: list[int]) -> Tensor:
+    def _one_token(
+        self, hidden: Tensor, weights: Tensor, chosen: list[int], guessed: list[int], residual: Tensor
+    ) -> Tensor:
         """The decode step's block without the (token, slot) bookkeeping: the same operations on the
         same values as the general path (the slots' outputs, scaled and summed in order), so it gives
         the same bits.
@@ -260,15 +286,18 @@ class MoEBlock(nn.Module):
         inputs = lambda _: hidden  # noqa: E731  (every expert sees the one token)
         for expert_id, expert in self.source.experts_for(self.layer, sorted(set(chosen)), guessed, inputs):
             parts[chosen.index(expert_id)] = expert(hidden)
-        return _weighted_sum(torch.stack(parts, dim=1), weights)
+        return _weighted_sum(torch.stack(parts, dim=1), weights, residual)
 
 
-def _weighted_sum(outputs: Tensor, weights: Tensor) -> Tensor:
-    """(T, k, D) expert outputs, (T, k) router weights -> (T, D): each slot scaled, then summed in order."""
-    scale = weights.unsqueeze(-1)
+def _weighted_sum(outputs: Tensor, weights: Tensor, residual: Tensor) -> Tensor:
+    """(T, k, D) expert outputs, (T, k) router weights, (T, D) residual -> (T, D): the residual plus each token's
+    weighted outputs, as one batched product (one kernel where products, sum and residual add took three).
+    """
+    scale = weights.unsqueeze(1)  # (T, 1, k)
     if scale.dtype != outputs.dtype:  # a no-op .to() is still a dispatched call on the decode path
         scale = scale.to(outputs.dtype)
-    return (outputs * scale).sum(dim=1)
+    tokens, _, hidden = outputs.shape
+    return torch.baddbmm(residual.view(tokens, 1, hidden), scale, outputs).view(tokens, hidden)
 
 
 class DecoderLayer(nn.Module):
@@ -283,8 +312,8 @@ class DecoderLayer(nn.Module):
     def forward(self, x: Tensor, cache: KVCache | None, positions: Positions) -> Tensor:
         # Inner modules are called through forward(): nn.Module.__call__ costs several microseconds
         # a call, a tenth of a small model's decode step on a CPU. Hooks go on the gates and the model.
-        x = x + self.self_attn.forward(self.input_layernorm.forward(x), self.layer, cache, positions)
-        return x + self.block_sparse_moe.forward(self.post_attention_layernorm.forward(x))
+        x = self.self_attn.forward(self.input_layernorm.forward(x), self.layer, cache, positions, residual=x)
+        return self.block_sparse_moe.forward(self.post_attention_layernorm.forward(x), residual=x)
 
 
 class MixtralBody(nn.Module):

@@ -47,6 +47,9 @@ class ExpertStack:
         self.w2_input_major = False
         self.usable = True
         self.members: dict[int, FusedDenseExpert] = {}
+        self.pairs: dict[
+            tuple[int, int], tuple[Tensor, Tensor]
+        ] = {}  # (a, b) -> w13 and w2 of both, as bmm takes them
         self.probe: Tensor | None = None  # one row every expert's output is checked on
         self.wanted: dict[int, Tensor] = {}  # the unfused expert's output on the probe
 
@@ -98,6 +101,11 @@ class ExpertStack:
         width 37, say), so every pair is tried once, at load."""
         if not self.usable or len(self.members) != self.experts or self.experts < 2 or self.probe is None:
             return None
+        assert self.w13 is not None and self.w2 is not None
+        for a in range(self.experts):
+            for b in range(a + 1, self.experts):
+                w2 = _two(self.w2, a, b)  # (2, D, F) row-major or (2, F, D) input-major
+                self.pairs[a, b] = _two(self.w13, a, b), w2 if self.w2_input_major else w2.transpose(1, 2)
         for a in range(self.experts):
             for b in range(a + 1, self.experts):
                 both = self.pair(a, b, self.probe)
@@ -107,14 +115,13 @@ class ExpertStack:
 
     def pair(self, a: int, b: int, x: Tensor) -> Tensor:
         """Experts ``a`` < ``b`` on the one row ``x`` (1, D) -> (2, 1, D): what each computes alone."""
-        assert self.w13 is not None and self.w2 is not None
-        width = self.w13.shape[2] // 2
-        both = torch.bmm(x.expand(2, 1, x.shape[1]), _two(self.w13, a, b))  # (2, 1, 2F)
-        gate = both[..., :width]
+        w13, w2 = self.pairs[a, b]
+        both = torch.bmm(x.expand(2, 1, x.shape[1]), w13)  # (2, 1, 2F)
+        width = w13.shape[2] // 2
+        gate = both.narrow(2, 0, width)
         # In place: the same elementwise kernels, each row (F values) vectorised as one unfused row is.
-        F.silu(gate, inplace=True).mul_(both[..., width:])
-        w2 = _two(self.w2, a, b)  # (2, D, F) row-major or (2, F, D) input-major
-        return torch.bmm(gate, w2 if self.w2_input_major else w2.transpose(1, 2))
+        F.silu(gate, inplace=True).mul_(both.narrow(2, width, width))
+        return torch.bmm(gate, w2)
 
     def experts_for(self, needed: list[int], inputs: Inputs | None) -> Iterator[tuple[int, Expert]] | None:
         """Both of a one-token step's experts, computed together, when the step asks for two on one row;
@@ -127,8 +134,8 @@ class ExpertStack:
             return None
         if a > b:
             a, b = b, a
-        out = self.pair(a, b, x)
-        return iter(((a, computed(out[0])), (b, computed(out[1]))))
+        first, second = self.pair(a, b, x)
+        return iter(((a, computed(first)), (b, computed(second))))
 
 
 def _stacked(experts: int, shape: tuple[int, int], dtype: torch.dtype) -> Tensor:
