@@ -8,12 +8,13 @@ bit-identical outputs.
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from offload.checkpoint.expert_reads import tier_reads
 from offload.checkpoint.hub import resolve_model_dir
@@ -95,11 +96,7 @@ def load_model(
     load_dense_weights(mixtral, reader, device, progress, host_kernels=host_kernels)
     mixtral.fuse_projections()
     if device.type == "cpu":
-        dense = mixtral.dense_tensors()
-        for tensor, moved in zip(dense, into_huge_pages(dense), strict=True):
-            tensor.data = moved  # the same values, strides and sharing, in 2 MiB pages
-        del dense
-        release_freed_memory()
+        move_into_huge_pages(mixtral.dense_weights())
     if offload is not None and offload.experts_per_layer is None and offload.host_memory_gib is not None:
         source = load_host_tier_experts(mixtral, reader, device, offload, host_kernels=host_kernels)
     elif offload is None or offload.experts_per_layer is None:
@@ -109,6 +106,40 @@ def load_model(
     attach_source(mixtral, source)
     mixtral.quant_scheme = reader.scheme
     return mixtral.eval()
+
+
+def move_into_huge_pages(weights: list[tuple[nn.Module, str, Tensor]], block_bytes: int = 32 << 20) -> None:
+    """Each ``module.name`` replaced by the same tensor (values, strides, sharing) in 2 MiB pages.
+
+    Small weights share blocks of about ``block_bytes``, so that they too sit in huge pages; the originals of
+    each block are freed, and their heap pages handed back, before the next block is filled, so the load's peak
+    RSS grows by one block or one tensor, not by every dense weight.
+    """
+    groups: dict[int, list[tuple[nn.Module, str, Tensor]]] = {}  # storage -> the weights over it, in order
+    for weight in weights:
+        groups.setdefault(weight[2].untyped_storage().data_ptr(), []).append(weight)
+    del weights[:]
+    pending = deque(groups.values())  # popped as they are moved: nothing here keeps an original alive
+    groups.clear()
+    block: list[tuple[nn.Module, str, Tensor]] = []
+    filled = 0
+    while pending or block:
+        size = pending[0][0][2].untyped_storage().nbytes() if pending else 0
+        if block and (not pending or filled + size > block_bytes):
+            moved = into_huge_pages([tensor for _, _, tensor in block])
+            for (module, name, tensor), new in zip(block, moved, strict=True):
+                # A new tensor, not ``tensor.data = new``: an input-major view would keep its old base alive.
+                setattr(
+                    module,
+                    name,
+                    nn.Parameter(new, requires_grad=False) if isinstance(tensor, nn.Parameter) else new,
+                )
+            del moved, tensor
+            block, filled = [], 0
+            release_freed_memory()
+            continue
+        block += pending.popleft()
+        filled += size
 
 
 def load_dense_weights(

@@ -364,22 +364,22 @@ class MixtralModel(nn.Module):
         for layer in self.model.layers:
             layer.self_attn.fuse_projections()
 
-    def dense_tensors(self) -> list[Tensor]:
-        """Every parameter and buffer outside the experts, the fused q, k and v matrices included, in the order a
-        forward pass reads them (each once)."""
+    def dense_weights(self) -> list[tuple[nn.Module, str, Tensor]]:
+        """(module, name, tensor) for every parameter and buffer outside the experts, the fused q, k and v
+        matrices included, in the order a forward pass reads them."""
         modules: list[nn.Module] = []
         for module in self.modules():
             modules.append(module)
             if isinstance(module, Attention) and module.fused_qkv is not None:
                 modules.append(module.fused_qkv[0])
-        seen: set[int] = set()
-        tensors = []
-        for module in modules:
-            for tensor in [*module.parameters(recurse=False), *module.buffers(recurse=False)]:
-                if id(tensor) not in seen:
-                    seen.add(id(tensor))
-                    tensors.append(tensor)
-        return tensors
+        return [
+            (module, name, tensor)
+            for module in modules
+            for name, tensor in [
+                *module.named_parameters(recurse=False),
+                *module.named_buffers(recurse=False),
+            ]
+        ]
 
     @property
     def device(self) -> torch.device:

@@ -92,3 +92,25 @@ def test_a_large_huge_page_tensor_starts_on_a_page_boundary():
     assert block.shape == (HUGE_PAGE // 4 + 5,)
     if block.untyped_storage().nbytes() > block.numel() * 4:  # madvise was there to ask
         assert block.data_ptr() % HUGE_PAGE == 0
+
+
+def test_moving_weights_into_huge_pages_frees_the_originals_and_keeps_values():
+    import gc
+    import weakref
+
+    from torch import nn
+
+    from offload.loading import move_into_huge_pages
+
+    holder = nn.Module()
+    base = torch.randn(64, 96)  # an input-major weight is a view of its (in, out) base
+    holder.register_buffer("weight", base.t())
+    holder.scale = nn.Parameter(torch.randn(96), requires_grad=False)
+    gone = [weakref.ref(base), weakref.ref(holder.scale)]
+    expected = holder.weight.clone(), holder.scale.clone()
+    del base
+    move_into_huge_pages([(holder, "weight", holder.weight), (holder, "scale", holder.scale)], block_bytes=1)
+    gc.collect()
+    assert all(ref() is None for ref in gone)
+    assert torch.equal(holder.weight, expected[0]) and holder.weight.stride() == (1, 96)
+    assert isinstance(holder.scale, nn.Parameter) and torch.equal(holder.scale, expected[1])
