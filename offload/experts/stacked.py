@@ -4,8 +4,9 @@ A decode step on a CPU reads each expert's weights once, through MKL's one-row k
 matrix well below memory speed and pays a fixed cost a call. Held side by side in one (E, ...) tensor, the two
 experts a token routes to are a strided view of it (expert ``b`` sits ``b - a`` strides after expert ``a``), and one
 batched product per matrix computes both: the float32 demo's decode step 1.06x faster (paired runs, one
-thread). MKL's batched kernel computes each product as its one-matrix kernel does, so the outputs keep every
-bit; ``ExpertStack.check`` confirms it once per layer at load and turns pairing off where it does not.
+thread). At the demo's and Mixtral's shapes MKL's batched kernel computes each item as its one-matrix kernel
+does, so the outputs keep every bit, but not at every shape: ``ExpertStack.check`` tries every pair once at load
+against the unfused experts and leaves a layer unpaired where any bit differs.
 
 Shapes: E experts, D hidden, F expert width.
 """
@@ -33,7 +34,8 @@ from offload.huge_pages import huge_page_empty
 
 
 class ExpertStack:
-    """Builds a layer's experts into two stacked tensors as they load (``add``), then pairs them (``pairs``).
+    """Builds a layer's experts into two stacked tensors as they load (``add``), checks that pairs keep their
+    bits (``check``), then computes a one-token step's pair (``experts_for``).
 
     ``w13`` holds each expert's fused w1 and w3 input-major, as (E, D, 2F); ``w2`` each down projection in its
     one-token layout, (E, D, F) row-major (or (E, F, D) when it is input-major). Experts that are not dense
@@ -47,9 +49,8 @@ class ExpertStack:
         self.w2_input_major = False
         self.usable = True
         self.members: dict[int, FusedDenseExpert] = {}
-        self.pairs: dict[
-            tuple[int, int], tuple[Tensor, Tensor]
-        ] = {}  # (a, b) -> w13 and w2 of both, as bmm takes them
+        # (a, b) -> the w13 and w2 of both, as bmm takes them; built by check()
+        self.pairs: dict[tuple[int, int], tuple[Tensor, Tensor]] = {}
         self.probe: Tensor | None = None  # one row every expert's output is checked on
         self.wanted: dict[int, Tensor] = {}  # the unfused expert's output on the probe
 
