@@ -30,7 +30,9 @@ import logging
 from collections.abc import Sequence
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
+
+from offload.quant.host_kernels import Bf16KernelLinear
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +94,7 @@ def dequantized(codes: Tensor, scales_zeros: Tensor, group_size: int) -> Tensor:
     return (codes.float() - 8) * pairs[..., 0].T + pairs[..., 1].T
 
 
-class CudaInt4Linear(nn.Module):
+class CudaInt4Linear(Bf16KernelLinear):
     """A bias-free linear over 4-bit codes in torch's CUDA int4 layout; computes in bf16."""
 
     def __init__(self, packed: Tensor, scales_zeros: Tensor, group_size: int) -> None:
@@ -133,21 +135,8 @@ class CudaInt4Linear(nn.Module):
             self.group_size,
         )
 
-    def forward(self, x: Tensor) -> Tensor:
-        rows = x if x.dim() == 2 else x.reshape(-1, self.in_features)
-        if rows.dtype != torch.bfloat16:
-            rows = rows.to(torch.bfloat16)
-        out = torch.ops.aten._weight_int4pack_mm(
-            rows.contiguous(), self.packed, self.group_size, self.scales_and_zeros
-        )
-        if x.dim() != 2:
-            out = out.reshape(*x.shape[:-1], self.out_features)
-        return out if out.dtype == x.dtype else out.to(x.dtype)
-
-    def extra_repr(self) -> str:
-        return (
-            f"in_features={self.in_features}, out_features={self.out_features}, group_size={self.group_size}"
-        )
+    def kernel(self, rows: Tensor) -> Tensor:
+        return torch.ops.aten._weight_int4pack_mm(rows, self.packed, self.group_size, self.scales_and_zeros)
 
 
 def kernel_works(device: torch.device) -> bool:

@@ -139,7 +139,34 @@ def _transposed_tiles(tiles: Tensor) -> Tensor:
     return shuffled.permute(0, 2, 3, 1).reshape(count, columns, rows)
 
 
-class Int4Linear(nn.Module):
+class Bf16KernelLinear(nn.Module):
+    """A bias-free linear whose ``kernel`` takes contiguous (T, in) bf16 rows: the input is rounded to bf16 and
+    the output cast back to the caller's dtype (both weight-only kernels, CPU and CUDA, want bf16 activations)."""
+
+    in_features: int
+    out_features: int
+    group_size: int | None
+
+    def kernel(self, rows: Tensor) -> Tensor:
+        """(T, in) contiguous bf16 -> (T, out) bf16."""
+        raise NotImplementedError
+
+    def forward(self, x: Tensor) -> Tensor:
+        # Each skipped call is a dispatched op: 40 of these run per decode step of the demo model.
+        rows = x if x.dim() == 2 else x.reshape(-1, self.in_features)
+        if rows.dtype != torch.bfloat16:
+            rows = rows.to(torch.bfloat16)
+        out = self.kernel(rows.contiguous())
+        if x.dim() != 2:
+            out = out.reshape(*x.shape[:-1], self.out_features)
+        return out if out.dtype == x.dtype else out.to(x.dtype)
+
+    def extra_repr(self) -> str:
+        group = "" if self.group_size is None else f", group_size={self.group_size}"
+        return f"in_features={self.in_features}, out_features={self.out_features}{group}"
+
+
+class Int4Linear(Bf16KernelLinear):
     """A bias-free linear over 4-bit codes in torch's CPU int4 layout; computes in bf16."""
 
     def __init__(self, packed: Tensor, scales_and_offsets: Tensor, group_size: int) -> None:
@@ -196,26 +223,16 @@ class Int4Linear(nn.Module):
             self.packed[start:end], self.scales_and_offsets[:, start:end].contiguous(), self.group_size
         )
 
-    def forward(self, x: Tensor) -> Tensor:
-        # Each skipped call is a dispatched op: 40 of these run per decode step of the demo model.
-        rows = x if x.dim() == 2 else x.reshape(-1, self.in_features)
-        if rows.dtype != torch.bfloat16:
-            rows = rows.to(torch.bfloat16)
-        out = torch.ops.aten._weight_int4pack_mm_for_cpu(
-            rows.contiguous(), self.packed, self.group_size, self.scales_and_offsets
-        )
-        if x.dim() != 2:
-            out = out.reshape(*x.shape[:-1], self.out_features)
-        return out if out.dtype == x.dtype else out.to(x.dtype)
-
-    def extra_repr(self) -> str:
-        return (
-            f"in_features={self.in_features}, out_features={self.out_features}, group_size={self.group_size}"
+    def kernel(self, rows: Tensor) -> Tensor:
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(
+            rows, self.packed, self.group_size, self.scales_and_offsets
         )
 
 
-class Int8Linear(nn.Module):
+class Int8Linear(Bf16KernelLinear):
     """A bias-free linear over int8 codes with one scale per output row; computes in bf16."""
+
+    group_size = None  # one scale per row
 
     def __init__(self, codes: Tensor, scales: Tensor) -> None:
         super().__init__()
@@ -223,14 +240,5 @@ class Int8Linear(nn.Module):
         self.register_buffer("scales", scales.to(torch.bfloat16).contiguous())  # (N,)
         self.out_features, self.in_features = codes.shape
 
-    def forward(self, x: Tensor) -> Tensor:
-        rows = x if x.dim() == 2 else x.reshape(-1, self.in_features)
-        if rows.dtype != torch.bfloat16:
-            rows = rows.to(torch.bfloat16)
-        out = torch._weight_int8pack_mm(rows.contiguous(), self.codes, self.scales)
-        if x.dim() != 2:
-            out = out.reshape(*x.shape[:-1], self.out_features)
-        return out if out.dtype == x.dtype else out.to(x.dtype)
-
-    def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}"
+    def kernel(self, rows: Tensor) -> Tensor:
+        return torch._weight_int8pack_mm(rows, self.codes, self.scales)
