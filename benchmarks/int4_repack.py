@@ -6,7 +6,10 @@ integers in 0..15; ``benchmarks/write_mixtral_shaped.py`` draws them the same wa
 
 - ``w1 14336x4096`` and ``w2 4096x14336``: one matrix through ``host_linear``;
 - ``expert in place``: what a host-tier miss of a CPU run pays after its read (``build_in_place``): the three
-  matrices built, copied over the stored bytes in the slot, and the freed temporaries handed back to the OS.
+  matrices built, copied over the stored bytes in the slot, and the freed temporaries handed back to the OS;
+- ``expert moved``: the same, both ways with the new repacking: "old" builds into fresh tensors and moves them
+  over the stored bytes (the codec handed a plain dict), "new" builds each matrix straight over its stored bytes
+  (what ``build_in_place`` does now).
 
 Each row runs the old and the new build in turn, ``--runs`` rounds; figures are medians of the process's CPU
 time (one thread, so the CPU clock is the wall clock without other processes' share). glibc's freed pages are
@@ -56,8 +59,11 @@ def random_matrix(shape: tuple[int, int], generator: torch.Generator) -> dict[st
     }
 
 
-def old_host_linear(tensors: dict[str, torch.Tensor], spec: QuantSpec) -> torch.nn.Module | None:
-    """``hqq_backend.host_linear`` before this change: (N, K) codes unpacked with torch.cat, then packed."""
+def old_host_linear(
+    tensors: dict[str, torch.Tensor], spec: QuantSpec, *, overwrite: bool = False
+) -> torch.nn.Module | None:
+    """``hqq_backend.host_linear`` before this change: (N, K) codes unpacked with torch.cat, then packed (into
+    fresh tensors, whatever ``overwrite`` says)."""
     scale = tensors["scale"]
     out_features, groups_per_row = scale.shape
     packed = tensors["W_q"]
@@ -114,6 +120,12 @@ def main() -> None:
             slot, layout, lambda tensors: codec.materialize(tensors, torch.float32, "cpu")
         )
 
+    def moved() -> object:
+        slot.copy_(stored)
+        return lambda: build_in_place(
+            slot, layout, lambda tensors: codec.materialize(dict(tensors), torch.float32, "cpu")
+        )
+
     new_linear = hqq_backend.host_linear
     builds: dict[str, dict[str, Callable[[], Callable[[], object]]]] = {
         name: {
@@ -123,17 +135,19 @@ def main() -> None:
         for name, tensors in matrices.items()
     }
     builds["expert in place"] = {"old": in_place, "new": in_place}
+    builds["expert moved"] = {"old": moved, "new": in_place}
     times: dict[str, dict[str, list[float]]] = {name: {"old": [], "new": []} for name in builds}
     for _ in range(args.runs):
         for name, ways in builds.items():
             results = {}
             for way, build in ways.items():
                 # The in-place row swaps the backend's function: the codec reaches it through the module.
-                hqq_backend.host_linear = old_host_linear if way == "old" else new_linear
+                old_way = way == "old" and name != "expert moved"
+                hqq_backend.host_linear = old_host_linear if old_way else new_linear
                 seconds, results[way] = cpu_seconds(build)
                 times[name][way].append(seconds)
             hqq_backend.host_linear = new_linear
-            if name == "expert in place":
+            if name.startswith("expert"):
                 # Both experts are views of the one slot, so compare the new one with a fresh old build.
                 hqq_backend.host_linear = old_host_linear
                 old = codec.materialize(unpack_expert(stored, layout), torch.float32, "cpu")

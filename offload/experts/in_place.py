@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterable
 from torch import Tensor, nn
 
 from offload.experts.packing import ALIGNMENT, ExpertLayout, unpack_expert
-from offload.experts.source import Expert
+from offload.experts.source import Expert, SlotTensors
 from offload.memory_release import release_freed_memory
 
 Materialize = Callable[[dict[str, Tensor]], Expert]
@@ -41,7 +41,8 @@ def build_into(buffer: Tensor, layout: ExpertLayout, materialize: Materialize) -
     """The expert built from ``buffer``'s stored tensors and whether it runs on views of ``buffer`` alone
     (``build_in_place``'s expert, True); else, its built tensors not fitting, the expert as built, beside the
     untouched stored bytes (False)."""
-    expert = materialize(unpack_expert(buffer, layout))
+    # The codec may build straight over the stored bytes (an int4 expert on a CPU): then nothing is moved.
+    expert = materialize(SlotTensors(unpack_expert(buffer, layout)))
     try:
         moved = _moved_into(buffer, expert)
     finally:

@@ -16,6 +16,12 @@ from torch import Tensor, nn
 from offload.experts.stats import CacheStats
 
 
+class SlotTensors(dict):
+    """An expert's stored tensors (name -> tensor) as views of a slot that its built form may take over
+    (``offload.experts.in_place``): a ``materialize`` may write the built tensors over them, once it is sure
+    to build a form that fits the slot (else it must leave them as they are)."""
+
+
 class Expert(Protocol):
     """One SwiGLU expert, ready to run on the compute device."""
 

@@ -194,11 +194,17 @@ def device_linear(tensors: dict[str, Tensor], spec: QuantSpec, device: torch.dev
     return None
 
 
-def host_linear(tensors: dict[str, Tensor], spec: QuantSpec) -> nn.Module | None:
+def host_fits(tensors: dict[str, Tensor], spec: QuantSpec) -> bool:
+    """Whether ``host_linear`` builds a module: int8, where this torch has the kernel."""
+    return spec.kind == "int8" and has_op("_weight_int8pack_mm")
+
+
+def host_linear(tensors: dict[str, Tensor], spec: QuantSpec, *, overwrite: bool = False) -> nn.Module | None:
     """For int8, the CPU int8 kernel's linear over the stored codes (W = CB * SCB / 127); None for nf4 / fp4.
 
     torch has no CPU kernel for bnb's 4-bit tables. The row scale is rounded to bf16, the kernel's dtype.
+    ``overwrite`` changes nothing: the module keeps views of the stored codes.
     """
-    if spec.kind != "int8" or not has_op("_weight_int8pack_mm"):
+    if not host_fits(tensors, spec):
         return None
     return Int8Linear(tensors["CB"].contiguous(), tensors["SCB"].float() / 127)

@@ -16,13 +16,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from offload.errors import QuantError
-from offload.experts.source import DenseExpert, Expert
+from offload.experts.source import DenseExpert, Expert, SlotTensors
 from offload.quant.device_kernels import CudaInt4Linear
 from offload.quant.host_kernels import Int4Linear
 from offload.quant.linear import (
     build_linear,
     dequantize_linear,
     device_linear,
+    host_fits,
     host_linear,
     matrix_nbytes,
     quantize_linear,
@@ -155,8 +156,14 @@ class MatrixCodec:
                 ]
             return QuantizedExpert(*kernels)
         if device.type == "cpu" and self.host_kernels:
+            # Building over a slot's stored bytes only once every matrix is sure to build: the dense fallback
+            # below reads them.
+            overwrite = isinstance(tensors, SlotTensors) and all(
+                host_fits(part, self.spec, name=name) for name, part in zip(MATRICES, parts, strict=True)
+            )
             kernels = [
-                host_linear(part, self.spec, name=name) for name, part in zip(MATRICES, parts, strict=True)
+                host_linear(part, self.spec, name=name, overwrite=overwrite)
+                for name, part in zip(MATRICES, parts, strict=True)
             ]
             if all(kernel is not None for kernel in kernels):
                 return QuantizedExpert(*kernels)

@@ -59,7 +59,12 @@ def device_linear(tensors: dict[str, Tensor], spec: QuantSpec, device: torch.dev
     return None
 
 
-def host_linear(tensors: dict[str, Tensor], spec: QuantSpec) -> nn.Module | None:
+def host_fits(tensors: dict[str, Tensor], spec: QuantSpec) -> bool:
+    """False: a float matrix has no codes for a CPU kernel to read."""
+    return False
+
+
+def host_linear(tensors: dict[str, Tensor], spec: QuantSpec, *, overwrite: bool = False) -> nn.Module | None:
     """None: a float matrix has no codes for a CPU kernel to read."""
     return None
 

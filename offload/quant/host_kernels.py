@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import threading
 from collections.abc import Sequence
 
 import torch
@@ -42,6 +43,18 @@ def int4_fits(out_features: int, in_features: int, group_size: int) -> bool:
         and in_features % group_size == 0
         and out_features > 0
     )
+
+
+_scratch = threading.local()
+
+
+def thread_scratch(nbytes: int) -> Tensor:
+    """``nbytes`` of uint8 owned by the calling thread and kept between calls (grown when asked for more), so its
+    pages are already mapped at the next call: an in-place build copies a matrix's stored bytes here first."""
+    buffer = getattr(_scratch, "buffer", None)
+    if buffer is None or buffer.numel() < nbytes:
+        _scratch.buffer = buffer = torch.empty(nbytes, dtype=torch.uint8)
+    return buffer[:nbytes]
 
 
 def _pack_rows(codes: Tensor, block: int) -> Tensor:
@@ -81,10 +94,10 @@ def pack_int4(codes: Tensor) -> Tensor:
     return torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32).contiguous(), 2)
 
 
-def pack_int4_halves(halves: Tensor) -> Tensor:
+def pack_int4_halves(halves: Tensor, out: Tensor | None = None) -> Tensor:
     """(N / 2, K) uint8 holding rows 0..N/2-1's codes in the high nibbles and rows N/2..N-1's in the low ones
-    (hqq's 4-bit packing) -> the (N, K / 2) uint8 the int4 kernel reads; the same bytes as unpacking and
-    ``pack_int4``, several times faster.
+    (hqq's 4-bit packing) -> the (N, K / 2) uint8 the int4 kernel reads (into ``out`` if given, which must not
+    overlap ``halves``); the same bytes as unpacking and ``pack_int4``, several times faster.
 
     Each half's output row block takes the high (or low) nibbles of ``block`` consecutive input rows: the
     nibbles of rows j and j + block/2 meet in one byte, then the (block/2, K) byte tile is transposed to
@@ -96,12 +109,13 @@ def pack_int4_halves(halves: Tensor) -> Tensor:
     out_features = 2 * half_rows
     block = _packing_block()
     if block is None or half_rows % block or halves.dtype != torch.uint8:
-        return pack_int4(torch.cat([halves >> 4, halves & 0xF]))
+        packed = pack_int4(torch.cat([halves >> 4, halves & 0xF]))
+        return packed if out is None else out.copy_(packed)
     tile = block // 2
     blocks = half_rows // block
     # Per block: its first tile rows, then its last tile rows.
     source = halves.contiguous().view(blocks, 2, tile, in_features)
-    packed = torch.empty(out_features, in_features // 2, dtype=torch.uint8)
+    packed = torch.empty(out_features, in_features // 2, dtype=torch.uint8) if out is None else out
     target = packed.view(2, blocks, in_features, tile)  # [0]: rows from the high nibbles, [1]: the low ones
     # Chunks of at least two blocks (one block alone would take the shuffle's scalar path), near the scratch size.
     chunks = max(1, blocks // max(2, _SCRATCH_BYTES // (tile * in_features)))
@@ -184,13 +198,16 @@ class Int4Linear(Bf16KernelLinear):
         return cls(pack_int4(codes), scales_and_offsets.to(torch.bfloat16).contiguous(), group_size)
 
     @classmethod
-    def from_zero_point(cls, packed: Tensor, scale: Tensor, zero: Tensor, group_size: int) -> Int4Linear:
+    def from_zero_point(
+        cls, packed: Tensor, scale: Tensor, zero: Tensor, group_size: int, out: Tensor | None = None
+    ) -> Int4Linear:
         """W[n, k] = (q[n, k] - zero[n, g]) * scale[n, g] for ``packed`` codes q (``pack_int4``'s layout).
 
         The kernel's offset is ``(8 - zero) * scale``, computed in fp32 and rounded once to bf16 with the scale,
-        as ``from_affine`` rounds it; built in place in the kernel's (K / group, N, 2) layout.
+        as ``from_affine`` rounds it; built in place in the kernel's (K / group, N, 2) layout, in ``out`` if given
+        (a contiguous bf16 tensor of that shape, not overlapping ``scale`` or ``zero``).
         """
-        scales_and_offsets = torch.empty(*scale.shape[::-1], 2, dtype=torch.bfloat16)
+        scales_and_offsets = torch.empty(*scale.shape[::-1], 2, dtype=torch.bfloat16) if out is None else out
         by_group = scale.T
         scales_and_offsets[..., 0].copy_(by_group)
         scales_and_offsets[..., 1].copy_(zero.T.float().neg_().add_(8).mul_(by_group))

@@ -23,7 +23,7 @@ from torch import Tensor
 
 from offload.errors import QuantError
 from offload.quant.device_kernels import CudaInt4Linear, cuda_int4_fits
-from offload.quant.host_kernels import Int4Linear, int4_fits, pack_int4_halves
+from offload.quant.host_kernels import Int4Linear, int4_fits, pack_int4_halves, thread_scratch
 from offload.quant.spec import HQQ_GROUP_SIZES
 
 if TYPE_CHECKING:
@@ -217,19 +217,66 @@ def codes4(packed: Tensor, out_features: int, in_features: int) -> Tensor:
     return torch.cat([packed >> 4, packed & 0xF]).reshape(out_features, in_features)
 
 
-def host_linear(tensors: dict[str, Tensor], spec: QuantSpec) -> torch.nn.Module | None:
+def host_fits(tensors: dict[str, Tensor], spec: QuantSpec) -> bool:
+    """Whether ``host_linear`` builds a module (rather than None) for these tensors."""
+    out_features, groups_per_row = tensors["scale"].shape
+    return spec.bits == 4 and int4_fits(out_features, groups_per_row * spec.group_size, spec.group_size)
+
+
+def host_linear(
+    tensors: dict[str, Tensor], spec: QuantSpec, *, overwrite: bool = False
+) -> torch.nn.Module | None:
     """The CPU int4 kernel's linear over the stored 4-bit codes, or None when the spec or shape does not fit it.
 
     hqq dequantizes ``(q - zero) * scale``; the kernel computes ``(q - 8) * scale + offset``, so the offset is
     ``(8 - zero) * scale``, rounded once to bf16 with the scale (the kernel's dtype). Both group along a row
     (axis 1), which is the kernel's K: no regrouping. hqq's layout holds the first half of the code rows in the
     high nibbles and the second half in the low ones; ``pack_int4_halves`` repacks that straight into torch's.
+
+    With ``overwrite`` (the stored tensors are views of a slot that the built module may take over), the
+    module's tensors are written over the stored ones: the packed codes over ``W_q`` (the same bytes), the
+    (scale, offset) pairs over ``scale`` and the ``zero`` after it. The stored bytes are first copied to the
+    thread's scratch, since the outputs would otherwise overwrite codes not yet read. That spares a fresh
+    output's page faults and the move into the slot (docs/BENCHMARKS.md, "Repacking for the int4 kernel").
     """
-    scale = tensors["scale"]
+    if not host_fits(tensors, spec):
+        return None
+    scale, zero, codes = tensors["scale"], tensors["zero"], tensors["W_q"]
     out_features, groups_per_row = scale.shape
     in_features = groups_per_row * spec.group_size
-    if spec.bits != 4 or not int4_fits(out_features, in_features, spec.group_size):
-        return None
+    if overwrite and _overwritable(codes, scale, zero):
+        meta = scale.numel() * scale.element_size()
+        scratch = thread_scratch(codes.numel() + 2 * meta)
+        halves = scratch[: codes.numel()].view(out_features // 2, in_features)
+        halves.copy_(codes.view(out_features // 2, in_features))
+        kept_scale = scratch[codes.numel() : codes.numel() + meta].view(scale.dtype).view(scale.shape)
+        kept_zero = scratch[codes.numel() + meta :].view(zero.dtype).view(zero.shape)
+        kept_scale.copy_(scale)
+        kept_zero.copy_(zero)
+        packed = pack_int4_halves(halves, out=codes.view(out_features, in_features // 2))
+        pairs = _bytes_from(scale, 2 * meta).view(torch.bfloat16).view(groups_per_row, out_features, 2)
+        return Int4Linear.from_zero_point(packed, kept_scale, kept_zero, spec.group_size, out=pairs)
     # hqq's (groups / 2, group) rows are the (N / 2, K) matrix of code pairs, rows n and n + N/2 in one byte.
-    halves = tensors["W_q"].reshape(out_features // 2, in_features)
-    return Int4Linear.from_zero_point(pack_int4_halves(halves), scale, tensors["zero"], spec.group_size)
+    halves = codes.reshape(out_features // 2, in_features)
+    return Int4Linear.from_zero_point(pack_int4_halves(halves), scale, zero, spec.group_size)
+
+
+def _overwritable(codes: Tensor, scale: Tensor, zero: Tensor) -> bool:
+    """Whether the built tensors fit over the stored ones: all contiguous uint8 / fp16 in one storage, the
+    (scale, offset) pairs (twice ``scale``'s bytes) ending within ``zero``, which follows ``scale``, and clear
+    of the codes."""
+    meta = scale.numel() * scale.element_size()
+    return (
+        codes.dtype == torch.uint8
+        and scale.dtype == zero.dtype == META_DTYPE
+        and all(t.is_contiguous() and t.device.type == "cpu" for t in (codes, scale, zero))
+        and scale.untyped_storage().data_ptr() == zero.untyped_storage().data_ptr()
+        and scale.data_ptr() % 4 == 0
+        and zero.data_ptr() >= scale.data_ptr() + meta
+        and not scale.data_ptr() - codes.numel() < codes.data_ptr() < scale.data_ptr() + 2 * meta
+    )
+
+
+def _bytes_from(tensor: Tensor, nbytes: int) -> Tensor:
+    """``nbytes`` of ``tensor``'s storage from its first byte, as uint8 (``tensor`` contiguous)."""
+    return tensor.view(torch.uint8).reshape(-1).as_strided((nbytes,), (1,))

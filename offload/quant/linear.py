@@ -89,13 +89,21 @@ def dequantize_linear(
     return weight.to(device=device, dtype=dtype)
 
 
-def host_linear(tensors: dict[str, Tensor], spec: QuantSpec, *, name: str = "weight") -> nn.Module | None:
+def host_linear(
+    tensors: dict[str, Tensor], spec: QuantSpec, *, name: str = "weight", overwrite: bool = False
+) -> nn.Module | None:
     """A CPU module that computes from the stored codes (``offload.quant.host_kernels``), built once.
 
-    None when no CPU kernel fits: bnb's 4-bit tables, hqq at 2, 3 or 8 bits, an output width that is not a
-    multiple of 16, a group of 16, or ``none``.
+    None when no CPU kernel fits (``host_fits``): bnb's 4-bit tables, hqq at 2, 3 or 8 bits, an output width
+    that is not a multiple of 16, a group of 16, or ``none``. With ``overwrite``, the stored tensors are views
+    of a slot that the module may take over: a backend that can builds its tensors over them.
     """
-    return backend_for(spec).host_linear(_checked(tensors, spec, name), spec)
+    return backend_for(spec).host_linear(_checked(tensors, spec, name), spec, overwrite=overwrite)
+
+
+def host_fits(tensors: dict[str, Tensor], spec: QuantSpec, *, name: str = "weight") -> bool:
+    """Whether ``host_linear`` builds a module for these tensors (decided from shapes, reading no values)."""
+    return backend_for(spec).host_fits(_checked(tensors, spec, name), spec)
 
 
 def device_linear(
