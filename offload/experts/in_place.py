@@ -9,6 +9,10 @@ bytes as its stored ones (the codes stay 4-bit, the scales and offsets 16-bit), 
 over the stored bytes in the slot itself, and the expert computes on views of the slot: hits cost only the
 matmul, and the slot still holds one expert's bytes. On CUDA, torch's int4 kernel's layout
 (``offload.quant.device_kernels``) has the same property: the packed codes take the stored codes' bytes.
+
+``materialize`` gets the stored tensors as ``SlotTensors``: a codec that can builds each matrix straight over
+its own stored bytes (the CPU int4 build, ``hqq_backend.host_linear``), sparing fresh outputs' page faults and
+the move, about a third of the build; what it built elsewhere (CUDA, int8) is moved here as before.
 """
 
 from __future__ import annotations
@@ -47,9 +51,10 @@ def build_into(buffer: Tensor, layout: ExpertLayout, materialize: Materialize) -
         moved = _moved_into(buffer, expert)
     finally:
         if buffer.device.type == "cpu":
-            # Repacking a Mixtral expert frees ~0.3 GB of temporaries on the reader's thread, whose glibc arena
-            # would keep them: the tier's RSS would grow past its budget by that much per reading thread.
-            # (Device memory goes back to torch's caching allocator, not to glibc.)
+            # A Mixtral expert built elsewhere and moved (or dequantized) frees ~0.3 GB of temporaries on the
+            # reader's thread, whose glibc arena would keep them: the tier's RSS would grow past its budget by
+            # that much per reading thread. One built over its stored bytes frees a few MB; the trim is then
+            # about free. (Device memory goes back to torch's caching allocator, not to glibc.)
             release_freed_memory()
     return (expert, False) if moved is None else (moved, True)
 
