@@ -159,6 +159,14 @@ def _print_plan(plan) -> None:
             f"nothing; with them, by policy (tok/s): {shown}",
             highlight=False,
         )
+        if tier.build_seconds_per_token > 0:
+            console.print(
+                f"build: where the host computes a read expert, the tier's reader thread then rebuilds it in its "
+                f"slot for the int4 kernel, {tier.expert_build_seconds * 1e3:.1f} ms (one thread), serial with "
+                f"the reads: +{tier.build_seconds_per_token * 1e3:.1f} ms a token, counted above for "
+                f"{_building_policies(plan)}",
+                highlight=False,
+            )
     if plan.peak_rss is not None:
         console.print(f"host: peak RSS ~{plan.peak_rss.total / GIB:.2f} GiB (predicted)", highlight=False)
     speeds = plan.speeds
@@ -167,6 +175,14 @@ def _print_plan(plan) -> None:
         console.print(f"decode by policy (estimates, tok/s): {shown}; the arithmetic:")
         for line in speeds.arithmetic:
             console.print(f"  {line}", style="dim", highlight=False)
+
+
+def _building_policies(plan) -> str:
+    """The policies whose tier misses the host computes (and so builds)."""
+    if plan.experts_from_host_tier:
+        return "every policy (the experts run on the host from the tier)"
+    on_host = plan.speeds is not None and plan.speeds.miss_on_host
+    return "host-only and hybrid (its misses go to the host)" if on_host else "host-only"
 
 
 def register(app: typer.Typer) -> None:

@@ -18,7 +18,7 @@ figures of arXiv 2312.17238 (A100, RTX 3080 Mobile, RTX 3060, T4; 66 MB experts;
 ``offload bench`` measures the real figures. That is the copy-only engine's speed (``predicted_tok_s``);
 ``offload.settings.plan_speed`` adds the host-only and hybrid policies from the same terms (``speeds``).
 With a host budget (``[host] memory_gib``) ``offload.settings.plan_tiers`` sizes the host tier, the experts
-left on disk, the disk time added to each token (``predicted_tok_s`` then counts it) and the peak RSS.
+left on disk, the disk time (and host builds) added to each token (``predicted_tok_s`` counts it), the peak RSS.
 """
 
 from __future__ import annotations
@@ -41,6 +41,7 @@ from offload.settings.plan_speed import (
     WEIGHTS_PER_S,
     Roles,
     SpeedPlan,
+    host_build_seconds,
     predict_speeds,
 )
 from offload.settings.plan_tiers import (
@@ -51,6 +52,7 @@ from offload.settings.plan_tiers import (
     plan_host_tier,
     tier_rows,
     with_disk,
+    with_tiers,
 )
 from offload.settings.profile import CacheSettings, Profile, ResolvedProfile
 
@@ -236,19 +238,17 @@ def plan_memory(
                 experts=config.num_local_experts,
                 top_k=config.num_experts_per_tok,
                 locality_bonus=LOCALITY_BONUS,
+                build_seconds=[host_build_seconds(spec, 3 * d * f) for spec in layer_specs],
             )
             for front in ((False,) if from_tier else (True, False))
         }
         tier = tiers[not from_tier]
         if from_tier:  # HostOnlyExperts: the host-only policy's arithmetic
             tok_s = speeds.tok_s.get("host-only", tok_s)
-        tok_s = with_disk(tok_s, tier.disk_seconds_per_token)
-    tok_s_with_disk = None
-    if tiers is not None:
-        tok_s_with_disk = {
-            policy: with_disk(speed, tiers[policy != "host-only" and not from_tier].disk_seconds_per_token)
-            for policy, speed in speeds.tok_s.items()
-        }
+        tok_s = with_disk(tok_s, tier.miss_seconds(on_host=from_tier))  # + builds where the host computes
+    tok_s_with_disk = (
+        None if tiers is None else with_tiers(tiers, speeds.tok_s, from_tier, speeds.miss_on_host)
+    )
     device_total = dense.total + kv + workspace
     if not from_tier:
         device_total += sum(k * size for k, size in zip(ks, expert_bytes, strict=True))

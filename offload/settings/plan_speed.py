@@ -78,6 +78,13 @@ HOST_DEQUANT_WEIGHTS_PER_S_PER_CORE = 0.65e9  # hqq without a CPU kernel: about 
 # device every spec without a CPU kernel runs this way: it is dequantized once, when its slot is filled.
 DENSE_CPU_WEIGHTS_PER_S_PER_CORE = {"float32": 2.73e9, "bfloat16": 3.67e9}
 HOST_JOB_S = 50e-6  # handing one expert to the host thread and back
+# Building a 4-bit expert for the CPU int4 kernel in its host-tier slot after its read (``offload.experts.in_place``,
+# ``hqq_backend.host_linear(..., overwrite=True)``): 71.5 ms for one Mixtral expert, 3 x 14336 x 4096 weights of
+# hqq:4:64 (99 MB), at one thread (docs/BENCHMARKS.md, "Built straight over the slot"; benchmarks/int4_repack.py).
+# Not scaled by [host] cores: the tier builds on its one reader thread, right after the read, and the build's torch
+# ops do not spread over intra-op threads (measured here on a worker thread at torch.set_num_threads(2): CPU time
+# equal to wall time, 69 ms, against 58 ms at one thread; docs/BENCHMARKS.md, "What `offload plan` predicts").
+HOST_INT4_BUILD_WEIGHTS_PER_S = 3 * 14336 * 4096 / 71.5e-3  # about 2.46e9, one thread
 POLICIES = ("copy-only", "host-only", "hybrid")
 
 
@@ -162,6 +169,13 @@ def host_seconds(spec: QuantSpec, nbytes: int, weights: int, host: Any) -> tuple
         f"{host.memory_gbps:g} GB/s), {kernel} kernel"
     )
     return nbytes / (gbps * 1e9), why
+
+
+def host_build_seconds(spec: QuantSpec, weights: int) -> float:
+    """Building one expert of ``weights`` weights for the host's kernel after a host-tier read: the int4 repack,
+    at HOST_INT4_BUILD_WEIGHTS_PER_S on one thread; 0 for a spec whose host expert keeps the stored bytes as
+    they are (int8, dense) or dequantizes at every call (priced per call by ``host_seconds``)."""
+    return weights / HOST_INT4_BUILD_WEIGHTS_PER_S if cpu_kernel(spec) == "int4" else 0.0
 
 
 def matrix_seconds(

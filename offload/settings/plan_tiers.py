@@ -27,6 +27,16 @@ that same layer: the read, then the copy over the link (or the host kernel), for
 time is added in full to that of the miss that needs it. The engine also reads the next layer's guesses
 ahead; the plan counts none of that, so with a budget the predicted tok/s is a floor on this account.
 
+Where the host computes a read expert with the CPU int4 kernel (4-bit experts: every read when the experts run
+on the host from the tier, on a CPU device or with host-only execution; a hybrid run's misses when the cost model
+sends them to the host), the tier's reader thread then rebuilds it in its slot for that kernel
+(``offload.experts.in_place``), after the read and before the next read, so serially with both:
+    build_l     = reads_l · one expert's build (``plan_speed.host_build_seconds``: 71.5 ms for a Mixtral expert)
+    t(token)   += Σ build_l            only for the policies that compute the read experts on the host
+A copy to the device needs no host build (on CUDA the device repacks the copied expert: cheap), so copy-only,
+and hybrid where its misses go to the device, add the reads alone; so do specs whose host expert keeps its
+stored bytes (int8, dense) or dequantizes at every call (3-bit: priced per call in ``plan_speed``).
+
 Predicted peak RSS of the process (host memory), the sum of:
 - the host tier: S slots of the largest layer's expert bytes, the one arena the tier allocates (the page
   cache holds what the disk reads, but it is not the process's RSS); without a budget, every expert;
@@ -77,6 +87,14 @@ class HostTier:
     disk_bytes_per_token: int
     disk_seconds_per_token: float  # disk_bytes_per_token / disk GB/s, added to the token's time
     serves_device_slots: bool  # False: the experts are computed straight from the tier (no slot in front)
+    # Σ reads · one expert's build for the host's int4 kernel: added only where the host computes the reads
+    build_seconds_per_token: float = 0.0
+    expert_build_seconds: float = 0.0  # one expert's build (the largest layer's); 0: the spec needs none
+
+    def miss_seconds(self, on_host: bool) -> float:
+        """A token's time in the tier's misses: the reads, and where the host computes the read experts
+        (``on_host``), their builds too, serial with the reads on the tier's reader thread."""
+        return self.disk_seconds_per_token + (self.build_seconds_per_token if on_host else 0.0)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -131,10 +149,12 @@ def plan_host_tier(
     experts: int,
     top_k: int,
     locality_bonus: float,
+    build_seconds: Sequence[float] | None = None,
 ) -> HostTier:
     """The host tier under a budget of ``memory_gib`` (None: every expert in RAM).
 
     ``device_slots`` are K_l in front of the tier, or None when the experts are computed from the tier.
+    ``build_seconds``: one expert's build for the host's kernel, per layer (None: no build).
     """
     layers, total = len(expert_bytes), experts * len(expert_bytes)
     every_expert = experts * sum(expert_bytes)
@@ -146,13 +166,15 @@ def plan_host_tier(
         held = slots * max(expert_bytes)
     host_hit = hit_rate(slots / layers, experts, locality_bonus)
     front = [0] * layers if device_slots is None else list(device_slots)
-    reads = device_misses = read_bytes = 0.0
-    for k, size in zip(front, expert_bytes, strict=True):
+    builds = [0.0] * layers if build_seconds is None else list(build_seconds)
+    reads = device_misses = read_bytes = build = 0.0
+    for k, size, one_build in zip(front, expert_bytes, builds, strict=True):
         device_hit = hit_rate(k, experts, locality_bonus)
         layer_reads = top_k * (1 - device_hit) * (1 - host_hit)
         reads += layer_reads
         device_misses += top_k * (1 - device_hit)
         read_bytes += layer_reads * size
+        build += layer_reads * one_build
     return HostTier(
         memory_gib=memory_gib,
         budget_bytes=budget,
@@ -167,7 +189,29 @@ def plan_host_tier(
         disk_bytes_per_token=round(read_bytes),
         disk_seconds_per_token=read_bytes / (disk_gbps * 1e9),
         serves_device_slots=device_slots is not None,
+        build_seconds_per_token=build,
+        expert_build_seconds=max(builds),
     )
+
+
+def tier_seconds(tiers: dict[bool, HostTier], policy: str, *, from_tier: bool, miss_on_host: bool) -> float:
+    """``policy``'s time per token in tier misses, from ``tiers`` (keyed by whether device slots sit in front).
+
+    The host computes the read experts (and so builds them) when the experts run from the tier, under
+    host-only, and under hybrid where the cost model sends a miss to the host (``miss_on_host``).
+    """
+    on_host = from_tier or policy == "host-only" or (policy == "hybrid" and miss_on_host)
+    return tiers[policy != "host-only" and not from_tier].miss_seconds(on_host)
+
+
+def with_tiers(
+    tiers: dict[bool, HostTier], tok_s: dict[str, float], from_tier: bool, miss_on_host: bool
+) -> dict[str, float]:
+    """Each policy's predicted speed with its time in tier misses added (``tier_seconds``)."""
+    return {
+        policy: with_disk(speed, tier_seconds(tiers, policy, from_tier=from_tier, miss_on_host=miss_on_host))
+        for policy, speed in tok_s.items()
+    }
 
 
 def with_disk(tok_s: float, disk_seconds: float) -> float:
