@@ -165,6 +165,99 @@ def test_a_budget_below_one_expert_per_layer_is_refused() -> None:
         plan_memory(demo, _demo_profile(memory_gib=1.5 * DEMO_EXPERT / GIB), 64)  # top-2 needs 2
 
 
+# A host-computed tier miss is then rebuilt in its slot for the CPU int4 kernel (plan_speed's
+# HOST_INT4_BUILD_WEIGHTS_PER_S: 71.5 ms for a Mixtral expert's 3 x 14336 x 4096 weights, one thread).
+DEMO_BUILD = 0.0715 * (3 * 256 * 448) / (3 * 14336 * 4096)  # one demo expert: 0.1397 ms
+DEMO_EXPERT_4_64 = 3 * 256 * 448 // 2 + 2 * 2 * (3 * 256 * 448 // 64)  # codes + fp16 scale and zero: 193,536
+
+
+def _quantized(kind: str, k: int | str, experts: str = "hqq:4:64", **host: float) -> Profile:
+    raw = {
+        "device": {"kind": kind, "memory_gib": 80.0, "link_gbps": 12.0},
+        "cache": {"experts_per_layer": k},
+        "quant": {"experts": experts, "attention": "none"},
+        "host": {"disk_gbps": 2.0, **host},
+    }
+    return Profile.from_dict(raw, source="test.toml")
+
+
+def _ten_slots(profile: Profile) -> Profile:
+    """``profile`` with a budget of ten and a half of its experts (the demo's 4 x 8)."""
+    expert = plan_memory(ModelConfig.from_file(DEMO), profile, 64).expert_bytes[0]
+    return replace(profile, host=replace(profile.host, memory_gib=10.5 * expert / GIB))
+
+
+def test_experts_computed_from_the_tier_add_each_read_experts_int4_build() -> None:
+    """A CPU with every expert "resident" and a budget computes from the tier: each of the 4 x 2 x (1 - hit)
+    reads a token is then built for the int4 kernel, serially with the reads."""
+    demo = ModelConfig.from_file(DEMO)
+    resident = plan_memory(demo, _quantized("cpu", "all"), 64)
+    plan = plan_memory(demo, _ten_slots(_quantized("cpu", "all")), 64)
+    tier = plan.host_tier
+    assert plan.experts_from_host_tier and tier.slots == 10
+    reads = 4 * 2 * (1 - HIT_TIER)
+    assert tier.disk_reads_per_token == pytest.approx(reads)
+    assert tier.expert_build_seconds == pytest.approx(DEMO_BUILD)
+    assert tier.build_seconds_per_token == pytest.approx(reads * DEMO_BUILD)  # 4.98 reads x 0.140 ms
+    seconds = 1 / resident.speeds.tok_s["host-only"] + tier.disk_seconds_per_token + reads * DEMO_BUILD
+    assert plan.predicted_tok_s == pytest.approx(1 / seconds)
+    assert all(tok_s == pytest.approx(1 / seconds) for tok_s in plan.tok_s_with_disk.values())
+
+
+def test_a_copy_needs_no_host_build_and_host_only_builds_every_read() -> None:
+    """Slots on a GPU in front of the tier: copy-only (and hybrid, where the cost model sends a miss to the
+    device) adds the reads alone; host-only has no slot in front and builds every read expert."""
+    demo = ModelConfig.from_file(DEMO)
+    base = plan_memory(demo, _quantized("cuda", 2), 64)
+    plan = plan_memory(demo, _ten_slots(_quantized("cuda", 2)), 64)
+    assert not plan.speeds.miss_on_host
+    device_reads = 4 * 2 * (1 - HIT_2) * (1 - HIT_TIER)
+    assert plan.host_tier.build_seconds_per_token == pytest.approx(device_reads * DEMO_BUILD)
+    disk = plan.host_tier.disk_seconds_per_token
+    for policy in ("copy-only", "hybrid"):
+        expected = 1 / (1 / base.speeds.tok_s[policy] + disk)
+        assert plan.tok_s_with_disk[policy] == pytest.approx(expected), policy
+    assert plan.predicted_tok_s == pytest.approx(1 / (1 / base.predicted_tok_s + disk))
+    host_reads = 4 * 2 * (1 - HIT_TIER)
+    host_only = (
+        1 / base.speeds.tok_s["host-only"] + host_reads * DEMO_EXPERT_4_64 / 2e9 + host_reads * DEMO_BUILD
+    )
+    assert plan.tok_s_with_disk["host-only"] == pytest.approx(1 / host_only)
+
+
+def test_hybrid_builds_the_misses_it_sends_to_the_host() -> None:
+    """A host cheaper than a copy (the profile's host.expert_ms): hybrid computes its misses on the host, so each
+    expert read for them is built; copy-only still adds the reads alone."""
+    demo = ModelConfig.from_file(DEMO)
+    base = plan_memory(demo, _quantized("cuda", 2, expert_ms=0.001), 64)
+    plan = plan_memory(demo, _ten_slots(_quantized("cuda", 2, expert_ms=0.001)), 64)
+    assert plan.speeds.miss_on_host
+    reads = 4 * 2 * (1 - HIT_2) * (1 - HIT_TIER)
+    disk = plan.host_tier.disk_seconds_per_token
+    hybrid = 1 / base.speeds.tok_s["hybrid"] + disk + reads * DEMO_BUILD
+    assert plan.tok_s_with_disk["hybrid"] == pytest.approx(1 / hybrid)
+    assert plan.tok_s_with_disk["copy-only"] == pytest.approx(1 / (1 / base.speeds.tok_s["copy-only"] + disk))
+
+
+@pytest.mark.parametrize("experts", ["hqq:3:64", "none"])
+def test_specs_without_an_int4_build_add_the_reads_alone(experts: str) -> None:
+    """3-bit experts are dequantized at every call (priced per call), float ones run as stored: no build."""
+    demo = ModelConfig.from_file(DEMO)
+    resident = plan_memory(demo, _quantized("cpu", "all", experts), 64)
+    plan = plan_memory(demo, _ten_slots(_quantized("cpu", "all", experts)), 64)
+    assert plan.host_tier.build_seconds_per_token == 0 == plan.host_tier.expert_build_seconds
+    expected = 1 / (1 / resident.speeds.tok_s["host-only"] + plan.host_tier.disk_seconds_per_token)
+    assert plan.predicted_tok_s == pytest.approx(expected)
+
+
+def test_without_a_budget_nothing_is_read_or_built() -> None:
+    demo = ModelConfig.from_file(DEMO)
+    plan = plan_memory(demo, _quantized("cuda", 2), 64)
+    assert plan.host_tier.build_seconds_per_token == 0
+    assert plan.tok_s_with_disk == pytest.approx(plan.speeds.tok_s)
+    assert plan_memory(demo, _quantized("cpu", "all"), 64).host_tier is None
+
+
 # Through the CLI.
 
 
@@ -221,3 +314,32 @@ def test_cli_too_small_a_budget_is_one_line_naming_the_flag(
 def test_cli_bad_disk_gbps_is_one_line(t4_path: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
     code, out, err = _plan(monkeypatch, capsys, t4_path, "--disk-gbps=0")
     assert code == 2 and out == "" and "--disk-gbps" in err and err.count("\n") == 1
+
+
+CPU_INT4 = """
+name = "cpu-int4"
+[device]
+kind = "cpu"
+memory_gib = 16.0
+[cache]
+experts_per_layer = "all"
+[quant]
+attention = "hqq:4:64"
+experts = "hqq:4:64"
+"""
+
+
+def test_cli_plan_prints_the_build_of_host_computed_misses(
+    tmp_path: Path, t4_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    """Mixtral's 4-bit experts computed from the tier on a CPU: one build is the measured 71.5 ms; the T4's
+    3-bit experts (dequantized per call) and its copies print no build."""
+    monkeypatch.setenv("COLUMNS", "400")  # the build line on one line
+    profile = tmp_path / "cpu-int4.toml"
+    profile.write_text(CPU_INT4)
+    code, out, err = _plan(monkeypatch, capsys, profile, "--host-memory", "8")
+    assert code == 0, err
+    assert "rebuilds it in its slot for the int4 kernel, 71.5 ms (one thread), serial with the reads" in out
+    assert "counted above for every policy" in out
+    code, out, err = _plan(monkeypatch, capsys, t4_path, "--host-memory", "8")
+    assert code == 0 and "rebuilds" not in out
