@@ -238,7 +238,7 @@ def plan_memory(
                 experts=config.num_local_experts,
                 top_k=config.num_experts_per_tok,
                 locality_bonus=LOCALITY_BONUS,
-                build_seconds=[host_build_seconds(spec, 3 * d * f) for spec in layer_specs],
+                build_seconds=[host_build_seconds(s, 3 * d * f, profile.host.cores) for s in layer_specs],
             )
             for front in ((False,) if from_tier else (True, False))
         }

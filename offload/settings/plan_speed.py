@@ -81,10 +81,12 @@ HOST_JOB_S = 50e-6  # handing one expert to the host thread and back
 # Building a 4-bit expert for the CPU int4 kernel in its host-tier slot after its read (``offload.experts.in_place``,
 # ``hqq_backend.host_linear(..., overwrite=True)``): 71.5 ms for one Mixtral expert, 3 x 14336 x 4096 weights of
 # hqq:4:64 (99 MB), at one thread (docs/BENCHMARKS.md, "Built straight over the slot"; benchmarks/int4_repack.py).
-# Not scaled by [host] cores: the tier builds on its one reader thread, right after the read, and the build's torch
-# ops do not spread over intra-op threads (measured here on a worker thread at torch.set_num_threads(2): CPU time
-# equal to wall time, 69 ms, against 58 ms at one thread; docs/BENCHMARKS.md, "What `offload plan` predicts").
 HOST_INT4_BUILD_WEIGHTS_PER_S = 3 * 14336 * 4096 / 71.5e-3  # about 2.46e9, one thread
+# The tier's one reader thread builds with the run's torch threads, but only part of the build spreads over them:
+# `benchmarks/int4_build_threads.py` (on a worker thread, as the tier) gave a median 59.9 ms at one thread and
+# 44.6 ms at two (1.34x, twice the CPU time), so about half is parallel (Amdahl: 1 / (0.5 + 0.5 / 2) = 1.33).
+# Only 2 cores here: more cores are extrapolated. docs/BENCHMARKS.md, "What `offload plan` predicts".
+HOST_INT4_BUILD_PARALLEL_SHARE = 0.5
 POLICIES = ("copy-only", "host-only", "hybrid")
 
 
@@ -171,11 +173,15 @@ def host_seconds(spec: QuantSpec, nbytes: int, weights: int, host: Any) -> tuple
     return nbytes / (gbps * 1e9), why
 
 
-def host_build_seconds(spec: QuantSpec, weights: int) -> float:
-    """Building one expert of ``weights`` weights for the host's kernel after a host-tier read: the int4 repack,
-    at HOST_INT4_BUILD_WEIGHTS_PER_S on one thread; 0 for a spec whose host expert keeps the stored bytes as
-    they are (int8, dense) or dequantizes at every call (priced per call by ``host_seconds``)."""
-    return weights / HOST_INT4_BUILD_WEIGHTS_PER_S if cpu_kernel(spec) == "int4" else 0.0
+def host_build_seconds(spec: QuantSpec, weights: int, cores: int = 1) -> float:
+    """Building one expert of ``weights`` weights for the host's kernel after a host-tier read, on ``cores``: the
+    int4 repack, HOST_INT4_BUILD_WEIGHTS_PER_S on one thread, its parallel share spread over the cores; 0 for a
+    spec whose host expert keeps the stored bytes as they are (int8, dense) or dequantizes at every call (priced
+    per call by ``host_seconds``)."""
+    if cpu_kernel(spec) != "int4":
+        return 0.0
+    share = HOST_INT4_BUILD_PARALLEL_SHARE
+    return weights / HOST_INT4_BUILD_WEIGHTS_PER_S * (1 - share + share / cores)
 
 
 def matrix_seconds(

@@ -31,7 +31,8 @@ Where the host computes a read expert with the CPU int4 kernel (4-bit experts: e
 on the host from the tier, on a CPU device or with host-only execution; a hybrid run's misses when the cost model
 sends them to the host), the tier's reader thread then rebuilds it in its slot for that kernel
 (``offload.experts.in_place``), after the read and before the next read, so serially with both:
-    build_l     = reads_l · one expert's build (``plan_speed.host_build_seconds``: 71.5 ms for a Mixtral expert)
+    build_l     = reads_l · one expert's build (``plan_speed.host_build_seconds``: 71.5 ms for a Mixtral expert at
+                  one thread; about half of it spreads over the run's threads, [host] cores)
     t(token)   += Σ build_l            only for the policies that compute the read experts on the host
 A copy to the device needs no host build (on CUDA the device repacks the copied expert: cheap), so copy-only,
 and hybrid where its misses go to the device, add the reads alone; so do specs whose host expert keeps its
