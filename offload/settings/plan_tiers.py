@@ -37,6 +37,9 @@ sends them to the host), the tier's reader thread then rebuilds it in its slot f
 A copy to the device needs no host build (on CUDA the device repacks the copied expert: cheap), so copy-only,
 and hybrid where its misses go to the device, add the reads alone; so do specs whose host expert keeps its
 stored bytes (int8, dense) or dequantizes at every call (3-bit: priced per call in ``plan_speed``).
+Under hybrid the tier builds nothing in its slots: each host job (``OffloadedExperts._start_on_host``) builds its
+expert from the slot's bytes into fresh tensors, at every call, tier hit or not. The plan counts one build per
+read there, so its hybrid figure stays optimistic by the builds of host jobs on experts already in the tier.
 
 Predicted peak RSS of the process (host memory), the sum of:
 - the host tier: S slots of the largest layer's expert bytes, the one arena the tier allocates (the page
