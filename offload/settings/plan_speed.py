@@ -411,4 +411,10 @@ def _arithmetic(
             else f"as copy-only, {tok_s['hybrid']:.2f} tok/s"
         ),
     ]
+    if miss_on_host and not on_cpu and host_e > 0:
+        # Known gap, not yet in the engine: its host jobs rebuild each expert for the CPU kernel at every call.
+        lines.append(
+            "  (hybrid and host-only assume the host's experts sit in the CPU kernel's layout; today each host "
+            "job first rebuilds its expert, which the engine's load-time probe counts and these sums do not)"
+        )
     return lines
