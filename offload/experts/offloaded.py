@@ -253,12 +253,7 @@ class OffloadedExperts:
         sizes = {miss.expert: miss.tokens for miss in [*candidates, *ready]}
         # A host tier hands out the slot's views without waiting for a read still landing: the job waits for it
         # on the host's worker, so this thread goes on to the hits at once.
-        views = {
-            expert: store.tensors_on_arrival(layer, expert)
-            if isinstance(store, HostTier)
-            else (store.tensors(layer, expert), None)
-            for expert in chosen
-        }
+        views = {expert: store.tensors_on_arrival(layer, expert) for expert in chosen}
         submitted = {}
         # Experts in host memory first: the host runs its jobs in order, and one still being read would hold
         # up those behind it.

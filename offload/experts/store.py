@@ -122,6 +122,9 @@ class HostStore:
     def buffer_on_arrival(self, layer: int, expert: int) -> tuple[Tensor, None]:
         return self.buffer(layer, expert), None  # in memory already: nothing to wait for
 
+    def tensors_on_arrival(self, layer: int, expert: int) -> tuple[dict[str, Tensor], None]:
+        return self.tensors(layer, expert), None
+
     def release(self, layer: int | None = None) -> None:
         pass
 

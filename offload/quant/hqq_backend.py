@@ -212,9 +212,10 @@ def device_linear(
 
 
 def codes4(packed: Tensor, out_features: int, in_features: int) -> Tensor:
-    """hqq's packed 4-bit codes -> the (out, in) uint8 codes: the first half of the code rows sits in the high
-    nibbles, the second half in the low ones."""
-    return torch.cat([packed >> 4, packed & 0xF]).reshape(out_features, in_features)
+    """hqq's packed 4-bit codes -> the (out, in) uint8 codes (``_unpack``'s, as one matrix)."""
+    return _unpack(packed, 4, out_features * in_features // packed.shape[-1]).reshape(
+        out_features, in_features
+    )
 
 
 def host_fits(tensors: dict[str, Tensor], spec: QuantSpec) -> bool:
