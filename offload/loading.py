@@ -31,12 +31,13 @@ from offload.experts.offloaded import OffloadedExperts
 from offload.experts.policy import DEFAULT_CACHE_POLICY, DEFAULT_HOST_POLICY
 from offload.experts.source import Expert, ExpertSource, ResidentExperts, prefers_input_major
 from offload.experts.stacked import ExpertStack
-from offload.experts.store import HostStore
+from offload.experts.store import HostForm, HostStore
 from offload.huge_pages import into_huge_pages
 from offload.hybrid import CostOverrides, build_host_path, host_materializer
 from offload.memory_release import release_freed_memory
 from offload.model import MixtralModel
-from offload.quant.codec import codec_for
+from offload.quant.codec import ExpertCodec, codec_for
+from offload.quant.device_kernels import kernel_works
 from offload.quant.linear import build_linear
 from offload.quant.scheme import QuantScheme
 
@@ -216,6 +217,10 @@ def load_offloaded_experts(
     """Every expert packed into the host store (or, with a host budget, the host tier over the checkpoint on
     disk), behind a K-slot cache per layer on the device."""
     config = mixtral.config
+    codecs = [
+        codec_for(reader.scheme.expert_spec(layer), host_kernels=host_kernels)
+        for layer in range(config.num_hidden_layers)
+    ]
     if options.host_memory_gib is not None:
         store: HostStore | HostTier = open_host_tier(reader, device, options)
     else:
@@ -224,6 +229,7 @@ def load_offloaded_experts(
             config.num_local_experts,
             device=device,
             input_major=prefers_input_major(reader.dtype),
+            host_forms=host_forms(codecs, device),
         )
         for layer in range(config.num_hidden_layers):
             for expert in range(config.num_local_experts):
@@ -233,10 +239,6 @@ def load_offloaded_experts(
                 del tensors
                 release_freed_memory()
         store.check_complete()
-    codecs = [
-        codec_for(reader.scheme.expert_spec(layer), host_kernels=host_kernels)
-        for layer in range(config.num_hidden_layers)
-    ]
     materialize = [_materializer(codec, reader.dtype, device) for codec in codecs]
     link = parse_link(options.link)
     cache = ExpertCache(
@@ -256,6 +258,16 @@ def load_offloaded_experts(
     )
     store.reset_stats()  # the probes' reads are the load's, not the run's
     return OffloadedExperts(cache, gates, prefetch=options.prefetch, host_path=host_path)
+
+
+def host_forms(codecs: Sequence[ExpertCodec], device: torch.device) -> list[HostForm] | None:
+    """What the host store keeps each layer's experts as: the codec's host form (``offload.quant.host_form``;
+    4-bit experts in the CPU kernel's layout), so host jobs and a CPU device compute from the store's bytes
+    without building anything; None (the stored form) on a GPU where torch's int4 kernel does not run, whose
+    fallback, hqq's HQQLinear, reads the stored layout."""
+    if device.type == "cuda" and not kernel_works(device):
+        return None
+    return [codec.host_form for codec in codecs]
 
 
 def open_host_tier(

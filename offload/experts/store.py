@@ -8,13 +8,17 @@ lets the link copy asynchronously.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Sequence
 
 import torch
 from torch import Tensor
 
 from offload.errors import CacheError
 from offload.experts.packing import ExpertLayout, pack_expert, unpack_expert
+
+# An expert's stored tensors -> the form the store keeps instead (into ``out``'s tensors if given), or None to
+# keep them as stored: a codec's ``host_form``.
+HostForm = Callable[..., dict[str, Tensor] | None]
 
 
 class HostStore:
@@ -27,11 +31,13 @@ class HostStore:
         device: torch.device | str = "cpu",
         *,
         input_major: bool | None = None,
+        host_forms: Sequence[HostForm | None] | None = None,
     ) -> None:
         """``device`` is where the experts will be copied to; a CUDA device makes the store pinned.
         ``input_major`` stores dense experts' tall matrices transposed (``ExpertLayout.of``): pass
         ``prefers_input_major(compute dtype)``, so that they compute without a copy; None decides by the
-        stored dtype.
+        stored dtype. ``host_forms[layer]``, where given, turns that layer's experts into the layout the host
+        computes from as they are put (``offload.quant.host_form``): the store then holds that form only.
         """
         if num_layers < 1 or num_experts < 1:
             raise CacheError(
@@ -42,6 +48,10 @@ class HostStore:
         self.pinned = torch.device(device).type == "cuda"
         self.input_major = input_major
         self._layouts: list[ExpertLayout | None] = [None] * num_layers
+        self._host_forms = list(host_forms) if host_forms is not None else [None] * num_layers
+        if len(self._host_forms) != num_layers:
+            raise CacheError(f"got {len(self._host_forms)} host forms for {num_layers} layers")
+        self._stored_layouts: list[ExpertLayout | None] = [None] * num_layers  # as put, before any host form
         self._buffers: list[Tensor | None] = [None] * num_layers  # (num_experts * layout.nbytes,) uint8
         self._present = [[False] * num_experts for _ in range(num_layers)]
 
@@ -52,7 +62,15 @@ class HostStore:
         """
         self._check_index(layer, expert)
         layout = self._layouts[layer]
+        host_form = self._host_forms[layer]
+        converted = None
         if layout is None:
+            self._stored_layouts[layer] = ExpertLayout.of(tensors)
+            converted = None if host_form is None else host_form(tensors)
+            if converted is None:
+                self._host_forms[layer] = host_form = None  # the layer keeps its stored form
+            else:
+                tensors = converted  # this expert's bytes in that form: packed below, like any other
             layout = ExpertLayout.of(tensors, input_major=self.input_major)
             nbytes = self.num_experts * layout.nbytes
             try:
@@ -67,7 +85,12 @@ class HostStore:
                 ) from None
             self._layouts[layer] = layout
         try:
-            pack_expert(tensors, layout, out=self._slice(layer, expert))
+            if host_form is not None and converted is None:
+                # Written straight into the buffer, once the stored tensors are known to have the layer's shapes.
+                self._stored_layouts[layer].check(tensors)  # type: ignore[union-attr]  (set with the layout)
+                host_form(tensors, out=unpack_expert(self._slice(layer, expert), layout))
+            else:
+                pack_expert(tensors, layout, out=self._slice(layer, expert))
         except CacheError as error:
             raise CacheError(f"layer {layer} expert {expert}: {error}") from None
         self._present[layer][expert] = True
@@ -103,8 +126,16 @@ class HostStore:
         """Host bytes held by the store's buffers."""
         return sum(buffer.numel() for buffer in self._buffers if buffer is not None)
 
+    def in_host_form(self, layer: int) -> bool:
+        """Whether ``layer``'s experts are held in the form the host computes from (``host_forms``)."""
+        return self._host_forms[layer] is not None and self._layouts[layer] is not None
+
     def describe(self) -> str:
-        return f"{self.nbytes / 2**20:.1f} MiB in host RAM"
+        converted = sum(self.in_host_form(layer) for layer in range(self.num_layers))
+        form = (
+            "" if converted == 0 else f" ({converted} of {self.num_layers} layers in the CPU kernel's layout)"
+        )
+        return f"{self.nbytes / 2**20:.1f} MiB in host RAM{form}"
 
     # The host tier's interface (``offload.experts.host_tier.HostTier``): a store holds every expert, so a
     # demand is always a hit, nothing is read, and nothing it holds can be evicted.

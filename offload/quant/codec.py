@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from offload.errors import QuantError
 from offload.experts.source import DenseExpert, Expert, SlotTensors
+from offload.quant import host_form
 from offload.quant.device_kernels import CudaInt4Linear
 from offload.quant.host_kernels import Int4Linear
 from offload.quant.linear import (
@@ -27,6 +28,7 @@ from offload.quant.linear import (
     host_linear,
     matrix_nbytes,
     quantize_linear,
+    to_host_form,
 )
 from offload.quant.spec import QuantSpec
 
@@ -43,7 +45,14 @@ class ExpertCodec(Protocol):
         ...
 
     def materialize(self, tensors: dict[str, Tensor], dtype: torch.dtype, device: torch.device) -> Expert:
-        """The tensors ``encode`` made (or views of them) -> a deterministic (T, D) -> (T, D) callable."""
+        """The tensors ``encode`` made, or their ``host_form`` (or views of either) -> a deterministic (T, D) ->
+        (T, D) callable."""
+        ...
+
+    def host_form(
+        self, tensors: dict[str, Tensor], out: dict[str, Tensor] | None = None
+    ) -> dict[str, Tensor] | None:
+        """The tensors in the layout the host computes from, into ``out`` if given; None where there is none."""
         ...
 
 
@@ -129,10 +138,34 @@ class MatrixCodec:
                 tensors[f"{name}.{key}"] = tensor
         return tensors
 
+    def host_form(
+        self, tensors: dict[str, Tensor], out: dict[str, Tensor] | None = None
+    ) -> dict[str, Tensor] | None:
+        """The expert's stored tensors in the host form (``offload.quant.host_form``), written into ``out``'s
+        tensors if given (the views of a store's buffer, as laid out from an earlier result); None where some
+        matrix has no host form, or ``host_kernels`` is off. Decided from shapes, so every expert of a layer
+        gets the same answer."""
+        if not self.host_kernels:
+            return None
+        parts = [_matrix(tensors, name) for name in MATRICES]
+        if any(not host_fits(part, self.spec, name=name) for name, part in zip(MATRICES, parts, strict=True)):
+            return None  # before anything is written into ``out``
+        forms = {}
+        for name, part in zip(MATRICES, parts, strict=True):
+            target = None if out is None else _matrix(out, name)
+            form = to_host_form(part, self.spec, out=target, name=name)
+            if form is None:
+                return None
+            forms.update({f"{name}.{key}": tensor for key, tensor in form.items()})
+        return forms
+
     def materialize(
         self, tensors: dict[str, Tensor], dtype: torch.dtype, device: torch.device | str
     ) -> Expert:
         """Rebuild the expert on ``device``, computing in ``dtype``.
+
+        Tensors in the host form (``host_form``) run the CPU kernel on their own views on a CPU, and are repacked
+        for torch's int4 kernel on a GPU (dequantized to dense where it does not run).
 
         On CUDA the matrices stay quantized: torch's int4 kernel runs them where all three fit it
         (``linear.device_linear``), else the library's kernels; one kind per expert, so that an in-place build
@@ -145,6 +178,8 @@ class MatrixCodec:
         """
         device = torch.device(device)
         parts = [_matrix(tensors, name) for name in MATRICES]
+        if all(host_form.is_host_form(part) for part in parts):
+            return _from_host_form(parts, dtype, device)
         if device.type == "cuda" and self.spec.backend != "none":
             kernels = [
                 device_linear(part, self.spec, device, name=name)
@@ -173,6 +208,18 @@ class MatrixCodec:
                 for name, part in zip(MATRICES, parts, strict=True)
             )
         )
+
+
+def _from_host_form(parts: list[dict[str, Tensor]], dtype: torch.dtype, device: torch.device) -> Expert:
+    """An expert over host-form matrices: the CPU kernel on their views; on a GPU its kernel, repacked there;
+    else (a GPU without that kernel) dense ``dtype`` matrices."""
+    if device.type == "cpu":
+        return QuantizedExpert(*(host_form.host_linear(part) for part in parts))
+    if device.type == "cuda":
+        kernels = [host_form.device_linear(part, device) for part in parts]
+        if all(kernel is not None for kernel in kernels):
+            return QuantizedExpert(*kernels)
+    return DenseExpert(*(host_form.dequantize(part).to(device=device, dtype=dtype) for part in parts))
 
 
 def _matrix(tensors: dict[str, Tensor], name: str) -> dict[str, Tensor]:

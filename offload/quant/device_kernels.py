@@ -108,10 +108,16 @@ class CudaInt4Linear(Bf16KernelLinear):
     @classmethod
     def from_affine(cls, codes: Tensor, scale: Tensor, offset: Tensor, group_size: int) -> CudaInt4Linear:
         """W[n, k] = (codes[n, k] - 8) * scale[n, g] + offset[n, g]; codes (N, K) on the device."""
+        return cls.from_pairs(codes, scales_and_zeros(scale, offset), group_size)
+
+    @classmethod
+    def from_pairs(cls, codes: Tensor, scales_zeros: Tensor, group_size: int) -> CudaInt4Linear:
+        """``from_affine`` with the (scale, offset) pairs already in the kernel's (K / group, N, 2) bf16, kept as
+        they are; codes (N, K) on the device."""
         tiles = inner_k_tiles(codes.shape[1])
         assert tiles is not None, "check shape_fits first"
         packed = torch.ops.aten._convert_weight_to_int4pack(packer_input(codes), tiles)
-        return cls(packed, scales_and_zeros(scale, offset), group_size)
+        return cls(packed, scales_zeros, group_size)
 
     @classmethod
     def stacked(cls, parts: Sequence[CudaInt4Linear]) -> CudaInt4Linear | None:

@@ -94,6 +94,38 @@ def pack_int4(codes: Tensor) -> Tensor:
     return torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32).contiguous(), 2)
 
 
+def packs_as_blocks(out_features: int) -> bool:
+    """Whether ``pack_int4`` lays an ``out_features``-row matrix out in our own blocks (``_pack_rows``), so that
+    ``unpack_int4`` reads it back on any device: this CPU's block is known and divides the rows."""
+    block = _packing_block()
+    return block is not None and out_features % block == 0
+
+
+def unpack_int4(packed: Tensor) -> Tensor:
+    """``pack_int4``'s inverse where ``packs_as_blocks``: the (N, K / 2) packed bytes -> the (N, K) uint8 codes,
+    on ``packed``'s device (a GPU takes the host's layout apart after the copy, not the host)."""
+    block = _packing_block()
+    out_features, half_columns = packed.shape
+    assert block is not None and out_features % block == 0, "check packs_as_blocks first"
+    tiles = packed.reshape(out_features // block, 2 * half_columns, block // 2)  # (blocks, K, rows / 2)
+    codes = torch.stack([tiles & 0xF, tiles >> 4], dim=2)  # (blocks, K, low/high, rows / 2)
+    return codes.permute(0, 2, 3, 1).reshape(out_features, 2 * half_columns)
+
+
+def kernel_pairs(scale: Tensor, zero: Tensor, out: Tensor | None = None) -> Tensor:
+    """hqq's (N, K / group) ``scale`` and ``zero`` -> the kernel's (K / group, N, 2) bf16 (scale, offset) pairs.
+
+    ``(q - zero) * scale`` is ``(q - 8) * scale + offset`` with the offset ``(8 - zero) * scale``, computed in fp32
+    and rounded once to bf16, as the scale is. Written into ``out`` if given (contiguous, of that shape, clear of
+    ``scale`` and ``zero``).
+    """
+    pairs = torch.empty(*scale.shape[::-1], 2, dtype=torch.bfloat16) if out is None else out
+    by_group = scale.T
+    pairs[..., 0].copy_(by_group)
+    pairs[..., 1].copy_(zero.T.float().neg_().add_(8).mul_(by_group))
+    return pairs
+
+
 def pack_int4_halves(halves: Tensor, out: Tensor | None = None) -> Tensor:
     """(N / 2, K) uint8 holding rows 0..N/2-1's codes in the high nibbles and rows N/2..N-1's in the low ones
     (hqq's 4-bit packing) -> the (N, K / 2) uint8 the int4 kernel reads (into ``out`` if given, which must not
@@ -203,15 +235,9 @@ class Int4Linear(Bf16KernelLinear):
     ) -> Int4Linear:
         """W[n, k] = (q[n, k] - zero[n, g]) * scale[n, g] for ``packed`` codes q (``pack_int4``'s layout).
 
-        The kernel's offset is ``(8 - zero) * scale``, computed in fp32 and rounded once to bf16 with the scale,
-        as ``from_affine`` rounds it; built in place in the kernel's (K / group, N, 2) layout, in ``out`` if given
-        (a contiguous bf16 tensor of that shape, not overlapping ``scale`` or ``zero``).
+        The (scale, offset) pairs are ``kernel_pairs``', in ``out`` if given.
         """
-        scales_and_offsets = torch.empty(*scale.shape[::-1], 2, dtype=torch.bfloat16) if out is None else out
-        by_group = scale.T
-        scales_and_offsets[..., 0].copy_(by_group)
-        scales_and_offsets[..., 1].copy_(zero.T.float().neg_().add_(8).mul_(by_group))
-        return cls(packed, scales_and_offsets, group_size)
+        return cls(packed, kernel_pairs(scale, zero, out), group_size)
 
     @classmethod
     def stacked(cls, parts: Sequence[Int4Linear]) -> Int4Linear | None:

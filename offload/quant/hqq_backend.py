@@ -23,7 +23,14 @@ from torch import Tensor
 
 from offload.errors import QuantError
 from offload.quant.device_kernels import CudaInt4Linear, cuda_int4_fits
-from offload.quant.host_kernels import Int4Linear, int4_fits, pack_int4_halves, thread_scratch
+from offload.quant.host_kernels import (
+    Int4Linear,
+    int4_fits,
+    kernel_pairs,
+    pack_int4_halves,
+    packs_as_blocks,
+    thread_scratch,
+)
 from offload.quant.spec import HQQ_GROUP_SIZES
 
 if TYPE_CHECKING:
@@ -260,6 +267,25 @@ def host_linear(
     # hqq's (groups / 2, group) rows are the (N / 2, K) matrix of code pairs, rows n and n + N/2 in one byte.
     halves = codes.reshape(out_features // 2, in_features)
     return Int4Linear.from_zero_point(pack_int4_halves(halves), scale, zero, spec.group_size)
+
+
+def to_host_form(
+    tensors: dict[str, Tensor], spec: QuantSpec, out: dict[str, Tensor] | None = None
+) -> dict[str, Tensor] | None:
+    """The matrix in the CPU int4 kernel's layout (``offload.quant.host_form``): ``packed`` (N, K / 2) uint8 codes
+    and ``pairs`` (K / group, N, 2) bf16 (scale, offset), the bytes ``host_linear`` builds, written into ``out``'s
+    tensors if given; None unless the kernel fits and this CPU's packing is one ``unpack_int4`` reads back."""
+    if not host_fits(tensors, spec) or not packs_as_blocks(tensors["scale"].shape[0]):
+        return None
+    scale, zero, codes = tensors["scale"], tensors["zero"], tensors["W_q"]
+    out_features, groups_per_row = scale.shape
+    halves = codes.reshape(out_features // 2, groups_per_row * spec.group_size)
+    if out is None:
+        return {"packed": pack_int4_halves(halves), "pairs": kernel_pairs(scale, zero)}
+    return {
+        "packed": pack_int4_halves(halves, out=out["packed"]),
+        "pairs": kernel_pairs(scale, zero, out=out["pairs"]),
+    }
 
 
 def _overwritable(codes: Tensor, scale: Tensor, zero: Tensor) -> bool:

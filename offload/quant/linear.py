@@ -101,6 +101,16 @@ def host_linear(
     return backend_for(spec).host_linear(_checked(tensors, spec, name), spec, overwrite=overwrite)
 
 
+def to_host_form(
+    tensors: dict[str, Tensor], spec: QuantSpec, *, out: dict[str, Tensor] | None = None, name: str = "weight"
+) -> dict[str, Tensor] | None:
+    """The matrix in the CPU int4 kernel's layout (``offload.quant.host_form``), written into ``out`` if given;
+    None where it has none (every spec but ``hqq:4:G`` where the kernel fits the shape)."""
+    if spec.backend != "hqq":
+        return None
+    return hqq_backend.to_host_form(_checked(tensors, spec, name), spec, out)
+
+
 def host_fits(tensors: dict[str, Tensor], spec: QuantSpec, *, name: str = "weight") -> bool:
     """Whether ``host_linear`` builds a module for these tensors (decided from shapes, reading no values)."""
     return backend_for(spec).host_fits(_checked(tensors, spec, name), spec)
