@@ -24,9 +24,10 @@ def mixtral() -> ModelConfig:
     return ModelConfig.from_file(MIXTRAL / "config.json")
 
 
-def profile(host: dict, k: int = 4) -> Profile:
+def profile(host: dict, k: int = 4, capability: float | None = None) -> Profile:
+    device = {"kind": "cuda", "memory_gib": 80.0, "link_gbps": 12.0}
     raw = {
-        "device": {"kind": "cuda", "memory_gib": 80.0, "link_gbps": 12.0},
+        "device": device if capability is None else {**device, "compute_capability": capability},
         "cache": {"experts_per_layer": k},
         "host": host,
     }
@@ -111,8 +112,15 @@ def test_hybrid_moves_hits_to_an_idle_host_when_the_device_is_slower(mixtral: Mo
     assert speeds.tok_s["hybrid"] > speeds.tok_s["host-only"] > speeds.tok_s["copy-only"]
     hybrid_line = next(line for line in speeds.arithmetic if line.startswith("hybrid:"))
     assert "hits a layer moved to the idle host" in hybrid_line
-    # The host's per-call rebuild (not yet removed from the engine) is said beside a GPU plan's host figures.
+    # Without torch's int4 GPU kernel (no compute capability given) the host store keeps hqq's layout for
+    # HQQLinear, so each host job rebuilds its expert: said beside the sums. Where the kernel runs, the store
+    # holds the CPU kernel's layout and there is no rebuild to warn of.
     assert "rebuilds its expert" in speeds.arithmetic[-1]
+    wired = plan_memory(
+        mixtral, profile({"expert_ms": 1.0, "device_expert_ms": 4.0}, k=8, capability=8.6), 4096
+    )
+    assert wired.speeds.int4_gpu_kernel and wired.speeds.miss_on_host
+    assert not any("rebuilds its expert" in line for line in wired.speeds.arithmetic)
 
 
 def _plan(mixtral: ModelConfig, device: dict, quant: dict, host: dict, k: int | str = 4):

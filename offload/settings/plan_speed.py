@@ -307,6 +307,14 @@ def predict_speeds(
         config, ks, expert_bytes, hit_rates[0], ours_dense, attention_s, device_e[0], device_why[0], host_e[0],
         host_why[0], copy_s, miss_on_host, totals, tok_s, head_s, head_why, on_cpu,
     )  # fmt: skip
+    if miss_on_host and not int4_wired and cpu_kernel(roles.experts[0]) == "int4":
+        # The host store keeps the CPU kernel's layout only where the GPU runs torch's int4 kernel (``loading.
+        # host_forms``): HQQLinear, the fallback, reads hqq's layout, so each host job repacks its expert.
+        lines.append(
+            "  (without torch's int4 GPU kernel the host store keeps hqq's layout for HQQLinear, so each host job "
+            "first rebuilds its expert for the CPU kernel: the engine's load-time probe counts that, these sums "
+            "do not)"
+        )
     if other is not None:
         lines.append(_int4_line(profile, int4_wired, other))
         lines += [f"  {line}" for line in other_lines]
@@ -411,10 +419,4 @@ def _arithmetic(
             else f"as copy-only, {tok_s['hybrid']:.2f} tok/s"
         ),
     ]
-    if miss_on_host and not on_cpu and host_e > 0:
-        # Known gap, not yet in the engine: its host jobs rebuild each expert for the CPU kernel at every call.
-        lines.append(
-            "  (hybrid and host-only assume the host's experts sit in the CPU kernel's layout; today each host "
-            "job first rebuilds its expert, which the engine's load-time probe counts and these sums do not)"
-        )
     return lines
