@@ -88,3 +88,32 @@ def test_an_expert_without_a_cpu_kernel_leaves_its_slot_untouched() -> None:
     before = buffer.clone()
     codec_for(quant).materialize(SlotTensors(unpack_expert(buffer, layout)), torch.float32, "cpu")
     assert torch.equal(buffer, before)
+
+
+def test_a_build_outside_inference_mode_follows_one_inside_it_on_the_same_thread() -> None:
+    """A decode step builds inside inference mode; the bench's memory report then builds a slot outside it. The
+    thread's scratch must stay writable there (it was an inference tensor: a RuntimeError at real size)."""
+    import threading
+
+    quant = QuantSpec.parse("hqq:4:64")
+    codec = codec_for(quant)
+    tensors = _encoded(quant, 64, 128)
+    layout = ExpertLayout.of(tensors)
+    failures: list[BaseException] = []
+
+    def build() -> None:
+        buffer = pack_expert(tensors, layout)
+        build_in_place(buffer, layout, lambda t: codec.materialize(t, torch.float32, "cpu"))
+
+    def on_a_fresh_thread() -> None:  # a new thread: its scratch is first made in inference mode
+        try:
+            with torch.inference_mode():
+                build()
+            build()
+        except RuntimeError as error:
+            failures.append(error)
+
+    thread = threading.Thread(target=on_a_fresh_thread)
+    thread.start()
+    thread.join()
+    assert failures == []

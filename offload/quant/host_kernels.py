@@ -53,7 +53,10 @@ def thread_scratch(nbytes: int) -> Tensor:
     pages are already mapped at the next call: an in-place build copies a matrix's stored bytes here first."""
     buffer = getattr(_scratch, "buffer", None)
     if buffer is None or buffer.numel() < nbytes:
-        _scratch.buffer = buffer = torch.empty(nbytes, dtype=torch.uint8)
+        # A normal tensor even when first asked for inside inference mode (a decode step): an inference tensor
+        # could not be written outside it later (the bench's memory report builds a slot there).
+        with torch.inference_mode(False):
+            _scratch.buffer = buffer = torch.empty(nbytes, dtype=torch.uint8)
     return buffer[:nbytes]
 
 
