@@ -161,8 +161,8 @@ def _print_plan(plan) -> None:
         )
         if tier.build_seconds_per_token > 0:
             console.print(
-                f"build: where the host computes a read expert, the tier's reader thread then rebuilds it in its "
-                f"slot for the int4 kernel, {tier.expert_build_seconds * 1e3:.1f} ms each, serial with "
+                f"build: where the host computes read experts, the tier's reader thread converts each read in its "
+                f"slot to the int4 kernel's layout, {tier.expert_build_seconds * 1e3:.1f} ms each, serial with "
                 f"the reads: +{tier.build_seconds_per_token * 1e3:.1f} ms a token, counted above for "
                 f"{_building_policies(plan)}",
                 highlight=False,

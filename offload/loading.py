@@ -33,7 +33,7 @@ from offload.experts.source import Expert, ExpertSource, ResidentExperts, prefer
 from offload.experts.stacked import ExpertStack
 from offload.experts.store import HostForm, HostStore
 from offload.huge_pages import into_huge_pages
-from offload.hybrid import CostOverrides, build_host_path, host_materializer
+from offload.hybrid import CostOverrides, build_host_path, host_materializer, uses_host
 from offload.memory_release import release_freed_memory
 from offload.model import MixtralModel
 from offload.quant.codec import ExpertCodec, codec_for
@@ -222,7 +222,11 @@ def load_offloaded_experts(
         for layer in range(config.num_hidden_layers)
     ]
     if options.host_memory_gib is not None:
-        store: HostStore | HostTier = open_host_tier(reader, device, options)
+        # The tier converts its reads to the host form where the host may compute from them.
+        computes = device.type == "cpu" or uses_host(options.host_compute, device, options.host_ratio)
+        store: HostStore | HostTier = open_host_tier(
+            reader, device, options, host_forms=host_forms(codecs, device) if computes else None
+        )
     else:
         store = HostStore(
             config.num_hidden_layers,
@@ -275,11 +279,13 @@ def open_host_tier(
     device: torch.device,
     options: OffloadOptions,
     build: Sequence[Callable] | None = None,
+    host_forms: Sequence[HostForm] | None = None,
 ) -> HostTier:
     """The host tier over ``reader``'s checkpoint with ``options``' budget and disk; reads no expert yet.
 
     The budget must hold one token's experts of a layer (``num_experts_per_tok``). ``build`` (one materialize
     per layer) makes a tier that only the host computes from: each expert is built in its slot as it is read.
+    ``host_forms`` (``host_forms``'s) makes one that converts each read to the host form in its slot instead.
     """
     assert options.host_memory_gib is not None
     layouts, reads = tier_reads(reader)
@@ -292,6 +298,7 @@ def open_host_tier(
         policy=options.host_policy,
         min_slots=reader.checkpoint.config.num_experts_per_tok,
         build=build,
+        host_forms=host_forms,
     )
 
 

@@ -3,6 +3,7 @@ the stored form, computing the same bits, and nothing is built again when the ho
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -140,3 +141,41 @@ def test_a_gpu_repacks_the_host_form_into_the_stored_forms_cuda_kernel() -> None
         )
         assert type(got.w1).__name__ == type(want.w1).__name__ == "CudaInt4Linear"
         assert torch.equal(got(x), want(x)), expert
+
+
+@pytest.fixture(scope="module")
+def converted_4bit(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from tests.test_host_tier_model import convert
+
+    root = tmp_path_factory.mktemp("form-tier")
+    write_baby(
+        BabySpec("form-tier", num_hidden_layers=3, hidden_size=64, intermediate_size=128, seed=4), root / "f"
+    )
+    return convert(root / "f", root / "q4", "--experts", "hqq:4:64", "--attention", "hqq:4:64")
+
+
+def test_the_host_tier_converts_each_read_once_and_host_jobs_build_nothing(
+    converted_4bit: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    want = run(load_model(converted_4bit, dtype="float32"), PROMPT)
+    options = OffloadOptions(
+        experts_per_layer=1, prefetch=1, host_compute="always", link="emulated:20", host_memory_gib=1.0
+    )
+    slot_bytes = load_model(
+        converted_4bit, dtype="float32", offload=options
+    ).expert_source.host_tier.slot_bytes
+    options = dataclasses.replace(options, host_memory_gib=12 * slot_bytes / 2**30)  # half the experts
+    model = load_model(converted_4bit, dtype="float32", offload=options)
+    tier = model.expert_source.host_tier
+    assert tier is not None and tier.slots == 12
+    assert [piece.name for piece in tier.layout(0).slices][:2] == ["w1.packed", "w1.pairs"]
+    repacked = []
+    original = host_kernels.pack_int4_halves
+    monkeypatch.setattr(
+        "offload.quant.hqq_backend.pack_int4_halves", lambda *a, **k: repacked.append(1) or original(*a, **k)
+    )
+    got = run(model, PROMPT)
+    assert torch.equal(got[0], want[0]) and got[1:] == want[1:]
+    assert model.expert_source.stats.total().host_computes > 0
+    reads = tier.stats.total().reads
+    assert reads > 0 and len(repacked) == 3 * reads  # one conversion per read, on the reader; none per job

@@ -4,7 +4,8 @@ With a host budget (``--host-memory``), host RAM holds only ``budget // slot_byt
 allocated once (pinned on CUDA, like ``HostStore``); every other expert stays in the checkpoint on disk. A slot
 is the largest layer's packed size, so experts of any layer fit any slot and the arena never exceeds the budget.
 An expert is read straight into its slot, one ``preadv`` per stored tensor at its packed offset
-(``offload.experts.disk``): the stored bytes are the packed bytes, so nothing is converted or copied twice.
+(``offload.experts.disk``), with no second copy; where the host computes from the tier, the reader then
+converts it there to the CPU kernel's layout (``tier_form``), or builds it (``build``: host-only).
 
 ``HostTier`` has ``HostStore``'s interface (``layout``, ``buffer``, ``tensors``), so the device cache and the
 host kernels read from either, plus what a tier needs:
@@ -38,7 +39,8 @@ from offload.experts.in_place import Materialize, build_in_place
 from offload.experts.packing import ExpertLayout, unpack_expert
 from offload.experts.policy import DEFAULT_HOST_POLICY, HOST_TIER_POLICIES
 from offload.experts.source import Expert
-from offload.experts.store import is_out_of_memory
+from offload.experts.store import HostForm, is_out_of_memory
+from offload.experts.tier_form import TierForm
 from offload.experts.tier_policy import TierPolicy
 from offload.experts.tier_stats import TierStats
 
@@ -78,6 +80,7 @@ class HostTier:
         policy: str = DEFAULT_HOST_POLICY,
         min_slots: int = 1,
         build: Sequence[Materialize] | None = None,
+        host_forms: Sequence[HostForm | None] | None = None,
     ) -> None:
         if policy not in HOST_TIER_POLICIES:  # before the files are opened and the arena allocated
             raise CacheError(f"host-tier policy {policy!r} is not one of {', '.join(HOST_TIER_POLICIES)}")
@@ -88,7 +91,12 @@ class HostTier:
                 assert sizes == [piece.nbytes for piece in layout.slices], "reads must follow the layout"
                 for read in expert_reads:
                     disk.open(read.path)  # now, at load: a file that changes size later is refused
-        self._layouts = list(layouts)
+        self._stored_layouts = list(layouts)  # what a read lands in the slot
+        assert build is None or host_forms is None, "a tier builds its experts or converts them, not both"
+        self._forms = TierForm.per_layer(layouts, host_forms)
+        self._layouts = [
+            layout if form is None else form.layout for layout, form in zip(layouts, self._forms, strict=True)
+        ]
         self._build = build
         self._reads = reads
         self.disk = disk
@@ -134,7 +142,7 @@ class HostTier:
     @property
     def total_bytes(self) -> int:
         """What holding every expert would take: the whole model's packed experts."""
-        return self.num_experts * sum(layout.nbytes for layout in self._layouts)
+        return self.num_experts * sum(layout.nbytes for layout in self._stored_layouts)
 
     def describe(self) -> str:
         return (
@@ -316,14 +324,20 @@ class HostTier:
         if slot is None:
             return None
         buffer = self._slot(slot, layer)
+        landing = self._arena[slot * self.slot_bytes : (slot + 1) * self.slot_bytes]  # the stored layout's
         pieces = [
-            (read, buffer[piece.offset : piece.offset + piece.nbytes])
-            for read, piece in zip(self._reads[layer][expert], self._layouts[layer].slices, strict=True)
+            (read, landing[piece.offset : piece.offset + piece.nbytes])
+            for read, piece in zip(
+                self._reads[layer][expert], self._stored_layouts[layer].slices, strict=True
+            )
         ]
         then = None
+        form = self._forms[layer]
         if self._build is not None:
             layout, materialize = self._layouts[layer], self._build[layer]
             then = lambda: build_in_place(buffer, layout, materialize)  # noqa: E731  (runs on the worker)
+        elif form is not None:
+            then = lambda: form.convert(landing)  # noqa: E731  (runs on the worker, after the read)
         handle = self.disk.submit(pieces, then)
         stats = self.stats.layers[layer]
         stats.reads += 1

@@ -27,19 +27,18 @@ that same layer: the read, then the copy over the link (or the host kernel), for
 time is added in full to that of the miss that needs it. The engine also reads the next layer's guesses
 ahead; the plan counts none of that, so with a budget the predicted tok/s is a floor on this account.
 
-Where the host computes a read expert with the CPU int4 kernel (4-bit experts: every read when the experts run
+Where the host computes read experts with the CPU int4 kernel (4-bit experts: every read when the experts run
 on the host from the tier, on a CPU device or with host-only execution; a hybrid run's misses when the cost model
-sends them to the host), the tier's reader thread then rebuilds it in its slot for that kernel
-(``offload.experts.in_place``), after the read and before the next read, so serially with both:
+sends them to the host), the tier's reader thread converts each read in its slot to that kernel's layout
+(``offload.experts.tier_form``; host-only: ``offload.experts.in_place``), after the read and before the next
+read, so serially with both:
     build_l     = reads_l · one expert's build (``plan_speed.host_build_seconds``: 71.5 ms for a Mixtral expert at
                   one thread; about half of it spreads over the run's threads, [host] cores)
     t(token)   += Σ build_l            only for the policies that compute the read experts on the host
 A copy to the device needs no host build (on CUDA the device repacks the copied expert: cheap), so copy-only,
 and hybrid where its misses go to the device, add the reads alone; so do specs whose host expert keeps its
-stored bytes (int8, dense) or dequantizes at every call (3-bit: priced per call in ``plan_speed``).
-Under hybrid the tier builds nothing in its slots: each host job (``OffloadedExperts._start_on_host``) builds its
-expert from the slot's bytes into fresh tensors, at every call, tier hit or not. The plan counts one build per
-read there, so its hybrid figure stays optimistic by the builds of host jobs on experts already in the tier.
+stored bytes (int8, dense) or dequantizes at every call (3-bit: priced per call in ``plan_speed``). A hybrid
+run's tier converts every read, also those copied to the device, which the plan does not count for them.
 
 Predicted peak RSS of the process (host memory), the sum of:
 - the host tier: S slots of the largest layer's expert bytes, the one arena the tier allocates (the page
