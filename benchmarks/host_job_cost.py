@@ -4,8 +4,9 @@
 Packs one random ``hqq:4:64`` expert of Mixtral's shapes (hidden 4096, FFN 14336) into a host store twice: as
 stored, and in the host form. Then times, interleaved round by round on one thread, what a host job runs
 (``OffloadedExperts._start_on_host``: materialize on the store's views, then the expert on one token), and prints
-the medians, their ratio and what the conversion costs per expert at load. Random codes and scales: the kernels'
-speed does not depend on the values.
+the medians, their ratio and what the conversion costs per expert at load. Then, as the host tier does after a
+read, the conversion of one slot to the host form (``tier_form``) against the in-slot build (``in_place``), also
+interleaved. Random codes and scales: the kernels' speed does not depend on the values.
 
     OMP_NUM_THREADS=1 python benchmarks/host_job_cost.py --rounds 9
 """
@@ -26,7 +27,10 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import int4_repack  # noqa: E402
 
+from offload.experts.in_place import build_in_place  # noqa: E402
+from offload.experts.packing import ExpertLayout, pack_expert  # noqa: E402
 from offload.experts.store import HostStore  # noqa: E402
+from offload.experts.tier_form import TierForm  # noqa: E402
 from offload.quant.codec import codec_for  # noqa: E402
 
 SHAPES = (("w1", (14336, 4096)), ("w2", (4096, 14336)), ("w3", (14336, 4096)))
@@ -70,6 +74,27 @@ def main() -> None:
         print(f"host job, {name}: {median:.2f} ms (median of {args.rounds}, {args.tokens} token(s))")
     print(f"stored / host form: {medians['stored'] / medians['host form']:.1f}x")
     print(f"conversion at load: {convert_ms:.1f} ms per expert; load average {load}")
+
+    layout = ExpertLayout.of(expert)
+    stored_bytes = pack_expert(expert, layout)
+    form = TierForm.of(layout, codec.host_form)
+    assert form is not None
+    slot = stored_bytes.clone()
+    steps = {
+        "tier conversion to the host form": lambda: form.convert(slot),
+        "in-slot build": lambda: build_in_place(
+            slot, layout, lambda tensors: codec.materialize(tensors, torch.float32, "cpu")
+        ),
+    }
+    slot_times: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in range(args.rounds):
+        for name, step in steps.items():
+            slot.copy_(stored_bytes)  # the read's bytes, which the last step overwrote
+            started = time.perf_counter()
+            step()
+            slot_times[name].append(time.perf_counter() - started)
+    for name, values in slot_times.items():
+        print(f"{name}: {statistics.median(values) * 1e3:.1f} ms per read (median of {args.rounds})")
 
 
 if __name__ == "__main__":
