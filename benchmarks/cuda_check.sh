@@ -18,7 +18,7 @@ python3 -c "import torch, transformers; print('torch', torch.__version__, 'trans
 echo "== cuda-marked tests"
 timeout 240 python3 -m pytest -q -p no:cacheprovider -m cuda \
     tests/test_quant_codec.py tests/test_link.py tests/test_offload_equivalence.py tests/test_device_kernels.py \
-    tests/test_cache_in_place.py 2>&1 | tee "$OUT/cuda_tests.log" | tail -25
+    tests/test_cache_in_place.py tests/test_host_form.py tests/test_hybrid.py 2>&1 | tee "$OUT/cuda_tests.log" | tail -25
 
 echo "== generate on the GPU (auto profile: hqq experts quantized at load), offloaded with K=2"
 timeout 120 python3 -m cli.main generate --device cuda -k 2 --prefetch 2 --temperature 0 --max-new-tokens 24 \
