@@ -51,6 +51,8 @@ Predicted peak RSS of the process (host memory), the sum of:
 - on CUDA, the CUDA runtime's host memory: CUDA_HOST_RSS_BYTES, an assumption (not measured here);
 - load staging: the checkpoint's dense tensors are read one at a time with plain reads into buffers of
   offload's own, so the largest tensor (the embedding, the lm_head or one expert) is held twice for a moment.
+  The same term covers, later, the tier reader's scratch (one expert's stored bytes, where it converts or
+  builds its reads): no larger, and never at the same time.
 """
 
 from __future__ import annotations
