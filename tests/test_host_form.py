@@ -97,6 +97,20 @@ def test_no_cuda_kernel_on_a_cpu_tensor_and_specs_without_a_cpu_kernel_stay_stor
     )
 
 
+@pytest.mark.skipif(
+    host_kernels.packs_as_blocks(96),
+    reason="this CPU packs in blocks of 32 or 16 rows: every width here fits",
+)
+def test_an_expert_with_one_matrix_not_in_whole_blocks_keeps_its_stored_form_whole() -> None:
+    # w1 and w3 (128 rows) are whole blocks of 64 rows (AVX-512), w2 (96 rows) is not.
+    odd = _encoded("hqq:4:32", 0, hidden=96)
+    assert host_kernels.packs_as_blocks(FFN)
+    assert codec_for(QuantSpec.parse("hqq:4:32")).host_form(odd) is None
+    out = {f"{m}.{k}": torch.zeros(1) for m in ("w1", "w2", "w3") for k in host_form.KEYS}
+    assert codec_for(QuantSpec.parse("hqq:4:32")).host_form(odd, out=out) is None
+    assert all(torch.equal(t, torch.zeros(1)) for t in out.values())  # nothing half written
+
+
 def test_an_expert_of_another_shape_is_refused_with_its_place() -> None:
     codec = codec_for(QuantSpec.parse("hqq:4:64"))
     store = HostStore(2, EXPERTS, host_forms=[codec.host_form, codec.host_form])

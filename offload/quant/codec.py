@@ -25,6 +25,7 @@ from offload.quant.linear import (
     dequantize_linear,
     device_linear,
     host_fits,
+    host_form_fits,
     host_linear,
     matrix_nbytes,
     quantize_linear,
@@ -148,14 +149,15 @@ class MatrixCodec:
         if not self.host_kernels:
             return None
         parts = [_matrix(tensors, name) for name in MATRICES]
-        if any(not host_fits(part, self.spec, name=name) for name, part in zip(MATRICES, parts, strict=True)):
+        if not all(
+            host_form_fits(part, self.spec, name=name) for name, part in zip(MATRICES, parts, strict=True)
+        ):
             return None  # before anything is written into ``out``
         forms = {}
         for name, part in zip(MATRICES, parts, strict=True):
             target = None if out is None else _matrix(out, name)
             form = to_host_form(part, self.spec, out=target, name=name)
-            if form is None:
-                return None
+            assert form is not None, "host_form_fits said it would"
             forms.update({f"{name}.{key}": tensor for key, tensor in form.items()})
         return forms
 

@@ -269,13 +269,18 @@ def host_linear(
     return Int4Linear.from_zero_point(pack_int4_halves(halves), scale, zero, spec.group_size)
 
 
+def host_form_fits(tensors: dict[str, Tensor], spec: QuantSpec) -> bool:
+    """Whether ``to_host_form`` gives a host form (rather than None) for these tensors, from shapes alone."""
+    return host_fits(tensors, spec) and packs_as_blocks(tensors["scale"].shape[0])
+
+
 def to_host_form(
     tensors: dict[str, Tensor], spec: QuantSpec, out: dict[str, Tensor] | None = None
 ) -> dict[str, Tensor] | None:
     """The matrix in the CPU int4 kernel's layout (``offload.quant.host_form``): ``packed`` (N, K / 2) uint8 codes
     and ``pairs`` (K / group, N, 2) bf16 (scale, offset), the bytes ``host_linear`` builds, written into ``out``'s
     tensors if given; None unless the kernel fits and this CPU's packing is one ``unpack_int4`` reads back."""
-    if not host_fits(tensors, spec) or not packs_as_blocks(tensors["scale"].shape[0]):
+    if not host_form_fits(tensors, spec):
         return None
     scale, zero, codes = tensors["scale"], tensors["zero"], tensors["W_q"]
     out_features, groups_per_row = scale.shape

@@ -106,9 +106,14 @@ def to_host_form(
 ) -> dict[str, Tensor] | None:
     """The matrix in the CPU int4 kernel's layout (``offload.quant.host_form``), written into ``out`` if given;
     None where it has none (every spec but ``hqq:4:G`` where the kernel fits the shape)."""
-    if spec.backend != "hqq":
+    if not host_form_fits(tensors, spec, name=name):
         return None
     return hqq_backend.to_host_form(_checked(tensors, spec, name), spec, out)
+
+
+def host_form_fits(tensors: dict[str, Tensor], spec: QuantSpec, *, name: str = "weight") -> bool:
+    """Whether ``to_host_form`` gives a host form for these tensors (decided from shapes, reading no values)."""
+    return spec.backend == "hqq" and hqq_backend.host_form_fits(_checked(tensors, spec, name), spec)
 
 
 def host_fits(tensors: dict[str, Tensor], spec: QuantSpec, *, name: str = "weight") -> bool:
