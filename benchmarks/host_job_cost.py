@@ -33,8 +33,6 @@ from offload.experts.store import HostStore  # noqa: E402
 from offload.experts.tier_form import TierForm  # noqa: E402
 from offload.quant.codec import codec_for  # noqa: E402
 
-SHAPES = (("w1", (14336, 4096)), ("w2", (4096, 14336)), ("w3", (14336, 4096)))
-
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -43,11 +41,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     generator = torch.Generator().manual_seed(0)
-    expert = {
-        f"{name}.{key}": tensor
-        for name, shape in SHAPES
-        for key, tensor in int4_repack.random_matrix(shape, generator).items()
-    }
+    expert = int4_repack.random_expert(generator)
     codec = codec_for(int4_repack.SPEC)
     stored = HostStore(1, 1)
     stored.put(0, 0, expert)

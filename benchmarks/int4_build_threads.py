@@ -30,19 +30,13 @@ from offload.experts.packing import ExpertLayout, pack_expert  # noqa: E402
 from offload.memory_release import release_freed_memory  # noqa: E402
 from offload.quant.codec import codec_for  # noqa: E402
 
-SHAPES = (("w1", (14336, 4096)), ("w2", (4096, 14336)), ("w3", (14336, 4096)))
-
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=7)
     args = parser.parse_args()
     generator = torch.Generator().manual_seed(0)
-    expert = {
-        f"{name}.{key}": tensor
-        for name, shape in SHAPES
-        for key, tensor in int4_repack.random_matrix(shape, generator).items()
-    }
+    expert = int4_repack.random_expert(generator)
     layout = ExpertLayout.of(expert)
     stored = pack_expert(expert, layout)
     codec = codec_for(int4_repack.SPEC)

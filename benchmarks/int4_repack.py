@@ -46,6 +46,16 @@ HIDDEN, FFN, GROUP = 4096, 14336, 64
 SPEC = QuantSpec.parse(f"hqq:4:{GROUP}")
 
 
+def random_expert(generator: torch.Generator) -> dict[str, torch.Tensor]:
+    """One Mixtral-sized expert's hqq:4:64 tensors (w1, w3: FFN x HIDDEN; w2: HIDDEN x FFN), named as the codec's."""
+    shapes = (("w1", (FFN, HIDDEN)), ("w2", (HIDDEN, FFN)), ("w3", (FFN, HIDDEN)))
+    return {
+        f"{name}.{key}": tensor
+        for name, shape in shapes
+        for key, tensor in random_matrix(shape, generator).items()
+    }
+
+
 def random_matrix(shape: tuple[int, int], generator: torch.Generator) -> dict[str, torch.Tensor]:
     """hqq:4:64 tensors of an (out, in) matrix, as ``hqq_backend.quantize`` lays them out."""
     out_features, in_features = shape
@@ -101,11 +111,7 @@ def main() -> None:
         "w1 14336x4096": random_matrix((FFN, HIDDEN), generator),
         "w2 4096x14336": random_matrix((HIDDEN, FFN), generator),
     }
-    expert = {
-        f"{name}.{key}": tensor
-        for name, shape in (("w1", (FFN, HIDDEN)), ("w2", (HIDDEN, FFN)), ("w3", (FFN, HIDDEN)))
-        for key, tensor in random_matrix(shape, generator).items()
-    }
+    expert = random_expert(generator)
     layout = ExpertLayout.of(expert)
     stored = pack_expert(expert, layout)
     codec = codec_for(SPEC)

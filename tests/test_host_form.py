@@ -121,6 +121,16 @@ def test_an_expert_of_another_shape_is_refused_with_its_place() -> None:
         HostStore(2, EXPERTS, host_forms=[codec.host_form])
 
 
+def count_repacks(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """A list that grows by one at every matrix packed for the CPU int4 kernel from hqq's layout, from now on."""
+    repacked: list[int] = []
+    original = host_kernels.pack_int4_halves
+    monkeypatch.setattr(
+        "offload.quant.hqq_backend.pack_int4_halves", lambda *a, **k: repacked.append(1) or original(*a, **k)
+    )
+    return repacked
+
+
 def test_hybrid_host_jobs_and_cpu_slots_repack_nothing_after_load(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -129,11 +139,7 @@ def test_hybrid_host_jobs_and_cpu_slots_repack_nothing_after_load(
     want = run(load_model(tmp_path, dtype="float32", quant=scheme), PROMPT)
     options = OffloadOptions(experts_per_layer=1, prefetch=1, host_compute="always", link="emulated:20")
     model = load_model(tmp_path, dtype="float32", quant=scheme, offload=options)
-    repacked = []
-    original = host_kernels.pack_int4_halves
-    monkeypatch.setattr(
-        "offload.quant.hqq_backend.pack_int4_halves", lambda *a, **k: repacked.append(1) or original(*a, **k)
-    )
+    repacked = count_repacks(monkeypatch)
     got = run(model, PROMPT)
     assert torch.equal(got[0], want[0]) and got[1:] == want[1:]
     stats = model.expert_source.stats.total()
@@ -183,11 +189,7 @@ def test_the_host_tier_converts_each_read_once_and_host_jobs_build_nothing(
     tier = model.expert_source.host_tier
     assert tier is not None and tier.slots == 12
     assert [piece.name for piece in tier.layout(0).slices][:2] == ["w1.packed", "w1.pairs"]
-    repacked = []
-    original = host_kernels.pack_int4_halves
-    monkeypatch.setattr(
-        "offload.quant.hqq_backend.pack_int4_halves", lambda *a, **k: repacked.append(1) or original(*a, **k)
-    )
+    repacked = count_repacks(monkeypatch)
     got = run(model, PROMPT)
     assert torch.equal(got[0], want[0]) and got[1:] == want[1:]
     assert model.expert_source.stats.total().host_computes > 0
