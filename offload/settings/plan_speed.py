@@ -341,7 +341,8 @@ def _int4_line(profile: Any, runs: bool, other: dict[str, float]) -> str:
         return (
             f"the 4-bit weights run torch's int4 GPU kernel (compute capability {capability:g} >= "
             f"{INT4_GPU_MIN_CAPABILITY:.1f}; checked against the dequantized matmul at load). Were that check to "
-            f"fail, hqq's HQQLinear would dequantize per call: {figures}"
+            f"fail, hqq's HQQLinear would dequantize per call, and host jobs would rebuild their experts (not counted): "
+            f"{figures}"
         )
     why = (
         f"it needs compute capability {INT4_GPU_MIN_CAPABILITY:.1f}; this GPU's is {capability:g}"
