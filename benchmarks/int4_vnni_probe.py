@@ -19,10 +19,13 @@ code for column k + j in its low nibble and for column k + 4 + j in its high nib
 ``dpbusd`` is then one row, against 4 broadcast activations. Scales and offsets stay bf16 (4.5 bits a weight,
 as torch's kernel reads), as (tiles, groups, 2, 64).
 
-Out of cache: each kernel rotates through copies of the weights totalling at least ``--pool-mb`` per shape
-(one pass over all copies a measurement), kernels interleaved round by round, medians reported.
+Per shape, out of cache: each kernel rotates through copies of the weights totalling at least ``--pool-mb``
+(one pass over all copies a measurement; a plain read of the same bytes is the roofline), kernels interleaved
+round by round, medians reported. Then both kernels on the 41 matrices of a decode token of issue 15's random
+Mixtral, in a step's order, and the decode that our measured tok/s implies with the probe's kernel in place of
+torch's (``--ours-tok-s``, ``--llama-tok-s``: session 6's figures by default). JSON on stdout.
 
-    OMP_NUM_THREADS=1 PYTHONPATH=. .venv/bin/python benchmarks/int4_vnni_probe.py --threads 1 --rounds 9
+    OMP_NUM_THREADS=1 PYTHONPATH=. .venv/bin/python benchmarks/int4_vnni_probe.py --threads 1 --rounds 21
 """
 
 from __future__ import annotations
