@@ -37,11 +37,10 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from int4_vnni_probe import (  # noqa: E402
-    CPP as PROBE_CPP,
+from benchmarks import int4_vnni_probe as probe
+from benchmarks.int4_vnni_probe import (
     FLAGS,
     GROUP,
     SHAPES,
@@ -52,11 +51,10 @@ from int4_vnni_probe import (  # noqa: E402
     token_matrices,
     vnni_layout,
 )
-
-from offload.quant.host_kernels import pack_int4, unpack_int4  # noqa: E402
+from offload.quant.host_kernels import pack_int4, unpack_int4
 
 CPP = (
-    PROBE_CPP
+    probe.CPP
     + r"""
 // packed: torch's (N, K/2) bytes: N/64 blocks of a (K, 32) byte matrix, byte (k, j) = row j | row j+32 << 4.
 // pairs: torch's (K/64, N, 2) bf16 as (K/64, N) dwords: scale in the low 16 bits, offset in the high 16.
@@ -307,7 +305,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=9)
     parser.add_argument("--pool-mb", type=float, default=256, help="weight copies per shape and layout, MiB")
     parser.add_argument("--shapes", nargs="+", default=SHAPES, help="N x K of W (out x in)")
-    parser.add_argument("--tokens", type=int, nargs="*", default=[], help="also T tokens (2..8) a call, per shape")
+    parser.add_argument(
+        "--tokens", type=int, nargs="*", default=[], help="also T tokens (2..8) a call, per shape"
+    )
     parser.add_argument(
         "--prefetch", type=int, default=0, help="1: software-prefetch the next block's pairs (ours only)"
     )
