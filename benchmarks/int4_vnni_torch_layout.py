@@ -59,56 +59,69 @@ CPP = (
 // packed: torch's (N, K/2) bytes: N/64 blocks of a (K, 32) byte matrix, byte (k, j) = row j | row j+32 << 4.
 // pairs: torch's (K/64, N, 2) bf16 as (K/64, N) dwords: scale in the low 16 bits, offset in the high 16.
 // xq (T, K) int8, d and ds (T, K/64); y (T, N) float32.
+
+// One group (64 columns x 64 rows, 2048 bytes at wg) for C tokens, added into acc (C rows of 64 floats).
+template <int C>
+static inline __attribute__((always_inline)) void group_tokens(const uint8_t* wg, const uint32_t* pg, const int8_t* xq, const float* d,
+                                const float* ds, float* acc, int64_t K, int64_t G, int64_t g, __m512i idx0,
+                                __m512i idx1) {
+  const __m512i low = _mm512_set1_epi8(0x0F), high16 = _mm512_set1_epi32((int)0xFFFF0000u);
+  __m512i dot[C][4];
+  for (int t = 0; t < C; ++t)
+    for (int c = 0; c < 4; ++c) dot[t][c] = _mm512_setzero_si512();
+  for (int s = 0; s < 16; ++s) {
+    const __m512i a = _mm512_loadu_si512((const void*)(wg + 128 * s));
+    const __m512i e = _mm512_loadu_si512((const void*)(wg + 128 * s + 64));
+    const __m512i p0 = _mm512_permutex2var_epi8(a, idx0, e), p1 = _mm512_permutex2var_epi8(a, idx1, e);
+    const __m512i v[4] = {_mm512_and_si512(p0, low), _mm512_and_si512(p1, low),
+                          _mm512_and_si512(_mm512_srli_epi16(p0, 4), low),
+                          _mm512_and_si512(_mm512_srli_epi16(p1, 4), low)};
+    for (int t = 0; t < C; ++t) {
+      int32_t x4;
+      std::memcpy(&x4, xq + t * K + g * 64 + 4 * s, 4);
+      const __m512i xb = _mm512_set1_epi32(x4);
+      for (int c = 0; c < 4; ++c) dot[t][c] = _mm512_dpbusd_epi32(dot[t][c], v[c], xb);
+    }
+  }
+  for (int c = 0; c < 4; ++c) {
+    const __m512i so = _mm512_loadu_si512((const void*)(pg + 16 * c));
+    const __m512 scale = _mm512_castsi512_ps(_mm512_slli_epi32(so, 16));
+    const __m512 offset = _mm512_castsi512_ps(_mm512_and_si512(so, high16));
+    for (int t = 0; t < C; ++t) {
+      float* a = acc + t * 64 + 16 * c;
+      const float dg = d[t * G + g], dsg = ds[t * G + g];
+      // d * (dot - 8 S) * scale + d * S * offset, as the probe
+      const __m512 u = _mm512_fmsub_ps(_mm512_set1_ps(dg), _mm512_cvtepi32_ps(dot[t][c]), _mm512_set1_ps(8.f * dsg));
+      _mm512_storeu_ps(a, _mm512_fmadd_ps(offset, _mm512_set1_ps(dsg), _mm512_fmadd_ps(scale, u, _mm512_loadu_ps(a))));
+    }
+  }
+}
+
 template <int T>
 static void gemv_torch_layout(const int8_t* xq, const float* d, const float* ds, const uint8_t* w,
                               const uint32_t* pairs, float* y, int64_t N, int64_t K, int64_t prefetch) {
   const int64_t G = K / 64, B = N / 64;
-  const __m512i low = _mm512_set1_epi8(0x0F), high16 = _mm512_set1_epi32((int)0xFFFF0000u);
   // Output byte 4 i + c takes column c's byte of row i (idx0) or of row 16 + i (idx1) from the 128 bytes of
   // 4 columns x 32 rows held by two vectors (bit 6 of an index picks the second one).
   alignas(64) uint8_t i0[64], i1[64];
   for (int i = 0; i < 16; ++i)
     for (int c = 0; c < 4; ++c) i0[4 * i + c] = 32 * c + i, i1[4 * i + c] = 32 * c + 16 + i;
   const __m512i idx0 = _mm512_load_si512((const void*)i0), idx1 = _mm512_load_si512((const void*)i1);
-  for (int64_t t = 0; t < T; ++t) std::memset(y + t * N, 0, N * sizeof(float));
+  alignas(64) float acc[T * 64];
   for (int64_t b = 0; b < B; ++b) {
     const uint8_t* wb = w + b * 32 * K;
+    std::memset(acc, 0, sizeof(acc));
     for (int64_t g = 0; g < G; ++g) {
       const uint8_t* wg = wb + g * 2048;
       const uint32_t* pg = pairs + g * N + b * 64;
-      if (prefetch)  // the next block's pairs for this group: a stride of 4 N bytes, no hardware prefetcher follows
-        for (int line = 0; line < 256; line += 64) _mm_prefetch((const char*)(pg + 64) + line, _MM_HINT_T0);
-      __m512i dot[T][4];
-      for (int t = 0; t < T; ++t)
-        for (int c = 0; c < 4; ++c) dot[t][c] = _mm512_setzero_si512();
-      for (int s = 0; s < 16; ++s) {
-        const __m512i a = _mm512_loadu_si512((const void*)(wg + 128 * s));
-        const __m512i e = _mm512_loadu_si512((const void*)(wg + 128 * s + 64));
-        const __m512i p0 = _mm512_permutex2var_epi8(a, idx0, e), p1 = _mm512_permutex2var_epi8(a, idx1, e);
-        const __m512i v[4] = {_mm512_and_si512(p0, low), _mm512_and_si512(p1, low),
-                              _mm512_and_si512(_mm512_srli_epi16(p0, 4), low),
-                              _mm512_and_si512(_mm512_srli_epi16(p1, 4), low)};
-        for (int t = 0; t < T; ++t) {
-          int32_t x4;
-          std::memcpy(&x4, xq + t * K + g * 64 + 4 * s, 4);
-          const __m512i xb = _mm512_set1_epi32(x4);
-          for (int c = 0; c < 4; ++c) dot[t][c] = _mm512_dpbusd_epi32(dot[t][c], v[c], xb);
-        }
-      }
-      for (int c = 0; c < 4; ++c) {
-        const __m512i so = _mm512_loadu_si512((const void*)(pg + 16 * c));
-        const __m512 scale = _mm512_castsi512_ps(_mm512_slli_epi32(so, 16));
-        const __m512 offset = _mm512_castsi512_ps(_mm512_and_si512(so, high16));
-        for (int t = 0; t < T; ++t) {
-          float* yc = y + t * N + b * 64 + 16 * c;
-          const float dg = d[t * G + g], dsg = ds[t * G + g];
-          // d * (dot - 8 S) * scale + d * S * offset, as the probe
-          const __m512 u = _mm512_fmsub_ps(_mm512_set1_ps(dg), _mm512_cvtepi32_ps(dot[t][c]), _mm512_set1_ps(8.f * dsg));
-          __m512 acc = _mm512_fmadd_ps(scale, u, _mm512_loadu_ps(yc));
-          _mm512_storeu_ps(yc, _mm512_fmadd_ps(offset, _mm512_set1_ps(dsg), acc));
-        }
-      }
+      if (prefetch)  // this group's pairs ``prefetch`` blocks ahead: the pairs stride 4 N bytes group to group
+        for (int line = 0; line < 256; line += 64) _mm_prefetch((const char*)(pg + 64 * prefetch) + line, _MM_HINT_T0);
+      // Up to 4 tokens share each permuted chunk (16 accumulators); more would spill, so tokens 5 to 8 take
+      // a second pass over the group's 2 KiB, from L1.
+      group_tokens<(T < 4 ? T : 4)>(wg, pg, xq, d, ds, acc, K, G, g, idx0, idx1);
+      if constexpr (T > 4) group_tokens<T - 4>(wg, pg, xq + 4 * K, d + 4 * G, ds + 4 * G, acc + 256, K, G, g, idx0, idx1);
     }
+    for (int64_t t = 0; t < T; ++t) std::memcpy(y + t * N + b * 64, acc + t * 64, 64 * sizeof(float));
   }
 }
 
@@ -309,7 +322,7 @@ def main() -> None:
         "--tokens", type=int, nargs="*", default=[], help="also T tokens (2..8) a call, per shape"
     )
     parser.add_argument(
-        "--prefetch", type=int, default=0, help="1: software-prefetch the next block's pairs (ours only)"
+        "--prefetch", type=int, default=1, help="prefetch the pairs this many blocks ahead, 0: none"
     )
     parser.add_argument("--huge-pages", action="store_true", help="weight copies in 2 MiB pages, all kernels")
     parser.add_argument("--steps", type=int, default=20, help="tokens a round of the token loop, 0: skip it")
