@@ -322,9 +322,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=9)
     parser.add_argument("--pool-mb", type=float, default=256, help="weight copies per shape and layout, MiB")
     parser.add_argument("--shapes", nargs="+", default=SHAPES, help="N x K of W (out x in)")
-    parser.add_argument(
-        "--tokens", type=int, nargs="*", default=[], help="also T tokens a call, per shape"
-    )
+    parser.add_argument("--tokens", type=int, nargs="*", default=[], help="also T tokens a call, per shape")
     parser.add_argument(
         "--prefetch", type=int, default=1, help="prefetch the pairs this many blocks ahead, 0: none"
     )
