@@ -15,8 +15,8 @@ raw layout belong to 4 different rows, and a dot product over them mixes rows wh
 The pairs of a group g and 16 rows are 16 dwords (scale in the low half, offset in the high half): a shift and a
 mask make them float32, in the same row order. The accumulators stay in row order, so nothing else moves.
 
-T tokens (``--tokens``): each permuted chunk of weights is used by every token before the next load, as a
-small-batch kernel would; torch's kernel gets the same T rows.
+T tokens (``--tokens``): each permuted chunk of weights serves up to 8 tokens before the next load (4 at a time
+from registers; beyond 8, passes of 8, each reading the weights again); torch's kernel gets the same T rows.
 
 Timing as ``int4_vnni_probe.py``: out of cache (copies totalling ``--pool-mb`` a shape and layout), kernels
 interleaved round by round with a rotating start, medians; then the 41 matrices of a decode token. JSON on stdout.
