@@ -22,6 +22,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
+from offload.quant import vnni_kernel
+
 INT4_GROUP_SIZES = (32, 64, 128, 256)  # what the int4 kernel accepts
 INT4_N_MULTIPLE = 16  # the int4 packer refuses other output widths
 _BLOCK_CANDIDATES = (64, 32, 16)  # the packer's block of output rows: 64 with AVX-512, less without
@@ -95,6 +97,11 @@ def pack_int4(codes: Tensor) -> Tensor:
     if block is not None and codes.shape[0] % block == 0:
         return _pack_rows(codes.to(torch.uint8), block)
     return torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32).contiguous(), 2)
+
+
+def packing_block() -> int | None:
+    """The rows of one block of torch's int4 packing on this CPU (64 with AVX-512), or None if not ours."""
+    return _packing_block()
 
 
 def packs_as_blocks(out_features: int) -> bool:
@@ -225,6 +232,19 @@ class Int4Linear(Bf16KernelLinear):
         self.group_size = group_size
         self.in_features = 2 * packed.shape[1]
         self.out_features = packed.shape[0]
+        # The opt-in VNNI kernel over these same bytes (``vnni_kernel``), where it built and fits; else None.
+        fast = vnni_kernel.gemm()
+        fits = fast is not None and vnni_kernel.fits(self.out_features, self.in_features, group_size)
+        self._fast = fast if fits else None
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self._fast is None:
+            return super().forward(x)
+        rows = x if x.dim() == 2 else x.reshape(-1, self.in_features)
+        out = self._fast(rows, self.packed, self.scales_and_offsets)  # float32, from x in any float dtype
+        if x.dim() != 2:
+            out = out.reshape(*x.shape[:-1], self.out_features)
+        return out if out.dtype == x.dtype else out.to(x.dtype)
 
     @classmethod
     def from_affine(cls, codes: Tensor, scale: Tensor, offset: Tensor, group_size: int) -> Int4Linear:
