@@ -1,0 +1,80 @@
+"""The opt-in VNNI kernel for 4-bit weights (``OFFLOAD_CPU_KERNEL=vnni``): off unless asked for; where asked for
+and this CPU has it, it computes from ``Int4Linear``'s own bytes, close to the float product, each token's bits
+the same alone or in a batch, and an offloaded model still gives its resident twin's bits."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+from offload.loading import OffloadOptions, load_model
+from offload.quant import vnni_kernel
+from offload.quant.device_kernels import dequantized
+from offload.quant.host_kernels import Int4Linear, packing_block
+from offload.quant.scheme import QuantScheme
+from tests.baby import BabySpec, write_baby
+from tests.test_offload_equivalence import run
+
+HAS_KERNEL_CPU = vnni_kernel.cpu_has_flags() and packing_block() == vnni_kernel.GROUP
+
+
+@pytest.fixture
+def vnni(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """The kernel asked for during one test; modules built afterwards use torch's kernel again."""
+    monkeypatch.setenv(vnni_kernel.ENV, "vnni")
+    vnni_kernel.gemm.cache_clear()
+    yield
+    monkeypatch.delenv(vnni_kernel.ENV)
+    vnni_kernel.gemm.cache_clear()
+
+
+def _linear(out_features: int = 192, in_features: int = 512) -> tuple[Int4Linear, torch.Tensor]:
+    generator = torch.Generator().manual_seed(0)
+    codes = torch.randint(0, 16, (out_features, in_features), generator=generator, dtype=torch.uint8)
+    scale = torch.rand(out_features, in_features // 64, generator=generator) / 50 + 1e-3
+    offset = torch.randn(out_features, in_features // 64, generator=generator) / 20
+    module = Int4Linear.from_affine(codes, scale, offset, 64)
+    return module, dequantized(codes, module.scales_and_offsets, 64)
+
+
+def test_off_unless_asked_for(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(vnni_kernel.ENV, raising=False)
+    vnni_kernel.gemm.cache_clear()
+    assert vnni_kernel.gemm() is None
+    assert _linear()[0]._fast is None
+
+
+@pytest.mark.skipif(
+    not HAS_KERNEL_CPU, reason="this CPU lacks AVX-512 VNNI and VBMI, or packs int4 otherwise"
+)
+def test_close_to_the_float_product_and_the_same_bits_alone_or_in_a_batch(vnni: None) -> None:
+    module, weight = _linear()
+    assert module._fast is not None
+    x = torch.randn(11, weight.shape[1], generator=torch.Generator().manual_seed(1))
+    want = x @ weight.T
+    got = module(x)
+    error = float((got - want).norm() / want.norm())
+    assert error < 0.01  # int8 activations: about 0.6% (torch's bf16 kernel: about 0.24%)
+    assert all(torch.equal(module(x[i : i + 1]), got[i : i + 1]) for i in range(len(x)))
+    assert module(x.to(torch.bfloat16)).dtype == torch.bfloat16
+    # A shape the kernel does not take keeps torch's kernel.
+    assert _linear(out_features=48)[0]._fast is None
+
+
+@pytest.mark.skipif(
+    not HAS_KERNEL_CPU, reason="this CPU lacks AVX-512 VNNI and VBMI, or packs int4 otherwise"
+)
+def test_an_offloaded_model_keeps_its_resident_twins_bits(tmp_path: Path, vnni: None) -> None:
+    write_baby(BabySpec("vnni", num_hidden_layers=2, hidden_size=128, intermediate_size=256), tmp_path)
+    scheme = QuantScheme.build(2, attention="hqq:4:64", experts="hqq:4:64")
+    resident = load_model(tmp_path, dtype="float32", quant=scheme)
+    expert = resident.expert_source.experts[0][0]
+    assert any(getattr(m, "_fast", None) is not None for m in vars(expert).values()), "the kernel is used"
+    prompt = list(range(3, 13))
+    want = run(resident, prompt)
+    options = OffloadOptions(experts_per_layer=2, prefetch=1, link="emulated:20")
+    got = run(load_model(tmp_path, dtype="float32", quant=scheme, offload=options), prompt)
+    assert torch.equal(got[0], want[0]) and got[1] == want[1]
