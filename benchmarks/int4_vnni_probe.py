@@ -44,6 +44,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from offload.huge_pages import huge_page_empty
+from offload.quant import vnni_kernel
 from offload.quant.host_kernels import pack_int4
 
 GROUP = 64
@@ -51,33 +52,9 @@ TILE = 64  # output rows per tile: four 16-lane accumulators
 FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni"]
 FLAGS += ["-mno-amx-tile", "-mno-amx-int8", "-mno-amx-bf16"]  # this CPU reports AMX, which faults
 
-CPP = r"""
-#include <torch/extension.h>
-#include <immintrin.h>
-#include <cstdint>
-#include <cstring>
-#include <vector>
-
-// x (K floats) -> xq (K int8), d (K/64 steps), ds (d * sum of xq) per group of 64.
-static void quantize_groups(const float* x, int64_t K, int8_t* xq, float* d, float* ds) {
-  for (int64_t g = 0; g < K / 64; ++g) {
-    const float* xg = x + g * 64;
-    __m512 m = _mm512_setzero_ps();
-    for (int i = 0; i < 4; ++i) m = _mm512_max_ps(m, _mm512_abs_ps(_mm512_loadu_ps(xg + 16 * i)));
-    const float amax = _mm512_reduce_max_ps(m);
-    const float step = amax / 127.f;
-    const __m512 inv = _mm512_set1_ps(amax > 0.f ? 127.f / amax : 0.f);
-    __m512i sum = _mm512_setzero_si512();
-    for (int i = 0; i < 4; ++i) {
-      __m512i q = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(xg + 16 * i), inv));  // nearest
-      sum = _mm512_add_epi32(sum, q);
-      _mm_storeu_si128((__m128i*)(xq + g * 64 + 16 * i), _mm512_cvtsepi32_epi8(q));
-    }
-    d[g] = step;
-    ds[g] = step * (float)_mm512_reduce_add_epi32(sum);
-  }
-}
-
+CPP = (
+    vnni_kernel.QUANTIZE_SOURCE
+    + r"""
 static inline __m512 bf16x16(const uint16_t* p) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
 }
@@ -162,6 +139,7 @@ torch::Tensor quantized_x(torch::Tensor x) {
   return out;
 }
 """
+)
 
 
 def build_extension(build_dir: str):

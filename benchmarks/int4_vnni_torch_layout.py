@@ -1,6 +1,7 @@
-"""Probe: the VNNI int4 GEMV of ``int4_vnni_probe.py``, reading torch's own CPU int4 layout as it is.
+"""The product's VNNI int4 kernel (``offload/quant/vnni_kernel.py``, which grew out of this benchmark), reading
+torch's own CPU int4 layout as it is, against torch's kernel, the probe and a plain read.
 
-A benchmark only, nothing in the product uses it. ``int4_vnni_probe.py`` reads the weights at the one-thread
+``int4_vnni_probe.py`` reads the weights at the one-thread
 memory roofline, but from its own tiles; the product keeps every 4-bit matrix in torch's layout (``pack_int4``,
 the host form). Can the same kernel read ``pack_int4(codes)``'s bytes and the (K/64, N, 2) bf16 (scale, offset)
 pairs as torch stores them, with no second layout, at (nearly) the same speed?
@@ -41,7 +42,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks import int4_vnni_probe as probe
 from benchmarks.int4_vnni_probe import (
-    FLAGS,
     GROUP,
     SHAPES,
     copies_of,
@@ -51,121 +51,10 @@ from benchmarks.int4_vnni_probe import (
     token_matrices,
     vnni_layout,
 )
+from offload.quant import vnni_kernel
 from offload.quant.host_kernels import pack_int4, unpack_int4
 
-CPP = (
-    probe.CPP
-    + r"""
-// packed: torch's (N, K/2) bytes: N/64 blocks of a (K, 32) byte matrix, byte (k, j) = row j | row j+32 << 4.
-// pairs: torch's (K/64, N, 2) bf16 as (K/64, N) dwords: scale in the low 16 bits, offset in the high 16.
-// xq (T, K) int8, d and ds (T, K/64); y (T, N) float32.
-
-// One group (64 columns x 64 rows, 2048 bytes at wg) for C tokens, added into acc (C rows of 64 floats).
-template <int C>
-static inline __attribute__((always_inline)) void group_tokens(const uint8_t* wg, const uint32_t* pg, const int8_t* xq, const float* d,
-                                const float* ds, float* acc, int64_t K, int64_t G, int64_t g, __m512i idx0,
-                                __m512i idx1) {
-  const __m512i low = _mm512_set1_epi8(0x0F), high16 = _mm512_set1_epi32((int)0xFFFF0000u);
-  __m512i dot[C][4];
-  for (int t = 0; t < C; ++t)
-    for (int c = 0; c < 4; ++c) dot[t][c] = _mm512_setzero_si512();
-  for (int s = 0; s < 16; ++s) {
-    const __m512i a = _mm512_loadu_si512((const void*)(wg + 128 * s));
-    const __m512i e = _mm512_loadu_si512((const void*)(wg + 128 * s + 64));
-    const __m512i p0 = _mm512_permutex2var_epi8(a, idx0, e), p1 = _mm512_permutex2var_epi8(a, idx1, e);
-    const __m512i v[4] = {_mm512_and_si512(p0, low), _mm512_and_si512(p1, low),
-                          _mm512_and_si512(_mm512_srli_epi16(p0, 4), low),
-                          _mm512_and_si512(_mm512_srli_epi16(p1, 4), low)};
-    for (int t = 0; t < C; ++t) {
-      int32_t x4;
-      std::memcpy(&x4, xq + t * K + g * 64 + 4 * s, 4);
-      const __m512i xb = _mm512_set1_epi32(x4);
-      for (int c = 0; c < 4; ++c) dot[t][c] = _mm512_dpbusd_epi32(dot[t][c], v[c], xb);
-    }
-  }
-  for (int c = 0; c < 4; ++c) {
-    const __m512i so = _mm512_loadu_si512((const void*)(pg + 16 * c));
-    const __m512 scale = _mm512_castsi512_ps(_mm512_slli_epi32(so, 16));
-    const __m512 offset = _mm512_castsi512_ps(_mm512_and_si512(so, high16));
-    for (int t = 0; t < C; ++t) {
-      float* a = acc + t * 64 + 16 * c;
-      const float dg = d[t * G + g], dsg = ds[t * G + g];
-      // d * (dot - 8 S) * scale + d * S * offset, as the probe
-      const __m512 u = _mm512_fmsub_ps(_mm512_set1_ps(dg), _mm512_cvtepi32_ps(dot[t][c]), _mm512_set1_ps(8.f * dsg));
-      _mm512_storeu_ps(a, _mm512_fmadd_ps(offset, _mm512_set1_ps(dsg), _mm512_fmadd_ps(scale, u, _mm512_loadu_ps(a))));
-    }
-  }
-}
-
-template <int T>
-static void gemv_torch_layout(const int8_t* xq, const float* d, const float* ds, const uint8_t* w,
-                              const uint32_t* pairs, float* y, int64_t N, int64_t K, int64_t prefetch) {
-  const int64_t G = K / 64, B = N / 64;
-  // Output byte 4 i + c takes column c's byte of row i (idx0) or of row 16 + i (idx1) from the 128 bytes of
-  // 4 columns x 32 rows held by two vectors (bit 6 of an index picks the second one).
-  alignas(64) uint8_t i0[64], i1[64];
-  for (int i = 0; i < 16; ++i)
-    for (int c = 0; c < 4; ++c) i0[4 * i + c] = 32 * c + i, i1[4 * i + c] = 32 * c + 16 + i;
-  const __m512i idx0 = _mm512_load_si512((const void*)i0), idx1 = _mm512_load_si512((const void*)i1);
-  alignas(64) float acc[T * 64];
-  for (int64_t b = 0; b < B; ++b) {
-    const uint8_t* wb = w + b * 32 * K;
-    std::memset(acc, 0, sizeof(acc));
-    for (int64_t g = 0; g < G; ++g) {
-      const uint8_t* wg = wb + g * 2048;
-      const uint32_t* pg = pairs + g * N + b * 64;
-      if (prefetch)  // this group's pairs ``prefetch`` blocks ahead: the pairs stride 4 N bytes group to group
-        for (int line = 0; line < 256; line += 64) _mm_prefetch((const char*)(pg + 64 * prefetch) + line, _MM_HINT_T0);
-      // Up to 4 tokens share each permuted chunk (16 accumulators); more would spill, so tokens 5 to 8 take
-      // a second pass over the group's 2 KiB, from L1.
-      group_tokens<(T < 4 ? T : 4)>(wg, pg, xq, d, ds, acc, K, G, g, idx0, idx1);
-      if constexpr (T > 4) group_tokens<T - 4>(wg, pg, xq + 4 * K, d + 4 * G, ds + 4 * G, acc + 256, K, G, g, idx0, idx1);
-    }
-    for (int64_t t = 0; t < T; ++t) std::memcpy(y + t * N + b * 64, acc + t * 64, 64 * sizeof(float));
-  }
-}
-
-torch::Tensor vnni_torch_layout(torch::Tensor x, torch::Tensor packed, torch::Tensor pairs, int64_t prefetch) {
-  auto xf = x.to(torch::kFloat32).contiguous();
-  const int64_t T = xf.size(0), K = xf.size(1), N = pairs.size(1);
-  TORCH_CHECK(K % 64 == 0 && N % 64 == 0 && pairs.size(0) == K / 64 && pairs.size(2) == 2, "shapes");
-  TORCH_CHECK(packed.numel() == N * K / 2 && packed.is_contiguous() && pairs.is_contiguous(), "layout");
-  std::vector<int8_t> xq(T * K);
-  std::vector<float> d(T * K / 64), ds(T * K / 64);
-  for (int64_t t = 0; t < T; ++t)
-    quantize_groups(xf.data_ptr<float>() + t * K, K, xq.data() + t * K, d.data() + t * K / 64, ds.data() + t * K / 64);
-  auto y = torch::empty({T, N}, xf.options());
-  const uint8_t* w = packed.data_ptr<uint8_t>();
-  const uint32_t* p = (const uint32_t*)pairs.data_ptr<at::BFloat16>();
-  float* out = y.data_ptr<float>();
-  for (int64_t t0 = 0; t0 < T; t0 += 8) {  // more than 8 tokens: 8 at a time, each pass reading the weights
-    const int64_t G = K / 64, n = T - t0 < 8 ? T - t0 : 8;
-    const int8_t* xt = xq.data() + t0 * K;
-    const float *dt = d.data() + t0 * G, *dst = ds.data() + t0 * G;
-    switch (n) {
-#define CASE(c) case c: gemv_torch_layout<c>(xt, dt, dst, w, p, out + t0 * N, N, K, prefetch); break;
-      CASE(1) CASE(2) CASE(3) CASE(4) CASE(5) CASE(6) CASE(7) CASE(8)
-#undef CASE
-    }
-  }
-  return y;
-}
-"""
-)
-
-
-def build_extension(build_dir: str):
-    from torch.utils.cpp_extension import load_inline
-
-    os.makedirs(build_dir, exist_ok=True)
-    return load_inline(
-        name="int4_vnni_torch_layout",
-        cpp_sources=CPP,
-        functions=["vnni_torch_layout", "vnni_gemv", "quantized_x", "stream_read"],
-        extra_cflags=[*FLAGS, "-mavx512vbmi"],
-        build_directory=build_dir,
-        verbose=False,
-    )
+kernel = None  # the product's int4_gemm, built in main
 
 
 def timed(runs: dict, rounds: int, per: int) -> dict[str, list[float]]:
@@ -195,8 +84,8 @@ def probe_shape(ext, rows: int, cols: int, args, generator: torch.Generator) -> 
     x_bf16 = x.to(torch.bfloat16)
     weight = dequantized(codes, pairs)
     reference = x @ weight.T
-    int4_mm, prefetch = torch.ops.aten._weight_int4pack_mm_for_cpu, args.prefetch
-    ours = ext.vnni_torch_layout(x, packed, pairs, prefetch)
+    int4_mm = torch.ops.aten._weight_int4pack_mm_for_cpu
+    ours = kernel(x, packed, pairs)
     as_seen = (ext.quantized_x(x).double() @ weight.double().T).float()
     errors = {
         "ours_vs_float": relative_error(ours, reference),
@@ -212,7 +101,7 @@ def probe_shape(ext, rows: int, cols: int, args, generator: torch.Generator) -> 
 
     def run_ours() -> None:
         for p, s in pool_torch:
-            ext.vnni_torch_layout(x, p, s, prefetch)
+            kernel(x, p, s)
 
     def run_torch() -> None:
         for p, s in pool_torch:
@@ -247,20 +136,20 @@ def probe_shape(ext, rows: int, cols: int, args, generator: torch.Generator) -> 
 def batch_sweep(ext, packed, pairs, pool, cols: int, args, generator: torch.Generator) -> dict:
     """Ours against torch's kernel at T tokens on the same bytes: where does torch's kernel win?"""
     out = {}
-    int4_mm, prefetch = torch.ops.aten._weight_int4pack_mm_for_cpu, args.prefetch
+    int4_mm = torch.ops.aten._weight_int4pack_mm_for_cpu
     weight = dequantized(unpack_int4(packed), pairs)  # the codes read back from torch's bytes
     for tokens in args.tokens:
         x = torch.randn(tokens, cols, generator=generator)
         x_bf16 = x.to(torch.bfloat16)
         reference = x @ weight.T
         errors = {
-            "ours": relative_error(ext.vnni_torch_layout(x, packed, pairs, prefetch), reference),
+            "ours": relative_error(kernel(x, packed, pairs), reference),
             "torch": relative_error(int4_mm(x_bf16, packed, GROUP, pairs), reference),
         }
 
         def run_ours(x=x) -> None:
             for p, s in pool:
-                ext.vnni_torch_layout(x, p, s, prefetch)
+                kernel(x, p, s)
 
         def run_torch(x_bf16=x_bf16) -> None:
             for p, s in pool:
@@ -287,12 +176,12 @@ def token_loop(ext, args, generator: torch.Generator) -> dict:
     weight_bytes = sum(p.numel() + s.numel() * 2 for p, s, _ in theirs)
     x = {cols: torch.randn(1, cols, generator=generator) for cols in (1024, 3584)}
     x_bf16 = {cols: v.to(torch.bfloat16) for cols, v in x.items()}
-    int4_mm, prefetch = torch.ops.aten._weight_int4pack_mm_for_cpu, args.prefetch
+    int4_mm = torch.ops.aten._weight_int4pack_mm_for_cpu
 
     def run_ours() -> None:
         for _ in range(args.steps):
             for p, s, cols in theirs:
-                ext.vnni_torch_layout(x[cols], p, s, prefetch)
+                kernel(x[cols], p, s)
 
     def run_torch() -> None:
         for _ in range(args.steps):
@@ -323,15 +212,14 @@ def main() -> None:
     parser.add_argument("--pool-mb", type=float, default=256, help="weight copies per shape and layout, MiB")
     parser.add_argument("--shapes", nargs="+", default=SHAPES, help="N x K of W (out x in)")
     parser.add_argument("--tokens", type=int, nargs="*", default=[], help="also T tokens a call, per shape")
-    parser.add_argument(
-        "--prefetch", type=int, default=1, help="prefetch the pairs this many blocks ahead, 0: none"
-    )
     parser.add_argument("--huge-pages", action="store_true", help="weight copies in 2 MiB pages, all kernels")
     parser.add_argument("--steps", type=int, default=20, help="tokens a round of the token loop, 0: skip it")
     parser.add_argument("--build-dir", default="/tmp/s7-vnni2-build")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    ext = build_extension(args.build_dir)
+    global kernel
+    ext = probe.build_extension(args.build_dir)  # the probe's kernel, its plain read and its int8 x
+    kernel = vnni_kernel.build_gemm(args.build_dir)  # ours: the product's kernel itself
     generator = torch.Generator().manual_seed(0)
     report: dict = {"load_average_start": os.getloadavg(), "threads": args.threads, "shapes": {}}
     with torch.inference_mode():

@@ -23,8 +23,9 @@ from __future__ import annotations
 import functools
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 from torch import Tensor
 
@@ -39,7 +40,8 @@ FLAGS += ["-mno-amx-tile", "-mno-amx-int8", "-mno-amx-bf16"]
 
 Gemv = Callable[[Tensor, Tensor, Tensor], Tensor]
 
-_SOURCE = r"""
+# The headers and the activations' int8 rounding, shared with benchmarks/int4_vnni_probe.py.
+QUANTIZE_SOURCE = r"""
 #include <torch/extension.h>
 #include <immintrin.h>
 #include <cstdint>
@@ -65,6 +67,9 @@ static void quantize_groups(const float* x, int64_t K, int8_t* xq, float* d, flo
   }
 }
 
+"""
+
+_GEMM_SOURCE = r"""
 // One group (64 columns x 64 rows: 2048 bytes at wg, torch's (K, 32) block bytes) for C tokens, into acc.
 // Two vpermt2b turn 4 columns x 32 rows (128 bytes) into dwords of one row's 4 codes, rows in order.
 template <int C>
@@ -185,16 +190,32 @@ def gemm() -> Gemv | None:
         why = f"torch's int4 packing here is not in blocks of {GROUP} rows"
     if why is None:
         try:
-            from torch.utils.cpp_extension import load_inline
-
-            module = load_inline(
-                name="offload_int4_vnni", cpp_sources=_SOURCE, functions=["int4_gemm"], extra_cflags=FLAGS
-            )
-            return module.int4_gemm
+            return build_gemm()
         except Exception as error:  # a missing compiler, ninja or header: keep torch's kernel
             why = f"it did not build ({str(error).splitlines()[0] if str(error) else type(error).__name__})"
     log.warning("%s=vnni: torch's int4 kernel is kept, since %s", ENV, why)
     return None
+
+
+def build(name: str, source: str, functions: Sequence[str], build_directory: str | None = None) -> Any:
+    """``source`` compiled with the kernel's flags by torch's ``load_inline`` (cached by torch), as a module."""
+    from torch.utils.cpp_extension import load_inline
+
+    return load_inline(
+        name=name,
+        cpp_sources=source,
+        functions=list(functions),
+        extra_cflags=FLAGS,
+        build_directory=build_directory,
+    )
+
+
+def build_gemm(build_directory: str | None = None) -> Gemv:
+    """The kernel, compiled whether or not the user asked for it (for benchmarks): ``int4_gemm(x, packed,
+    pairs)``."""
+    return build(
+        "offload_int4_vnni", QUANTIZE_SOURCE + _GEMM_SOURCE, ["int4_gemm"], build_directory
+    ).int4_gemm
 
 
 def fits(out_features: int, in_features: int, group_size: int) -> bool:
