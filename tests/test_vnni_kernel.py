@@ -78,3 +78,29 @@ def test_an_offloaded_model_keeps_its_resident_twins_bits(tmp_path: Path, vnni: 
     options = OffloadOptions(experts_per_layer=2, prefetch=1, link="emulated:20")
     got = run(load_model(tmp_path, dtype="float32", quant=scheme, offload=options), prompt)
     assert torch.equal(got[0], want[0]) and got[1] == want[1]
+
+
+def test_a_bench_report_says_which_cpu_kernel_ran(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from offload.bench.run import run_bench
+    from offload.settings.flags import LoadFlags
+
+    write_baby(
+        BabySpec("bench-kernel", num_hidden_layers=1, hidden_size=128, intermediate_size=256), tmp_path
+    )
+
+    def kernel() -> str:
+        flags = LoadFlags(dtype="float32", quant=None, threads=1)
+        report = run_bench(tmp_path, flags, prompt_tokens=4, new_tokens=2, runs=1).as_dict()
+        return report["machine"]["cpu_int4_kernel"]
+
+    monkeypatch.delenv(vnni_kernel.ENV, raising=False)
+    vnni_kernel.gemm.cache_clear()
+    assert kernel() == "torch"
+    if HAS_KERNEL_CPU:
+        monkeypatch.setenv(vnni_kernel.ENV, "vnni")
+        vnni_kernel.gemm.cache_clear()
+        try:
+            assert kernel() == "vnni"
+        finally:
+            monkeypatch.delenv(vnni_kernel.ENV)
+            vnni_kernel.gemm.cache_clear()

@@ -47,7 +47,8 @@ times seconds, speeds tokens per second; ratios are None where there is nothing 
     policy_check               None, or (ablation with one K) offload.bench.policy_check's block: measured and
                                replayed bytes of one recorded cold run of "copy-only", against Belady
     machine                    {python, torch, cpu_count, torch_threads, load_average_start, load_average_end,
-                                peak_rss_bytes (the whole process, at the end), cuda_peak_bytes (torch's, or None)}
+                                peak_rss_bytes (the whole process, at the end), cuda_peak_bytes (torch's, or None),
+                                cpu_int4_kernel ("torch", or "vnni" with OFFLOAD_CPU_KERNEL=vnni)}
 """
 
 from __future__ import annotations

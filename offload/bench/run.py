@@ -42,6 +42,7 @@ from offload.experts.link import EmulatedLink, parse_link
 from offload.experts.offloaded import HostPath
 from offload.experts.source import ExpertSource
 from offload.hybrid import build_host_path
+from offload.quant import vnni_kernel
 from offload.quant.codec import codec_for
 from offload.settings.flags import LoadFlags
 
@@ -292,6 +293,8 @@ def _machine(mixtral: Any, load_average_start: list[float] | None) -> dict[str, 
         "load_average_end": _load_average(),
         "peak_rss_bytes": peak_rss_bytes(),
         "cuda_peak_bytes": torch.cuda.max_memory_allocated(mixtral.device) if on_cuda else None,
+        # Which kernel ran the CPU's 4-bit matrices: the figures depend on it (``OFFLOAD_CPU_KERNEL``).
+        "cpu_int4_kernel": "vnni" if vnni_kernel.gemm() is not None else "torch",
     }
 
 
