@@ -10,7 +10,6 @@ yet, so the stored bytes are first copied to the thread's scratch: one expert's 
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -19,8 +18,7 @@ from torch import Tensor
 
 from offload.experts.packing import ExpertLayout, unpack_expert
 from offload.experts.store import HostForm
-
-_scratch = threading.local()
+from offload.scratch import thread_scratch
 
 
 @dataclass(frozen=True)
@@ -64,17 +62,8 @@ class TierForm:
 
     def convert(self, slot: Tensor) -> None:
         """Rewrite the stored bytes at the start of ``slot`` (1-D uint8) as the host form, in place."""
-        scratch = _thread_scratch(self.stored.nbytes)
+        scratch = thread_scratch(self.stored.nbytes)
         scratch.copy_(slot[: self.stored.nbytes])
         self.host_form(
             unpack_expert(scratch, self.stored), out=unpack_expert(slot[: self.layout.nbytes], self.layout)
         )
-
-
-def _thread_scratch(nbytes: int) -> Tensor:
-    """``nbytes`` owned by the calling thread and kept for its next conversion (grown when asked for more)."""
-    buffer = getattr(_scratch, "buffer", None)
-    if buffer is None or buffer.numel() < nbytes:
-        with torch.inference_mode(False):  # writable outside inference mode too
-            _scratch.buffer = buffer = torch.empty(nbytes, dtype=torch.uint8)
-    return buffer[:nbytes]

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import functools
 import itertools
-import threading
 from collections.abc import Sequence
 
 import torch
@@ -45,21 +44,6 @@ def int4_fits(out_features: int, in_features: int, group_size: int) -> bool:
         and in_features % group_size == 0
         and out_features > 0
     )
-
-
-_scratch = threading.local()
-
-
-def thread_scratch(nbytes: int) -> Tensor:
-    """``nbytes`` of uint8 owned by the calling thread and kept between calls (grown when asked for more), so its
-    pages are already mapped at the next call: an in-place build copies a matrix's stored bytes here first."""
-    buffer = getattr(_scratch, "buffer", None)
-    if buffer is None or buffer.numel() < nbytes:
-        # A normal tensor even when first asked for inside inference mode (a decode step): an inference tensor
-        # could not be written outside it later (the bench's memory report builds a slot there).
-        with torch.inference_mode(False):
-            _scratch.buffer = buffer = torch.empty(nbytes, dtype=torch.uint8)
-    return buffer[:nbytes]
 
 
 def _pack_rows(codes: Tensor, block: int) -> Tensor:
@@ -204,13 +188,18 @@ class Bf16KernelLinear(nn.Module):
     group_size: int | None
 
     def kernel(self, rows: Tensor) -> Tensor:
-        """(T, in) contiguous bf16 -> (T, out) bf16."""
+        """(T, in) contiguous bf16 (any float dtype where ``takes_any_float``) -> (T, out)."""
         raise NotImplementedError
+
+    @property
+    def takes_any_float(self) -> bool:
+        """Whether ``kernel`` takes the rows in the caller's float dtype (no rounding to bf16 first)."""
+        return False
 
     def forward(self, x: Tensor) -> Tensor:
         # Each skipped call is a dispatched op: 40 of these run per decode step of the demo model.
         rows = x if x.dim() == 2 else x.reshape(-1, self.in_features)
-        if rows.dtype != torch.bfloat16:
+        if rows.dtype != torch.bfloat16 and not self.takes_any_float:
             rows = rows.to(torch.bfloat16)
         out = self.kernel(rows.contiguous())
         if x.dim() != 2:
@@ -237,14 +226,9 @@ class Int4Linear(Bf16KernelLinear):
         fits = fast is not None and vnni_kernel.fits(self.out_features, self.in_features, group_size)
         self._fast = fast if fits else None
 
-    def forward(self, x: Tensor) -> Tensor:
-        if self._fast is None:
-            return super().forward(x)
-        rows = x if x.dim() == 2 else x.reshape(-1, self.in_features)
-        out = self._fast(rows, self.packed, self.scales_and_offsets)  # float32, from x in any float dtype
-        if x.dim() != 2:
-            out = out.reshape(*x.shape[:-1], self.out_features)
-        return out if out.dtype == x.dtype else out.to(x.dtype)
+    @property
+    def takes_any_float(self) -> bool:
+        return self._fast is not None  # the VNNI kernel rounds x to int8 itself, and returns float32
 
     @classmethod
     def from_affine(cls, codes: Tensor, scale: Tensor, offset: Tensor, group_size: int) -> Int4Linear:
@@ -290,6 +274,8 @@ class Int4Linear(Bf16KernelLinear):
         )
 
     def kernel(self, rows: Tensor) -> Tensor:
+        if self._fast is not None:
+            return self._fast(rows, self.packed, self.scales_and_offsets)
         return torch.ops.aten._weight_int4pack_mm_for_cpu(
             rows, self.packed, self.group_size, self.scales_and_offsets
         )

@@ -29,9 +29,9 @@ from offload.quant.host_kernels import (
     kernel_pairs,
     pack_int4_halves,
     packs_as_blocks,
-    thread_scratch,
 )
 from offload.quant.spec import HQQ_GROUP_SIZES
+from offload.scratch import thread_scratch
 
 if TYPE_CHECKING:
     from offload.quant.spec import QuantSpec
