@@ -3,6 +3,7 @@ checkpoint keeps its quantized bytes on a CPU, and offloaded and resident loads 
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -13,7 +14,7 @@ from offload.checkpoint.convert import convert_checkpoint
 from offload.experts.source import expert_tensors
 from offload.kv_cache import KVCache
 from offload.loading import OffloadOptions, load_model
-from offload.quant import bnb_backend, host_kernels
+from offload.quant import bnb_backend, host_kernels, vnni_kernel
 from offload.quant.codec import QuantizedExpert, codec_for
 from offload.quant.host_kernels import Int4Linear, Int8Linear, pack_int4
 from offload.quant.linear import build_linear, dequantize_linear, host_linear, quantize_linear
@@ -21,8 +22,23 @@ from offload.quant.scheme import QuantScheme
 from offload.quant.spec import QuantSpec
 from tests.baby import BabySpec, write_baby
 
-# The kernels round activations, scales and offsets to bf16 (8 significant bits): measured about 3e-3.
+# torch's kernel rounds activations, scales and offsets to bf16 (8 significant bits): measured about 3e-3.
 TOLERANCE = 1e-2
+# The VNNI kernel (vnni_kernel) rounds activations to int8 per 64: an expert's three products, about 1.4e-2.
+VNNI_TOLERANCE = 3e-2
+
+
+@pytest.fixture(params=["torch", "vnni"])
+def cpu_kernel(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """Each CPU int4 kernel in turn (the VNNI one where this CPU has it)."""
+    monkeypatch.setenv(vnni_kernel.ENV, request.param)
+    vnni_kernel.gemm.cache_clear()
+    if request.param == "vnni" and vnni_kernel.gemm() is None:
+        pytest.skip("this CPU lacks AVX-512 VNNI and VBMI, or packs int4 otherwise")
+    yield request.param
+    vnni_kernel.gemm.cache_clear()
+
+
 LAYERS, HIDDEN, FFN, EXPERTS = 2, 128, 256, 4
 
 
@@ -98,7 +114,7 @@ def test_a_torch_without_the_kernel_op_gets_the_dense_weight(text, monkeypatch: 
     assert linear.weight.shape == (64, 128)
 
 
-def test_host_kernels_off_gives_the_dequantized_expert():
+def test_host_kernels_off_gives_the_dequantized_expert(cpu_kernel: str):
     spec = QuantSpec.parse("hqq:4:64")
     weights = (_matrix((FFN, HIDDEN), 0), _matrix((HIDDEN, FFN), 1), _matrix((FFN, HIDDEN), 2))
     tensors = codec_for(spec).encode(*weights)
@@ -106,7 +122,7 @@ def test_host_kernels_off_gives_the_dequantized_expert():
     dense = codec_for(spec, host_kernels=False).materialize(tensors, torch.float32, "cpu")
     assert isinstance(kernel, QuantizedExpert) and not isinstance(dense, QuantizedExpert)
     x = torch.randn(3, HIDDEN, generator=torch.Generator().manual_seed(1))
-    assert _relative(kernel(x), dense(x)) < TOLERANCE
+    assert _relative(kernel(x), dense(x)) < (VNNI_TOLERANCE if cpu_kernel == "vnni" else TOLERANCE)
 
 
 @pytest.fixture(scope="module")
@@ -147,8 +163,11 @@ def test_a_converted_4_bit_checkpoint_keeps_its_codes_on_a_cpu(converted: Path):
     )
 
 
-def _greedy(model: torch.nn.Module, prompt: list[int], steps: int) -> tuple[list[torch.Tensor], list[int]]:
-    """Each step's logits and the greedy tokens, computed step by step through the KV cache."""
+def _greedy(
+    model: torch.nn.Module, prompt: list[int], steps: int, forced: list[int] | None = None
+) -> tuple[list[torch.Tensor], list[int]]:
+    """Each step's logits and the greedy tokens, computed step by step through the KV cache (fed ``forced``'s
+    tokens instead of its own where given)."""
     cache = KVCache(model.config, len(prompt) + steps, dtype=model.dtype, device=model.device)
     all_logits, tokens = [], []
     ids = torch.tensor([prompt])
@@ -157,7 +176,7 @@ def _greedy(model: torch.nn.Module, prompt: list[int], steps: int) -> tuple[list
             logits = model(ids, cache)[0, -1]
             all_logits.append(logits)
             tokens.append(int(logits.argmax()))
-            ids = torch.tensor([[tokens[-1]]])
+            ids = torch.tensor([[tokens[-1] if forced is None else forced[len(tokens) - 1]]])
     return all_logits, tokens
 
 
@@ -175,14 +194,32 @@ def test_offloaded_and_resident_loads_of_a_4_bit_checkpoint_are_bit_identical(co
     assert offloaded.expert_source.stats.as_dict()["misses"] > 0
 
 
-def test_the_kernel_path_is_close_to_the_dequantized_path(converted: Path):
-    """Within what running the dequantized weights in bf16 costs (measured: 0.017 against 0.024), far below
-    the quantization's own error (0.49 against the float model); the same greedy tokens over 32 steps."""
-    kernel_logits, kernel_tokens = _greedy(load_model(converted, dtype="float32"), PROMPT, 32)
+def test_the_kernel_path_is_close_to_the_dequantized_path(converted: Path, cpu_kernel: str):
+    """torch's kernel: within what running the dequantized weights in bf16 costs (measured: 0.017 against
+    0.024); the VNNI kernel's int8 activations: within twice that (measured 0.028). Both far below the
+    quantization's own error (0.49 against the float model). Fed the dequantized path's tokens, every step
+    whose top two logits are further apart than the two paths differ picks the same token; torch's kernel
+    also makes the same greedy tokens over 32 steps on its own (this random baby has near ties that int8
+    activations can flip)."""
     dense = load_model(converted, dtype="float32", host_kernels=False)
     assert not any(isinstance(e, QuantizedExpert) for e in dense.expert_source.experts[0])
     dense_logits, dense_tokens = _greedy(dense, PROMPT, 32)
+    kernel_model = load_model(converted, dtype="float32")
+    kernel_logits, kernel_tokens = _greedy(kernel_model, PROMPT, 32, forced=dense_tokens)
     bf16_logits, _ = _greedy(load_model(converted, dtype="bfloat16", host_kernels=False), PROMPT, 1)
     error = _relative(kernel_logits[0], dense_logits[0])
-    assert 0 < error <= _relative(bf16_logits[0], dense_logits[0])
-    assert kernel_tokens == dense_tokens
+    assert 0 < error <= (2 if cpu_kernel == "vnni" else 1) * _relative(bf16_logits[0], dense_logits[0])
+    decisive = 0
+    for got, want, token, want_token in zip(
+        kernel_logits, dense_logits, kernel_tokens, dense_tokens, strict=True
+    ):
+        top = want.topk(2).values
+        if top[0] - top[1] > 2 * (got - want).abs().max():
+            decisive += 1
+            assert token == want_token
+    assert decisive >= 12  # measured 23 (torch) and 17 (VNNI) of 32: the check above is not vacuous
+    assert (
+        sum(a == b for a, b in zip(kernel_tokens, dense_tokens, strict=True)) >= 30
+    )  # measured: all but near ties
+    if cpu_kernel == "torch":
+        assert _greedy(kernel_model, PROMPT, 32)[1] == dense_tokens

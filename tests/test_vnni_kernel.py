@@ -1,6 +1,6 @@
-"""The opt-in VNNI kernel for 4-bit weights (``OFFLOAD_CPU_KERNEL=vnni``): off unless asked for; where asked for
-and this CPU has it, it computes from ``Int4Linear``'s own bytes, close to the float product, each token's bits
-the same alone or in a batch, and an offloaded model still gives its resident twin's bits."""
+"""The VNNI kernel for 4-bit weights: on by default where this CPU has it, off with ``OFFLOAD_CPU_KERNEL=torch``;
+it computes from ``Int4Linear``'s own bytes, close to the float product, each token's bits the same alone or in
+a batch and at any thread count, and an offloaded model still gives its resident twin's bits."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from offload.checkpoint.convert import convert_checkpoint
 from offload.loading import OffloadOptions, load_model
 from offload.quant import vnni_kernel
 from offload.quant.device_kernels import dequantized
@@ -21,13 +22,19 @@ from tests.test_offload_equivalence import run
 HAS_KERNEL_CPU = vnni_kernel.cpu_has_flags() and packing_block() == vnni_kernel.GROUP
 
 
+def _choose(monkeypatch: pytest.MonkeyPatch, value: str | None) -> None:
+    if value is None:
+        monkeypatch.delenv(vnni_kernel.ENV, raising=False)
+    else:
+        monkeypatch.setenv(vnni_kernel.ENV, value)
+    vnni_kernel.gemm.cache_clear()
+
+
 @pytest.fixture
 def vnni(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    """The kernel asked for during one test; modules built afterwards use torch's kernel again."""
-    monkeypatch.setenv(vnni_kernel.ENV, "vnni")
-    vnni_kernel.gemm.cache_clear()
+    """The kernel asked for during one test; modules built afterwards follow the environment again."""
+    _choose(monkeypatch, "vnni")
     yield
-    monkeypatch.delenv(vnni_kernel.ENV)
     vnni_kernel.gemm.cache_clear()
 
 
@@ -40,11 +47,37 @@ def _linear(out_features: int = 192, in_features: int = 512) -> tuple[Int4Linear
     return module, dequantized(codes, module.scales_and_offsets, 64)
 
 
-def test_off_unless_asked_for(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv(vnni_kernel.ENV, raising=False)
-    vnni_kernel.gemm.cache_clear()
-    assert vnni_kernel.gemm() is None
-    assert _linear()[0]._fast is None
+def test_on_by_default_where_this_cpu_has_it_and_off_when_torch_is_asked_for(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    try:
+        _choose(monkeypatch, None)
+        assert (_linear()[0]._fast is not None) == HAS_KERNEL_CPU
+        _choose(monkeypatch, "torch")
+        assert vnni_kernel.gemm() is None
+        assert _linear()[0]._fast is None
+        _choose(monkeypatch, "fastest")
+        assert (vnni_kernel.gemm() is not None) == HAS_KERNEL_CPU
+        assert "OFFLOAD_CPU_KERNEL=fastest is not one of auto, vnni, torch" in caplog.text
+    finally:
+        vnni_kernel.gemm.cache_clear()
+
+
+def test_a_failed_build_says_why_and_keeps_torchs_kernel(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    def no_compiler(build_directory: str | None = None) -> None:
+        raise RuntimeError("Error building extension: c++: not found")
+
+    monkeypatch.setattr(vnni_kernel, "build_gemm", no_compiler)
+    monkeypatch.setattr(vnni_kernel, "cpu_has_flags", lambda: True)
+    monkeypatch.setattr("offload.quant.host_kernels.packing_block", lambda: vnni_kernel.GROUP)
+    try:
+        _choose(monkeypatch, None)
+        assert vnni_kernel.gemm() is None
+        assert "torch's int4 kernel is kept, since it did not build (Error building extension" in caplog.text
+    finally:
+        vnni_kernel.gemm.cache_clear()
 
 
 @pytest.mark.skipif(
@@ -67,6 +100,23 @@ def test_close_to_the_float_product_and_the_same_bits_alone_or_in_a_batch(vnni: 
 @pytest.mark.skipif(
     not HAS_KERNEL_CPU, reason="this CPU lacks AVX-512 VNNI and VBMI, or packs int4 otherwise"
 )
+def test_the_same_bits_at_any_thread_count(vnni: None) -> None:
+    module, weight = _linear(out_features=1024, in_features=512)  # 16 blocks of rows: the threads split them
+    x = torch.randn(3, weight.shape[1], generator=torch.Generator().manual_seed(2))
+    threads = torch.get_num_threads()
+    try:
+        outputs = []
+        for count in (1, 2, 3):
+            torch.set_num_threads(count)
+            outputs.append(module(x))
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(out, outputs[0]) for out in outputs[1:])
+
+
+@pytest.mark.skipif(
+    not HAS_KERNEL_CPU, reason="this CPU lacks AVX-512 VNNI and VBMI, or packs int4 otherwise"
+)
 def test_an_offloaded_model_keeps_its_resident_twins_bits(tmp_path: Path, vnni: None) -> None:
     write_baby(BabySpec("vnni", num_hidden_layers=2, hidden_size=128, intermediate_size=256), tmp_path)
     scheme = QuantScheme.build(2, attention="hqq:4:64", experts="hqq:4:64")
@@ -84,23 +134,20 @@ def test_a_bench_report_says_which_cpu_kernel_ran(tmp_path: Path, monkeypatch: p
     from offload.bench.run import run_bench
     from offload.settings.flags import LoadFlags
 
-    write_baby(
-        BabySpec("bench-kernel", num_hidden_layers=1, hidden_size=128, intermediate_size=256), tmp_path
-    )
+    source = tmp_path / "src"
+    write_baby(BabySpec("bench-kernel", num_hidden_layers=1, hidden_size=128, intermediate_size=256), source)
+    converted = tmp_path / "q4"
+    convert_checkpoint(source, converted, QuantScheme.build(1, attention="hqq:4:64", experts="hqq:4:64"))
 
     def kernel() -> str:
         flags = LoadFlags(dtype="float32", quant=None, threads=1)
-        report = run_bench(tmp_path, flags, prompt_tokens=4, new_tokens=2, runs=1).as_dict()
+        report = run_bench(converted, flags, prompt_tokens=4, new_tokens=2, runs=1).as_dict()
         return report["machine"]["cpu_int4_kernel"]
 
-    monkeypatch.delenv(vnni_kernel.ENV, raising=False)
-    vnni_kernel.gemm.cache_clear()
-    assert kernel() == "torch"
-    if HAS_KERNEL_CPU:
-        monkeypatch.setenv(vnni_kernel.ENV, "vnni")
+    try:
+        _choose(monkeypatch, "torch")
+        assert kernel() == "torch"
+        _choose(monkeypatch, None)
+        assert kernel() == ("vnni" if HAS_KERNEL_CPU else "torch")
+    finally:
         vnni_kernel.gemm.cache_clear()
-        try:
-            assert kernel() == "vnni"
-        finally:
-            monkeypatch.delenv(vnni_kernel.ENV)
-            vnni_kernel.gemm.cache_clear()

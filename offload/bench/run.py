@@ -294,7 +294,7 @@ def _machine(mixtral: Any, load_average_start: list[float] | None) -> dict[str, 
         "peak_rss_bytes": peak_rss_bytes(),
         "cuda_peak_bytes": torch.cuda.max_memory_allocated(mixtral.device) if on_cuda else None,
         # Which kernel ran the CPU's 4-bit matrices: the figures depend on it (``OFFLOAD_CPU_KERNEL``).
-        "cpu_int4_kernel": "vnni" if vnni_kernel.gemm() is not None else "torch",
+        "cpu_int4_kernel": "vnni" if vnni_kernel.active() else "torch",
     }
 
 

@@ -221,7 +221,7 @@ class Int4Linear(Bf16KernelLinear):
         self.group_size = group_size
         self.in_features = 2 * packed.shape[1]
         self.out_features = packed.shape[0]
-        # The opt-in VNNI kernel over these same bytes (``vnni_kernel``), where it built and fits; else None.
+        # Our VNNI kernel over these same bytes (``vnni_kernel``), where it built and fits; else None.
         fast = vnni_kernel.gemm()
         fits = fast is not None and vnni_kernel.fits(self.out_features, self.in_features, group_size)
         self._fast = fast if fits else None

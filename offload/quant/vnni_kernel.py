@@ -1,5 +1,5 @@
-"""An opt-in CPU kernel for 4-bit weights: int8 activations and AVX-512 VNNI dot products over torch's own int4
-layout (``OFFLOAD_CPU_KERNEL=vnni``; experimental, off by default).
+"""Our CPU kernel for 4-bit weights: int8 activations and AVX-512 VNNI dot products over torch's own int4 layout,
+on by default where the CPU has it (``OFFLOAD_CPU_KERNEL=torch`` keeps torch's kernel).
 
 torch's ``_weight_int4pack_mm_for_cpu`` reads the weights at 8 to 10 GB/s at one thread, bound by its own work
 per weight; llama.cpp quantizes the activations to int8 per block and uses integer dot products, and reads at
@@ -9,13 +9,15 @@ torch's kernel on a decode token's matrices (docs/BENCHMARKS.md, "The VNNI kerne
 
 Per group of 64 inputs, x is rounded to int8 with a step d = max|x| / 127 (S: the group's int8 sum); then
 ``sum_k x_k W[n, k] ≈ sum_g d * (scale * (dot_g - 8 S) + offset * S)`` with ``dot_g`` the integer dot of the
-4-bit codes and the int8 x. Each row's result depends on that row alone, in a fixed order, so a token computes
-the same bits alone or in a batch; the int8 activations put the output about 0.6% from the float product where
-torch's kernel (bf16 activations) is about 0.24% from it, the trade llama.cpp's Q8 blocks make.
+4-bit codes and the int8 x. Each row's result depends on that row alone, in a fixed order, and torch's threads
+split whole blocks of rows, so a token computes the same bits alone or in a batch and at any thread count; the
+int8 activations put the output about 0.6% from the float product where torch's kernel (bf16 activations) is
+about 0.24% from it, the trade llama.cpp's Q8 blocks make.
 
-It is compiled at first use with torch's ``load_inline`` (g++ and ninja; about 40 s once, cached by torch under
-``~/.cache/torch_extensions``), only on a CPU with AVX-512 VNNI and VBMI whose int4 packing block is 64 rows.
-Anything else, or a failed build, logs one warning and keeps torch's kernel.
+It is compiled at first use with torch's ``load_inline`` (g++ and ninja; about 30 s once, said on the terminal,
+then cached by torch under ``~/.cache/torch_extensions``), only on a CPU with AVX-512 VNNI and VBMI whose int4
+packing block is 64 rows; a float checkpoint never builds it. Elsewhere torch's kernel runs; a failed build
+says why in one warning.
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import shutil
+import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -31,10 +35,11 @@ from torch import Tensor
 
 log = logging.getLogger(__name__)
 
-ENV = "OFFLOAD_CPU_KERNEL"  # "vnni" turns the kernel on
+ENV = "OFFLOAD_CPU_KERNEL"
+CHOICES = ("auto", "vnni", "torch")
 GROUP = 64  # the kernel's group size and block of rows
 CPU_FLAGS = ("avx512f", "avx512bw", "avx512_vnni", "avx512vbmi")
-FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mavx512vbmi"]
+FLAGS = ["-O3", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mavx512vbmi"]
 # Some virtual CPUs report AMX and fault on it (FACTS.md): never let the compiler use it.
 FLAGS += ["-mno-amx-tile", "-mno-amx-int8", "-mno-amx-bf16"]
 
@@ -43,6 +48,8 @@ Gemv = Callable[[Tensor, Tensor, Tensor], Tensor]
 # The headers and the activations' int8 rounding, shared with benchmarks/int4_vnni_probe.py.
 QUANTIZE_SOURCE = r"""
 #include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <algorithm>
 #include <immintrin.h>
 #include <cstdint>
 #include <cstring>
@@ -109,14 +116,14 @@ static inline __attribute__((always_inline)) void group_tokens(
 
 template <int T>
 static void gemv(const int8_t* xq, const float* d, const float* ds, const uint8_t* w, const uint32_t* pairs,
-                 float* y, int64_t N, int64_t K) {
-  const int64_t G = K / 64, B = N / 64;
+                 float* y, int64_t N, int64_t K, int64_t b0, int64_t b1) {
+  const int64_t G = K / 64;
   alignas(64) uint8_t i0[64], i1[64];
   for (int i = 0; i < 16; ++i)
     for (int c = 0; c < 4; ++c) i0[4 * i + c] = 32 * c + i, i1[4 * i + c] = 32 * c + 16 + i;
   const __m512i idx0 = _mm512_load_si512((const void*)i0), idx1 = _mm512_load_si512((const void*)i1);
   alignas(64) float acc[T * 64];
-  for (int64_t b = 0; b < B; ++b) {
+  for (int64_t b = b0; b < b1; ++b) {
     const uint8_t* wb = w + b * 32 * K;
     std::memset(acc, 0, sizeof(acc));
     for (int64_t g = 0; g < G; ++g) {
@@ -131,9 +138,11 @@ static void gemv(const int8_t* xq, const float* d, const float* ds, const uint8_
   }
 }
 
+// Threads split the 64-row blocks (each block whole on one thread, so the bits do not depend on the split);
+// a thread takes at least 64 KiB of weights, so small matrices stay on the calling thread.
 torch::Tensor int4_gemm(torch::Tensor x, torch::Tensor packed, torch::Tensor pairs) {
   auto xf = x.to(torch::kFloat32).contiguous();
-  const int64_t T = xf.size(0), K = xf.size(1), N = pairs.size(1), G = K / 64;
+  const int64_t T = xf.size(0), K = xf.size(1), N = pairs.size(1), G = K / 64, B = N / 64;
   TORCH_CHECK(K % 64 == 0 && N % 64 == 0 && pairs.size(0) == G && pairs.size(2) == 2, "shapes");
   TORCH_CHECK(packed.numel() == N * K / 2 && packed.is_contiguous() && pairs.is_contiguous(), "layout");
   std::vector<int8_t> xq(T * K);
@@ -143,24 +152,34 @@ torch::Tensor int4_gemm(torch::Tensor x, torch::Tensor packed, torch::Tensor pai
   auto y = torch::empty({T, N}, xf.options());
   const uint8_t* w = packed.data_ptr<uint8_t>();
   const uint32_t* p = (const uint32_t*)pairs.data_ptr<at::BFloat16>();
-  for (int64_t t0 = 0; t0 < T; t0 += 8) {
-    const int64_t n = T - t0 < 8 ? T - t0 : 8;
-    const int8_t* xt = xq.data() + t0 * K;
-    float* out = y.data_ptr<float>() + t0 * N;
-    switch (n) {
-#define CASE(c) case c: gemv<c>(xt, d.data() + t0 * G, ds.data() + t0 * G, w, p, out, N, K); break;
-      CASE(1) CASE(2) CASE(3) CASE(4) CASE(5) CASE(6) CASE(7) CASE(8)
+  float* out = y.data_ptr<float>();
+  const int64_t grain = std::max<int64_t>(1, (64 * 1024) / (32 * K));
+  at::parallel_for(0, B, grain, [&](int64_t b0, int64_t b1) {
+    for (int64_t t0 = 0; t0 < T; t0 += 8) {
+      const int64_t n = T - t0 < 8 ? T - t0 : 8;
+      const int8_t* xt = xq.data() + t0 * K;
+      const float *dt = d.data() + t0 * G, *dst = ds.data() + t0 * G;
+      float* yt = out + t0 * N;
+      switch (n) {
+#define CASE(c) case c: gemv<c>(xt, dt, dst, w, p, yt, N, K, b0, b1); break;
+        CASE(1) CASE(2) CASE(3) CASE(4) CASE(5) CASE(6) CASE(7) CASE(8)
 #undef CASE
+      }
     }
-  }
+  });
   return y;
 }
 """
 
 
-def enabled() -> bool:
-    """Whether the user asked for the kernel (``OFFLOAD_CPU_KERNEL=vnni``)."""
-    return os.environ.get(ENV, "").strip().lower() == "vnni"
+def requested() -> str:
+    """The user's choice, ``OFFLOAD_CPU_KERNEL``: ``auto`` (unset: ours where this CPU has it), ``vnni`` (ours,
+    a warning where it cannot run) or ``torch`` (torch's kernel)."""
+    value = os.environ.get(ENV, "").strip().lower() or "auto"
+    if value not in CHOICES:
+        log.warning("%s=%s is not one of %s; using auto", ENV, value, ", ".join(CHOICES))
+        return "auto"
+    return value
 
 
 def cpu_has_flags() -> bool:
@@ -177,9 +196,10 @@ def cpu_has_flags() -> bool:
 
 @functools.cache
 def gemm() -> Gemv | None:
-    """The compiled ``int4_gemm(x, packed, pairs) -> float32 y``, or None (not asked for, not this CPU, or the
-    build failed: one warning says why)."""
-    if not enabled():
+    """The compiled ``int4_gemm(x, packed, pairs) -> float32 y``, or None: ``OFFLOAD_CPU_KERNEL=torch``, not
+    this CPU, or the build failed (a warning says why where the user asked for ``vnni``, or the build failed)."""
+    choice = requested()
+    if choice == "torch":
         return None
     from offload.quant.host_kernels import packing_block
 
@@ -190,17 +210,49 @@ def gemm() -> Gemv | None:
         why = f"torch's int4 packing here is not in blocks of {GROUP} rows"
     if why is None:
         try:
-            return build_gemm()
+            return _build_with_notice()
         except Exception as error:  # a missing compiler, ninja or header: keep torch's kernel
             why = f"it did not build ({str(error).splitlines()[0] if str(error) else type(error).__name__})"
-    log.warning("%s=vnni: torch's int4 kernel is kept, since %s", ENV, why)
+            choice = "vnni"  # a failed build is always said
+    if choice == "vnni":
+        log.warning("%s: torch's int4 kernel is kept, since %s", ENV, why)
+    else:
+        log.info("torch's int4 kernel is used, since %s", why)
     return None
+
+
+def active() -> bool:
+    """Whether this process built the kernel for its 4-bit matrices (without building it to find out)."""
+    return gemm.cache_info().currsize > 0 and gemm() is not None
+
+
+def _build_with_notice() -> Gemv:
+    """``build_gemm()``, saying so where it takes long enough to be a first build rather than torch's cache."""
+    notice = threading.Timer(
+        2.0,
+        log.warning,
+        (
+            "Compiling the 4-bit CPU kernel once (about 30 s; cached under ~/.cache/torch_extensions; %s=torch "
+            "skips it)",
+            ENV,
+        ),
+    )
+    notice.daemon = True
+    notice.start()
+    try:
+        return build_gemm()
+    finally:
+        notice.cancel()
 
 
 def build(name: str, source: str, functions: Sequence[str], build_directory: str | None = None) -> Any:
     """``source`` compiled with the kernel's flags by torch's ``load_inline`` (cached by torch), as a module."""
     from torch.utils.cpp_extension import load_inline
 
+    if shutil.which("ninja") is None:  # torch runs ``ninja`` from PATH; the ninja wheel's lies beside Python
+        import ninja
+
+        os.environ["PATH"] = f"{ninja.BIN_DIR}{os.pathsep}{os.environ.get('PATH', '')}"
     return load_inline(
         name=name,
         cpp_sources=source,
