@@ -55,12 +55,21 @@ CONVERSIONS = {
     "hqq4-lm": ["--lm-head", "hqq:4:64"],  # nearest to Q4_K_M (output matrix in Q6_K)
 }
 # table lines: (llama.cpp row, offload row); each row is measured once per round even when paired twice
-PAIRS = [("F32", "float32"), ("Q4_K_M", "hqq4"), ("Q4_K_M", "hqq4-lm8"), ("Q4_K_M", "hqq4-lm")]
+PAIRS = [
+    ("F32", "float32"),
+    ("Q4_K_M", "hqq4"),
+    ("Q4_K_M", "hqq4-lm8"),
+    ("Q4_K_M", "hqq4-lm"),
+    ("Q4_K_M", "hqq4-lm-torch"),
+]
+# offload rows run with torch's int4 kernel instead of ours (OFFLOAD_CPU_KERNEL=torch): row -> conversion
+TORCH_KERNEL_ROWS = {"hqq4-lm-torch": "hqq4-lm"}
 OFFLOAD_LABELS = {
     "float32": "float32",
     "hqq4": "converted `hqq:4:64` (lm_head float)",
     "hqq4-lm8": "converted `hqq:4:64`, lm_head `bnb:int8`",
     "hqq4-lm": "converted `hqq:4:64`, lm_head `hqq:4:64` too",
+    "hqq4-lm-torch": "the same, `OFFLOAD_CPU_KERNEL=torch`",
 }
 
 
@@ -71,6 +80,7 @@ class Row:
     name: str
     engine: str  # "llama.cpp" or "offload"
     command: list[str]
+    env: dict[str, str] = field(default_factory=dict)  # set for this row's process only
     speeds: list[float] = field(default_factory=list)
     rss_gb: list[float] = field(default_factory=list)
 
@@ -159,14 +169,15 @@ def rows(paths: dict[str, Path], build: Path, threads: int, tokens: int, reps: i
                 "-p", "0", "-n", str(tokens), "-r", str(reps), "-o", "json",
             ],
         )  # fmt: skip
-    for name in ("float32", *CONVERSIONS):
+    for name in ("float32", *CONVERSIONS, *TORCH_KERNEL_ROWS):
         # the profile by path: the default one of a CPU, but this tree's (an editable install of another
         # checkout would otherwise supply its own profiles/)
         table[name] = Row(
             name,
             "offload",
-            offload_command(
-                "bench", "-m", str(paths[name]), "--profile", str(ROOT / "profiles" / "cpu.toml"),
+            env={"OFFLOAD_CPU_KERNEL": "torch"} if name in TORCH_KERNEL_ROWS else {},
+            command=offload_command(
+                "bench", "-m", str(paths[TORCH_KERNEL_ROWS.get(name, name)]), "--profile", str(ROOT / "profiles" / "cpu.toml"),
                 "--threads", str(threads), "--dtype", "float32",
                 "--prompt-tokens", "1", "--new-tokens", str(tokens), "--runs", str(reps), "--json", "-",
             ),
@@ -177,7 +188,8 @@ def rows(paths: dict[str, Path], build: Path, threads: int, tokens: int, reps: i
 def measure(row: Row, threads: int) -> tuple[float, float]:
     """Run ``row`` once: (decode tok/s, peak RSS in GB of that process)."""
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
-        child = subprocess.Popen(row.command, stdout=out, stderr=err, env=child_env(threads), cwd=ROOT)
+        env = child_env(threads) | row.env
+        child = subprocess.Popen(row.command, stdout=out, stderr=err, env=env, cwd=ROOT)
         # wait4, not Popen.wait: the rusage is this child's alone (RUSAGE_CHILDREN keeps the max of all)
         _, status, usage = os.wait4(child.pid, 0)
         child.returncode = os.waitstatus_to_exitcode(status)
@@ -195,11 +207,12 @@ def measure(row: Row, threads: int) -> tuple[float, float]:
     return float(only["decode_tokens_per_second"]), rss_gb
 
 
-def shell(command: list[str]) -> str:
+def shell(row: Row) -> str:
     """A copyable command line: this tree's `offload` spelled as `offload`, paths kept."""
+    command = row.command
     if command[:3] == [sys.executable, "-m", "cli.main"]:
         command = ["offload", *command[3:]]
-    return " ".join(command)
+    return " ".join([*(f"{key}={value}" for key, value in row.env.items()), *command])
 
 
 def report(table: dict[str, Row], loads: list[tuple[float, float, float]], args: argparse.Namespace) -> str:
@@ -221,7 +234,7 @@ def report(table: dict[str, Row], loads: list[tuple[float, float, float]], args:
             )
     lines += ["", "Speed-ups of the 4-bit rows over their own float row:"]
     lines.append(f"- llama.cpp Q4_K_M / F32: {table['Q4_K_M'].median() / table['F32'].median():.2f}x")
-    for name in CONVERSIONS:
+    for name in (*CONVERSIONS, *TORCH_KERNEL_ROWS):
         lines.append(f"- offload {name} / float32: {table[name].median() / table['float32'].median():.2f}x")
     lines += ["", "Every run (tok/s):"]
     for row in table.values():
@@ -230,7 +243,7 @@ def report(table: dict[str, Row], loads: list[tuple[float, float, float]], args:
         ", ".join(f"{x:.2f}" for x in load) for load in loads
     ))  # fmt: skip
     lines += ["", "Commands (one run each, per round):", "```"]
-    lines += [shell(row.command) for row in table.values()]
+    lines += [shell(row) for row in table.values()]
     lines.append("```")
     return "\n".join(lines)
 
@@ -281,7 +294,7 @@ def main() -> None:
             "rows": {
                 row.name: {
                     "engine": row.engine,
-                    "command": shell(row.command),
+                    "command": shell(row),
                     "decode_tok_s": row.median(),
                     "runs": row.speeds,
                     "peak_rss_gb": max(row.rss_gb),

@@ -120,7 +120,11 @@ def context_lines(report: dict[str, Any]) -> list[str]:
         )
     lines.append(
         f"peak RSS {machine['peak_rss_bytes'] / MIB:.0f} MiB; {machine['torch_threads']} torch threads; "
-        + ("CPU int4 kernel: ours (vnni; OFFLOAD_CPU_KERNEL=torch for torch's); " if machine.get("cpu_int4_kernel") == "vnni" else "")
+        + (
+            "CPU int4 kernel: ours (vnni; OFFLOAD_CPU_KERNEL=torch for torch's); "
+            if machine.get("cpu_int4_kernel") == "vnni"
+            else ""
+        )
         + f"load average {machine['load_average_start']} -> {machine['load_average_end']}"
     )
     return lines

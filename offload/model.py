@@ -171,6 +171,9 @@ def _plus_projection(residual: Tensor, x: Tensor, projection: nn.Module) -> Tens
     (addmm: one kernel, not two, per layer of a decode step; the sum may round once where two calls round twice)."""
     if type(projection) is DenseLinear:
         weight = projection.weight
+        one_row = x.numel() == weight.shape[1] and x.is_contiguous() and residual.is_contiguous()
+        if projection.one_token is not None and one_row:
+            return projection.one_token(x, weight, residual)
         out = torch.addmm(residual.reshape(-1, weight.shape[0]), x.reshape(-1, weight.shape[1]), weight.t())
         return out.view(residual.shape)
     return residual + projection.forward(x)

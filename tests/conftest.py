@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -53,3 +54,20 @@ def _own_offload_home(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pyt
     """Every test (and every process it starts) has its own $OFFLOAD_HOME: chats autosaved there and user
     profiles never touch the real one."""
     monkeypatch.setenv("OFFLOAD_HOME", str(tmp_path_factory.mktemp("offload-home")))
+
+
+def _forget_cpu_kernels() -> None:
+    from offload import f32_kernel
+    from offload.quant import vnni_kernel
+
+    f32_kernel.product.cache_clear()
+    vnni_kernel.gemm.cache_clear()
+
+
+@pytest.fixture
+def torch_cpu_kernels(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """torch's CPU kernels instead of ours (``OFFLOAD_CPU_KERNEL=torch``) for modules built during one test."""
+    monkeypatch.setenv("OFFLOAD_CPU_KERNEL", "torch")
+    _forget_cpu_kernels()
+    yield
+    _forget_cpu_kernels()  # built afterwards, modules follow the environment again

@@ -14,6 +14,15 @@ from offload.loading import load_model
 EXPERTS = 4
 
 
+@pytest.fixture(params=["torch", "ours"])
+def kernels(request: pytest.FixtureRequest) -> str:
+    """Each kind of CPU kernel in turn: torch's (MKL, where pairs run one bmm) and ours (``f32_kernel``, one
+    expert at a time at the memory's speed: no pairs), both keeping every expert's unfused bits."""
+    if request.param == "torch":
+        request.getfixturevalue("torch_cpu_kernels")
+    return request.param
+
+
 def weights(hidden: int, width: int, seed: int) -> dict[str, torch.Tensor]:
     generator = torch.Generator().manual_seed(seed)
     return {
@@ -37,7 +46,7 @@ def resident_and_plain(hidden: int, width: int) -> tuple[ResidentExperts, list[D
 # (256, 448) is the demo's layer, (512, 1792) a Mixtral layer / 8; the others are shapes where fusing or pairing
 # would change bits on at least some BLAS builds.
 @pytest.mark.parametrize("hidden, width", [(256, 448), (512, 1792), (16, 24), (36, 37), (72, 50), (128, 24)])
-def test_resident_experts_give_the_bits_of_unfused_experts_alone_and_in_pairs(hidden, width):
+def test_resident_experts_give_the_bits_of_unfused_experts_alone_and_in_pairs(hidden, width, kernels):
     source, plain = resident_and_plain(hidden, width)
     row = torch.randn(1, hidden, generator=torch.Generator().manual_seed(9))
     rows = torch.randn(5, hidden, generator=torch.Generator().manual_seed(10))
@@ -56,7 +65,7 @@ def test_resident_experts_give_the_bits_of_unfused_experts_alone_and_in_pairs(hi
                 assert torch.equal(expert(x), plain[expert_id](x))
 
 
-def test_the_demo_model_pairs_every_layer_and_decodes_as_the_unpaired_model():
+def test_the_demo_model_pairs_every_layer_and_decodes_as_the_unpaired_model(torch_cpu_kernels: None):
     paired = load_model("offload/demo", dtype="float32")
     assert all(stack is not None for stack in paired.expert_source.stacks)
     unpaired = load_model("offload/demo", dtype="float32")

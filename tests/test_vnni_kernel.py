@@ -75,7 +75,10 @@ def test_a_failed_build_says_why_and_keeps_torchs_kernel(
     try:
         _choose(monkeypatch, None)
         assert vnni_kernel.gemm() is None
-        assert "torch's int4 kernel is kept, since it did not build (Error building extension" in caplog.text
+        assert (
+            "torch's kernel is kept for 4-bit matrices, since it did not build (Error building extension"
+            in caplog.text
+        )
     finally:
         vnni_kernel.gemm.cache_clear()
 

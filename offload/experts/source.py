@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from offload import f32_kernel
 from offload.experts.stats import CacheStats
 
 
@@ -69,9 +70,12 @@ class DenseExpert:
 
     def __init__(self, w1: Tensor, w2: Tensor, w3: Tensor) -> None:
         self.w1, self.w2, self.w3 = one_token_layout(w1), one_token_layout(w2), one_token_layout(w3)
+        # Our one-token float32 kernel per matrix, where it takes it (decided by the weight alone).
+        self.k1, self.k2, self.k3 = (f32_kernel.for_weight(w) for w in (self.w1, self.w2, self.w3))
 
     def __call__(self, x: Tensor) -> Tensor:
-        return F.linear(F.silu(F.linear(x, self.w1)) * F.linear(x, self.w3), self.w2)
+        linear = f32_kernel.linear
+        return linear(F.silu(linear(x, self.w1, self.k1)) * linear(x, self.w3, self.k3), self.w2, self.k2)
 
     def fused(self) -> DenseExpert:
         """This expert with w1 and w3 in one matrix, where that gives the same bits (else itself).
@@ -113,6 +117,7 @@ class FusedDenseExpert(DenseExpert):
         stacked[:, :width].copy_(w1.t())
         stacked[:, width:].copy_(w3.t())
         self.w13, self.w2, self.width = stacked.t(), one_token_layout(w2), width
+        self.k13, self.k2 = f32_kernel.for_weight(self.w13), f32_kernel.for_weight(self.w2)
 
     @property
     def w1(self) -> Tensor:
@@ -123,11 +128,11 @@ class FusedDenseExpert(DenseExpert):
         return self.w13[self.width :]
 
     def __call__(self, x: Tensor) -> Tensor:
-        both = F.linear(x, self.w13)
+        both = f32_kernel.linear(x, self.w13, self.k13)
         # silu's vectorised loop rounds differently in a row's tail: give it the (T, F) block the unfused
         # expert gives it (a copy only when T > 1; at one token the half is already contiguous).
         gate, up = both.chunk(2, dim=-1)  # one op for both halves
-        return F.linear(F.silu(gate.contiguous()) * up, self.w2)
+        return f32_kernel.linear(F.silu(gate.contiguous()) * up, self.w2, self.k2)
 
     def fused(self) -> DenseExpert:
         return self

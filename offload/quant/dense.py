@@ -5,9 +5,9 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
+from offload import f32_kernel
 from offload.errors import QuantError
 from offload.experts.source import one_token_layout
 
@@ -76,9 +76,11 @@ class DenseLinear(nn.Module):
     def __init__(self, weight: Tensor) -> None:
         super().__init__()
         self.register_buffer("weight", one_token_layout(weight))
+        # Our one-token float32 kernel where it takes this weight (its shape, dtype and device do not change).
+        self.one_token = f32_kernel.for_weight(self.weight)
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.linear(x, self.weight)
+        return f32_kernel.linear(x, self.weight, self.one_token)
 
     def extra_repr(self) -> str:
         out_features, in_features = self.weight.shape

@@ -23,25 +23,16 @@ says why in one warning.
 from __future__ import annotations
 
 import functools
-import logging
-import os
-import shutil
-import threading
-from collections.abc import Callable, Sequence
-from pathlib import Path
-from typing import Any
+from collections.abc import Callable
 
 from torch import Tensor
 
-log = logging.getLogger(__name__)
+from offload import cpu_build
 
-ENV = "OFFLOAD_CPU_KERNEL"
-CHOICES = ("auto", "vnni", "torch")
+ENV = cpu_build.ENV
 GROUP = 64  # the kernel's group size and block of rows
 CPU_FLAGS = ("avx512f", "avx512bw", "avx512_vnni", "avx512vbmi")
 FLAGS = ["-O3", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mavx512vbmi"]
-# Some virtual CPUs report AMX and fault on it (FACTS.md): never let the compiler use it.
-FLAGS += ["-mno-amx-tile", "-mno-amx-int8", "-mno-amx-bf16"]
 
 Gemv = Callable[[Tensor, Tensor, Tensor], Tensor]
 
@@ -172,53 +163,23 @@ torch::Tensor int4_gemm(torch::Tensor x, torch::Tensor packed, torch::Tensor pai
 """
 
 
-def requested() -> str:
-    """The user's choice, ``OFFLOAD_CPU_KERNEL``: ``auto`` (unset: ours where this CPU has it), ``vnni`` (ours,
-    a warning where it cannot run) or ``torch`` (torch's kernel)."""
-    value = os.environ.get(ENV, "").strip().lower() or "auto"
-    if value not in CHOICES:
-        log.warning("%s=%s is not one of %s; using auto", ENV, value, ", ".join(CHOICES))
-        return "auto"
-    return value
-
-
 def cpu_has_flags() -> bool:
-    """Whether this CPU reports every instruction set the kernel is compiled for (Linux's /proc/cpuinfo)."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    flags = next(
-        (line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), []
-    )
-    return all(flag in flags for flag in CPU_FLAGS)
+    """Whether this CPU reports every instruction set the kernel is compiled for."""
+    return cpu_build.has_flags(CPU_FLAGS)
 
 
 @functools.cache
 def gemm() -> Gemv | None:
     """The compiled ``int4_gemm(x, packed, pairs) -> float32 y``, or None: ``OFFLOAD_CPU_KERNEL=torch``, not
-    this CPU, or the build failed (a warning says why where the user asked for ``vnni``, or the build failed)."""
-    choice = requested()
-    if choice == "torch":
-        return None
+    this CPU, or the build failed (``cpu_build.compiled`` says why where it should)."""
     from offload.quant.host_kernels import packing_block
 
-    why = None
+    why_not = None
     if not cpu_has_flags():
-        why = f"this CPU lacks one of {', '.join(CPU_FLAGS)}"
+        why_not = f"this CPU lacks one of {', '.join(CPU_FLAGS)}"
     elif packing_block() != GROUP:
-        why = f"torch's int4 packing here is not in blocks of {GROUP} rows"
-    if why is None:
-        try:
-            return _build_with_notice()
-        except Exception as error:  # a missing compiler, ninja or header: keep torch's kernel
-            why = f"it did not build ({str(error).splitlines()[0] if str(error) else type(error).__name__})"
-            choice = "vnni"  # a failed build is always said
-    if choice == "vnni":
-        log.warning("%s: torch's int4 kernel is kept, since %s", ENV, why)
-    else:
-        log.info("torch's int4 kernel is used, since %s", why)
-    return None
+        why_not = f"torch's int4 packing here is not in blocks of {GROUP} rows"
+    return cpu_build.compiled("4-bit matrices", build_gemm, why_not)
 
 
 def active() -> bool:
@@ -226,48 +187,11 @@ def active() -> bool:
     return gemm.cache_info().currsize > 0 and gemm() is not None
 
 
-def _build_with_notice() -> Gemv:
-    """``build_gemm()``, saying so where it takes long enough to be a first build rather than torch's cache."""
-    notice = threading.Timer(
-        2.0,
-        log.warning,
-        (
-            "Compiling the 4-bit CPU kernel once (about 30 s; cached under ~/.cache/torch_extensions; %s=torch "
-            "skips it)",
-            ENV,
-        ),
-    )
-    notice.daemon = True
-    notice.start()
-    try:
-        return build_gemm()
-    finally:
-        notice.cancel()
-
-
-def build(name: str, source: str, functions: Sequence[str], build_directory: str | None = None) -> Any:
-    """``source`` compiled with the kernel's flags by torch's ``load_inline`` (cached by torch), as a module."""
-    from torch.utils.cpp_extension import load_inline
-
-    if shutil.which("ninja") is None:  # torch runs ``ninja`` from PATH; the ninja wheel's lies beside Python
-        import ninja
-
-        os.environ["PATH"] = f"{ninja.BIN_DIR}{os.pathsep}{os.environ.get('PATH', '')}"
-    return load_inline(
-        name=name,
-        cpp_sources=source,
-        functions=list(functions),
-        extra_cflags=FLAGS,
-        build_directory=build_directory,
-    )
-
-
 def build_gemm(build_directory: str | None = None) -> Gemv:
     """The kernel, compiled whether or not the user asked for it (for benchmarks): ``int4_gemm(x, packed,
     pairs)``."""
-    return build(
-        "offload_int4_vnni", QUANTIZE_SOURCE + _GEMM_SOURCE, ["int4_gemm"], build_directory
-    ).int4_gemm
+    source = QUANTIZE_SOURCE + _GEMM_SOURCE
+    return cpu_build.build("offload_int4_vnni", source, ["int4_gemm"], FLAGS, build_directory).int4_gemm
 
 
 def fits(out_features: int, in_features: int, group_size: int) -> bool:
