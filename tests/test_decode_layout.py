@@ -9,6 +9,7 @@ takes a shorter path whose values must match the fused op's.
 import pytest
 import torch
 
+from offload import f32_kernel
 from offload.experts.packing import ExpertLayout, materialize_dense, pack_expert, unpack_expert
 from offload.experts.source import DenseExpert, FusedDenseExpert, ResidentExperts, one_token_layout
 from offload.experts.store import HostStore
@@ -57,7 +58,8 @@ def test_an_expert_from_the_store_computes_without_a_copy_and_matches_the_reside
     store.put(0, 0, {name: t.clone() for name, t in tensors.items()})
     views = store.tensors(0, 0)
     assert is_input_major(views["w1"]) and is_input_major(views["w3"])
-    assert views["w2"].is_contiguous()  # wider than tall: the row kernel is the faster one
+    # Wider than tall: input-major only where our float32 kernel runs (MKL's row kernel is faster for it).
+    assert is_input_major(views["w2"]) == (f32_kernel.product() is not None)
     offloaded = materialize_dense(views)
     buffer = store.buffer(0, 0)
     for weight in (offloaded.w1, offloaded.w2, offloaded.w3):
@@ -79,10 +81,11 @@ def test_a_bfloat16_store_converted_to_float32_stays_input_major():
 
 
 def test_dense_linear_holds_tall_float32_matrices_input_major_with_the_same_values():
+    """Wide ones too where our float32 kernel runs; with torch's, MKL's row kernel reads them faster."""
     tall = torch.randn(64, 16)
     assert is_input_major(DenseLinear(tall).weight) and torch.equal(DenseLinear(tall).weight, tall)
     wide = torch.randn(16, 64)
-    assert DenseLinear(wide).weight.is_contiguous()
+    assert is_input_major(DenseLinear(wide).weight) == (f32_kernel.product() is not None)
     assert DenseLinear(tall.bfloat16()).weight.is_contiguous()
     held = one_token_layout(tall)
     assert one_token_layout(held) is held  # already so: no second copy

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from offload.errors import CacheError
-from offload.experts.source import DenseExpert, prefers_input_major
+from offload.experts.source import DenseExpert, input_major_shape, prefers_input_major
 
 # Every tensor starts on a 64-byte boundary: a uint8 view can then be reinterpreted as any dtype,
 # and matmul kernels see the same alignment as a fresh allocation (so results stay bit-identical).
@@ -48,8 +48,8 @@ class ExpertLayout:
     def of(cls, tensors: dict[str, Tensor], *, input_major: bool | None = None) -> ExpertLayout:
         """The layout that packs ``tensors`` in their dict order, each aligned to ALIGNMENT bytes.
 
-        With ``input_major``, every float matrix (a dense expert's) with more rows than one and at least as
-        many as columns is stored transposed, so that its view is already in ``one_token_layout``: a slot or
+        With ``input_major``, every float matrix (a dense expert's) that ``input_major_shape`` holds
+        input-major is stored transposed, so that its view is already in ``one_token_layout``: a slot or
         the host store then computes from its bytes without a copy. Pass whether the compute dtype
         ``prefers_input_major``; None decides by each tensor's own dtype (the experts compute as stored).
         """
@@ -58,7 +58,7 @@ class ExpertLayout:
         for name, tensor in tensors.items():
             nbytes = tensor.numel() * tensor.element_size()
             wanted = prefers_input_major(tensor.dtype) if input_major is None else input_major
-            transposed = wanted and _is_tall_matrix(tensor)
+            transposed = wanted and _is_input_major_matrix(tensor)
             slices.append(TensorSlice(name, tensor.dtype, tuple(tensor.shape), offset, nbytes, transposed))
             offset = _align(offset + nbytes)
         return cls(tuple(slices), max(offset, ALIGNMENT))
@@ -82,8 +82,8 @@ def _describe(tensors: dict[str, tuple[torch.dtype, tuple[int, ...]]]) -> str:
     return "{" + ", ".join(parts) + "}"
 
 
-def _is_tall_matrix(tensor: Tensor) -> bool:
-    return tensor.is_floating_point() and tensor.dim() == 2 and tensor.shape[0] >= tensor.shape[1] > 1
+def _is_input_major_matrix(tensor: Tensor) -> bool:
+    return tensor.is_floating_point() and tensor.dim() == 2 and input_major_shape(*tensor.shape)
 
 
 def _view(buffer: Tensor, piece: TensorSlice) -> Tensor:

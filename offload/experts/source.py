@@ -46,6 +46,15 @@ def prefers_input_major(dtype: torch.dtype) -> bool:
     return dtype == torch.float32
 
 
+def input_major_shape(out_features: int, in_features: int) -> bool:
+    """Whether an (out, in) matrix of a dtype that ``prefers_input_major`` is held input-major: a tall one
+    always; a wide one (the down projection) too where our float32 kernel runs (``offload.f32_kernel``),
+    which reads every input-major matrix at the memory's speed and row-major wide ones a third slower."""
+    if out_features <= 1 or in_features <= 1:
+        return False
+    return out_features >= in_features or f32_kernel.product() is not None
+
+
 def one_token_layout(weight: Tensor) -> Tensor:
     """``weight`` (out, in) with the same values, in the memory layout a one-token ``F.linear`` runs fastest in
     (``prefers_input_major``); the tensor itself when it already is, else one copy.
@@ -56,7 +65,9 @@ def one_token_layout(weight: Tensor) -> Tensor:
     """
     out_features, in_features = weight.shape
     # stride(0) == 1: input-major already, maybe a row block of a taller input-major matrix (fused q, k, v).
-    if not prefers_input_major(weight.dtype) or out_features < in_features or weight.stride(0) == 1:
+    if not prefers_input_major(weight.dtype) or weight.stride(0) == 1:
+        return weight
+    if not input_major_shape(out_features, in_features):
         return weight
     return weight.t().contiguous().t()
 
