@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -38,7 +39,9 @@ _SOURCE = r"""
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 #include <algorithm>
+#include <cmath>
 #include <cstring>
+#include <vector>
 
 // Input-major: y[n] = sum over k in order of x[k] * w[k * ld + n], one fma chain per output, started at 0.
 template <int V>
@@ -147,22 +150,81 @@ torch::Tensor f32_product(torch::Tensor x, torch::Tensor w, torch::Tensor residu
   }
   return y;
 }
+
+// One query token's attention, batch 1: q (1, H, 1, K), keys and values (1, G, S, K) with unit stride over K
+// (the cache's strided views); each query head h reads key/value head h / (H / G). Scores scaled by 1 / sqrt(K),
+// softmax with the maximum subtracted, then the weighted sum of the values in position order.
+torch::Tensor f32_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v) {
+  const int64_t H = q.size(1), G = k.size(1), S = k.size(2), K = q.size(3);
+  TORCH_CHECK(q.scalar_type() == at::kFloat && k.scalar_type() == at::kFloat && v.scalar_type() == at::kFloat, "f32");
+  TORCH_CHECK(q.size(0) == 1 && q.size(2) == 1 && K % 16 == 0 && H % G == 0, "one token, batch 1");
+  TORCH_CHECK(q.stride(3) == 1 && k.stride(3) == 1 && v.stride(3) == 1 && v.size(2) == S, "unit stride");
+  auto out = at::empty({1, H, 1, K}, q.options());
+  const float *qp = q.data_ptr<float>(), *kp = k.data_ptr<float>(), *vp = v.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  const int64_t qh = q.stride(1), kg = k.stride(1), ks = k.stride(2), vg = v.stride(1), vs = v.stride(2);
+  const float scale = 1.f / std::sqrt((float)K);
+  const int64_t per_group = H / G, V = K / 16;
+  at::parallel_for(0, H, S * K < (1 << 16) ? H : 1, [&](int64_t h0, int64_t h1) {
+    std::vector<float> p(S);
+    for (int64_t h = h0; h < h1; ++h) {
+      const float* qv = qp + h * qh;
+      const float* kb = kp + (h / per_group) * kg;
+      const float* vb = vp + (h / per_group) * vg;
+      float top = -INFINITY;
+      for (int64_t s = 0; s < S; ++s) {
+        __m512 acc = _mm512_setzero_ps();
+        for (int64_t i = 0; i < V; ++i)
+          acc = _mm512_fmadd_ps(_mm512_loadu_ps(qv + 16 * i), _mm512_loadu_ps(kb + s * ks + 16 * i), acc);
+        p[s] = _mm512_reduce_add_ps(acc) * scale;
+        top = std::max(top, p[s]);
+      }
+      float total = 0.f;
+      for (int64_t s = 0; s < S; ++s) total += (p[s] = std::exp(p[s] - top));
+      const float inverse = 1.f / total;
+      float* o = op + h * K;
+      for (int64_t i = 0; i < V; ++i) {
+        __m512 acc = _mm512_setzero_ps();
+        for (int64_t s = 0; s < S; ++s)
+          acc = _mm512_fmadd_ps(_mm512_set1_ps(p[s]), _mm512_loadu_ps(vb + s * vs + 16 * i), acc);
+        _mm512_storeu_ps(o + 16 * i, _mm512_mul_ps(acc, _mm512_set1_ps(inverse)));
+      }
+    }
+  });
+  return out;
+}
 """
 
 
 @functools.cache
-def product() -> Product | None:
-    """The compiled ``f32_product(x, weight, residual)``, or None (``OFFLOAD_CPU_KERNEL=torch``, no AVX-512, or
-    a failed build)."""
+def kernels() -> Any | None:
+    """The compiled module (``f32_product``, ``f32_attention``), or None (``OFFLOAD_CPU_KERNEL=torch``, no
+    AVX-512, or a failed build)."""
     why_not = None if cpu_build.has_flags(CPU_FLAGS) else "this CPU lacks AVX-512"
-    return cpu_build.compiled("float32 decode products", build, why_not)
+    return cpu_build.compiled("float32 decode steps", build, why_not)
 
 
-def build(build_directory: str | None = None) -> Product:
-    """The kernel, compiled whether or not the user asked for it (for benchmarks)."""
-    return cpu_build.build(
-        "offload_f32_product", _SOURCE, ["f32_product"], FLAGS, build_directory
-    ).f32_product
+def product() -> Product | None:
+    """``f32_product(x, weight, residual)`` where our kernels run here, else None."""
+    module = kernels()
+    return None if module is None else module.f32_product
+
+
+def attention(q: Tensor, keys: Tensor, values: Tensor) -> Tensor | None:
+    """One query token's attention over the cached ``keys`` and ``values`` (no mask), (1, H, 1, K), by our
+    kernel; None where it does not take these tensors (the caller runs SDPA)."""
+    module = kernels()
+    if module is None or q.dtype != torch.float32 or q.device.type != "cpu" or q.shape[0] != 1:
+        return None
+    if q.shape[-1] % LANES or q.stride(-1) != 1 or keys.stride(-1) != 1 or values.stride(-1) != 1:
+        return None
+    return module.f32_attention(q, keys, values)
+
+
+def build(build_directory: str | None = None) -> Any:
+    """The kernels, compiled whether or not the user asked for them (for benchmarks), as a module."""
+    functions = ["f32_product", "f32_attention"]
+    return cpu_build.build("offload_f32_kernels", _SOURCE, functions, FLAGS, build_directory)
 
 
 def for_weight(weight: Tensor) -> Product | None:

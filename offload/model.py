@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from offload import f32_kernel
 from offload.config import ModelConfig
 from offload.experts.source import ExpertSource, route
 from offload.kv_cache import KVCache
@@ -146,9 +147,12 @@ class Attention(nn.Module):
         rolled = qk.roll(head_dim // 2, dims=-1)
         qk.mul_(positions.cos).addcmul_(rolled, positions.sin)  # apply_rope's kernels, in place
         keys, values = cache.append(layer, qkv.view(batch, -1)[:, heads * head_dim :], positions.start)
-        out = F.scaled_dot_product_attention(
-            qkv[:, :heads].unsqueeze(2), keys, values, attn_mask=positions.mask, enable_gqa=True
-        )  # (B, H, 1, K), the memory of (B, 1, H * K)
+        query = qkv[:, :heads].unsqueeze(2)
+        out = f32_kernel.attention(query, keys, values) if positions.mask is None else None
+        if out is None:  # SDPA where our float32 kernel does not run
+            out = F.scaled_dot_product_attention(
+                query, keys, values, attn_mask=positions.mask, enable_gqa=True
+            )  # (B, H, 1, K), the memory of (B, 1, H * K)
         return _plus_projection(residual, out.view(batch, 1, -1), self.o_proj)
 
     def _rotated_qkv(self, x: Tensor, positions: Positions) -> tuple[Tensor, Tensor, Tensor]:

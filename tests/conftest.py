@@ -60,7 +60,7 @@ def _forget_cpu_kernels() -> None:
     from offload import f32_kernel
     from offload.quant import vnni_kernel
 
-    f32_kernel.product.cache_clear()
+    f32_kernel.kernels.cache_clear()
     vnni_kernel.gemm.cache_clear()
 
 

@@ -61,3 +61,19 @@ def test_a_dense_linear_uses_it_at_one_token_and_f_linear_otherwise() -> None:
 def test_torch_kernels_when_asked_for(torch_cpu_kernels: None) -> None:
     assert f32_kernel.product() is None
     assert DenseLinear(_weight(448, 256, input_major=True)).one_token is None
+
+
+@needs_kernel
+@pytest.mark.parametrize("positions", [1, 7, 300])
+def test_one_token_attention_matches_sdpa_over_a_strided_cache(positions: int) -> None:
+    heads, kv_heads, head_dim = 8, 2, 32
+    generator = torch.Generator().manual_seed(positions)
+    # The cache's layout: per position, every key head then every value head (KVCache.rows), viewed strided.
+    rows = torch.randn(1, positions, 2, kv_heads, head_dim, generator=generator)
+    keys, values = rows[:, :, 0].transpose(1, 2), rows[:, :, 1].transpose(1, 2)  # (1, G, S, K)
+    query = torch.randn(1, heads, head_dim, generator=generator).unsqueeze(2)  # (1, H, 1, K)
+    got = f32_kernel.attention(query, keys, values)
+    want = F.scaled_dot_product_attention(query, keys, values, enable_gqa=True)
+    assert got is not None and got.shape == want.shape
+    assert float((got - want).abs().max()) < 1e-5
+    assert f32_kernel.attention(query.double(), keys.double(), values.double()) is None  # SDPA's then
