@@ -120,11 +120,7 @@ def context_lines(report: dict[str, Any]) -> list[str]:
         )
     lines.append(
         f"peak RSS {machine['peak_rss_bytes'] / MIB:.0f} MiB; {machine['torch_threads']} torch threads; "
-        + (
-            "CPU int4 kernel: ours (vnni; OFFLOAD_CPU_KERNEL=torch for torch's); "
-            if machine.get("cpu_int4_kernel") == "vnni"
-            else ""
-        )
+        + _cpu_kernels(machine)
         + f"load average {machine['load_average_start']} -> {machine['load_average_end']}"
     )
     return lines
@@ -157,3 +153,16 @@ def _ratio(value: float | None) -> str:
 
 def _per_token(value: float | None, scale: float, form: str) -> str:
     return "–" if value is None else form.format(value * scale)
+
+
+def _cpu_kernels(machine: dict) -> str:
+    """Which of our CPU kernels ran (the figures depend on them), or nothing where only torch's did."""
+    ours = [
+        name
+        for name, key, value in (
+            ("int4 vnni", "cpu_int4_kernel", "vnni"),
+            ("float32", "cpu_f32_kernel", "ours"),
+        )
+        if machine.get(key) == value
+    ]
+    return f"our CPU kernels: {', '.join(ours)} (OFFLOAD_CPU_KERNEL=torch for torch's); " if ours else ""

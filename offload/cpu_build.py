@@ -72,12 +72,16 @@ def compiled(what: str, build: Callable[[], Any], why_not: str | None) -> Any | 
 
 def _with_notice(build: Callable[[], Any]) -> Any:
     """``build()``, saying so where it takes long enough to be a first build rather than torch's cache."""
+    cache = os.environ.get("TORCH_EXTENSIONS_DIR", "~/.cache/torch_extensions")  # where torch keeps builds
     notice = threading.Timer(
         2.0,
         log.warning,
-        ("Compiling offload's CPU kernels once (about 30 s; cached under ~/.cache/torch_extensions; %s=torch "
-         "skips them)", ENV),
-    )  # fmt: skip
+        (
+            "Compiling offload's CPU kernels once (about 30 s; cached under %s; %s=torch skips them)",
+            cache,
+            ENV,
+        ),
+    )
     notice.daemon = True
     notice.start()
     try:

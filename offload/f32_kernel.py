@@ -204,6 +204,11 @@ def kernels() -> Any | None:
     return cpu_build.compiled("float32 decode steps", build, why_not)
 
 
+def active() -> bool:
+    """Whether this process built the kernels for its float32 matrices (without building them to find out)."""
+    return kernels.cache_info().currsize > 0 and kernels() is not None
+
+
 def product() -> Product | None:
     """``f32_product(x, weight, residual)`` where our kernels run here, else None."""
     module = kernels()

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from offload import cpu_build, f32_kernel
 from offload.checkpoint.convert import convert_checkpoint
 from offload.loading import OffloadOptions, load_model
 from offload.quant import vnni_kernel
@@ -28,6 +29,7 @@ def _choose(monkeypatch: pytest.MonkeyPatch, value: str | None) -> None:
     else:
         monkeypatch.setenv(vnni_kernel.ENV, value)
     vnni_kernel.gemm.cache_clear()
+    f32_kernel.kernels.cache_clear()
 
 
 @pytest.fixture
@@ -142,15 +144,17 @@ def test_a_bench_report_says_which_cpu_kernel_ran(tmp_path: Path, monkeypatch: p
     converted = tmp_path / "q4"
     convert_checkpoint(source, converted, QuantScheme.build(1, attention="hqq:4:64", experts="hqq:4:64"))
 
-    def kernel() -> str:
+    def kernels() -> tuple[str, str]:
         flags = LoadFlags(dtype="float32", quant=None, threads=1)
-        report = run_bench(converted, flags, prompt_tokens=4, new_tokens=2, runs=1).as_dict()
-        return report["machine"]["cpu_int4_kernel"]
+        machine = run_bench(converted, flags, prompt_tokens=4, new_tokens=2, runs=1).as_dict()["machine"]
+        return machine["cpu_int4_kernel"], machine["cpu_f32_kernel"]  # the baby's lm_head stays float32
 
     try:
         _choose(monkeypatch, "torch")
-        assert kernel() == "torch"
+        assert kernels() == ("torch", "torch")
         _choose(monkeypatch, None)
-        assert kernel() == ("vnni" if HAS_KERNEL_CPU else "torch")
+        f32 = "ours" if cpu_build.has_flags(f32_kernel.CPU_FLAGS) else "torch"
+        assert kernels() == ("vnni" if HAS_KERNEL_CPU else "torch", f32)
     finally:
         vnni_kernel.gemm.cache_clear()
+        f32_kernel.kernels.cache_clear()

@@ -48,7 +48,8 @@ times seconds, speeds tokens per second; ratios are None where there is nothing 
                                replayed bytes of one recorded cold run of "copy-only", against Belady
     machine                    {python, torch, cpu_count, torch_threads, load_average_start, load_average_end,
                                 peak_rss_bytes (the whole process, at the end), cuda_peak_bytes (torch's, or None),
-                                cpu_int4_kernel ("vnni" where ours ran, else "torch"; OFFLOAD_CPU_KERNEL)}
+                                cpu_int4_kernel ("vnni" where ours ran, else "torch"), cpu_f32_kernel ("ours"
+                                or "torch": the float32 one-token products and attention; OFFLOAD_CPU_KERNEL)}
 """
 
 from __future__ import annotations

@@ -32,6 +32,7 @@ from typing import Any
 
 import torch
 
+from offload import f32_kernel
 from offload.bench.ablation import DESCRIPTIONS, VARIANTS, build_source
 from offload.bench.measure import RowResult, measure_rows
 from offload.bench.policy_check import policy_check
@@ -295,6 +296,7 @@ def _machine(mixtral: Any, load_average_start: list[float] | None) -> dict[str, 
         "cuda_peak_bytes": torch.cuda.max_memory_allocated(mixtral.device) if on_cuda else None,
         # Which kernel ran the CPU's 4-bit matrices: the figures depend on it (``OFFLOAD_CPU_KERNEL``).
         "cpu_int4_kernel": "vnni" if vnni_kernel.active() else "torch",
+        "cpu_f32_kernel": "ours" if f32_kernel.active() else "torch",
     }
 
 
