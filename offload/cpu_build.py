@@ -23,6 +23,7 @@ ENV = "OFFLOAD_CPU_KERNEL"
 CHOICES = ("auto", "vnni", "torch")
 # Some virtual CPUs report AMX and fault on it (FACTS.md): never let the compiler use it.
 NO_AMX = ["-mno-amx-tile", "-mno-amx-int8", "-mno-amx-bf16"]
+_BUILDING = threading.Lock()
 
 
 def requested() -> str:
@@ -57,7 +58,8 @@ def compiled(what: str, build: Callable[[], Any], why_not: str | None) -> Any | 
         return None
     if why_not is None:
         try:
-            return _with_notice(build)
+            with _BUILDING:  # two threads' first use (a tier's readers, say) build once, one after the other
+                return _with_notice(build)
         except Exception as error:  # a missing compiler, ninja or header: keep torch's kernel
             why_not = (
                 f"it did not build ({str(error).splitlines()[0] if str(error) else type(error).__name__})"
