@@ -218,12 +218,13 @@ def product() -> Product | None:
 def attention(q: Tensor, keys: Tensor, values: Tensor) -> Tensor | None:
     """One query token's attention over the cached ``keys`` and ``values`` (no mask), (1, H, 1, K), by our
     kernel; None where it does not take these tensors (the caller runs SDPA)."""
+    # The tensors first: a CUDA model's decode step never asks for (or builds) the CPU kernels.
+    if q.dtype != torch.float32 or q.device.type != "cpu" or q.shape[0] != 1 or q.shape[-1] % LANES:
+        return None
+    if q.stride(-1) != 1 or keys.stride(-1) != 1 or values.stride(-1) != 1:
+        return None
     module = kernels()
-    if module is None or q.dtype != torch.float32 or q.device.type != "cpu" or q.shape[0] != 1:
-        return None
-    if q.shape[-1] % LANES or q.stride(-1) != 1 or keys.stride(-1) != 1 or values.stride(-1) != 1:
-        return None
-    return module.f32_attention(q, keys, values)
+    return None if module is None else module.f32_attention(q, keys, values)
 
 
 def build(build_directory: str | None = None) -> Any:

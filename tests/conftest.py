@@ -56,7 +56,8 @@ def _own_offload_home(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pyt
     monkeypatch.setenv("OFFLOAD_HOME", str(tmp_path_factory.mktemp("offload-home")))
 
 
-def _forget_cpu_kernels() -> None:
+def forget_cpu_kernels() -> None:
+    """Drop the built-or-not decisions of our CPU kernels: modules built next follow the environment again."""
     from offload import f32_kernel
     from offload.quant import vnni_kernel
 
@@ -68,6 +69,6 @@ def _forget_cpu_kernels() -> None:
 def torch_cpu_kernels(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """torch's CPU kernels instead of ours (``OFFLOAD_CPU_KERNEL=torch``) for modules built during one test."""
     monkeypatch.setenv("OFFLOAD_CPU_KERNEL", "torch")
-    _forget_cpu_kernels()
+    forget_cpu_kernels()
     yield
-    _forget_cpu_kernels()  # built afterwards, modules follow the environment again
+    forget_cpu_kernels()  # built afterwards, modules follow the environment again

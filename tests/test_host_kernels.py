@@ -21,6 +21,7 @@ from offload.quant.linear import build_linear, dequantize_linear, host_linear, q
 from offload.quant.scheme import QuantScheme
 from offload.quant.spec import QuantSpec
 from tests.baby import BabySpec, write_baby
+from tests.conftest import forget_cpu_kernels
 
 # torch's kernel rounds activations, scales and offsets to bf16 (8 significant bits): measured about 3e-3.
 TOLERANCE = 1e-2
@@ -32,11 +33,11 @@ VNNI_TOLERANCE = 3e-2
 def cpu_kernel(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
     """Each CPU int4 kernel in turn (the VNNI one where this CPU has it)."""
     monkeypatch.setenv(vnni_kernel.ENV, request.param)
-    vnni_kernel.gemm.cache_clear()
+    forget_cpu_kernels()
     if request.param == "vnni" and vnni_kernel.gemm() is None:
         pytest.skip("this CPU lacks AVX-512 VNNI and VBMI, or packs int4 otherwise")
     yield request.param
-    vnni_kernel.gemm.cache_clear()
+    forget_cpu_kernels()
 
 
 LAYERS, HIDDEN, FFN, EXPERTS = 2, 128, 256, 4

@@ -18,6 +18,7 @@ from offload.quant.device_kernels import dequantized
 from offload.quant.host_kernels import Int4Linear, packing_block
 from offload.quant.scheme import QuantScheme
 from tests.baby import BabySpec, write_baby
+from tests.conftest import forget_cpu_kernels
 from tests.test_offload_equivalence import run
 
 HAS_KERNEL_CPU = vnni_kernel.cpu_has_flags() and packing_block() == vnni_kernel.GROUP
@@ -28,8 +29,7 @@ def _choose(monkeypatch: pytest.MonkeyPatch, value: str | None) -> None:
         monkeypatch.delenv(vnni_kernel.ENV, raising=False)
     else:
         monkeypatch.setenv(vnni_kernel.ENV, value)
-    vnni_kernel.gemm.cache_clear()
-    f32_kernel.kernels.cache_clear()
+    forget_cpu_kernels()
 
 
 @pytest.fixture
@@ -37,7 +37,7 @@ def vnni(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """The kernel asked for during one test; modules built afterwards follow the environment again."""
     _choose(monkeypatch, "vnni")
     yield
-    vnni_kernel.gemm.cache_clear()
+    forget_cpu_kernels()
 
 
 def _linear(out_features: int = 192, in_features: int = 512) -> tuple[Int4Linear, torch.Tensor]:
@@ -62,7 +62,7 @@ def test_on_by_default_where_this_cpu_has_it_and_off_when_torch_is_asked_for(
         assert (vnni_kernel.gemm() is not None) == HAS_KERNEL_CPU
         assert "OFFLOAD_CPU_KERNEL=fastest is not one of auto, vnni, torch" in caplog.text
     finally:
-        vnni_kernel.gemm.cache_clear()
+        forget_cpu_kernels()
 
 
 def test_a_failed_build_says_why_and_keeps_torchs_kernel(
@@ -82,7 +82,7 @@ def test_a_failed_build_says_why_and_keeps_torchs_kernel(
             in caplog.text
         )
     finally:
-        vnni_kernel.gemm.cache_clear()
+        forget_cpu_kernels()
 
 
 @pytest.mark.skipif(
@@ -156,5 +156,4 @@ def test_a_bench_report_says_which_cpu_kernel_ran(tmp_path: Path, monkeypatch: p
         f32 = "ours" if cpu_build.has_flags(f32_kernel.CPU_FLAGS) else "torch"
         assert kernels() == ("vnni" if HAS_KERNEL_CPU else "torch", f32)
     finally:
-        vnni_kernel.gemm.cache_clear()
-        f32_kernel.kernels.cache_clear()
+        forget_cpu_kernels()
