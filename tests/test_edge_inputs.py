@@ -21,8 +21,8 @@ from pathlib import Path
 import pytest
 
 from benchmarks.soak import sentencepiece_model
+from tests.fuzz_support import tiny_model
 from tests.test_cli_generate import offload_here
-from tests.test_fuzz_readers import tiny_model
 
 LONG_WORD = "".join(chr(ord("a") + (i * 7) % 26) for i in range(10_000))  # no spaces, no repeats to merge
 

@@ -21,7 +21,7 @@ import torch
 from benchmarks.soak import sentencepiece_model
 from offload.checkpoint.reader import INDEX_FILE, SINGLE_FILE, Checkpoint
 from offload.errors import CheckpointError
-from tests.test_fuzz_readers import tiny_model
+from tests.fuzz_support import tiny_model
 
 ROOT = Path(__file__).resolve().parent.parent
 UNPICKLERS = {

@@ -17,8 +17,8 @@ from rich.console import Console
 
 from benchmarks.soak import sentencepiece_model
 from offload.errors import CacheError
+from tests.fuzz_support import tiny_model
 from tests.test_cli_generate import offload_here
-from tests.test_fuzz_readers import tiny_model
 
 # Keys are test ids; none says "cuda", which would mark the test as needing a GPU (tests/conftest.py).
 OUT_OF_MEMORY: dict[str, Callable[[str], BaseException]] = {
