@@ -16,7 +16,7 @@ from offload.experts.policy import (
     starts_prompt,
 )
 from offload.trace.replay_tiers import HOST_POLICIES, replay_two_level
-from tests.test_trace import make_trace
+from tests.test_trace_replay import make_trace
 
 
 def test_cycle_distance_counts_layer_steps_to_the_layers_next_visit() -> None:

@@ -15,7 +15,7 @@ from offload.experts.policy import DEFAULT_HOST_POLICY
 from offload.trace.replay_tiers import replay_two_level
 from tests.test_host_tier import make_tier
 from tests.test_plan_speed import profile
-from tests.test_trace import make_trace
+from tests.test_trace_replay import make_trace
 
 
 def serve(tier: HostTier, layer: int, experts: list[int]) -> None:

@@ -16,7 +16,8 @@ from offload.errors import OffloadError, TraceError
 from offload.trace.format import save_trace
 from offload.trace.replay import replay_layer
 from offload.trace.replay_tiers import host_slots_for_budget, replay_two_level
-from tests.test_trace import cli, make_trace, optimum_hits, sequence
+from tests.test_trace import cli
+from tests.test_trace_replay import make_trace, optimum_hits, sequence
 
 __all__ = ["cli"]  # a fixture, used by name
 
