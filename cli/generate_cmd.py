@@ -71,7 +71,11 @@ def generate(
     last = None
     stop_strings = options.stop_strings(stop)
     for last in engine.stream(
-        prompt_ids, max_new_tokens=max_new_tokens, sampling=sampling, stop_strings=stop_strings
+        prompt_ids,
+        max_new_tokens=max_new_tokens,
+        sampling=sampling,
+        stop_strings=stop_strings,
+        continues_text=no_chat,
     ):
         if last.token is not None:
             token_ids.append(last.token)

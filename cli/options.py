@@ -36,6 +36,16 @@ def bounded(flag: str, low: float, high: float, *, above: bool = False) -> Calla
     return check
 
 
+def comma_items(text: str, flag: str) -> list[str]:
+    """The names in a flag's comma list, stripped; an empty one (a doubled, leading or trailing comma) is refused."""
+    items = [item.strip() for item in text.split(",")]
+    if not all(items):
+        raise typer.BadParameter(
+            f"{text!r} has an empty name: separate names with single commas", param_hint=flag
+        )
+    return items
+
+
 def _shown(number: float) -> str:
     """A bound as a person writes it: 100 rather than 100.0, every digit of an integer."""
     return str(number) if isinstance(number, int) else f"{number:g}"

@@ -49,7 +49,9 @@ def record_command(
         int,
         typer.Option(
             help="Stop after this many new tokens.",
-            callback=options.bounded("--max-new-tokens", 0, options.MAX_TOKENS),
+            callback=options.bounded(
+                "--max-new-tokens", 1, options.MAX_TOKENS
+            ),  # a trace records decode steps
         ),
     ] = 128,
     temperature: Annotated[
@@ -240,7 +242,7 @@ def _parse_policies(text: str | None, has_guesses: bool) -> list[str]:
 
     if text is None:  # by default, skip the prefetch row when there is nothing to prefetch
         return [p for p in POLICIES if has_guesses or not p.endswith("+prefetch")]
-    policies = [p.strip() for p in text.split(",") if p.strip()]
+    policies = options.comma_items(text, "--policy")
     unknown = [p for p in policies if p not in POLICIES]
     if unknown or not policies:
         raise typer.BadParameter(
@@ -264,6 +266,11 @@ def _parse_ks(text: str | None, num_experts: int, lowest: int = 1) -> list[int]:
                 f"{text!r}: expected numbers, comma lists or ranges such as 1-8 or 1..8",
                 param_hint="--experts-per-layer",
             ) from None
+        if first > last:
+            raise typer.BadParameter(
+                f"{part.strip()!r} is a reversed range: write {last}-{first}",
+                param_hint="--experts-per-layer",
+            )
         if not lowest <= first <= last <= num_experts:
             raise typer.BadParameter(
                 f"{part.strip()!r} is out of range: the trace's layers have {num_experts} experts, "

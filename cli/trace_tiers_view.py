@@ -12,6 +12,8 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Column, Table
 
+from cli import options
+
 if TYPE_CHECKING:
     from offload.trace.format import Trace
     from offload.trace.replay_tiers import TwoLevelResult
@@ -73,11 +75,7 @@ def _parse_host_policies(text: str | None) -> list[str]:
 
     if text is None:
         return list(HOST_POLICIES)
-    policies = [p.strip() for p in text.split(",") if p.strip()]
-    if not policies:
-        raise typer.BadParameter(
-            f"{text!r} names no policy: use {', '.join(HOST_POLICIES)}", param_hint="--host-policy"
-        )
+    policies = options.comma_items(text, "--host-policy")
     for policy in policies:
         try:
             parse_host_policy(policy)

@@ -155,8 +155,9 @@ class Engine:
         sampling: SamplingParams,
         stop_strings: tuple[str, ...] = (),
         cache: KVCache | None = None,
+        continues_text: bool = False,
     ) -> Iterator[Response]:
-        """Stream the reply to ``prompt_ids`` (see ``stream_generate``)."""
+        """Stream the reply to ``prompt_ids`` (see ``stream_generate``); ``continues_text`` for a raw completion."""
         stop_ids = {self.tokenizer.eos_id, self.model.config.eos_token_id} - {None}
         return stream_generate(
             self.model,
@@ -167,6 +168,7 @@ class Engine:
             stop_strings=stop_strings,
             tokenizer=self.tokenizer,
             cache=cache,
+            continues_text=continues_text,
         )
 
     def summary(self) -> str:

@@ -218,8 +218,12 @@ def stream_generate(
     stop_strings: Iterable[str] = (),
     tokenizer: Any = None,
     cache: KVCache | None = None,
+    continues_text: bool = False,
 ) -> Iterator[Response]:
     """Generate after ``prompt_ids``, which continue ``cache`` when one is given (a chat's next turn).
+
+    With ``continues_text`` (a raw completion) the reply's text continues the prompt's, so its first word keeps
+    the space before it; a chat reply's does not (it starts a new turn).
 
     Stops at any of ``stop_ids`` (default: the model's EOS), at a stop string (needs ``tokenizer``),
     or after ``max_new_tokens``. The stopping EOS is not fed to the model; the caller keeps it.
@@ -244,7 +248,8 @@ def stream_generate(
             model.config, len(prompt_ids) + max_new_tokens, dtype=model.dtype, device=model.device
         )
     sampler = Sampler(sampling, model.device, seen=prompt_ids)
-    decoder = tokenizer.stream_decoder() if tokenizer is not None else None
+    context = prompt_ids if continues_text else ()
+    decoder = tokenizer.stream_decoder(context) if tokenizer is not None else None
     held = ""  # text withheld because it may be the start of a stop string
     start = time.perf_counter()
     with torch.inference_mode():

@@ -10,6 +10,7 @@ Chat encoding follows mistral-common's v1 template (see `offload.chat_template`)
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Protocol
 
@@ -282,9 +283,10 @@ class Tokenizer:
         """
         return self._backend.encode(self._text(user_block(user_text)))
 
-    def stream_decoder(self) -> StreamDecoder:
-        """A fresh incremental decoder for one reply."""
-        return StreamDecoder(self)
+    def stream_decoder(self, context: Sequence[int] = ()) -> StreamDecoder:
+        """A fresh incremental decoder for one reply; ``context``: the ids the reply's text continues (a raw
+        completion's prompt), so that its first piece keeps the space it has after them."""
+        return StreamDecoder(self, context)
 
     def _require(self, attribute: str) -> int:
         token_id = getattr(self, attribute)
@@ -310,21 +312,25 @@ class Tokenizer:
 class StreamDecoder:
     """Turns a stream of token ids into text as soon as the text is final.
 
-    The concatenation of every `push` and the final `flush` equals `Tokenizer.decode` of all ids.
+    The concatenation of every `push` and the final `flush` equals `Tokenizer.decode` of all ids (with a
+    ``context``: the text that decoding them after it adds).
     Each push decodes only a short window: the tokens since the previous emission (`_read`) plus
     the ones before it back to `_prefix`. Decoding the window twice, with and without the new
     tokens, and emitting the difference keeps the spaces that a piece gets from its left
     neighbour, while the decoder's "drop the first piece's ▁" rule cancels out (it hits the same
     piece in both decodes). At the very start the window is empty, so the first piece of a reply
-    loses its leading space, just as `decode` does. Byte pieces whose text a later token may still
+    loses its leading space, just as `decode` does; a raw completion's decoder starts from the prompt's last
+    ids (``context``) instead, so its first word keeps its space, as in the text of prompt + completion. Byte pieces whose text a later token may still
     change (an unfinished UTF-8 character) are held back until it is final.
     """
 
-    def __init__(self, tokenizer: Tokenizer) -> None:
+    CONTEXT_IDS = 8  # the prompt's ids kept as left context: enough for a character split over byte pieces
+
+    def __init__(self, tokenizer: Tokenizer, context: Sequence[int] = ()) -> None:
         self._tokenizer = tokenizer
-        self._ids: list[int] = []
+        self._ids = [int(token_id) for token_id in list(context)[-self.CONTEXT_IDS :]]
         self._prefix = 0  # window start: decoded only for context, its text already emitted
-        self._read = 0  # tokens before this index have had their text emitted
+        self._read = len(self._ids)  # tokens before this index have had their text emitted
         self._held_bytes = b""  # trailing byte-piece bytes whose text may still change
 
     def push(self, token_id: int) -> str:

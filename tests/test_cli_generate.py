@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from offload.tokenizer import Tokenizer
 from tests.baby import BabySpec, write_baby
 
 
@@ -76,6 +77,10 @@ def test_generate_json_matches_transformers_greedy(chat_baby: tuple[Path, object
         )[0, len(result["prompt_ids"]) :].tolist()
     assert result["token_ids"] == expected
     assert set(result["timings"]) >= {"ttft_seconds", "prefill_tokens_per_second", "decode_tokens_per_second"}
+    # A raw completion's text is what its tokens add to the prompt's (its first word keeps its space).
+    tokenizer = Tokenizer.from_dir(directory)
+    prompt_text = tokenizer.decode(result["prompt_ids"])
+    assert prompt_text + result["text"] == tokenizer.decode(result["prompt_ids"] + result["token_ids"])
 
 
 def test_generate_chat_reads_stdin(

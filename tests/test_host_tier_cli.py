@@ -70,6 +70,12 @@ def test_generate_reports_the_tier_and_gives_the_same_tokens(
     assert tier["misses"] > 0 and tier["disk_bytes_read"] > 0 and tier["disk_wait_seconds"] >= 0
     assert tier["hit_rate"] == tier["hits"] / tier["accesses"]
     assert len(tier["layers"]) == 3
+    # The device cache's hit rate: none where the host computes every expert from the tier (not 0%).
+    cache = got["cache"]
+    if flags:
+        assert cache["hit_rate"] == cache["hits"] / cache["accesses"]
+    else:
+        assert cache["hit_rate"] is None and cache["host_computes"] == cache["accesses"] > 0
 
 
 @pytest.mark.parametrize(

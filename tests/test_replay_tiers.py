@@ -195,6 +195,7 @@ def test_cli_two_level_replay(cli, tmp_path: Path) -> None:
         (["--host-memory", "0"], "--host-memory 0.0 is out of range"),
         (["--host-policy", "lru"], "needs the host tier's size"),
         (["--host-experts", "2", "--host-policy", "mru"], "'mru' is not a host-tier policy"),
+        (["--host-experts", "2", "--host-policy", "lru,"], "'lru,' has an empty name"),
         (["--host-experts", "2", "-k", "5"], "out of range"),
     ],
 )

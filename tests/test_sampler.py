@@ -133,7 +133,7 @@ PIECES = {3: "Hel", 4: "lo ", 5: "wor", 6: "ld", 7: "EN", 8: "D", 9: "!", 10: "d
 class PieceTokenizer:
     """Each id is one fixed piece of text (enough for the stop rules, which work on text)."""
 
-    def stream_decoder(self) -> SimpleNamespace:
+    def stream_decoder(self, context: tuple[int, ...] = ()) -> SimpleNamespace:
         return SimpleNamespace(push=lambda token: PIECES[token], flush=lambda: "")
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import mistral_common
 import pytest
 import sentencepiece
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from tokenizers import AddedToken, decoders, models, normalizers, pre_tokenizers, trainers
 from tokenizers import Tokenizer as HFTokenizer
@@ -294,6 +294,32 @@ def test_streaming_arbitrary_ids_equals_decode(any_tokenizer: Tokenizer, data: s
     )
     ids = data.draw(st.lists(token_id, max_size=16))
     assert "".join(stream(any_tokenizer, ids)) == any_tokenizer.decode(ids)
+
+
+@SETTINGS
+@given(prompt=texts, data=st.data())
+def test_a_continuation_streams_the_text_it_adds_to_its_prompt(
+    any_tokenizer: Tokenizer, prompt: str, data: st.DataObject
+) -> None:
+    # A raw completion's text is what the new ids add to the prompt's: prompt + completion reads as one text,
+    # so "The capital of France" + " of" keeps its space (a chat reply starts afresh and drops it).
+    prompt_ids = any_tokenizer.encode(prompt, add_bos=True)
+    ids = data.draw(st.lists(st.integers(3, any_tokenizer.vocab_size - 1), max_size=12))
+    decoder = any_tokenizer.stream_decoder(prompt_ids)
+    streamed = "".join([decoder.push(token_id) for token_id in ids] + [decoder.flush()])
+    before = any_tokenizer.decode(prompt_ids)
+    after = any_tokenizer.decode(prompt_ids + ids)
+    # (A stray byte piece after a prompt that ends in one joins it into an invalid character: no text to add to.)
+    assume(after.startswith(before))
+    assert streamed == after[len(before) :]
+
+
+def test_a_continuation_keeps_the_space_before_its_first_word(any_tokenizer: Tokenizer) -> None:
+    prompt_ids = any_tokenizer.encode("The capital of France", add_bos=True)
+    word = any_tokenizer.encode("of")  # "▁of", as the model emits it after the prompt
+    assert "".join(stream(any_tokenizer, word)) == "of"  # a chat reply's first word
+    decoder = any_tokenizer.stream_decoder(prompt_ids)
+    assert "".join([decoder.push(token_id) for token_id in word] + [decoder.flush()]) == " of"
 
 
 def test_stream_emits_each_character_whole_and_keeps_spaces(any_tokenizer: Tokenizer) -> None:

@@ -105,6 +105,37 @@ def test_an_invalid_trace_is_a_one_line_error(tmp_path: Path, damage: str) -> No
     assert message in text and str(path) in text and "\n" not in text
 
 
+def test_a_checkpoint_shard_given_as_a_trace_is_refused_by_its_header(tmp_path: Path) -> None:
+    # A bfloat16 shard, as `trace replay model-00001-of-00019.safetensors` by mistake: refused as "not a trace"
+    # from the header, before any tensor is read (numpy cannot even hold bfloat16).
+    from safetensors.torch import save_file
+
+    path = tmp_path / "model-00001-of-00002.safetensors"
+    save_file({"model.norm.weight": torch.ones(4096, dtype=torch.bfloat16)}, str(path))
+    with pytest.raises(TraceError, match="not an offload routing trace"):
+        load_trace(path)
+    save_trace(example(), path)  # a valid trace, then one of its tensors made bfloat16
+    tensors = {name: torch.from_numpy(array) for name, array in _tensors(path).items()}
+    tensors["weights"] = tensors["weights"].to(torch.bfloat16)
+    save_file(tensors, str(path), metadata={METADATA_KEY: _metadata(path)})
+    with pytest.raises(TraceError, match="tensor 'weights' is bfloat16, expected float32"):
+        load_trace(path)
+
+
+def _metadata(path: Path) -> str:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="numpy") as file:
+        return file.metadata()[METADATA_KEY]
+
+
+def _tensors(path: Path) -> dict[str, np.ndarray]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="numpy") as file:
+        return {name: file.get_tensor(name) for name in file.keys()}  # noqa: SIM118 (not a dict)
+
+
 def test_a_damaged_file_is_a_one_line_error(tmp_path: Path) -> None:
     path = tmp_path / "t.trace"
     save_trace(example(), path)
@@ -312,6 +343,8 @@ def test_replay_takes_the_issue_s_range_syntax(cli: typer.Typer, tmp_path: Path)
         (["-k", "2-9"], "out of range"),
         (["-k", "two"], "expected numbers"),
         (["--policy", "lru,fifo"], "'fifo' is not a policy"),
+        (["-k", "3-1"], "'3-1' is a reversed range: write 1-3"),
+        (["--policy", "lru,,belady"], "'lru,,belady' has an empty name"),
     ],
 )
 def test_replay_rejects_bad_options(cli: typer.Typer, tmp_path: Path, args: list[str], message: str) -> None:
@@ -327,3 +360,15 @@ def test_replay_of_a_damaged_file_raises_a_trace_error(cli: typer.Typer, tmp_pat
     path.write_text("not a trace")
     result = CliRunner().invoke(cli, ["trace", "replay", str(path)])
     assert isinstance(result.exception, TraceError)  # cli.main.run prints it as one line, exit code 2
+    result = CliRunner().invoke(cli, ["trace", "replay", str(tmp_path)])
+    assert "a directory, not a trace file" in str(result.exception)
+
+
+def test_record_refuses_zero_new_tokens(cli: typer.Typer, baby: Path, tmp_path: Path) -> None:
+    # A trace records decode steps: with none, it would be empty while saying it was written.
+    out = tmp_path / "run.trace"
+    result = CliRunner().invoke(
+        cli, ["trace", "record", str(out), "--model", str(baby), "--max-new-tokens", "0"]
+    )
+    assert result.exit_code != 0 and not out.exists()
+    assert "--max-new-tokens 0 is out of range: 1 to" in str(result.exception) + result.output

@@ -62,7 +62,7 @@ class HostOnlyExperts:
         self.materialize = list(materialize)
         self.gates = list(gates)
         self.prefetch = prefetch if self.gates else 0
-        self.stats = CacheStats(store.num_layers)  # every access a miss computed on the host
+        self.stats = CacheStats(store.num_layers)  # every access computed on the host
 
     @property
     def host_tier(self) -> HostTier | None:
@@ -103,8 +103,7 @@ class HostOnlyExperts:
                 run = lambda x, t=tensors: materialize(t)(x)  # noqa: E731
             job = jobs[expert] = self.host.submit(run, inputs(expert))
             store.hold(layer, expert, job.finished.is_set, job.finished.wait)
-            stats.accesses += 1
-            stats.misses += 1
+            stats.accesses += 1  # not a miss: there is no device cache to miss (no hit rate)
             stats.host_computes += 1
         store.note_step(layer, unique)
         for expert, job in jobs.items():

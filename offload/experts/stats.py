@@ -55,8 +55,9 @@ class LayerStats:
 
     @property
     def hit_rate(self) -> float | None:
-        """hits / accesses, or None before any access."""
-        return _ratio(self.hits, self.accesses)
+        """Device-cache hits over hits and misses; None before any, or where no device cache serves the experts
+        (every access computed on the host counts as neither)."""
+        return _ratio(self.hits, self.hits + self.misses)
 
     @property
     def prefetch_recall(self) -> float | None:

@@ -42,6 +42,16 @@ TENSORS = {
     "guess_counts": np.int32,
     "guesses": np.int32,
 }
+STORED_DTYPES = {np.int32: "I32", np.float32: "F32"}  # safetensors' names for the tensors' types
+# Other types' names in errors, as numpy spells them (bfloat16 has no numpy type: a shard, not a trace).
+TYPE_NAMES = {
+    "I32": "int32",
+    "F32": "float32",
+    "I64": "int64",
+    "F64": "float64",
+    "F16": "float16",
+    "BF16": "bfloat16",
+}
 
 
 @dataclass(frozen=True, eq=False)
@@ -142,26 +152,39 @@ def save_trace(trace: Trace, path: str | Path) -> None:
 def load_trace(path: str | Path) -> Trace:
     """Read and validate a trace written by ``save_trace``; any problem is a one-line TraceError."""
     path = Path(path)
+    if path.is_dir():
+        raise TraceError(f"{path}: a directory, not a trace file")
     if not path.is_file():
         raise TraceError(f"{path}: no such trace file")
     try:
         with safe_open(str(path), framework="numpy") as file:
-            metadata = file.metadata() or {}
-            tensors = {name: file.get_tensor(name) for name in file.keys()}  # noqa: SIM118 (not a dict)
+            # The header and the tensors' names and types first: a checkpoint shard given by mistake is refused
+            # before gigabytes of it are read.
+            header = _parse_header(file.metadata() or {}, str(path))
+            names = set(file.keys())
+            _check_names(names, str(path))
+            for name, dtype in TENSORS.items():
+                stored = file.get_slice(name).get_dtype()
+                if stored != STORED_DTYPES[dtype]:
+                    raise TraceError(
+                        f"{path}: tensor {name!r} is {TYPE_NAMES.get(stored, stored)}, expected {np.dtype(dtype)}"
+                    )
+            tensors = {name: file.get_tensor(name) for name in TENSORS}
+    except TraceError:
+        raise
     except Exception as err:  # safetensors raises its own error type for every kind of damage
         raise TraceError(f"{path}: not a readable safetensors file ({first_line(err)})") from None
-    header = _parse_header(metadata, str(path))
-    missing = sorted(set(TENSORS) - set(tensors))
-    extra = sorted(set(tensors) - set(TENSORS))
-    if missing or extra:
-        what = f"missing tensor {missing[0]!r}" if missing else f"unexpected tensor {extra[0]!r}"
-        raise TraceError(f"{path}: {what}; expected exactly {', '.join(TENSORS)}")
-    for name, dtype in TENSORS.items():
-        if tensors[name].dtype != dtype:
-            raise TraceError(f"{path}: tensor {name!r} is {tensors[name].dtype}, expected {np.dtype(dtype)}")
     trace = Trace(**header, **tensors)
     trace.check(str(path))
     return trace
+
+
+def _check_names(names: set[str], where: str) -> None:
+    missing = sorted(set(TENSORS) - names)
+    extra = sorted(names - set(TENSORS))
+    if missing or extra:
+        what = f"missing tensor {missing[0]!r}" if missing else f"unexpected tensor {extra[0]!r}"
+        raise TraceError(f"{where}: {what}; expected exactly {', '.join(TENSORS)}")
 
 
 def _parse_header(metadata: dict[str, str], where: str) -> dict[str, Any]:
