@@ -207,6 +207,31 @@ def test_a_prompt_over_the_context_says_both_sizes(server: LiveServer) -> None:
     assert response.status_code == 400 and "4095" in message and "4096" in message
 
 
+def _post_prompt(server: LiveServer, param: str, text: str) -> httpx.Response:
+    """``text`` as the one user message (param "messages") or as the raw prompt (param "prompt")."""
+    if param == "messages":
+        path, body = "/v1/chat/completions", {"messages": [{"role": "user", "content": text}]}
+    else:
+        path, body = "/v1/completions", {"prompt": text}
+    return httpx.post(server.url + path, json=body, timeout=120)
+
+
+@pytest.mark.parametrize("param", ["messages", "prompt"])
+def test_text_over_the_byte_limit_is_a_context_length_error_like_too_many_tokens(
+    server: LiveServer, param: str
+) -> None:
+    # 900,000 bytes: under the 1 MiB body cap, over the 16 bytes a token that 4,096 tokens can hold.
+    by_bytes = _post_prompt(server, param, "x" * 900_000)
+    by_tokens = _post_prompt(server, param, "word " * 5000)
+    assert by_bytes.status_code == by_tokens.status_code == 400
+    for response in (by_bytes, by_tokens):
+        error = response.json()["error"]
+        assert (error["param"], error["code"]) == (param, "context_length_exceeded")
+        assert "\n" not in error["message"]
+    message = by_bytes.json()["error"]["message"]
+    assert message.startswith("the prompt is 900,000 bytes of text, more than the 65,536 bytes"), message
+
+
 def test_a_raw_prompt_over_the_context_says_both_sizes(server: LiveServer) -> None:
     response = httpx.post(server.url + "/v1/completions", json={"prompt": "word " * 5000}, timeout=120)
     message = response.json()["error"]["message"]

@@ -25,7 +25,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from offload.engine import Engine
 from offload.errors import OffloadError
-from offload.generate import MIN_TEMPERATURE, check_text_fits
+from offload.generate import MAX_BYTES_PER_TOKEN, MIN_TEMPERATURE, text_byte_limit
 from offload.serve import streaming
 from offload.serve.schema import RequestError, Sampling, chat_request, completion_request, parse_json
 from offload.serve.worker import Busy, Job, Worker
@@ -44,6 +44,19 @@ class Server:
         self.max_body_bytes = max_body_bytes
         self.model_name = engine.directory.name
         self.created = int(time.time())
+
+    def check_text_fits(self, text: str, param: str) -> None:
+        """Refuse, before it is tokenized, text too long to fit the context however it tokenizes."""
+        context = self.engine.model.config.max_position_embeddings
+        limit = text_byte_limit(context)
+        # Every character is at least one byte: only text near the limit needs its bytes counted.
+        if len(text) > limit or len(text.encode("utf-8")) > limit:
+            raise RequestError(
+                f"the prompt is {len(text.encode('utf-8')):,} bytes of text, more than the {limit:,} bytes "
+                f"({MAX_BYTES_PER_TOKEN} a token) that the model's context of {context:,} tokens can hold",
+                param=param,
+                code="context_length_exceeded",
+            )
 
     def job(self, sampling: Sampling, prompt_tokens: int, **prompt: Any) -> Job:
         """A job for a prompt of ``prompt_tokens``, or a RequestError when it cannot fit the context."""
@@ -94,7 +107,6 @@ def create_app(
 ) -> ASGIApp:
     """The ASGI app serving ``engine``; its worker thread starts here."""
     server = Server(engine, queue_size=queue_size, api_key=api_key, max_body_bytes=max_body_bytes)
-    context = engine.model.config.max_position_embeddings
 
     async def page(request: Request) -> Response:
         html = resources.files("offload.serve").joinpath("page.html").read_text(encoding="utf-8")
@@ -110,7 +122,7 @@ def create_app(
     async def chat_completions(request: Request) -> Response:
         try:
             chat = chat_request(await server.body(request))
-            check_text_fits("".join(m["content"] for m in chat.messages), context, "the messages")
+            server.check_text_fits("".join(m["content"] for m in chat.messages), "messages")
             # Off the event loop: tokenizing a long prompt must not hold up /health or a stream.
             prompt_tokens = len(await asyncio.to_thread(engine.tokenizer.encode_chat, list(chat.messages)))
             job = server.job(chat.sampling, prompt_tokens, messages=chat.messages)
@@ -121,7 +133,7 @@ def create_app(
     async def completions(request: Request) -> Response:
         try:
             completion = completion_request(await server.body(request))
-            check_text_fits(completion.prompt, context, "the prompt")
+            server.check_text_fits(completion.prompt, "prompt")
             prompt_ids = await asyncio.to_thread(engine.prompt_ids, completion.prompt, chat=False)
             job = server.job(completion.sampling, len(prompt_ids), prompt_ids=prompt_ids)
         except OffloadError as err:
