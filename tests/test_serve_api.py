@@ -90,6 +90,16 @@ def test_the_same_seed_gives_the_same_text(client: openai.OpenAI) -> None:
     assert sample(7) == sample(7)
 
 
+def test_penalties_are_refused_unless_zero(client: openai.OpenAI) -> None:
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.chat.completions.create(model="demo", messages=HELLO, max_tokens=2, presence_penalty=0.5)
+    assert refused.value.param == "presence_penalty" and refused.value.code == "unsupported_parameter"
+    kept = client.chat.completions.create(
+        model="demo", messages=HELLO, max_tokens=2, presence_penalty=0, frequency_penalty=0, logit_bias={}
+    )
+    assert kept.choices[0].finish_reason in ("stop", "length")
+
+
 def test_models_list_names_the_loaded_model(client: openai.OpenAI) -> None:
     assert [model.id for model in client.models.list()] == ["demo"]
 

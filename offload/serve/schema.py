@@ -3,14 +3,16 @@
 Plain Python on purpose: every message names the field and what it allows, in the words the OpenAI
 API uses, and this module imports nothing from the serve extra (its tests run without a server).
 Unknown fields are ignored, as OpenAI-compatible servers do (clients send ``user``, ``metadata`` ...);
-fields that would change the answer in a way this server cannot honour (``n > 1``, tools, logprobs)
-are refused.
+fields that would change the answer in a way this server cannot honour (``n > 1``, tools, logprobs,
+a non-zero ``logit_bias``, ``presence_penalty`` or ``frequency_penalty``) are refused with
+``code: "unsupported_parameter"``, after their range is checked; their no-op values are accepted.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,6 +21,10 @@ from offload.errors import OffloadError
 MAX_STOP_STRINGS = 16
 MAX_SEED = (1 << 64) - 1  # what torch.Generator.manual_seed takes
 MAX_TEMPERATURE = 2.0  # OpenAI's range is 0 to 2
+MAX_PENALTY = 2.0  # presence_penalty and frequency_penalty: OpenAI's range is -2 to 2
+MAX_LOGIT_BIAS = 100.0  # logit_bias values: OpenAI's range is -100 to 100
+TOKEN_ID = re.compile(r"[0-9]{1,10}")  # a logit_bias key: a token id written as a string
+UNSUPPORTED = "unsupported_parameter"
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 
 
@@ -138,11 +144,14 @@ def _message(index: int, message: Any) -> dict[str, str]:
 def _sampling(payload: dict[str, Any], *, chat: bool) -> Sampling:
     n = _integer(payload, "n", 1, 1 << 31)
     if n not in (None, 1):
-        raise RequestError(f"n must be 1: this server generates one choice per request, got {n}", param="n")
+        raise RequestError(
+            f"n must be 1: this server generates one choice per request, got {n}", param="n", code=UNSUPPORTED
+        )
     for name in ("tools", "functions", "logprobs", "top_logprobs", "best_of", "echo", "suffix"):
         value = payload.get(name)
         if value and not (name == "best_of" and value == 1):  # absent, empty, false, 0 or best_of 1 are fine
-            raise RequestError(f"'{name}' is not supported by this server", param=name)
+            raise RequestError(f"'{name}' is not supported by this server", param=name, code=UNSUPPORTED)
+    _refuse_penalties(payload)
     response_format = payload.get("response_format")
     if response_format is not None and response_format != {"type": "text"}:
         raise RequestError("only response_format {'type': 'text'} is supported", param="response_format")
@@ -164,6 +173,45 @@ def _sampling(payload: dict[str, Any], *, chat: bool) -> Sampling:
         seed=_integer(payload, "seed", 0, MAX_SEED),
         stop=_stop(payload.get("stop")),
     )
+
+
+def _refuse_penalties(payload: dict[str, Any]) -> None:
+    # The engine's sampler has no logit bias and no OpenAI-style penalties (its repetition_penalty is a
+    # different rule): refuse values that would change the answer rather than ignore them.
+    for name in ("presence_penalty", "frequency_penalty"):
+        value = _number(payload, name, -MAX_PENALTY, MAX_PENALTY)
+        if value:
+            raise RequestError(
+                f"'{name}' is not supported by this server (only 0), got {value:g}",
+                param=name,
+                code=UNSUPPORTED,
+            )
+    bias = payload.get("logit_bias")
+    if bias is None:
+        return
+    if not isinstance(bias, dict):
+        raise RequestError(
+            f"'logit_bias' must be an object mapping token ids to numbers, got {_kind(bias)}",
+            param="logit_bias",
+        )
+    for token, value in bias.items():
+        if not TOKEN_ID.fullmatch(token):
+            raise RequestError(
+                f"'logit_bias' keys must be token ids written as strings, got {_shown(token)}",
+                param="logit_bias",
+            )
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if not (number and math.isfinite(value) and -MAX_LOGIT_BIAS <= value <= MAX_LOGIT_BIAS):
+            raise RequestError(
+                f"'logit_bias' values must be numbers from -100 to 100, got {_shown(value)} for token {token}",
+                param="logit_bias",
+            )
+    if any(bias.values()):
+        raise RequestError(
+            "'logit_bias' is not supported by this server (only {} or biases of 0)",
+            param="logit_bias",
+            code=UNSUPPORTED,
+        )
 
 
 def _stream(payload: dict[str, Any]) -> tuple[bool, bool]:

@@ -1,0 +1,71 @@
+"""Request bodies read into checked requests, or one RequestError naming the field: no server needed."""
+
+from __future__ import annotations
+
+import pytest
+
+from offload.serve.schema import RequestError, chat_request, completion_request
+
+HI = [{"role": "user", "content": "hi"}]
+
+
+def _refusal(**fields: object) -> RequestError:
+    with pytest.raises(RequestError) as caught:
+        chat_request({"messages": HI, **fields})
+    assert "\n" not in str(caught.value)
+    return caught.value
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"presence_penalty": 0},
+        {"frequency_penalty": 0.0},
+        {"presence_penalty": None, "frequency_penalty": None, "logit_bias": None},
+        {"logit_bias": {}},
+        {"logit_bias": {"42": 0, "7": 0.0}},
+    ],
+)
+def test_no_op_penalties_and_biases_are_accepted(fields: dict) -> None:
+    assert chat_request({"messages": HI, **fields}).messages[-1]["content"] == "hi"
+    assert completion_request({"prompt": "hi", **fields}).prompt == "hi"
+
+
+@pytest.mark.parametrize(
+    "fields, param",
+    [
+        ({"presence_penalty": 0.5}, "presence_penalty"),
+        ({"frequency_penalty": -2}, "frequency_penalty"),
+        ({"logit_bias": {"42": 100}}, "logit_bias"),
+        ({"logit_bias": {"42": 0, "7": -1.5}}, "logit_bias"),
+    ],
+)
+def test_penalties_and_biases_that_change_the_answer_are_refused_not_ignored(
+    fields: dict, param: str
+) -> None:
+    refusal = _refusal(**fields)
+    assert refusal.status == 400
+    assert refusal.body()["error"] == {
+        "message": str(refusal),
+        "type": "invalid_request_error",
+        "param": param,
+        "code": "unsupported_parameter",
+    }
+    assert "not supported" in str(refusal)
+
+
+@pytest.mark.parametrize(
+    "fields, param, words",
+    [
+        ({"presence_penalty": 2.5}, "presence_penalty", "from -2 to 2"),
+        ({"frequency_penalty": "high"}, "frequency_penalty", "must be a number"),
+        ({"logit_bias": [1, 2]}, "logit_bias", "an object"),
+        ({"logit_bias": {"cat": 1}}, "logit_bias", "token ids"),
+        ({"logit_bias": {"42": 101}}, "logit_bias", "from -100 to 100"),
+        ({"logit_bias": {"42": True}}, "logit_bias", "from -100 to 100"),
+    ],
+)
+def test_penalty_and_bias_values_out_of_range_say_the_range(fields: dict, param: str, words: str) -> None:
+    refusal = _refusal(**fields)
+    assert (refusal.status, refusal.param, refusal.code) == (400, param, None)
+    assert words in str(refusal)
