@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from offload.serve.schema import RequestError, chat_request, completion_request
+from offload.serve.schema import RequestError, chat_request, completion_request, parse_json
 
 HI = [{"role": "user", "content": "hi"}]
 
@@ -69,3 +69,13 @@ def test_penalty_and_bias_values_out_of_range_say_the_range(fields: dict, param:
     refusal = _refusal(**fields)
     assert (refusal.status, refusal.param, refusal.code) == (400, param, None)
     assert words in str(refusal)
+
+
+@pytest.mark.parametrize("name", ["temperature", "top_p", "presence_penalty", "logit_bias"])
+def test_a_number_too_big_for_a_float_is_a_400_not_an_overflow(name: str) -> None:
+    huge = b"9" * 400
+    value = b'{"1": ' + huge + b"}" if name == "logit_bias" else huge
+    body = b'{"messages": [{"role": "user", "content": "hi"}], "' + name.encode() + b'": ' + value + b"}"
+    with pytest.raises(RequestError) as caught:
+        chat_request(parse_json(body))
+    assert caught.value.param == name and "999..." in str(caught.value)

@@ -11,7 +11,6 @@ a non-zero ``logit_bias``, ``presence_penalty`` or ``frequency_penalty``) are re
 from __future__ import annotations
 
 import json
-import math
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -201,7 +200,7 @@ def _refuse_penalties(payload: dict[str, Any]) -> None:
                 param="logit_bias",
             )
         number = isinstance(value, (int, float)) and not isinstance(value, bool)
-        if not (number and math.isfinite(value) and -MAX_LOGIT_BIAS <= value <= MAX_LOGIT_BIAS):
+        if not (number and -MAX_LOGIT_BIAS <= value <= MAX_LOGIT_BIAS):
             raise RequestError(
                 f"'logit_bias' values must be numbers from -100 to 100, got {_shown(value)} for token {token}",
                 param="logit_bias",
@@ -259,8 +258,12 @@ def _number(payload: dict[str, Any], name: str, low: float, high: float) -> floa
         return None
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise RequestError(f"'{name}' must be a number, got {_kind(value)}", param=name)
-    if not math.isfinite(value) or not low <= value <= high:
-        raise RequestError(f"'{name}' must be a number from {low:g} to {high:g}, got {value}", param=name)
+    # The range first: an integer too big for a float (9 written 400 times) compares fine but cannot
+    # be converted, and NaN and inf fail the comparison anyway.
+    if not low <= value <= high:
+        raise RequestError(
+            f"'{name}' must be a number from {low:g} to {high:g}, got {_shown(value)}", param=name
+        )
     return float(value)
 
 
