@@ -6,6 +6,7 @@ import contextlib
 import signal
 import socket
 import sys
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -73,7 +74,8 @@ def serve(
     resolved = resolve_model(model, flags)  # every flag checked before a weight is read
     listener = _listen(host, port)  # a port in use fails here, before the weights load
     engine = load_engine(resolved)
-    app = create_app(engine, queue_size=queue, api_key=api_key)
+    name = served_name(model, engine.directory)
+    app = create_app(engine, queue_size=queue, api_key=api_key, model_name=name)
     config = uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=5)
     bound_port = listener.getsockname()[1]
     shown = f"[{host}]" if ":" in host else host
@@ -82,15 +84,19 @@ def serve(
         if host in LOCAL_HOSTS
         else "reachable from other machines" + ("" if api_key else "; consider --api-key")
     )
-    print(
-        f"serving {engine.directory.name} at http://{shown}:{bound_port}/ ({reach}); Ctrl-C stops", flush=True
-    )
+    print(f"serving {name} at http://{shown}:{bound_port}/ ({reach}); Ctrl-C stops", flush=True)
     # uvicorn handles Ctrl-C and SIGTERM itself (streams end, the worker stops), then raises the signal
     # again for the handler it found: make that one a quiet exit rather than a traceback or a kill.
     signal.signal(signal.SIGTERM, _interrupt)
     with contextlib.suppress(KeyboardInterrupt):
         uvicorn.Server(config).run(sockets=[listener])
     print("stopped", file=sys.stderr, flush=True)
+
+
+def served_name(model: str | None, directory: Path) -> str:
+    """The model id the API serves: a Hugging Face repo id as given, else the directory's name."""
+    # A repo id resolves to a snapshot folder named after a commit hash, which no client would send.
+    return model if model is not None and not Path(model).expanduser().is_dir() else directory.name
 
 
 def _interrupt(signum: int, frame: object) -> None:

@@ -104,6 +104,32 @@ def test_models_list_names_the_loaded_model(client: openai.OpenAI) -> None:
     assert [model.id for model in client.models.list()] == ["demo"]
 
 
+def test_one_model_can_be_retrieved_by_its_id(client: openai.OpenAI) -> None:
+    assert client.models.retrieve("demo").id == "demo"
+    with pytest.raises(openai.NotFoundError) as missing:
+        client.models.retrieve("gpt-4o")
+    assert missing.value.code == "model_not_found" and missing.value.param == "model"
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/completions"])
+def test_a_model_not_served_here_is_404_model_not_found(server: LiveServer, path: str) -> None:
+    body = {"messages": HELLO, "prompt": "Hello", "max_tokens": 2}
+    response = httpx.post(server.url + path, json={**body, "model": "gpt-4o"}, timeout=120)
+    assert response.status_code == 404
+    error = response.json()["error"]
+    assert (
+        error["message"].startswith("the model 'gpt-4o' does not exist here") and "'demo'" in error["message"]
+    )
+    assert {k: v for k, v in error.items() if k != "message"} == {
+        "type": "invalid_request_error",
+        "param": "model",
+        "code": "model_not_found",
+    }
+    # The served id, or no model at all, is answered.
+    for named in ({"model": "demo"}, {}):
+        assert httpx.post(server.url + path, json={**body, **named}, timeout=120).status_code == 200
+
+
 def test_completions_endpoint_continues_a_raw_prompt(client: openai.OpenAI) -> None:
     answer = client.completions.create(model="demo", prompt="def main(", temperature=0, max_tokens=6)
     assert answer.choices[0].finish_reason in ("stop", "length") and answer.usage.completion_tokens <= 6

@@ -87,6 +87,19 @@ def test_request_bodies_become_checked_requests() -> None:
     assert issubclass(RequestError, OffloadError)
 
 
+def test_the_served_model_id_is_the_repo_id_as_given_or_the_directory_name(tmp_path: Path) -> None:
+    from cli.serve_cmd import served_name
+
+    directory = tmp_path / "Mixtral-8x7B-Instruct-v0.1"
+    directory.mkdir()
+    snapshot = tmp_path / "models--mistralai--Mixtral-8x7B-Instruct-v0.1" / "snapshots" / "0123abcd"
+    assert (
+        served_name("mistralai/Mixtral-8x7B-Instruct-v0.1", snapshot)
+        == "mistralai/Mixtral-8x7B-Instruct-v0.1"
+    )
+    assert served_name(str(directory), directory) == served_name(None, directory) == directory.name
+
+
 @pytest.fixture(scope="module")
 def keyed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
     live = LiveServer(tmp_path_factory.mktemp("serve-key"), env={"OFFLOAD_API_KEY": KEY})

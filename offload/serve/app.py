@@ -27,7 +27,15 @@ from offload.engine import Engine
 from offload.errors import OffloadError
 from offload.generate import MAX_BYTES_PER_TOKEN, MIN_TEMPERATURE, text_byte_limit
 from offload.serve import streaming
-from offload.serve.schema import RequestError, Sampling, chat_request, completion_request, parse_json
+from offload.serve.schema import (
+    RequestError,
+    Sampling,
+    chat_request,
+    completion_request,
+    kind_of,
+    parse_json,
+    shown,
+)
 from offload.serve.worker import Busy, Job, Worker
 
 MAX_BODY_BYTES = 1 << 20  # 1 MiB: far more than a full context of text, far less than a memory problem
@@ -37,13 +45,32 @@ OPEN_PATHS = {"/health", "/"}  # the page is static; its API calls carry the key
 class Server:
     """The routes' shared state: the engine, its worker and the server's options."""
 
-    def __init__(self, engine: Engine, *, queue_size: int, api_key: str | None, max_body_bytes: int) -> None:
+    def __init__(
+        self, engine: Engine, *, queue_size: int, api_key: str | None, max_body_bytes: int, model_name: str
+    ) -> None:
         self.engine = engine
         self.worker = Worker(engine, queue_size)
         self.api_key = api_key
         self.max_body_bytes = max_body_bytes
-        self.model_name = engine.directory.name
+        self.model_name = model_name
         self.created = int(time.time())
+
+    def model(self) -> dict[str, Any]:
+        """The served model as an OpenAI model object."""
+        return {"id": self.model_name, "object": "model", "created": self.created, "owned_by": "offload"}
+
+    def check_model(self, model: Any) -> None:
+        """Refuse a request for a model this server does not serve (a missing ``model`` means this one)."""
+        if model is None or model == self.model_name:
+            return
+        if not isinstance(model, str):
+            raise RequestError(f"'model' must be a string, got {kind_of(model)}", param="model")
+        raise RequestError(
+            f"the model {shown(model)} does not exist here; this server serves {self.model_name!r}",
+            status=404,
+            param="model",
+            code="model_not_found",
+        )
 
     def check_text_fits(self, text: str, param: str) -> None:
         """Refuse, before it is tokenized, text too long to fit the context however it tokenizes."""
@@ -103,10 +130,23 @@ class Server:
 
 
 def create_app(
-    engine: Engine, *, queue_size: int = 4, api_key: str | None = None, max_body_bytes: int = MAX_BODY_BYTES
+    engine: Engine,
+    *,
+    queue_size: int = 4,
+    api_key: str | None = None,
+    max_body_bytes: int = MAX_BODY_BYTES,
+    model_name: str | None = None,
 ) -> ASGIApp:
-    """The ASGI app serving ``engine``; its worker thread starts here."""
-    server = Server(engine, queue_size=queue_size, api_key=api_key, max_body_bytes=max_body_bytes)
+    """The ASGI app serving ``engine`` as ``model_name`` (default: its directory's name); its worker
+    thread starts here.
+    """
+    server = Server(
+        engine,
+        queue_size=queue_size,
+        api_key=api_key,
+        max_body_bytes=max_body_bytes,
+        model_name=model_name or engine.directory.name,
+    )
 
     async def page(request: Request) -> Response:
         html = resources.files("offload.serve").joinpath("page.html").read_text(encoding="utf-8")
@@ -116,12 +156,20 @@ def create_app(
         return JSONResponse({"status": "ok", "model": server.model_name, **server.worker.status()})
 
     async def models(request: Request) -> Response:
-        model = {"id": server.model_name, "object": "model", "created": server.created, "owned_by": "offload"}
-        return JSONResponse({"object": "list", "data": [model]})
+        return JSONResponse({"object": "list", "data": [server.model()]})
+
+    async def model(request: Request) -> Response:
+        try:
+            server.check_model(request.path_params["model"])
+        except OffloadError as err:
+            return error(err)
+        return JSONResponse(server.model())
 
     async def chat_completions(request: Request) -> Response:
         try:
-            chat = chat_request(await server.body(request))
+            payload = await server.body(request)
+            server.check_model(payload.get("model"))
+            chat = chat_request(payload)
             server.check_text_fits("".join(m["content"] for m in chat.messages), "messages")
             # Off the event loop: tokenizing a long prompt must not hold up /health or a stream.
             prompt_tokens = len(await asyncio.to_thread(engine.tokenizer.encode_chat, list(chat.messages)))
@@ -132,7 +180,9 @@ def create_app(
 
     async def completions(request: Request) -> Response:
         try:
-            completion = completion_request(await server.body(request))
+            payload = await server.body(request)
+            server.check_model(payload.get("model"))
+            completion = completion_request(payload)
             server.check_text_fits(completion.prompt, "prompt")
             prompt_ids = await asyncio.to_thread(engine.prompt_ids, completion.prompt, chat=False)
             job = server.job(completion.sampling, len(prompt_ids), prompt_ids=prompt_ids)
@@ -177,6 +227,7 @@ def create_app(
             Route("/", page),
             Route("/health", health),
             Route("/v1/models", models),
+            Route("/v1/models/{model:path}", model),
             Route("/v1/chat/completions", chat_completions, methods=["POST"]),
             Route("/v1/completions", completions, methods=["POST"]),
         ],

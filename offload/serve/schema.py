@@ -80,7 +80,7 @@ def parse_json(body: bytes) -> dict[str, Any]:
         # ValueError covers bad UTF-8 and bad JSON; its text names the line and column.
         raise RequestError(f"the request body is not valid JSON: {err}") from None
     if not isinstance(payload, dict):
-        raise RequestError(f"the request body must be a JSON object, got {_kind(payload)}")
+        raise RequestError(f"the request body must be a JSON object, got {kind_of(payload)}")
     return payload
 
 
@@ -114,7 +114,7 @@ def _message(index: int, message: Any) -> dict[str, str]:
     role = message.get("role")
     if not isinstance(role, str) or role not in ROLES:  # a list or an object is no role (and unhashable)
         allowed = ", ".join(ROLES)
-        raise RequestError(f"{param}.role is {_shown(role)}; allowed roles: {allowed}", param=f"{param}.role")
+        raise RequestError(f"{param}.role is {shown(role)}; allowed roles: {allowed}", param=f"{param}.role")
     content = message.get("content")
     if isinstance(content, list):
         # The array form: text parts only (this model reads no images or audio).
@@ -133,7 +133,7 @@ def _message(index: int, message: Any) -> dict[str, str]:
         content = "".join(parts)
     if not isinstance(content, str):
         raise RequestError(
-            f"{param}.content must be a string, got {_kind(content)}", param=f"{param}.content"
+            f"{param}.content must be a string, got {kind_of(content)}", param=f"{param}.content"
         )
     if message.get("tool_calls"):
         raise RequestError("tool calls are not supported", param=f"{param}.tool_calls")
@@ -190,19 +190,19 @@ def _refuse_penalties(payload: dict[str, Any]) -> None:
         return
     if not isinstance(bias, dict):
         raise RequestError(
-            f"'logit_bias' must be an object mapping token ids to numbers, got {_kind(bias)}",
+            f"'logit_bias' must be an object mapping token ids to numbers, got {kind_of(bias)}",
             param="logit_bias",
         )
     for token, value in bias.items():
         if not TOKEN_ID.fullmatch(token):
             raise RequestError(
-                f"'logit_bias' keys must be token ids written as strings, got {_shown(token)}",
+                f"'logit_bias' keys must be token ids written as strings, got {shown(token)}",
                 param="logit_bias",
             )
         number = isinstance(value, (int, float)) and not isinstance(value, bool)
         if not (number and -MAX_LOGIT_BIAS <= value <= MAX_LOGIT_BIAS):
             raise RequestError(
-                f"'logit_bias' values must be numbers from -100 to 100, got {_shown(value)} for token {token}",
+                f"'logit_bias' values must be numbers from -100 to 100, got {shown(value)} for token {token}",
                 param="logit_bias",
             )
     if any(bias.values()):
@@ -216,7 +216,7 @@ def _refuse_penalties(payload: dict[str, Any]) -> None:
 def _stream(payload: dict[str, Any]) -> tuple[bool, bool]:
     stream = payload.get("stream")
     if stream is not None and not isinstance(stream, bool):
-        raise RequestError(f"'stream' must be true or false, got {_kind(stream)}", param="stream")
+        raise RequestError(f"'stream' must be true or false, got {kind_of(stream)}", param="stream")
     options = payload.get("stream_options")
     if options is None:
         return bool(stream), False
@@ -246,7 +246,7 @@ def _integer(payload: dict[str, Any], name: str, low: int, high: int) -> int | N
     if isinstance(value, float) and value.is_integer():
         value = int(value)
     if isinstance(value, bool) or not isinstance(value, int):
-        raise RequestError(f"'{name}' must be an integer, got {_kind(value)}", param=name)
+        raise RequestError(f"'{name}' must be an integer, got {kind_of(value)}", param=name)
     if not low <= value <= high:
         raise RequestError(f"'{name}' must be from {low} to {high}, got {value}", param=name)
     return value
@@ -257,12 +257,12 @@ def _number(payload: dict[str, Any], name: str, low: float, high: float) -> floa
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise RequestError(f"'{name}' must be a number, got {_kind(value)}", param=name)
+        raise RequestError(f"'{name}' must be a number, got {kind_of(value)}", param=name)
     # The range first: an integer too big for a float (9 written 400 times) compares fine but cannot
     # be converted, and NaN and inf fail the comparison anyway.
     if not low <= value <= high:
         raise RequestError(
-            f"'{name}' must be a number from {low:g} to {high:g}, got {_shown(value)}", param=name
+            f"'{name}' must be a number from {low:g} to {high:g}, got {shown(value)}", param=name
         )
     return float(value)
 
@@ -283,11 +283,13 @@ def _refuse_constant(name: str) -> Any:
     raise RequestError(f"the request body is not valid JSON: {name} is not a JSON value")
 
 
-def _kind(value: Any) -> str:
+def kind_of(value: Any) -> str:
+    """What a JSON value is, in words: "an object", "a string" ..."""
     names = {dict: "an object", list: "an array", str: "a string", bool: "a boolean", type(None): "null"}
     return names.get(type(value), "a number")
 
 
-def _shown(value: Any) -> str:
+def shown(value: Any) -> str:
+    """A JSON value as a message quotes it, cut to 40 characters."""
     text = json.dumps(value) if not isinstance(value, str) else repr(value)
     return text if len(text) <= 40 else text[:37] + "..."
