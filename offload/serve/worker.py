@@ -19,7 +19,8 @@ import sys
 import threading
 import time
 import traceback
-from collections.abc import Iterator
+from collections import deque
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,6 +30,7 @@ from offload.chat import ChatSession
 from offload.engine import Engine
 from offload.errors import OffloadError
 from offload.generate import Response, SamplingParams
+from offload.serve.pace import Pace, Running
 
 # Each hand-over wakes the event loop, whose Python then competes with the engine's for the GIL; on the
 # small demo model (about 5 ms a token) waking it per token cost 15 % of decode speed. A model slower
@@ -75,6 +77,7 @@ class Job:
     prompt_ids: list[int] = field(default_factory=list)
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     cancel: threading.Event = field(default_factory=threading.Event)
+    generated: int = 0  # tokens generated so far (read by the loop's thread for Retry-After)
     _pending: list[str] = field(default_factory=list)
     _flushed: float = 0.0  # when pieces were last handed over (0: never, so the first goes at once)
 
@@ -100,9 +103,14 @@ class Job:
 
 
 class Worker:
-    """The engine thread and its bounded queue: at most 1 + ``queue_size`` jobs admitted at once."""
+    """The engine thread and its bounded queue: at most 1 + ``queue_size`` jobs admitted at once.
 
-    def __init__(self, engine: Engine, queue_size: int) -> None:
+    ``clock`` times jobs for Retry-After (tests give a fake one).
+    """
+
+    def __init__(
+        self, engine: Engine, queue_size: int, *, clock: Callable[[], float] = time.monotonic
+    ) -> None:
         self.engine = engine
         self.queue_size = queue_size
         self.session = ChatSession(engine)
@@ -113,7 +121,10 @@ class Worker:
         self._admitted = 0
         self._busy = False
         self._current: Job | None = None
-        self._seconds_per_job = 1.0  # a running average, for Retry-After
+        self._started = 0.0  # when the current job began, on ``clock``
+        self._waiting: deque[Job] = deque()  # admitted, not yet on the engine: the queue's order
+        self._clock = clock
+        self._pace = Pace()
         self._thread = threading.Thread(target=self._run, name="offload-engine", daemon=True)
         self._thread.start()
 
@@ -121,9 +132,19 @@ class Worker:
         """Queue ``job``, or raise Busy when the engine and the queue are both taken."""
         with self._lock:
             if self._admitted >= 1 + self.queue_size:
-                raise Busy(max(1, round(self._seconds_per_job * self._admitted)))
+                raise Busy(self._retry_after())
             self._admitted += 1
-        self._jobs.put(job)
+            self._waiting.append(job)
+            self._jobs.put(job)
+
+    def _retry_after(self) -> int:
+        # Under the lock: the running job's progress and what waits behind it.
+        current = self._current
+        running = None
+        if current is not None:
+            elapsed = self._clock() - self._started
+            running = Running(elapsed, current.generated, current.max_new_tokens)
+        return self._pace.retry_after(running, [job.max_new_tokens for job in self._waiting])
 
     def status(self) -> dict[str, Any]:
         """What /health reports: busy or not, queued jobs and counters."""
@@ -160,33 +181,34 @@ class Worker:
         torch.set_num_threads(self.engine.settings.threads)
         while (job := self._jobs.get()) is not None:
             with self._lock:
-                self._busy, self._current = True, job
-            started = time.perf_counter()
+                self._waiting.popleft()
+                self._busy, self._current, self._started = True, job, self._clock()
+            answered = False
             try:
-                self._execute(job)
+                answered = self._execute(job)
             finally:
                 with self._lock:
                     self._busy, self._current = False, None
                     self._admitted -= 1
-                    self._seconds_per_job = 0.8 * self._seconds_per_job + 0.2 * (
-                        time.perf_counter() - started
-                    )
+                    # A job cancelled in the queue, or failed before a token, says nothing of the pace.
+                    if job.generated:
+                        self._pace.record(self._clock() - self._started, job.generated, answered=answered)
 
-    def _execute(self, job: Job) -> None:
+    def _execute(self, job: Job) -> bool:
+        """Run ``job`` and hand its events over; True when it was answered (not cancelled, not failed)."""
         if job.cancel.is_set():  # the client left while waiting in the queue
             self.cancelled += 1
             self.last_cancelled_tokens = 0
-            return
+            return False
         before, tier_before = _counters(self.engine), _tier_counters(self.engine)
         stream, reused = self._stream(job)
         last: Response | None = None
-        generated = 0
         prompt_tokens = len(job.prompt_ids)
         try:
             for last in stream:
-                if job.messages and last is not None and not generated:
+                if job.messages and last is not None and not job.generated:
                     prompt_tokens = len(self.session.tokens)  # the session's ids: reused part and new turn
-                generated += last.token is not None
+                job.generated += last.token is not None
                 if job.cancel.is_set():
                     break  # checked after every token: a gone client costs at most one more
                 job.piece(last.text)
@@ -194,24 +216,24 @@ class Worker:
             self.failed += 1
             job.flush()
             job.emit(Failure(400, str(err)))
-            return
+            return False
         except (torch.OutOfMemoryError, MemoryError):
             self.failed += 1
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
             job.emit(Failure(503, "out of memory during generation; try a shorter prompt or max_tokens"))
-            return
+            return False
         except Exception as err:  # the server must outlive any one request
             self.failed += 1
             traceback.print_exc(file=sys.stderr)
             job.emit(Failure(500, f"internal error during generation: {type(err).__name__}"))
-            return
+            return False
         finally:
             stream.close()  # a cancelled chat keeps its partial turn (ChatSession.send's finally)
         if job.cancel.is_set():
             self.cancelled += 1
-            self.last_cancelled_tokens = generated
-            return
+            self.last_cancelled_tokens = job.generated
+            return False
         self.served += 1
         if job.messages:
             reused = prompt_tokens - (last.timings.prompt_tokens if last else 0)
@@ -219,7 +241,8 @@ class Worker:
         figures = _figures(last, before, _counters(self.engine), reused)
         figures["host_tier"] = _tier_figures(tier_before, _tier_counters(self.engine))
         job.flush()
-        job.emit(Finish(finish, prompt_tokens, generated, figures))
+        job.emit(Finish(finish, prompt_tokens, job.generated, figures))
+        return True
 
     def _stream(self, job: Job) -> tuple[Iterator[Response], int]:
         if not job.messages:
