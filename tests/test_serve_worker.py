@@ -100,3 +100,28 @@ def test_the_pace_of_past_jobs_and_the_typical_answer_length_set_the_estimate() 
     assert pace.retry_after(Running(50.0, 490, 500), []) == 1  # past the typical length: at least 1 s
     pace.record(1.0, 5, answered=False)  # a cancelled job counts for the pace, not for the length
     assert pace.retry_after(None, [4000]) == 25  # 21 s over 85 tokens (decayed), 100 tokens ahead
+
+
+def test_health_says_idle_by_the_time_the_answer_is_handed_over(
+    monkeypatch: pytest.MonkeyPatch, loop: asyncio.AbstractEventLoop
+) -> None:
+    engine = FakeEngine()
+    worker = _start(monkeypatch, engine, 1, FakeClock())
+    job = _job(loop, 3)
+    seen: list[tuple[str, dict]] = []
+    handed = threading.Event()
+
+    def emit(event: object) -> None:  # what /health would say the moment each event reaches the client
+        seen.append((type(event).__name__, worker.status()))
+        if type(event).__name__ == "Finish":
+            handed.set()
+
+    job.emit = emit  # type: ignore[method-assign]
+    try:
+        worker.submit(job)
+        assert handed.wait(WAIT_S)
+        name, status = seen[-1]
+        assert name == "Finish" and status["served"] == 1
+        assert not status["busy"] and status["queued"] == 0
+    finally:
+        _stop(worker, engine)

@@ -183,23 +183,27 @@ class Worker:
             with self._lock:
                 self._waiting.popleft()
                 self._busy, self._current, self._started = True, job, self._clock()
-            answered = False
+            last: Finish | Failure | None = None
             try:
-                answered = self._execute(job)
+                last = self._execute(job)
             finally:
                 with self._lock:
                     self._busy, self._current = False, None
                     self._admitted -= 1
                     # A job cancelled in the queue, or failed before a token, says nothing of the pace.
                     if job.generated:
+                        answered = isinstance(last, Finish)
                         self._pace.record(self._clock() - self._started, job.generated, answered=answered)
+            # Only now, so that a client reading /health once answered finds the engine free.
+            if last is not None:
+                job.emit(last)
 
-    def _execute(self, job: Job) -> bool:
-        """Run ``job`` and hand its events over; True when it was answered (not cancelled, not failed)."""
+    def _execute(self, job: Job) -> Finish | Failure | None:
+        """Run ``job``, handing its pieces over; its last event, for ``_run`` to hand over (None: cancelled)."""
         if job.cancel.is_set():  # the client left while waiting in the queue
             self.cancelled += 1
             self.last_cancelled_tokens = 0
-            return False
+            return None
         before, tier_before = _counters(self.engine), _tier_counters(self.engine)
         stream, reused = self._stream(job)
         last: Response | None = None
@@ -215,25 +219,22 @@ class Worker:
         except OffloadError as err:
             self.failed += 1
             job.flush()
-            job.emit(Failure(400, str(err)))
-            return False
+            return Failure(400, str(err))
         except (torch.OutOfMemoryError, MemoryError):
             self.failed += 1
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
-            job.emit(Failure(503, "out of memory during generation; try a shorter prompt or max_tokens"))
-            return False
+            return Failure(503, "out of memory during generation; try a shorter prompt or max_tokens")
         except Exception as err:  # the server must outlive any one request
             self.failed += 1
             traceback.print_exc(file=sys.stderr)
-            job.emit(Failure(500, f"internal error during generation: {type(err).__name__}"))
-            return False
+            return Failure(500, f"internal error during generation: {type(err).__name__}")
         finally:
             stream.close()  # a cancelled chat keeps its partial turn (ChatSession.send's finally)
         if job.cancel.is_set():
             self.cancelled += 1
             self.last_cancelled_tokens = job.generated
-            return False
+            return None
         self.served += 1
         if job.messages:
             reused = prompt_tokens - (last.timings.prompt_tokens if last else 0)
@@ -241,8 +242,7 @@ class Worker:
         figures = _figures(last, before, _counters(self.engine), reused)
         figures["host_tier"] = _tier_figures(tier_before, _tier_counters(self.engine))
         job.flush()
-        job.emit(Finish(finish, prompt_tokens, job.generated, figures))
-        return True
+        return Finish(finish, prompt_tokens, job.generated, figures)
 
     def _stream(self, job: Job) -> tuple[Iterator[Response], int]:
         if not job.messages:
