@@ -179,6 +179,18 @@ def test_sse_framing_is_data_lines_ending_with_done(server: LiveServer) -> None:
     assert chunks[-1]["choices"][0]["finish_reason"] in ("stop", "length") and "offload" in chunks[-1]
 
 
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/completions"])
+def test_with_include_usage_every_chunk_before_the_last_has_usage_null(server: LiveServer, path: str) -> None:
+    body = {"messages": HELLO, "prompt": "Hello", "temperature": 0, "max_tokens": 8, "stream": True}
+    body["stream_options"] = {"include_usage": True}
+    with httpx.stream("POST", server.url + path, json=body, timeout=120) as response:
+        data = [line.removeprefix("data: ") for line in response.iter_lines() if line.startswith("data: ")]
+    assert data[-1] == "[DONE]"
+    chunks = [json.loads(line) for line in data[:-1]]
+    assert len(chunks) >= 3 and all("usage" in chunk and chunk["usage"] is None for chunk in chunks[:-1])
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] > 0
+
+
 BAD_BODIES = {
     "not json": (b"{messages: oops", "not valid JSON"),
     "NaN temperature": (b'{"messages": [{"role": "user", "content": "hi"}], "temperature": NaN}', "NaN"),
@@ -203,6 +215,10 @@ BAD_BODIES = {
     "temperature 5": (b'{"messages": [{"role": "user", "content": "hi"}], "temperature": 5}', "temperature"),
     "stop a number": (b'{"messages": [{"role": "user", "content": "hi"}], "stop": 3}', "stop"),
     "stream a string": (b'{"messages": [{"role": "user", "content": "hi"}], "stream": "yes"}', "stream"),
+    "stream_options, no stream": (
+        b'{"messages": [{"role": "user", "content": "hi"}], "stream_options": {"include_usage": true}}',
+        "stream_options",
+    ),
     "two users in a row": (
         b'{"messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]}',
         "alternate",

@@ -118,8 +118,12 @@ def test_every_endpoint_but_health_and_the_page_needs_the_key(keyed: LiveServer)
     for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": KEY}):
         refused = httpx.get(keyed.url + "/v1/models", headers=headers, timeout=30)
         assert refused.status_code == 401 and refused.json()["error"]["code"] == "invalid_api_key"
+        assert refused.headers["www-authenticate"] == "Bearer"
         refused = httpx.post(keyed.url + "/v1/chat/completions", json={}, headers=headers, timeout=30)
         assert refused.status_code == 401
+    for scheme in ("bearer", "BEARER", "Bearer"):  # the scheme's case does not matter (RFC 9110)
+        headers = {"Authorization": f"{scheme} {KEY}"}
+        assert httpx.get(keyed.url + "/v1/models", headers=headers, timeout=30).status_code == 200
     openai = pytest.importorskip("openai")
     client = openai.OpenAI(base_url=keyed.url + "/v1", api_key=KEY, max_retries=0)
     assert [m.id for m in client.models.list()] == ["demo"]

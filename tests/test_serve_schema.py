@@ -79,3 +79,17 @@ def test_a_number_too_big_for_a_float_is_a_400_not_an_overflow(name: str) -> Non
     with pytest.raises(RequestError) as caught:
         chat_request(parse_json(body))
     assert caught.value.param == name and "999..." in str(caught.value)
+
+
+@pytest.mark.parametrize("stream", [False, None])
+def test_stream_options_without_a_stream_are_refused(stream: bool | None) -> None:
+    body = {"stream_options": {"include_usage": True}, "stream": stream}
+    for read, head in ((chat_request, {"messages": HI}), (completion_request, {"prompt": "hi"})):
+        with pytest.raises(RequestError) as caught:
+            read({**head, **body})
+        assert caught.value.param == "stream_options" and "only allowed when 'stream' is true" in str(
+            caught.value
+        )
+    streamed = chat_request({"messages": HI, "stream": True, "stream_options": {"include_usage": True}})
+    assert streamed.stream and streamed.include_usage
+    assert not chat_request({"messages": HI, "stream": stream, "stream_options": None}).include_usage

@@ -246,21 +246,24 @@ def error(err: OffloadError) -> Response:
 
 
 class _Auth:
-    """Every path but /health and the page needs ``Authorization: Bearer KEY``, compared in constant time."""
+    """Every path but /health and the page needs ``Authorization: Bearer KEY``; the key is compared in
+    constant time, the scheme in any case (RFC 9110: ``bearer KEY`` is the same).
+    """
 
     def __init__(self, app: ASGIApp, api_key: str) -> None:
         self.app = app
-        self.expected = f"Bearer {api_key}".encode()
+        self.expected = api_key.encode()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope["path"] not in OPEN_PATHS:
-            given = dict(scope["headers"]).get(b"authorization", b"")
-            if not hmac.compare_digest(given, self.expected):
+            scheme, _, given = dict(scope["headers"]).get(b"authorization", b"").strip().partition(b" ")
+            if not (scheme.lower() == b"bearer" and hmac.compare_digest(given.strip(), self.expected)):
                 refusal = RequestError(
                     "missing or wrong API key: send 'Authorization: Bearer KEY'",
                     status=401,
                     code="invalid_api_key",
                 )
-                await JSONResponse(refusal.body(), 401)(scope, receive, send)
+                response = JSONResponse(refusal.body(), 401, headers={"WWW-Authenticate": "Bearer"})
+                await response(scope, receive, send)
                 return
         await self.app(scope, receive, send)

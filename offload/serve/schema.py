@@ -220,6 +220,8 @@ def _stream(payload: dict[str, Any]) -> tuple[bool, bool]:
     options = payload.get("stream_options")
     if options is None:
         return bool(stream), False
+    if not stream:  # as OpenAI: options for a stream that is not there are a mistake worth saying
+        raise RequestError("'stream_options' is only allowed when 'stream' is true", param="stream_options")
     if not isinstance(options, dict) or not isinstance(options.get("include_usage", False), bool):
         raise RequestError(
             "'stream_options' must be an object like {'include_usage': true}", param="stream_options"

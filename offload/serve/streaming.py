@@ -3,7 +3,8 @@
 Chat chunks are ``chat.completion.chunk`` objects (a first chunk with the role, one per piece of
 text, a last one with ``finish_reason``); completions are ``text_completion`` objects. The last
 chunk, and the whole answer, carry the engine's figures under ``offload``; ``usage`` is in the whole
-answer always, and in a stream as its own chunk (empty ``choices``) when ``include_usage`` is set.
+answer always, and in a stream as its own chunk (empty ``choices``) when ``include_usage`` is set
+(every chunk before it then has ``"usage": null``).
 """
 
 from __future__ import annotations
@@ -95,7 +96,9 @@ class Answer:
             choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
         else:
             choice = {"index": 0, "text": delta, "logprobs": None, "finish_reason": finish_reason}
-        return json.dumps({**self._head(), "choices": [choice], **extra})
+        # With include_usage, OpenAI's chunks carry "usage": null until the last one, which has the figures.
+        usage = {"usage": None} if self.include_usage else {}
+        return json.dumps({**self._head(), "choices": [choice], **usage, **extra})
 
     def _whole(self, text: str, finish: Finish) -> dict[str, Any]:
         if self.chat:
