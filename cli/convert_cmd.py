@@ -133,6 +133,7 @@ def build_scheme(
     else:
         base = QuantScheme.build(layers, attention=DEFAULT_ATTENTION, experts=DEFAULT_EXPERTS)
     per_layer = {layer: experts or str(base.expert_spec(layer)) for layer in range(layers)}
+    given: dict[int, str] = {}  # layer -> the --experts-layer that set it
     for text in experts_layer:
         layer, equals, spec = text.partition("=")
         if not equals or not layer.strip().removeprefix("-").isdigit():
@@ -140,6 +141,12 @@ def build_scheme(
         index = int(layer)
         if not -layers <= index < layers:
             raise QuantError(f"--experts-layer {text!r}: layer {index} is out of range 0..{layers - 1}")
+        if index % layers in given:  # one would silently win: say which two disagree, or repeat
+            raise QuantError(
+                f"--experts-layer {text!r}: layer {index % layers} is already set by "
+                f"--experts-layer {given[index % layers]!r}; give each layer once"
+            )
+        given[index % layers] = text
         per_layer[index % layers] = str(QuantSpec.parse(spec, where=f"--experts-layer {text}"))
     return QuantScheme.build(
         layers,

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from offload.checkpoint.catalog import home_models, hub_models
+from offload.checkpoint.catalog import bundled_models, home_models, hub_models
 from offload.settings.profile import offload_home
 
 
@@ -28,29 +28,32 @@ def models(
     from rich.markup import escape
     from rich.table import Table
 
-    found = [*hub_models(), *home_models(offload_home())]
+    elsewhere = [*hub_models(), *home_models(offload_home())]
+    found = [*bundled_models(), *elsewhere]
     if as_json:
         typer.echo(json.dumps([model.as_dict() for model in found]))
         return
     out = Console(highlight=False, emoji=False)
-    if not found:
-        out.print(
-            f"No models in the Hugging Face cache or in {escape(str(offload_home() / 'models'))}. "
-            "`offload generate --model ORG/NAME` downloads one; `offload convert SRC DST` converts one."
-        )
-        return
     table = Table("where", "size", "converted", "type")
     # The name is what --model takes, so it is shown whole (folded), never cut with an ellipsis.
     table.add_column("name (--model)", overflow="fold")
     for model in found:
         table.add_row(
-            "hub cache" if model.source == "hub" else "$OFFLOAD_HOME",
+            WHERE[model.source],
             _size(model.size_bytes),
             "yes" if model.converted else "no",
             escape(model.model_type or "?"),
             escape(model.name),
         )
     out.print(table)
+    if not elsewhere:
+        out.print(
+            f"No models in the Hugging Face cache or in {escape(str(offload_home() / 'models'))}. "
+            "`offload generate --model ORG/NAME` downloads one; `offload convert SRC DST` converts one."
+        )
+
+
+WHERE = {"bundled": "bundled", "hub": "hub cache", "home": "$OFFLOAD_HOME"}
 
 
 def _size(nbytes: int) -> str:

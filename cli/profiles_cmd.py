@@ -24,10 +24,12 @@ def list_command() -> None:
     Example: offload profiles list
     """
     table = Table("name", "device", "memory", "K", "attention / experts", "description")
+    broken = []
     for entry in list_profiles():
         profile = entry.profile
         if profile is None:
-            table.add_row(escape(entry.name), "[red]error[/red]", "", "", "", escape(entry.error or ""))
+            table.add_row(escape(entry.name), "[red]error[/red]", "", "", "", "(below)")
+            broken.append(entry)
             continue
         device, k = profile.device, profile.cache.experts_per_layer
         memory = "free" if device.memory_gib is None else f"{device.memory_gib:g} GiB"
@@ -35,8 +37,14 @@ def list_command() -> None:
         quant = f"{profile.quant.attention} / {profile.quant.experts}"
         if profile.quant.experts_overrides:
             quant += f" (+{len(profile.quant.experts_overrides)} overrides)"
-        table.add_row(escape(profile.name), device.kind, memory, k_text, quant, escape(profile.description))
-    Console(emoji=False).print(table)
+        description = profile.description
+        if profile.name != entry.name:  # --profile takes the file's name; the name key is only a label
+            description += f" (its name key says {profile.name!r})"
+        table.add_row(escape(entry.name), device.kind, memory, k_text, quant, escape(description))
+    console = Console(emoji=False)
+    console.print(table)
+    for entry in broken:  # whole, not squeezed into a column: the error names the file, key and value
+        console.print(f"[red]error[/red] {escape(entry.name)}: {escape(entry.error or '')}", soft_wrap=True)
 
 
 @profiles_app.command("show")

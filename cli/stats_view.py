@@ -13,9 +13,15 @@ def stats_table(session: Any) -> Table:
 
     engine = session.engine
     stats = engine.cache_stats()
-    table = Table(
-        title="offload stats", show_edge=False, caption=f"{torch.get_num_threads()} CPU threads (--threads)"
-    )
+    caption = f"{torch.get_num_threads()} CPU threads (--threads)"
+    timings = session.last_timings
+    if timings is not None:
+        caption = (
+            f"last reply: {timings.decode_tokens_per_second:.1f} tok/s decode, "
+            f"{timings.prefill_tokens_per_second:.1f} tok/s prompt, TTFT {timings.ttft_seconds:.2f} s; "
+            + caption
+        )
+    table = Table(title="offload stats", show_edge=False, caption=caption)
     if stats is None:
         table.add_column("experts")
         table.add_row("all resident on the device (no cache, nothing moved)")
@@ -28,6 +34,7 @@ def stats_table(session: Any) -> Table:
     tier = engine.host_tier_stats()  # None unless experts are read from disk (--host-memory)
     if tier is not None:
         table.add_column("host-tier hit", justify="right")
+        table.add_column("disk reads", justify="right")  # the tier's misses
         table.add_column("MB read from disk", justify="right")
         table.caption += (
             f"; host tier {tier['bytes_held'] / 2**20:.1f} MiB, {tier['slots']} of {tier['experts']} experts, "
@@ -44,7 +51,7 @@ def stats_table(session: Any) -> Table:
 def _tier_figures(row: dict[str, Any] | None) -> tuple[str, ...]:
     if row is None:
         return ()
-    return percent(row.get("hit_rate")), f"{row['disk_bytes_read'] / 1e6:.1f}"
+    return percent(row.get("hit_rate")), str(row["misses"]), f"{row['disk_bytes_read'] / 1e6:.1f}"
 
 
 def _figures(row: dict[str, Any]) -> tuple[str, str, str, str]:

@@ -17,7 +17,7 @@ from offload.atomic import write_text_atomically
 from offload.config import read_json
 from offload.engine import Engine
 from offload.errors import ContextError, OffloadError
-from offload.generate import Response, SamplingParams, check_text_fits
+from offload.generate import Response, SamplingParams, Timings, check_text_fits
 from offload.kv_cache import KVCache
 
 SAVE_FORMAT = "offload-chat/1"
@@ -35,6 +35,7 @@ class ChatSession:
     dropped_turns: int = 0  # turns slid out of the window to make room, over the session's life
     window_start: int = 0  # messages[window_start:] is what the model sees
     cache: KVCache | None = None
+    last_timings: Timings | None = None  # the last reply's speed (/stats shows it)
     # (tokens, window_start) just before the last turn, so /retry can rewind without a recompute
     _before_turn: tuple[list[int], int] | None = field(default=None, repr=False)
 
@@ -113,6 +114,7 @@ class ChatSession:
                     reply.append(response.token)
                 shown.append(response.text)
                 stop = response.stop
+                self.last_timings = response.timings
                 yield response
         finally:
             # Runs on completion, on error and on Ctrl-C alike, so the turn is never lost.

@@ -112,9 +112,12 @@ class Engine:
         *,
         min_p: float | None = None,
         repetition_penalty: float | None = None,
+        presence_penalty: float = 0.0,
+        frequency_penalty: float = 0.0,
+        logit_bias: tuple[tuple[int, float], ...] = (),
     ) -> SamplingParams:
-        """Sampling from the flags, falling back to the profile's generation defaults (min-p and the
-        repetition penalty, which profiles do not set, default to off).
+        """Sampling from the flags, falling back to the profile's generation defaults (min-p, the repetition
+        penalty and OpenAI's penalties and logit bias, which profiles do not set, default to off).
         """
         defaults = self.settings.generation
         return SamplingParams(
@@ -124,6 +127,9 @@ class Engine:
             seed=seed,
             min_p=0.0 if min_p is None else min_p,
             repetition_penalty=1.0 if repetition_penalty is None else repetition_penalty,
+            presence_penalty=presence_penalty,
+            frequency_penalty=frequency_penalty,
+            logit_bias=logit_bias,
         )
 
     def max_new_tokens(self, requested: int | None, prompt_tokens: int = 0) -> int:

@@ -21,6 +21,8 @@ from offload.model import MixtralModel
 MIN_TEMPERATURE, MAX_TEMPERATURE = 1e-4, 100.0  # beyond these, logits / temperature overflow or go flat
 MAX_SEED = (1 << 64) - 1  # what torch.Generator.manual_seed takes
 MIN_PENALTY, MAX_PENALTY = 0.01, 100.0  # beyond these, penalized logits overflow or a penalty means nothing
+MAX_OPENAI_PENALTY = 2.0  # presence and frequency penalties: OpenAI's range, -2 to 2
+MAX_LOGIT_BIAS = 100.0  # OpenAI's range, -100 to 100: -100 bans a token, 100 all but forces it
 NON_FINITE_LOGITS = (
     "the model produced NaN or inf logits (weights overflow in this dtype, or a damaged checkpoint); "
     "try --dtype float32"
@@ -29,8 +31,9 @@ NON_FINITE_LOGITS = (
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """How the next token is chosen. The steps run in transformers' order: repetition penalty,
-    temperature, top-k, top-p, min-p; greedy (temperature 0) takes the best token after the penalty.
+    """How the next token is chosen. The steps run in transformers' order: repetition penalty (then
+    OpenAI's logit bias and penalties), temperature, top-k, top-p, min-p; greedy (temperature 0) takes the
+    best token after the penalties.
     """
 
     temperature: float = 0.7  # 0 means greedy
@@ -41,6 +44,11 @@ class SamplingParams:
     # Every id already in the prompt or the reply has its logit divided by this when positive and
     # multiplied by it when negative (transformers' and llama.cpp's rule); 1 is off, > 1 discourages repeats.
     repetition_penalty: float = 1.0
+    # OpenAI's rules, over the reply's own tokens (as vLLM counts them): each id's logit loses
+    # presence_penalty once it has appeared and frequency_penalty times its count; 0 is off.
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit before sampling)
 
     def __post_init__(self) -> None:
         # NaN passes every comparison below, and a temperature too small or too large turns the logits
@@ -62,6 +70,18 @@ class SamplingParams:
                 f"repetition_penalty must be {MIN_PENALTY:g} to {MAX_PENALTY:g} (1 = off), "
                 f"got {self.repetition_penalty}"
             )
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -MAX_OPENAI_PENALTY <= getattr(self, name) <= MAX_OPENAI_PENALTY:
+                raise OffloadError(
+                    f"{name} must be {-MAX_OPENAI_PENALTY:g} to {MAX_OPENAI_PENALTY:g} (0 = off), "
+                    f"got {getattr(self, name)}"
+                )
+        for token_id, bias in self.logit_bias:
+            if token_id < 0 or not -MAX_LOGIT_BIAS <= bias <= MAX_LOGIT_BIAS:
+                raise OffloadError(
+                    f"logit_bias needs token ids >= 0 and biases from {-MAX_LOGIT_BIAS:g} to {MAX_LOGIT_BIAS:g}, "
+                    f"got {token_id}: {bias}"
+                )
 
 
 class Sampler:
@@ -77,10 +97,22 @@ class Sampler:
             self.generator.manual_seed(params.seed)
         self._seen: set[int] = set()
         self._seen_ids: Tensor | None = None  # the seen ids on the device, rebuilt when one is added
-        self.observe(seen)
+        self._reply_counts: dict[
+            int, int
+        ] = {}  # the reply's ids and how often each came (the OpenAI penalties)
+        self._adjustment: Tensor | None = None  # (V,) the OpenAI penalties and logit_bias, rebuilt when stale
+        self._remember(seen)
 
     def observe(self, ids: Iterable[int]) -> None:
-        """Note ids that are now part of the text (the repetition penalty's memory)."""
+        """Note ids the reply has just added to the text (the penalties' memory)."""
+        ids = [int(i) for i in ids]
+        self._remember(ids)
+        if self.params.presence_penalty or self.params.frequency_penalty:
+            for token_id in ids:
+                self._reply_counts[token_id] = self._reply_counts.get(token_id, 0) + 1
+            self._adjustment = None
+
+    def _remember(self, ids: Iterable[int]) -> None:
         if self.params.repetition_penalty == 1:
             return
         before = len(self._seen)
@@ -123,15 +155,33 @@ class Sampler:
         return probs
 
     def _penalized(self, logits: Tensor) -> Tensor:
-        if self.params.repetition_penalty == 1 or not self._seen:
-            return logits
-        logits = logits.float()
-        if self._seen_ids is None:
-            self._seen_ids = torch.tensor(sorted(self._seen), device=self.device)
-        ids = self._seen_ids
-        scores = logits.gather(0, ids)
-        penalty = self.params.repetition_penalty
-        return logits.scatter(0, ids, torch.where(scores > 0, scores / penalty, scores * penalty))
+        params = self.params
+        if params.repetition_penalty != 1 and self._seen:
+            logits = logits.float()
+            if self._seen_ids is None:
+                self._seen_ids = torch.tensor(sorted(self._seen), device=self.device)
+            ids = self._seen_ids
+            scores = logits.gather(0, ids)
+            penalty = params.repetition_penalty
+            logits = logits.scatter(0, ids, torch.where(scores > 0, scores / penalty, scores * penalty))
+        if params.logit_bias or self._reply_counts:
+            if self._adjustment is None:
+                self._adjustment = self._openai_adjustment(logits.shape[-1])
+            logits = logits.float() + self._adjustment
+        return logits
+
+    def _openai_adjustment(self, vocab_size: int) -> Tensor:
+        """(V,) what OpenAI's rules add to the logits now: the bias, less the reply's penalties."""
+        adjustment = torch.zeros(vocab_size)
+        for token_id, bias in self.params.logit_bias:
+            if token_id >= vocab_size:
+                raise OffloadError(
+                    f"logit_bias token id {token_id} is out of range: the vocabulary has {vocab_size} tokens"
+                )
+            adjustment[token_id] += bias
+        for token_id, count in self._reply_counts.items():
+            adjustment[token_id] -= self.params.presence_penalty + self.params.frequency_penalty * count
+        return adjustment.to(self.device)
 
 
 @dataclass

@@ -301,6 +301,10 @@ class Tokenizer:
         """
         return self._backend.held_bytes(held, token_id)
 
+    def is_byte_piece(self, token_id: int) -> bool:
+        """Whether ``token_id`` is a byte-fallback piece ("<0x00>" ... "<0xFF>")."""
+        return token_id in self._backend.byte_values
+
     def check_id(self, token_id: int) -> None:
         """Raise TokenizerError unless ``token_id`` is in the vocabulary."""
         if not 0 <= token_id < self.vocab_size:
@@ -324,11 +328,21 @@ class StreamDecoder:
     change (an unfinished UTF-8 character) are held back until it is final.
     """
 
-    CONTEXT_IDS = 8  # the prompt's ids kept as left context: enough for a character split over byte pieces
+    CONTEXT_IDS = 8  # the prompt's last ids kept as left context (more where a run of byte pieces spans it)
 
     def __init__(self, tokenizer: Tokenizer, context: Sequence[int] = ()) -> None:
         self._tokenizer = tokenizer
-        self._ids = [int(token_id) for token_id in list(context)[-self.CONTEXT_IDS :]]
+        context = [int(token_id) for token_id in context]
+        start = max(0, len(context) - self.CONTEXT_IDS)
+        # Never from the middle of a run of byte pieces: its first bytes alone are no text (the whole run may
+        # then decode as U+FFFDs), so the window starts where the run does.
+        while (
+            start > 0
+            and tokenizer.is_byte_piece(context[start])
+            and tokenizer.is_byte_piece(context[start - 1])
+        ):
+            start -= 1
+        self._ids = context[start:]
         self._prefix = 0  # window start: decoded only for context, its text already emitted
         self._read = len(self._ids)  # tokens before this index have had their text emitted
         self._held_bytes = b""  # trailing byte-piece bytes whose text may still change

@@ -56,6 +56,7 @@ def test_chat_session_in_a_terminal(slow_baby: Path, tmp_path: Path) -> None:
     child.expect_exact(PROMPT)
     child.sendline("/stats")
     child.expect("offload stats")
+    child.expect("last reply: .* tok/s decode")  # the speed /help promises
     child.expect_exact(PROMPT)
 
     saved = tmp_path / "chat.json"

@@ -298,7 +298,11 @@ def test_generate_json_and_chat_stats_say_how_many_threads_ran(
         assert json.loads(out)["threads"] == wanted == torch.get_num_threads()
         console = Console(record=True, width=120)
         console.print(
-            stats_table(types.SimpleNamespace(engine=types.SimpleNamespace(cache_stats=lambda: None)))
+            stats_table(
+                types.SimpleNamespace(
+                    engine=types.SimpleNamespace(cache_stats=lambda: None), last_timings=None
+                )
+            )
         )
         assert f"{wanted} CPU threads" in console.export_text()
     finally:

@@ -138,6 +138,10 @@ def test_layout_config_and_report(source: Path, tmp_path: Path) -> None:
         (["--experts-layer", "7=hqq:3:64"], "layer 7 is out of range"),
         (["--experts-layer", "first=hqq:3:64"], "expected LAYER=SPEC"),
         (["--experts-layer", "0=bnb:nf5"], "--experts-layer 0=bnb:nf5"),
+        (
+            ["--experts-layer", "0=hqq:3:64", "--experts-layer", "-2=hqq:2:16"],  # -2 is layer 0 of 2
+            "layer 0 is already set by --experts-layer '0=hqq:3:64'",
+        ),
         (["--attention", "hqq:4:128"], "group size 128 must divide the row length 64"),
         (["--profile", "no-such-profile"], "profile 'no-such-profile' not found"),
     ],

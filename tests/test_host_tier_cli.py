@@ -207,9 +207,13 @@ def test_chat_stats_show_the_tier_per_layer(converted: Path) -> None:
 
     engine = Engine.load(converted, LoadFlags(experts_per_layer="2", host_memory=float(BUDGET), threads=1))
     ids = engine.prompt_ids("The cat", chat=False)
-    list(engine.stream(ids, max_new_tokens=4, sampling=engine.sampling(temperature=0)))
+    *_, last = engine.stream(ids, max_new_tokens=4, sampling=engine.sampling(temperature=0))
     console = Console(width=160, record=True, file=io.StringIO())
-    console.print(stats_table(types.SimpleNamespace(engine=engine)))
+    console.print(stats_table(types.SimpleNamespace(engine=engine, last_timings=last.timings)))
     text = console.export_text()
-    assert "host-tier hit" in text and "MB read from disk" in text
+    assert "host-tier hit" in text and "disk reads" in text and "MB read from disk" in text
+    assert (
+        f"{engine.host_tier_stats()['misses']}" in text.split("all")[-1]
+    )  # the tier's misses, in the totals
+    assert "last reply:" in text and "tok/s decode" in text
     assert f"of {engine.host_tier_stats()['experts']} experts" in text and "waited on disk" in text

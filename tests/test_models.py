@@ -216,3 +216,19 @@ def test_models_says_where_it_looked_when_there_are_none(
     monkeypatch.setenv("OFFLOAD_HOME", str(tmp_path / "home"))
     code, out, _ = offload_here(monkeypatch, capfd, "models")
     assert code == 0 and "No models" in out and "home" in out
+    bundled = next(line for line in out.splitlines() if "bundled" in line)
+    assert "demo" in bundled and "mixtral" in bundled  # the bundled demo, by the name --model takes
+    code, out, _ = offload_here(monkeypatch, capfd, "models", "--json")
+    assert [model["name"] for model in json.loads(out) if model["source"] == "bundled"] == ["demo"]
+
+
+def test_demo_names_the_bundled_model_unless_a_local_directory_has_that_name(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # An installed user has no path to the demo inside site-packages: `-m demo` is it (convert, bench, plan).
+    from offload.checkpoint.hub import DEMO_MODEL, resolve_model_dir
+
+    monkeypatch.chdir(tmp_path)
+    assert resolve_model_dir("demo") == DEMO_MODEL
+    (tmp_path / "demo").mkdir()
+    assert resolve_model_dir("demo") == Path("demo")

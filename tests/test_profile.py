@@ -293,3 +293,24 @@ def test_cli_list_shows_every_profile(monkeypatch: pytest.MonkeyPatch, capsys: p
     assert code == 0
     for name in BUNDLED:
         assert name in out
+
+
+def test_cli_list_names_profiles_as_profile_takes_them_and_shows_errors_whole(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    home = tmp_path / "home"
+    (home / "profiles").mkdir(parents=True)
+    text = (BUNDLED_DIR / "cpu.toml").read_text()
+    (home / "profiles" / "mine.toml").write_text(text.replace('name = "cpu"', 'name = "other"', 1))
+    (home / "profiles" / "broken.toml").write_text("[generation]\ntop_p = 7\n")
+    monkeypatch.setenv("OFFLOAD_HOME", str(home))
+    monkeypatch.setenv("COLUMNS", "250")
+    code, out, _ = run_offload(monkeypatch, capsys, "profiles", "list")
+    assert code == 0
+    assert "mine" in out and "its name key says 'other'" in out
+    monkeypatch.setenv("COLUMNS", "80")  # a narrow terminal still gets the whole error
+    code, out, _ = run_offload(monkeypatch, capsys, "profiles", "list")
+    error = next(line for line in out.splitlines() if line.startswith("error broken:"))
+    assert "broken.toml: device.kind is missing: allowed is" in error  # file, key and what is allowed, uncut
+    code, out, _ = run_offload(monkeypatch, capsys, "profiles", "show", "mine")  # the listed name works
+    assert code == 0

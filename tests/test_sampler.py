@@ -95,6 +95,39 @@ def test_the_penalty_remembers_the_generated_tokens() -> None:
     assert int(sampler(logits)) == 1  # 2.0 / 4 = 0.5 < 1.0
 
 
+def test_openai_penalties_count_the_reply_not_the_prompt() -> None:
+    # OpenAI's rule: a logit loses presence once its id has appeared in the reply, and frequency per time.
+    params = SamplingParams(temperature=0, presence_penalty=0.5, frequency_penalty=0.3)
+    sampler = Sampler(params, torch.device("cpu"), seen=[0, 0, 0])  # the prompt's ids are not counted
+    logits = torch.tensor([2.0, 1.5, 0.0])
+    assert int(sampler(logits)) == 0
+    sampler.observe([0])  # 2.0 - 0.5 - 0.3 = 1.2 < 1.5
+    assert int(sampler(logits)) == 1
+    sampler.observe([1, 1])  # 1.5 - 0.5 - 0.6 = 0.4 < 1.2
+    assert int(sampler(logits)) == 0
+    weights = Sampler(SamplingParams(temperature=1, frequency_penalty=2), torch.device("cpu"))
+    weights.observe([0, 0])
+    expected = torch.softmax(LOGITS - torch.tensor([4.0, 0, 0, 0]), -1)
+    assert (weights.weights(LOGITS) / weights.weights(LOGITS).sum()).tolist() == pytest.approx(
+        expected.tolist()
+    )
+
+
+def test_a_negative_presence_penalty_favours_repeats() -> None:
+    sampler = Sampler(SamplingParams(temperature=0, presence_penalty=-2), torch.device("cpu"))
+    logits = torch.tensor([2.0, 1.0])
+    sampler.observe([1])
+    assert int(sampler(logits)) == 1  # 1.0 + 2 > 2.0
+
+
+def test_logit_bias_bans_or_forces_a_token() -> None:
+    assert greedy(LOGITS, logit_bias=((0, -100.0),)) == 1
+    assert greedy(LOGITS, logit_bias=((3, 100.0),)) == 3
+    assert distribution(LOGITS, temperature=1, logit_bias=((0, -100.0),))[0] < 1e-40
+    with pytest.raises(OffloadError, match="logit_bias token id 9 is out of range: the vocabulary has 4"):
+        greedy(LOGITS, logit_bias=((9, 1.0),))
+
+
 @pytest.mark.parametrize(
     ("field", "value"),
     [
@@ -106,6 +139,11 @@ def test_the_penalty_remembers_the_generated_tokens() -> None:
         ("repetition_penalty", float("inf")),
         ("repetition_penalty", 1000.0),
         ("repetition_penalty", float("nan")),
+        ("presence_penalty", 2.5),
+        ("frequency_penalty", -2.5),
+        ("frequency_penalty", float("nan")),
+        ("logit_bias", ((1, 101.0),)),
+        ("logit_bias", ((-1, 1.0),)),
     ],
 )
 def test_out_of_range_controls_are_refused(field: str, value: float) -> None:

@@ -12,6 +12,8 @@ pytest.importorskip("uvicorn", reason="the serve extra is not installed (pip ins
 openai = pytest.importorskip("openai", reason="the openai client is not installed")
 httpx = pytest.importorskip("httpx")
 
+from offload.checkpoint.hub import DEMO_MODEL as DEMO  # noqa: E402
+from offload.tokenizer import Tokenizer  # noqa: E402
 from tests.serve_helpers import LiveServer  # noqa: E402
 
 HELLO = [{"role": "user", "content": "Hello"}]
@@ -90,14 +92,24 @@ def test_the_same_seed_gives_the_same_text(client: openai.OpenAI) -> None:
     assert sample(7) == sample(7)
 
 
-def test_penalties_are_refused_unless_zero(client: openai.OpenAI) -> None:
+def test_logit_bias_and_penalties_change_the_answer(client: openai.OpenAI) -> None:
+    def complete(max_tokens: int, **fields: object) -> str:
+        answer = client.completions.create(
+            model="demo", prompt="The cat", max_tokens=max_tokens, temperature=0, **fields
+        )
+        return answer.choices[0].text
+
+    tokenizer = Tokenizer.from_dir(DEMO)
+    prompt_ids = tokenizer.encode("The cat", add_bos=True)
+    first = tokenizer.encode("The cat" + complete(1), add_bos=True)[len(prompt_ids)]  # the greedy first token
+    text = complete(4)
+    assert complete(4, presence_penalty=0, frequency_penalty=0, logit_bias={}) == text
+    banned = complete(4, logit_bias={str(first): -100})
+    assert tokenizer.encode("The cat" + banned, add_bos=True)[len(prompt_ids)] != first
+    assert complete(24, frequency_penalty=2) != complete(24)  # its 24 greedy tokens repeat some
     with pytest.raises(openai.BadRequestError) as refused:
-        client.chat.completions.create(model="demo", messages=HELLO, max_tokens=2, presence_penalty=0.5)
-    assert refused.value.param == "presence_penalty" and refused.value.code == "unsupported_parameter"
-    kept = client.chat.completions.create(
-        model="demo", messages=HELLO, max_tokens=2, presence_penalty=0, frequency_penalty=0, logit_bias={}
-    )
-    assert kept.choices[0].finish_reason in ("stop", "length")
+        complete(1, logit_bias={"99999999": 5})
+    assert refused.value.param == "logit_bias" and "out of range" in str(refused.value)
 
 
 def test_models_list_names_the_loaded_model(client: openai.OpenAI) -> None:
@@ -137,6 +149,11 @@ def test_completions_endpoint_continues_a_raw_prompt(client: openai.OpenAI) -> N
         model="demo", prompt="def main(", temperature=0, max_tokens=6, stream=True
     )
     assert "".join(c.choices[0].text for c in streamed) == answer.choices[0].text
+    # The text continues the prompt's: its first word keeps its space, so prompt + text reads right.
+    answer = client.completions.create(
+        model="demo", prompt="The capital of France", temperature=0, max_tokens=4
+    )
+    assert answer.choices[0].text.startswith(" ")  # the demo's greedy "▁of": " of", not "of"
 
 
 def test_continuing_the_conversation_reuses_the_kv_cache(client: openai.OpenAI) -> None:

@@ -314,6 +314,17 @@ def test_a_continuation_streams_the_text_it_adds_to_its_prompt(
     assert streamed == after[len(before) :]
 
 
+def test_a_continuation_after_a_long_run_of_byte_pieces(any_tokenizer: Tokenizer) -> None:
+    # The prompt ends in more byte pieces than the decoder's window: the window starts where the run does,
+    # not inside a character (the tokenizers library decodes a run with one bad byte as all U+FFFDs).
+    prompt_ids = any_tokenizer.encode("\x80\x80\x08𐀀", add_bos=True)
+    decoder = any_tokenizer.stream_decoder(prompt_ids)
+    byte_zero = 3  # "<0x00>"
+    streamed = decoder.push(byte_zero) + decoder.flush()
+    before = any_tokenizer.decode(prompt_ids)
+    assert streamed == any_tokenizer.decode([*prompt_ids, byte_zero])[len(before) :] == "\x00"
+
+
 def test_a_continuation_keeps_the_space_before_its_first_word(any_tokenizer: Tokenizer) -> None:
     prompt_ids = any_tokenizer.encode("The capital of France", add_bos=True)
     word = any_tokenizer.encode("of")  # "▁of", as the model emits it after the prompt

@@ -140,10 +140,10 @@ def test_a_damaged_file_is_a_one_line_error(tmp_path: Path) -> None:
     path = tmp_path / "t.trace"
     save_trace(example(), path)
     path.write_bytes(path.read_bytes()[:-7])
-    with pytest.raises(TraceError, match="not a readable safetensors file"):
+    with pytest.raises(TraceError, match=r"not an offload routing trace \(not a safetensors file"):
         load_trace(path)
     path.write_text("step,layer,expert\n0,0,1\n")
-    with pytest.raises(TraceError, match="not a readable safetensors file"):
+    with pytest.raises(TraceError, match=r"not an offload routing trace \(not a safetensors file"):
         load_trace(path)
     with pytest.raises(TraceError, match="no such trace file"):
         load_trace(tmp_path / "none.trace")

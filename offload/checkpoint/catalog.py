@@ -1,4 +1,5 @@
-"""The models on this machine: huggingface_hub's cache and ``$OFFLOAD_HOME/models``, for `offload models`.
+"""The models on this machine: the bundled demo, huggingface_hub's cache and ``$OFFLOAD_HOME/models``, for
+`offload models`.
 
 Each entry says where it lives, its size on disk, and whether it is converted (its config.json has the
 ``quantization`` block that `offload convert` writes). Nothing here loads a model.
@@ -16,7 +17,7 @@ from offload.config import MAX_JSON_BYTES
 @dataclass(frozen=True)
 class LocalModel:
     name: str  # what --model takes: a repo id, or the directory's path
-    source: str  # "hub" (huggingface_hub's cache) or "home" ($OFFLOAD_HOME/models)
+    source: str  # "bundled" (the demo), "hub" (huggingface_hub's cache) or "home" ($OFFLOAD_HOME/models)
     path: Path  # the directory offload reads (a hub snapshot or the converted directory)
     size_bytes: int  # on disk
     converted: bool  # config.json carries a quantization block
@@ -56,6 +57,21 @@ def hub_models(cache_dir: str | Path | None = None) -> list[LocalModel]:
     return found
 
 
+def bundled_models() -> list[LocalModel]:
+    """The demo model shipped inside the package, under the name --model takes for it."""
+    from offload.checkpoint.hub import DEMO_MODEL, DEMO_NAME
+
+    if not (DEMO_MODEL / "config.json").is_file():
+        return []
+    return [_directory_model(DEMO_NAME, "bundled", DEMO_MODEL)]
+
+
+def _directory_model(name: str, source: str, directory: Path) -> LocalModel:
+    converted, model_type = _describe(directory)
+    size = sum(f.stat().st_size for f in directory.rglob("*") if f.is_file() and not f.is_symlink())
+    return LocalModel(name, source, directory, size, converted, model_type)
+
+
 def home_models(home: Path) -> list[LocalModel]:
     """Every directory with a config.json in ``home``/models (where converted checkpoints are kept)."""
     folder = home / "models"
@@ -64,9 +80,7 @@ def home_models(home: Path) -> list[LocalModel]:
     found = []
     for directory in sorted(folder.iterdir()):
         if directory.is_dir() and (directory / "config.json").is_file():
-            converted, model_type = _describe(directory)
-            size = sum(f.stat().st_size for f in directory.rglob("*") if f.is_file() and not f.is_symlink())
-            found.append(LocalModel(str(directory), "home", directory, size, converted, model_type))
+            found.append(_directory_model(str(directory), "home", directory))
     return found
 
 

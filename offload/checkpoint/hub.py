@@ -15,6 +15,7 @@ from offload.checkpoint.download import download_repo
 from offload.errors import CheckpointError, first_line
 
 DEMO_MODEL = Path(__file__).resolve().parents[1] / "demo"  # shipped inside the package
+DEMO_NAME = "demo"  # what --model calls it when no local directory has that name
 # What a model directory may hold that we read; never pickles, never code.
 ALLOWED_PATTERNS = ["*.json", "*.safetensors", "tokenizer.model", "chat_template.jinja"]
 
@@ -47,9 +48,11 @@ def _find_model_dir(model: str | Path) -> Path:
             raise CheckpointError(f"{path}: expected a model directory, found a file")
         return path
     text = str(model)
+    if text == DEMO_NAME:  # no local directory of that name: the bundled demo, wherever offload is installed
+        return DEMO_MODEL
     looks_like_repo = text.count("/") == 1 and not text.startswith((".", "/", "~"))
     if not looks_like_repo:
-        raise CheckpointError(f"{path}: no such model directory")
+        raise CheckpointError(f"{path}: no such model directory ('{DEMO_NAME}' names the bundled demo model)")
     # Deferred: huggingface_hub takes about half a second to import, and only a repo id needs it.
     from huggingface_hub import snapshot_download
 

@@ -104,7 +104,22 @@ class Server:
         temperature = sampling.temperature
         if temperature is not None and temperature < MIN_TEMPERATURE:
             temperature = 0.0  # below the sampler's floor the answer is the greedy one anyway
-        params = self.engine.sampling(temperature, sampling.top_p, sampling.top_k, sampling.seed)
+        vocabulary = self.engine.model.config.vocab_size
+        outside = [token for token, _ in sampling.logit_bias if token >= vocabulary]
+        if outside:
+            raise RequestError(
+                f"'logit_bias' token id {outside[0]} is out of range: the vocabulary has {vocabulary} tokens",
+                param="logit_bias",
+            )
+        params = self.engine.sampling(
+            temperature,
+            sampling.top_p,
+            sampling.top_k,
+            sampling.seed,
+            presence_penalty=sampling.presence_penalty,
+            frequency_penalty=sampling.frequency_penalty,
+            logit_bias=sampling.logit_bias,
+        )
         return Job(
             sampling=params,
             max_new_tokens=self.engine.max_new_tokens(sampling.max_tokens, prompt_tokens),

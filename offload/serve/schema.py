@@ -3,9 +3,9 @@
 Plain Python on purpose: every message names the field and what it allows, in the words the OpenAI
 API uses, and this module imports nothing from the serve extra (its tests run without a server).
 Unknown fields are ignored, as OpenAI-compatible servers do (clients send ``user``, ``metadata`` ...);
-fields that would change the answer in a way this server cannot honour (``n > 1``, tools, logprobs,
-a non-zero ``logit_bias``, ``presence_penalty`` or ``frequency_penalty``) are refused with
-``code: "unsupported_parameter"``, after their range is checked; their no-op values are accepted.
+fields that would change the answer in a way this server cannot honour (``n > 1``, tools, logprobs)
+are refused with ``code: "unsupported_parameter"``. ``logit_bias``, ``presence_penalty`` and
+``frequency_penalty`` are range-checked and handed to the sampler (``offload.generate.SamplingParams``).
 """
 
 from __future__ import annotations
@@ -52,6 +52,9 @@ class Sampling:
     top_k: int | None
     seed: int | None
     stop: tuple[str, ...]
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias), sorted by id
 
 
 @dataclass(frozen=True)
@@ -150,7 +153,6 @@ def _sampling(payload: dict[str, Any], *, chat: bool) -> Sampling:
         value = payload.get(name)
         if value and not (name == "best_of" and value == 1):  # absent, empty, false, 0 or best_of 1 are fine
             raise RequestError(f"'{name}' is not supported by this server", param=name, code=UNSUPPORTED)
-    _refuse_penalties(payload)
     response_format = payload.get("response_format")
     if response_format is not None and response_format != {"type": "text"}:
         raise RequestError("only response_format {'type': 'text'} is supported", param="response_format")
@@ -171,28 +173,22 @@ def _sampling(payload: dict[str, Any], *, chat: bool) -> Sampling:
         top_k=_integer(payload, "top_k", 0, 1 << 31),
         seed=_integer(payload, "seed", 0, MAX_SEED),
         stop=_stop(payload.get("stop")),
+        presence_penalty=_number(payload, "presence_penalty", -MAX_PENALTY, MAX_PENALTY) or 0.0,
+        frequency_penalty=_number(payload, "frequency_penalty", -MAX_PENALTY, MAX_PENALTY) or 0.0,
+        logit_bias=_logit_bias(payload.get("logit_bias")),
     )
 
 
-def _refuse_penalties(payload: dict[str, Any]) -> None:
-    # The engine's sampler has no logit bias and no OpenAI-style penalties (its repetition_penalty is a
-    # different rule): refuse values that would change the answer rather than ignore them.
-    for name in ("presence_penalty", "frequency_penalty"):
-        value = _number(payload, name, -MAX_PENALTY, MAX_PENALTY)
-        if value:
-            raise RequestError(
-                f"'{name}' is not supported by this server (only 0), got {value:g}",
-                param=name,
-                code=UNSUPPORTED,
-            )
-    bias = payload.get("logit_bias")
+def _logit_bias(bias: Any) -> tuple[tuple[int, float], ...]:
+    """OpenAI's ``logit_bias`` (token ids as strings, to -100..100) as sorted (id, bias) pairs, zeros left out."""
     if bias is None:
-        return
+        return ()
     if not isinstance(bias, dict):
         raise RequestError(
             f"'logit_bias' must be an object mapping token ids to numbers, got {kind_of(bias)}",
             param="logit_bias",
         )
+    pairs = []
     for token, value in bias.items():
         if not TOKEN_ID.fullmatch(token):
             raise RequestError(
@@ -205,12 +201,9 @@ def _refuse_penalties(payload: dict[str, Any]) -> None:
                 f"'logit_bias' values must be numbers from -100 to 100, got {shown(value)} for token {token}",
                 param="logit_bias",
             )
-    if any(bias.values()):
-        raise RequestError(
-            "'logit_bias' is not supported by this server (only {} or biases of 0)",
-            param="logit_bias",
-            code=UNSUPPORTED,
-        )
+        if value:
+            pairs.append((int(token), float(value)))
+    return tuple(sorted(pairs))
 
 
 def _stream(payload: dict[str, Any]) -> tuple[bool, bool]:

@@ -251,6 +251,7 @@ class Worker:
                 max_new_tokens=job.max_new_tokens,
                 sampling=job.sampling,
                 stop_strings=job.stop,
+                continues_text=True,  # a raw completion: its text continues the prompt's
             )
             return stream, 0
         session = self.session

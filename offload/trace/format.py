@@ -173,7 +173,9 @@ def load_trace(path: str | Path) -> Trace:
     except TraceError:
         raise
     except Exception as err:  # safetensors raises its own error type for every kind of damage
-        raise TraceError(f"{path}: not a readable safetensors file ({first_line(err)})") from None
+        raise TraceError(
+            f"{path}: not an offload routing trace (not a safetensors file: {first_line(err)})"
+        ) from None
     trace = Trace(**header, **tensors)
     trace.check(str(path))
     return trace
