@@ -34,6 +34,7 @@ from offload.quant.codec import expert_nbytes
 from offload.quant.linear import matrix_nbytes
 from offload.quant.scheme import QuantScheme
 from offload.quant.spec import QuantSpec
+from offload.settings.plan_inputs import budget_bytes, default_context
 from offload.settings.plan_speed import (
     LAYER_OVERHEAD_S,
     LOCALITY_BONUS,
@@ -304,19 +305,6 @@ def resolve_auto_experts(
     return list(plan.experts_per_layer)
 
 
-def budget_bytes(profile: Profile, free_memory_bytes: int | None) -> int:
-    """The profile's memory budget, capped by the free memory when it is known."""
-    limits = [int(profile.device.memory_gib * GIB)] if profile.device.memory_gib is not None else []
-    if free_memory_bytes is not None:
-        limits.append(free_memory_bytes)
-    if not limits:
-        raise ProfileError(
-            f"{profile.source}: device.memory_gib is not set, so the budget is the free device memory; "
-            "none was measured (pass --free-gib, e.g. --free-gib 11.5)"
-        )
-    return min(limits)
-
-
 def kv_cache_bytes(config: ModelConfig, context: int, dtype: torch.dtype) -> int:
     """Keys and values of every layer for ``context`` tokens."""
     per_token = 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim
@@ -419,8 +407,3 @@ def _predict(
         hits.append(hit)
         moved += miss_bytes
     return sum(hits) / len(hits), round(moved), 1.0 / seconds
-
-
-def default_context(config: ModelConfig, profile: Profile) -> int:
-    """The profile's ``generation.context``, else 4096 tokens; never more than the model's window."""
-    return min(profile.generation.context or 4096, config.max_position_embeddings)

@@ -1,0 +1,31 @@
+"""What the plan takes from the run it plans: the memory budget and the context, by the rules a run uses.
+
+``offload.settings.plan`` re-exports these, so ``from offload.settings.plan import default_context`` keeps working.
+"""
+
+from __future__ import annotations
+
+from offload.config import ModelConfig
+from offload.errors import ProfileError
+from offload.settings.profile import Profile
+
+GIB = 1024**3
+DEFAULT_CONTEXT = 4096  # tokens, when the profile gives no generation.context
+
+
+def budget_bytes(profile: Profile, free_memory_bytes: int | None) -> int:
+    """The profile's memory budget, capped by the free memory when it is known."""
+    limits = [int(profile.device.memory_gib * GIB)] if profile.device.memory_gib is not None else []
+    if free_memory_bytes is not None:
+        limits.append(free_memory_bytes)
+    if not limits:
+        raise ProfileError(
+            f"{profile.source}: device.memory_gib is not set, so the budget is the free device memory; "
+            "none was measured (pass --free-gib, e.g. --free-gib 11.5)"
+        )
+    return min(limits)
+
+
+def default_context(config: ModelConfig, profile: Profile) -> int:
+    """The profile's ``generation.context``, else 4096 tokens; never more than the model's window."""
+    return min(profile.generation.context or DEFAULT_CONTEXT, config.max_position_embeddings)
