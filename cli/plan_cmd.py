@@ -146,24 +146,19 @@ def _print_plan(plan) -> None:
         )
     tier = plan.host_tier
     disk = tier is not None and tier.memory_gib is not None
-    console.print(
-        f"decode: ~{plan.predicted_tok_s:.2f} tok/s copying every miss (estimate; expected hit rate "
-        f"{plan.expected_hit_rate:.0%}, {plan.miss_bytes_per_token / 1e6:.0f} MB over a {plan.link_gbps:g} GB/s "
-        "link per token" + (", and the disk reads below)" if disk else ")")
-    )
+    console.print(_headline(plan, disk), highlight=False)
     if disk:
-        shown = ", ".join(f"{policy} {tok_s:.2f}" for policy, tok_s in (plan.tok_s_with_disk or {}).items())
         console.print(
             f"disk: ~{tier.disk_reads_per_token:.2f} experts ({tier.disk_bytes_per_token / 1e6:.0f} MB) read per "
             f"token at {tier.disk_gbps:g} GB/s, {tier.disk_seconds_per_token * 1e3:.1f} ms a token, overlapping "
-            f"nothing; with them, by policy (tok/s): {shown}",
+            "nothing: added to each policy's time below",
             highlight=False,
         )
         if tier.build_seconds_per_token > 0:
             console.print(
                 f"build: where the host computes read experts, the tier's reader thread converts each read in its "
                 f"slot to the int4 kernel's layout, {tier.expert_build_seconds * 1e3:.1f} ms each, serial with "
-                f"the reads: +{tier.build_seconds_per_token * 1e3:.1f} ms a token, counted above for "
+                f"the reads: +{tier.build_seconds_per_token * 1e3:.1f} ms a token, counted for "
                 f"{_building_policies(plan)}",
                 highlight=False,
             )
@@ -171,10 +166,31 @@ def _print_plan(plan) -> None:
         console.print(f"host: peak RSS ~{plan.peak_rss.total / GIB:.2f} GiB (predicted)", highlight=False)
     speeds = plan.speeds
     if speeds is not None:
-        shown = ", ".join(f"{policy} {tok_s:.2f}" for policy, tok_s in speeds.tok_s.items())
-        console.print(f"decode by policy (estimates, tok/s): {shown}; the arithmetic:")
+        # With experts on disk, each policy's figure counts their reads; the arithmetic's last line adds them.
+        figures = plan.tok_s_with_disk if disk and plan.tok_s_with_disk else speeds.tok_s
+        shown = ", ".join(f"{policy} {tok_s:.2f}" for policy, tok_s in figures.items())
+        what = "estimates, tok/s, with the disk reads" if disk else "estimates, tok/s"
+        console.print(f"decode by policy ({what}): {shown}; the arithmetic:", highlight=False)
         for line in speeds.arithmetic:
             console.print(f"  {line}", style="dim", highlight=False)
+
+
+def _headline(plan, disk: bool) -> str:
+    """The predicted decode speed and what it counts: the device cache's hit rate, the host tier's."""
+    tier, speed = plan.host_tier, f"decode: ~{plan.predicted_tok_s:.2f} tok/s"
+    tier_hit = "" if tier is None or tier.hit_rate is None else f"{tier.hit_rate:.0%}"
+    if plan.experts_from_host_tier:
+        return (
+            f"{speed}, the host computing every expert from the host tier (estimate; no device expert cache; "
+            f"host tier hit rate {tier_hit} of the chosen experts, the disk reads and builds below included)"
+        )
+    if not plan.offloaded:
+        return f"{speed}, every expert resident on the device (estimate; no miss, nothing over the link)"
+    then = f"; the host tier hits {tier_hit} of those misses, the disk reads below included" if disk else ""
+    return (
+        f"{speed} copying every miss (estimate; device cache hit rate {plan.expected_hit_rate:.0%}, "
+        f"{plan.miss_bytes_per_token / 1e6:.0f} MB over a {plan.link_gbps:g} GB/s link per token{then})"
+    )
 
 
 def _building_policies(plan) -> str:

@@ -346,6 +346,6 @@ def test_cli_plan_prints_the_build_of_host_computed_misses(
         "converts each read in its slot to the int4 kernel's layout, 71.5 ms each, serial with the reads"
         in out
     )
-    assert "counted above for every policy" in out
+    assert "counted for every policy" in out
     code, out, err = _plan(monkeypatch, capsys, t4_path, "--host-memory", "8")
     assert code == 0 and "converts each read" not in out

@@ -48,11 +48,13 @@ from offload.settings.plan_speed import (
 from offload.settings.plan_tiers import (
     HostTier,
     PeakRss,
+    disk_arithmetic,
     hit_rate,
     peak_rss,
     plan_host_tier,
     tier_rows,
     with_disk,
+    with_disk_line,
     with_tiers,
 )
 from offload.settings.profile import CacheSettings, Profile, ResolvedProfile
@@ -247,9 +249,12 @@ def plan_memory(
         if from_tier:  # HostOnlyExperts: the host-only policy's arithmetic
             tok_s = speeds.tok_s.get("host-only", tok_s)
         tok_s = with_disk(tok_s, tier.miss_seconds(on_host=from_tier))  # + builds where the host computes
-    tok_s_with_disk = (
-        None if tiers is None else with_tiers(tiers, speeds.tok_s, from_tier, speeds.miss_on_host)
-    )
+    tok_s_with_disk = None
+    if tiers is not None:
+        tok_s_with_disk = with_tiers(tiers, speeds.tok_s, from_tier, speeds.miss_on_host)
+        if tier.memory_gib is not None:  # experts on disk: the sums go on to the speeds with their reads
+            line = disk_arithmetic(tiers, speeds.tok_s, from_tier, speeds.miss_on_host)
+            speeds = replace(speeds, arithmetic=with_disk_line(speeds.arithmetic, line))
     device_total = dense.total + kv + workspace
     if not from_tier:
         device_total += sum(k * size for k, size in zip(ks, expert_bytes, strict=True))

@@ -403,7 +403,7 @@ def _arithmetic(
     lines = [
         f"one expert: device {device_e * ms:.2f} ms ({device_why}); host {host_e * ms:.2f} ms ({host_why}); "
         f"copy {copy_s * ms:.2f} ms ({expert_bytes[0] / 1e6:.1f} MB over the link)",
-        f"layer 0: K = {ks[0]} of {config.num_local_experts}, hit rate {hit:.1%}: {hits:.2f} hits and "
+        f"layer 0: K = {ks[0]} of {config.num_local_experts}, device cache hit rate {hit:.1%}: {hits:.2f} hits and "
         f"{misses:.2f} misses a token; our engine's dense part {dense * ms:.2f} ms ({ENGINE_LAYER_OVERHEAD_S * ms:.1f}"
         f" ms overhead + {attention_s * ms:.2f} ms attention); lm_head {head * ms:.2f} ms a token ({head_why})",
         f"copy-only ({copy_terms}): {layers} layers, {totals['copy-only'] * ms:.1f} ms a token "

@@ -199,24 +199,56 @@ def plan_host_tier(
     )
 
 
-def tier_seconds(tiers: dict[bool, HostTier], policy: str, *, from_tier: bool, miss_on_host: bool) -> float:
-    """``policy``'s time per token in tier misses, from ``tiers`` (keyed by whether device slots sit in front).
+def tier_parts(
+    tiers: dict[bool, HostTier], policy: str, *, from_tier: bool, miss_on_host: bool
+) -> tuple[float, float]:
+    """(disk reads, host builds): ``policy``'s seconds a token in tier misses, from ``tiers`` (keyed by whether
+    device slots sit in front).
 
     The host computes the read experts (and so builds them) when the experts run from the tier, under
     host-only, and under hybrid where the cost model sends a miss to the host (``miss_on_host``).
     """
     on_host = from_tier or policy == "host-only" or (policy == "hybrid" and miss_on_host)
-    return tiers[policy != "host-only" and not from_tier].miss_seconds(on_host)
+    tier = tiers[policy != "host-only" and not from_tier]
+    return tier.disk_seconds_per_token, tier.build_seconds_per_token if on_host else 0.0
 
 
 def with_tiers(
     tiers: dict[bool, HostTier], tok_s: dict[str, float], from_tier: bool, miss_on_host: bool
 ) -> dict[str, float]:
-    """Each policy's predicted speed with its time in tier misses added (``tier_seconds``)."""
+    """Each policy's predicted speed with its time in tier misses added (``tier_parts``)."""
     return {
-        policy: with_disk(speed, tier_seconds(tiers, policy, from_tier=from_tier, miss_on_host=miss_on_host))
+        policy: with_disk(
+            speed, sum(tier_parts(tiers, policy, from_tier=from_tier, miss_on_host=miss_on_host))
+        )
         for policy, speed in tok_s.items()
     }
+
+
+def disk_arithmetic(
+    tiers: dict[bool, HostTier], tok_s: dict[str, float], from_tier: bool, miss_on_host: bool
+) -> str:
+    """The sums from each policy's speed without the tier's misses to ``with_tiers``'s, in milliseconds."""
+    sums = []
+    for policy, speed in tok_s.items():
+        disk, build = tier_parts(tiers, policy, from_tier=from_tier, miss_on_host=miss_on_host)
+        terms = f"{1e3 / speed:.2f} + {disk * 1e3:.2f} disk" + (
+            f" + {build * 1e3:.2f} build" if build else ""
+        )
+        sums.append(
+            f"{policy} {terms} = {(1 / speed + disk + build) * 1e3:.2f} ms -> {with_disk(speed, disk + build):.2f} tok/s"
+        )
+    return "with the disk reads (and the host's builds of what it reads), overlapping nothing: " + "; ".join(
+        sums
+    )
+
+
+def with_disk_line(arithmetic: Sequence[str], line: str) -> tuple[str, ...]:
+    """``arithmetic`` with ``line`` (``disk_arithmetic``) right after the policies' sums, the line that starts
+    "hybrid:"; the notes and what-ifs after it are said to be without the disk reads."""
+    at = next(i for i, text in enumerate(arithmetic) if text.startswith("hybrid:")) + 1
+    rest = tuple(arithmetic[at:])
+    return (*arithmetic[:at], line + ("; the lines below are without them" if rest else ""), *rest)
 
 
 def with_disk(tok_s: float, disk_seconds: float) -> float:
@@ -245,7 +277,8 @@ def tier_rows(
         note = f"{experts} per layer{shared}" if tier is not None else "none: all resident"
         rows.append(("host", "all experts", 0 if tier is None else tier.bytes, note))
     else:
-        hit = "" if tier.hit_rate is None else f", expected hit rate {tier.hit_rate:.0%}"
+        of = "the device cache's misses" if tier.serves_device_slots else "the chosen experts"
+        hit = "" if tier.hit_rate is None else f", hit rate {tier.hit_rate:.0%} of {of}"
         note = (
             f"{tier.slots} of {tier.experts} experts, any layer; budget {tier.memory_gib:g} GiB{hit}{shared}"
         )

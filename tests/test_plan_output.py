@@ -1,0 +1,132 @@
+"""What `offload plan` prints, checked against its own JSON: which hit rate is which (the device cache's, the
+host tier's), one tok/s per policy wherever it is shown, the context it was given, the dtype and the cores a
+run would use."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tests.test_profile import run_offload
+
+ROOT = Path(__file__).resolve().parent.parent
+DEMO = ROOT / "offload" / "demo"
+
+# The demo model as `offload convert --experts hqq:4:64 --attention hqq:4:64` stores it, every expert
+# "resident": with a host budget the host computes the experts straight from the tier (the audit's case).
+CPU_INT4 = """
+name = "cpu-int4"
+[device]
+kind = "cpu"
+memory_gib = 16.0
+[cache]
+experts_per_layer = "all"
+[quant]
+attention = "hqq:4:64"
+experts = "hqq:4:64"
+[host]
+cores = 4
+memory_gbps = 45.0
+"""
+# Two device slots a layer on a GPU in front of the tier: the device cache hits 31%, the tier 57% of the rest.
+GPU_K2 = """
+name = "gpu-k2"
+[device]
+kind = "cuda"
+memory_gib = 8.0
+link_gbps = 12.0
+[cache]
+experts_per_layer = 2
+[quant]
+attention = "hqq:4:64"
+experts = "hqq:4:64"
+[host]
+cores = 4
+memory_gbps = 45.0
+"""
+
+
+@pytest.fixture(autouse=True)
+def _isolated_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("OFFLOAD_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("COLUMNS", "400")  # every printed line on one line
+
+
+def _profile(tmp_path: Path, text: str) -> str:
+    path = tmp_path / "profile.toml"
+    path.write_text(text)
+    return str(path)
+
+
+def _plan(monkeypatch: pytest.MonkeyPatch, capsys, *args: str) -> tuple[str, dict]:
+    """The printed plan and its JSON, for the same arguments."""
+    code, out, err = run_offload(monkeypatch, capsys, "plan", *args)
+    assert code == 0, err
+    code, as_json, err = run_offload(monkeypatch, capsys, "plan", *args, "--json")
+    assert code == 0, err
+    return out, json.loads(as_json)
+
+
+def _line(out: str, start: str) -> str:
+    return next(line for line in out.splitlines() if line.strip().startswith(start))
+
+
+def test_experts_from_the_tier_name_the_tiers_hit_rate_and_one_speed_per_policy(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    """The audit: 16 of the demo's 32 experts in RAM, computed there. There is no device cache, so no device
+    hit rate; the tier hits 57%; each policy has one figure, with the disk reads, and the arithmetic gets to it."""
+    profile = _profile(tmp_path, CPU_INT4)
+    out, plan = _plan(monkeypatch, capsys, "-m", str(DEMO), "-p", profile, "--host-memory", "0.003")
+    assert plan["experts_from_host_tier"] and plan["host_tier"]["hit_rate"] == pytest.approx(0.575)
+    headline = _line(out, "decode:")
+    assert f"~{plan['predicted_tok_s']:.2f} tok/s" in headline
+    assert "host tier hit rate 57%" in headline and "expected hit rate" not in out
+    assert "copying every miss" not in headline  # nothing is copied: the host computes every expert
+    with_disk = plan["tok_s_with_disk"]
+    shown = ", ".join(f"{policy} {tok_s:.2f}" for policy, tok_s in with_disk.items())
+    assert f"decode by policy (estimates, tok/s, with the disk reads): {shown};" in out
+    last = _line(out, "with the disk reads")  # the arithmetic's last line: from the figures above to these
+    for policy, tok_s in with_disk.items():
+        before = 1e3 / plan["speeds"]["tok_s"][policy]
+        assert f"{policy} {before:.2f} + " in last and f"-> {tok_s:.2f} tok/s" in last
+    assert "hit rate 57% of the chosen experts" in _line(out, "│ host   │ expert tier")
+
+
+def test_slots_in_front_of_the_tier_name_both_hit_rates(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    profile = _profile(tmp_path, GPU_K2)
+    out, plan = _plan(monkeypatch, capsys, "-m", str(DEMO), "-p", profile, "--host-memory", "0.003")
+    device_hit, tier_hit = plan["expected_hit_rate"], plan["host_tier"]["hit_rate"]
+    assert (round(device_hit, 2), round(tier_hit, 2)) == (0.31, 0.57)
+    headline = _line(out, "decode:")
+    assert "copying every miss" in headline and f"device cache hit rate {device_hit:.0%}" in headline
+    assert f"the host tier hits {tier_hit:.0%} of those misses" in headline
+    assert f"hit rate {tier_hit:.0%} of the device cache's misses" in _line(out, "│ host   │ expert tier")
+    assert f"device cache hit rate {device_hit:.1%}" in _line(out, "layer 0:")
+    shown = ", ".join(f"{policy} {tok_s:.2f}" for policy, tok_s in plan["tok_s_with_disk"].items())
+    assert f"decode by policy (estimates, tok/s, with the disk reads): {shown};" in out
+
+
+def test_without_a_host_budget_the_policies_are_as_computed(monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    out, plan = _plan(monkeypatch, capsys, "-m", str(DEMO), "-p", "cpu")
+    shown = ", ".join(f"{policy} {tok_s:.2f}" for policy, tok_s in plan["speeds"]["tok_s"].items())
+    assert f"decode by policy (estimates, tok/s): {shown}; the arithmetic:" in out
+    assert "with the disk reads" not in out
+    assert "every expert resident on the device" in _line(out, "decode:")
+
+
+def test_the_disk_line_follows_the_policies_sums_and_what_follows_is_said_to_be_without() -> None:
+    from offload.settings.plan_tiers import with_disk_line
+
+    sums = ("one expert: …", "layer 0: …", "copy-only: …", "host-only: …", "hybrid: …")
+    assert with_disk_line(sums, "with the disk reads: …") == (*sums, "with the disk reads: …")
+    what_if = "if torch's int4 GPU kernel ran the 4-bit weights (…): host-only 1.00, hybrid 2.00 tok/s, from"
+    assert with_disk_line((*sums, what_if), "with the disk reads: …") == (
+        *sums,
+        "with the disk reads: …; the lines below are without them",
+        what_if,
+    )
