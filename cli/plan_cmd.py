@@ -16,7 +16,7 @@ from rich.table import Table
 from cli import options
 from offload.checkpoint.hub import model_dir
 from offload.config import ModelConfig
-from offload.errors import OffloadError
+from offload.errors import FlagError, OffloadError
 from offload.settings.plan_tiers import MAX_DISK_GBPS, MAX_HOST_MEMORY_GIB
 from offload.settings.profile import load_profile
 
@@ -43,7 +43,9 @@ def plan_command(
     context: Annotated[
         int | None,
         typer.Option(
-            min=1, help="KV cache length in tokens. Default: the profile's, else 4096. Example: 8192"
+            min=1,
+            help="KV cache length in tokens, at most the model's context. Default: the profile's (capped at "
+            "the model's), else 4096. Example: 8192",
         ),
     ] = None,
     free_gib: Annotated[
@@ -72,12 +74,18 @@ def plan_command(
     Example: offload plan --model ./Mixtral-8x7B-Instruct-v0.1 --profile rtx3060-12gb
     """
     # Deferred: the engine imports torch, and `offload --help` must stay instant.
-    from offload.settings.plan import GIB, default_context, plan_memory
+    from offload.settings.plan import GIB, plan_memory
+    from offload.settings.plan_inputs import requested_context
 
     if free_gib is not None and not 0 <= free_gib <= MAX_FREE_GIB:  # also refuses nan
         raise OffloadError(f"--free-gib {free_gib}: allowed is 0 to {MAX_FREE_GIB} (GiB of free memory)")
     config_path = _config_path(model)
     config = ModelConfig.from_file(config_path)
+    window = config.max_position_embeddings
+    if context is not None and context > window:  # as generate refuses a --max-new-tokens beyond it
+        raise FlagError(
+            f"--context {context} does not fit the model's context of {window} tokens; give at most {window}"
+        )
     chosen = load_profile(profile)
     if host_memory is not None or disk_gbps is not None:
         host = chosen.host
@@ -95,7 +103,7 @@ def plan_command(
     plan = plan_memory(
         config,
         chosen,
-        context or default_context(config, chosen),
+        context or requested_context(chosen),  # a profile's context beyond the window: capped, and said
         free,
         source=str(config_path),
         host_memory_source=None if host_memory is None else f"--host-memory {host_memory:g}",
@@ -136,6 +144,8 @@ def _print_plan(plan) -> None:
         style = "bold" if item == "total" else None
         table.add_row(tier, item, f"{nbytes / GIB:.2f}", note, style=style)
     console.print(table)
+    for notice in plan.notices:
+        console.print(f"[yellow]note[/yellow]: {escape(notice)}", highlight=False)
     used, budget = plan.needed_bytes / GIB, plan.budget_bytes / GIB
     where = "RAM (both tiers)" if plan.device_kind == "cpu" else "the device"
     if plan.fits:

@@ -130,3 +130,25 @@ def test_the_disk_line_follows_the_policies_sums_and_what_follows_is_said_to_be_
         "with the disk reads: …; the lines below are without them",
         what_if,
     )
+
+
+# The context: a --context beyond the model's window is refused, as generate refuses a --max-new-tokens that
+# cannot fit it; a profile's context (sized for Mixtral) is capped, as a run caps it, and the plan says so.
+
+
+def test_a_context_beyond_the_models_window_is_refused(monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    code, out, err = run_offload(monkeypatch, capsys, "plan", "-m", str(DEMO), "--context", "100000")
+    assert code == 2 and out == "" and err.count("\n") == 1
+    assert "--context 100000 does not fit the model's context of 4096 tokens; give at most 4096" in err
+    out, plan = _plan(monkeypatch, capsys, "-m", str(DEMO), "--context", "4096")
+    assert plan["context"] == 4096 and plan["notices"] == [] and "note:" not in out
+
+
+def test_a_profiles_longer_context_is_capped_with_a_notice(monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    out, plan = _plan(monkeypatch, capsys, "-m", str(DEMO), "-p", "rtx3060-12gb")
+    notice = (
+        "context: the profile's generation.context of 8192 tokens is capped at the model's 4096 "
+        "(its max_position_embeddings), as a run caps it"
+    )
+    assert plan["context"] == 4096 and plan["notices"] == [notice]
+    assert f"note: {notice}" in out

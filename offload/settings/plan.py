@@ -34,7 +34,7 @@ from offload.quant.codec import expert_nbytes
 from offload.quant.linear import matrix_nbytes
 from offload.quant.scheme import QuantScheme
 from offload.quant.spec import QuantSpec
-from offload.settings.plan_inputs import budget_bytes, default_context
+from offload.settings.plan_inputs import budget_bytes, context_notice, default_context
 from offload.settings.plan_speed import (
     LAYER_OVERHEAD_S,
     LOCALITY_BONUS,
@@ -110,6 +110,7 @@ class MemoryPlan:
     experts_from_host_tier: bool = False
     peak_rss: PeakRss | None = None  # the process's predicted peak RSS (host memory)
     tok_s_with_disk: dict[str, float] | None = None  # each policy's estimate with the disk reads added
+    notices: tuple[str, ...] = ()  # one line each: where the run's rules changed what the plan was given
 
     @property
     def disk_bytes(self) -> int:
@@ -203,6 +204,7 @@ def plan_memory(
     """
     # A bundled profile's context is sized for Mixtral; a smaller model's window caps it, as at load.
     resolved = profile.for_model(config)
+    notices = tuple(text for text in (context_notice(config, profile, context),) if text)
     context = min(context, config.max_position_embeddings)
     dtype_name = compute_dtype or config.torch_dtype
     dtype = getattr(torch, dtype_name)
@@ -288,6 +290,7 @@ def plan_memory(
         experts_from_host_tier=from_tier,
         peak_rss=rss,
         tok_s_with_disk=tok_s_with_disk,
+        notices=notices,
     )
 
 

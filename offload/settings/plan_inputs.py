@@ -1,4 +1,5 @@
-"""What the plan takes from the run it plans: the memory budget and the context, by the rules a run uses.
+"""What the plan takes from the run it plans: the memory budget and the context, by the rules a run uses,
+and the one-line notices the plan prints where those rules change what it was given.
 
 ``offload.settings.plan`` re-exports these, so ``from offload.settings.plan import default_context`` keeps working.
 """
@@ -26,6 +27,23 @@ def budget_bytes(profile: Profile, free_memory_bytes: int | None) -> int:
     return min(limits)
 
 
+def requested_context(profile: Profile) -> int:
+    """The profile's ``generation.context``, else 4096 tokens, before the model's window caps it."""
+    return profile.generation.context or DEFAULT_CONTEXT
+
+
 def default_context(config: ModelConfig, profile: Profile) -> int:
     """The profile's ``generation.context``, else 4096 tokens; never more than the model's window."""
-    return min(profile.generation.context or DEFAULT_CONTEXT, config.max_position_embeddings)
+    return min(requested_context(profile), config.max_position_embeddings)
+
+
+def context_notice(config: ModelConfig, profile: Profile, context: int) -> str | None:
+    """What the plan says when ``context`` is beyond the model's window, which caps it (as at load); else None."""
+    window = config.max_position_embeddings
+    if context <= window:
+        return None
+    whose = "the profile's generation.context" if context == profile.generation.context else "the context"
+    return (
+        f"context: {whose} of {context} tokens is capped at the model's {window} (its max_position_embeddings), "
+        "as a run caps it"
+    )
