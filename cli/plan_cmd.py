@@ -67,6 +67,7 @@ def plan_command(
             callback=options.bounded("--disk-gbps", 0, MAX_DISK_GBPS, above=True),
         ),
     ] = None,
+    dtype: options.Dtype = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the plan as JSON. Example: --json")] = False,
 ) -> None:
     """Show bytes per tier (device, host and disk), whether they fit, the peak RSS and an estimated decode tok/s.
@@ -97,6 +98,10 @@ def plan_command(
                 disk_gbps=host.disk_gbps if disk_gbps is None else disk_gbps,
             ),
         )
+    if dtype is not None:
+        from offload.checkpoint.weights import parse_dtype  # deferred, as above
+
+        parse_dtype(dtype, config)  # a bad --dtype is one line, as in generate
     free = None if free_gib is None else int(free_gib * GIB)
     if free is None and (chosen.device.memory_gib is None or chosen.cache.experts_per_layer == "auto"):
         free = _measure_free_memory(chosen.device.kind)
@@ -107,6 +112,7 @@ def plan_command(
         free,
         source=str(config_path),
         host_memory_source=None if host_memory is None else f"--host-memory {host_memory:g}",
+        compute_dtype=dtype,
     )
     if as_json:
         typer.echo(json.dumps(plan.as_dict(), indent=2))

@@ -141,7 +141,8 @@ def test_a_context_beyond_the_models_window_is_refused(monkeypatch: pytest.Monke
     assert code == 2 and out == "" and err.count("\n") == 1
     assert "--context 100000 does not fit the model's context of 4096 tokens; give at most 4096" in err
     out, plan = _plan(monkeypatch, capsys, "-m", str(DEMO), "--context", "4096")
-    assert plan["context"] == 4096 and plan["notices"] == [] and "note:" not in out
+    assert plan["context"] == 4096 and "note: context" not in out
+    assert not any(notice.startswith("context") for notice in plan["notices"])
 
 
 def test_a_profiles_longer_context_is_capped_with_a_notice(monkeypatch: pytest.MonkeyPatch, capsys) -> None:
@@ -152,3 +153,55 @@ def test_a_profiles_longer_context_is_capped_with_a_notice(monkeypatch: pytest.M
     )
     assert plan["context"] == 4096 and plan["notices"] == [notice]
     assert f"note: {notice}" in out
+
+
+# The dtype: the one a run would use (offload.settings.resolve), so that the KV cache and dense rows are its.
+
+
+@pytest.mark.parametrize(
+    "args",
+    [(), ("--host-memory", "0.003"), ("--dtype", "bfloat16"), ("--dtype", "float16")],
+    ids=["cpu", "cpu-with-a-tier", "dtype-bf16", "dtype-fp16"],
+)
+def test_the_plan_uses_the_dtype_a_run_would(args: tuple[str, ...], monkeypatch, capsys) -> None:
+    from offload.config import ModelConfig
+    from offload.settings.flags import LoadFlags
+    from offload.settings.resolve import resolve_settings
+
+    _, plan = _plan(monkeypatch, capsys, "-m", str(DEMO), "-p", "cpu", *args)
+    given = dict(zip(args[::2], args[1::2], strict=True))
+    flags = LoadFlags(
+        profile="cpu",
+        host_memory=float(given["--host-memory"]) if "--host-memory" in given else None,
+        dtype=given.get("--dtype"),
+    )
+    config = ModelConfig.from_file(DEMO / "config.json")
+    run = resolve_settings(config, flags)
+    assert plan["compute_dtype"] == (run.dtype or config.torch_dtype)
+
+
+def test_the_float_demo_on_a_cpu_is_planned_in_float32(monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    """The demo is stored in bf16; `chat` runs it in float32 on a CPU (faster there), and so does the plan."""
+    out, plan = _plan(monkeypatch, capsys, "-m", str(DEMO), "-p", "cpu")
+    assert plan["compute_dtype"] == "float32"
+    assert plan["kv_cache_bytes"] == 2 * 4 * 2 * 32 * 4096 * 4  # K and V, 4 layers, 2 KV heads of 32, fp32
+    assert plan["dense"]["embed"] == 5120 * 256 * 4 and plan["expert_bytes"] == [3 * 256 * 448 * 4] * 4
+    assert "4096 tokens, float32" in _line(out, "│ device │ KV cache")
+    assert "note: dtype: float32, as a run on a CPU picks for a small bfloat16 float model" in out
+    bf16 = _plan(monkeypatch, capsys, "-m", str(DEMO), "-p", "cpu", "--dtype", "bfloat16")[1]
+    assert bf16["kv_cache_bytes"] * 2 == plan["kv_cache_bytes"] and bf16["notices"] == []
+
+
+@pytest.mark.parametrize("profile", ["rtx3060-12gb", "quantized"])
+def test_a_gpu_or_a_quantized_model_keeps_the_checkpoints_dtype(
+    profile: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    chosen = _profile(tmp_path, CPU_INT4) if profile == "quantized" else profile
+    _, plan = _plan(monkeypatch, capsys, "-m", str(DEMO), "-p", chosen)
+    assert plan["compute_dtype"] == "bfloat16"
+    assert not any(notice.startswith("dtype") for notice in plan["notices"])
+
+
+def test_a_bad_dtype_is_one_line(monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    code, out, err = run_offload(monkeypatch, capsys, "plan", "-m", str(DEMO), "--dtype", "int8")
+    assert code == 2 and out == "" and err.count("\n") == 1 and "--dtype 'int8' is not one of" in err

@@ -110,7 +110,9 @@ def test_a_cpu_with_a_budget_computes_the_experts_from_the_tier() -> None:
     tier (host-only's arithmetic), and RAM holds both tiers."""
     demo = ModelConfig.from_file(DEMO)
     plan = plan_memory(demo, _demo_profile("cpu", "all", memory_gib=10.5 * DEMO_EXPERT / GIB), 64)
-    resident = plan_memory(demo, _demo_profile("cpu", "all"), 64)
+    # A run with the tier keeps the stored bf16 (resolve_settings); without it a CPU runs this small model in
+    # float32: the resident plan is pinned to bf16 to compare like with like.
+    resident = plan_memory(demo, _demo_profile("cpu", "all"), 64, compute_dtype="bfloat16")
     assert plan.experts_from_host_tier and plan.expert_slot_bytes == 0
     assert resident.host_tier is None and resident.expert_slot_bytes == 32 * DEMO_EXPERT
     assert plan.device_bytes == resident.device_bytes - 32 * DEMO_EXPERT
@@ -244,7 +246,9 @@ def test_hybrid_builds_the_misses_it_sends_to_the_host() -> None:
 def test_specs_without_an_int4_build_add_the_reads_alone(experts: str) -> None:
     """3-bit experts are dequantized at every call (priced per call), float ones run as stored: no build."""
     demo = ModelConfig.from_file(DEMO)
-    resident = plan_memory(demo, _quantized("cpu", "all", experts), 64)
+    resident = plan_memory(
+        demo, _quantized("cpu", "all", experts), 64, compute_dtype="bfloat16"
+    )  # as the tier's
     plan = plan_memory(demo, _ten_slots(_quantized("cpu", "all", experts)), 64)
     assert plan.host_tier.build_seconds_per_token == 0 == plan.host_tier.expert_build_seconds
     expected = 1 / (1 / resident.speeds.tok_s["host-only"] + plan.host_tier.disk_seconds_per_token)

@@ -34,7 +34,7 @@ from offload.quant.codec import expert_nbytes
 from offload.quant.linear import matrix_nbytes
 from offload.quant.scheme import QuantScheme
 from offload.quant.spec import QuantSpec
-from offload.settings.plan_inputs import budget_bytes, context_notice, default_context
+from offload.settings.plan_inputs import budget_bytes, context_notice, default_context, run_dtype
 from offload.settings.plan_speed import (
     LAYER_OVERHEAD_S,
     LOCALITY_BONUS,
@@ -200,15 +200,16 @@ def plan_memory(
 
     The budget is the profile's ``device.memory_gib``, capped by ``free_memory_bytes`` when given; an
     ``auto`` profile fills it (``resolve_auto_experts``). ``host_memory_source`` names where the host
-    budget came from (a flag) in its errors; by default the profile's key.
+    budget came from (a flag) in its errors; by default the profile's key. ``compute_dtype``: ``--dtype``;
+    None plans the dtype a run would pick (``plan_inputs.run_dtype``).
     """
     # A bundled profile's context is sized for Mixtral; a smaller model's window caps it, as at load.
     resolved = profile.for_model(config)
-    notices = tuple(text for text in (context_notice(config, profile, context),) if text)
-    context = min(context, config.max_position_embeddings)
-    dtype_name = compute_dtype or config.torch_dtype
-    dtype = getattr(torch, dtype_name)
     scheme, where = _scheme(config, resolved, source)
+    dtype_name, dtype_notice = run_dtype(config, profile, scheme, compute_dtype)  # as a run picks it
+    notices = tuple(text for text in (context_notice(config, profile, context), dtype_notice) if text)
+    context = min(context, config.max_position_embeddings)
+    dtype = getattr(torch, dtype_name)
     layer_specs = [scheme.expert_spec(layer) for layer in range(config.num_hidden_layers)]
     try:
         dense = _dense_bytes(config, scheme, dtype)

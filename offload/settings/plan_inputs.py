@@ -1,5 +1,5 @@
-"""What the plan takes from the run it plans: the memory budget and the context, by the rules a run uses,
-and the one-line notices the plan prints where those rules change what it was given.
+"""What the plan takes from the run it plans: the memory budget, the context and the compute dtype, by the
+rules a run uses, and the one-line notices the plan prints where those rules change what it was given.
 
 ``offload.settings.plan`` re-exports these, so ``from offload.settings.plan import default_context`` keeps working.
 """
@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from offload.config import ModelConfig
 from offload.errors import ProfileError
+from offload.quant.scheme import QuantScheme
 from offload.settings.profile import Profile
 
 GIB = 1024**3
@@ -46,4 +47,30 @@ def context_notice(config: ModelConfig, profile: Profile, context: int) -> str |
     return (
         f"context: {whose} of {context} tokens is capped at the model's {window} (its max_position_embeddings), "
         "as a run caps it"
+    )
+
+
+def run_dtype(
+    config: ModelConfig, profile: Profile, scheme: QuantScheme, requested: str | None = None
+) -> tuple[str, str | None]:
+    """The compute dtype a run would use, and a notice when it is not the checkpoint's own.
+
+    As ``offload.settings.resolve``: ``requested`` (``--dtype``); else on a CPU device without a host budget,
+    for a float model (nothing quantized, not converted), ``cpu_compute_dtype`` (float32 for a small
+    half-precision one); else the checkpoint's ``torch_dtype``.
+    """
+    if requested is not None:
+        return requested, None
+    stored = config.torch_dtype
+    cpu_float = profile.device.kind == "cpu" and profile.host.memory_gib is None
+    if not (cpu_float and scheme.is_float and config.quantization is None):
+        return stored, None
+    from offload.settings.resolve import cpu_compute_dtype  # deferred: resolve imports the plan
+
+    chosen = cpu_compute_dtype(config) or stored
+    if chosen == stored:
+        return stored, None
+    return chosen, (
+        f"dtype: {chosen}, as a run on a CPU picks for a small {stored} float model (faster there); "
+        "--dtype sets another"
     )
