@@ -13,6 +13,9 @@ from tests.test_profile import run_offload
 
 ROOT = Path(__file__).resolve().parent.parent
 DEMO = ROOT / "offload" / "demo"
+# The source tree's cpu profile, which the package ships (an editable install may map `offload.profiles`
+# to another checkout's).
+CPU = str(ROOT / "profiles" / "cpu.toml")
 
 # The demo model as `offload convert --experts hqq:4:64 --attention hqq:4:64` stores it, every expert
 # "resident": with a host budget the host computes the experts straight from the tier (the audit's case).
@@ -112,7 +115,7 @@ def test_slots_in_front_of_the_tier_name_both_hit_rates(
 
 
 def test_without_a_host_budget_the_policies_are_as_computed(monkeypatch: pytest.MonkeyPatch, capsys) -> None:
-    out, plan = _plan(monkeypatch, capsys, "-m", str(DEMO), "-p", "cpu")
+    out, plan = _plan(monkeypatch, capsys, "-m", str(DEMO), "-p", CPU)
     shown = ", ".join(f"{policy} {tok_s:.2f}" for policy, tok_s in plan["speeds"]["tok_s"].items())
     assert f"decode by policy (estimates, tok/s): {shown}; the arithmetic:" in out
     assert "with the disk reads" not in out
@@ -168,10 +171,10 @@ def test_the_plan_uses_the_dtype_a_run_would(args: tuple[str, ...], monkeypatch,
     from offload.settings.flags import LoadFlags
     from offload.settings.resolve import resolve_settings
 
-    _, plan = _plan(monkeypatch, capsys, "-m", str(DEMO), "-p", "cpu", *args)
+    _, plan = _plan(monkeypatch, capsys, "-m", str(DEMO), "-p", CPU, *args)
     given = dict(zip(args[::2], args[1::2], strict=True))
     flags = LoadFlags(
-        profile="cpu",
+        profile=CPU,
         host_memory=float(given["--host-memory"]) if "--host-memory" in given else None,
         dtype=given.get("--dtype"),
     )
@@ -182,14 +185,15 @@ def test_the_plan_uses_the_dtype_a_run_would(args: tuple[str, ...], monkeypatch,
 
 def test_the_float_demo_on_a_cpu_is_planned_in_float32(monkeypatch: pytest.MonkeyPatch, capsys) -> None:
     """The demo is stored in bf16; `chat` runs it in float32 on a CPU (faster there), and so does the plan."""
-    out, plan = _plan(monkeypatch, capsys, "-m", str(DEMO), "-p", "cpu")
+    out, plan = _plan(monkeypatch, capsys, "-m", str(DEMO), "-p", CPU)
     assert plan["compute_dtype"] == "float32"
     assert plan["kv_cache_bytes"] == 2 * 4 * 2 * 32 * 4096 * 4  # K and V, 4 layers, 2 KV heads of 32, fp32
     assert plan["dense"]["embed"] == 5120 * 256 * 4 and plan["expert_bytes"] == [3 * 256 * 448 * 4] * 4
     assert "4096 tokens, float32" in _line(out, "│ device │ KV cache")
     assert "note: dtype: float32, as a run on a CPU picks for a small bfloat16 float model" in out
-    bf16 = _plan(monkeypatch, capsys, "-m", str(DEMO), "-p", "cpu", "--dtype", "bfloat16")[1]
-    assert bf16["kv_cache_bytes"] * 2 == plan["kv_cache_bytes"] and bf16["notices"] == []
+    bf16 = _plan(monkeypatch, capsys, "-m", str(DEMO), "-p", CPU, "--dtype", "bfloat16")[1]
+    assert bf16["kv_cache_bytes"] * 2 == plan["kv_cache_bytes"]
+    assert not any(notice.startswith("dtype") for notice in bf16["notices"])
 
 
 @pytest.mark.parametrize("profile", ["rtx3060-12gb", "quantized"])
@@ -205,3 +209,62 @@ def test_a_gpu_or_a_quantized_model_keeps_the_checkpoints_dtype(
 def test_a_bad_dtype_is_one_line(monkeypatch: pytest.MonkeyPatch, capsys) -> None:
     code, out, err = run_offload(monkeypatch, capsys, "plan", "-m", str(DEMO), "--dtype", "int8")
     assert code == 2 and out == "" and err.count("\n") == 1 and "--dtype 'int8' is not one of" in err
+
+
+# The host's cores: the bundled cpu profile's are "auto", this machine's, as a run's default threads count them.
+
+
+@pytest.fixture
+def three_cores(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A machine whose process may run on 3 physical cores (4 logical CPUs), OMP_NUM_THREADS unset."""
+    from offload.settings import threads
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(threads, "physical_cores", lambda: 3)
+    monkeypatch.setattr(threads, "available_cpus", lambda: 4)
+
+
+def test_the_cpu_profile_plans_this_machines_cores(three_cores: None, monkeypatch, capsys) -> None:
+    out, plan = _plan(monkeypatch, capsys, "-m", str(DEMO), "-p", CPU)
+    assert plan["host_cores"] == 3
+    assert 'note: host: 3 cores, as a run here uses them (the profile\'s cores = "auto")' in out
+    assert "on 3 cores ×" in _line(out, "layer 0:") and "4 cores" not in out
+
+
+def test_omp_num_threads_sets_the_cores_as_it_sets_a_runs_threads(
+    three_cores: None, monkeypatch, capsys
+) -> None:
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    assert _plan(monkeypatch, capsys, "-m", str(DEMO), "-p", CPU)[1]["host_cores"] == 1
+    monkeypatch.setenv("OMP_NUM_THREADS", "64")  # no more than the CPUs the process may use
+    assert _plan(monkeypatch, capsys, "-m", str(DEMO), "-p", CPU)[1]["host_cores"] == 4
+
+
+def test_a_cpu_profiles_own_count_is_kept_and_said_when_it_is_not_this_machines(
+    three_cores: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    out, plan = _plan(monkeypatch, capsys, "-m", str(DEMO), "-p", _profile(tmp_path, CPU_INT4))
+    assert plan["host_cores"] == 4 and "4 cores ×" in out
+    notice = (
+        'host: the profile\'s 4 cores; a run on this machine uses 3 (cores = "auto" plans for this machine)'
+    )
+    assert notice in plan["notices"]
+    # A GPU profile's [host] describes the machine it is for, not necessarily this one: kept, nothing said.
+    assert not any(
+        n.startswith("host") for n in _plan(monkeypatch, capsys, "-p", "rtx3060-12gb")[1]["notices"]
+    )
+
+
+def test_cores_auto_is_read_and_written_back_and_a_bad_value_is_one_line(tmp_path: Path) -> None:
+    from offload.errors import ProfileError
+    from offload.settings.profile import Profile, load_profile
+
+    cpu = load_profile(CPU)
+    assert cpu.host.cores == "auto"
+    assert Profile.from_dict(__import__("tomllib").loads(cpu.to_toml()), source=cpu.source) == cpu
+    for bad in ('"many"', "0", "2.5", "true"):
+        path = tmp_path / "bad.toml"
+        path.write_text(f'[device]\nkind = "cpu"\n[host]\ncores = {bad}\n')
+        with pytest.raises(ProfileError) as error:
+            Profile.from_file(path)
+        assert f'host.cores = {bad}: allowed is a positive number of cores, or "auto"' in str(error.value)

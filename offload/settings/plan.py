@@ -34,7 +34,14 @@ from offload.quant.codec import expert_nbytes
 from offload.quant.linear import matrix_nbytes
 from offload.quant.scheme import QuantScheme
 from offload.quant.spec import QuantSpec
-from offload.settings.plan_inputs import budget_bytes, context_notice, default_context, run_dtype
+from offload.settings.plan_inputs import (
+    budget_bytes,
+    context_notice,
+    default_context,
+    run_dtype,
+    stored_scheme,
+    with_cores,
+)
 from offload.settings.plan_speed import (
     LAYER_OVERHEAD_S,
     LOCALITY_BONUS,
@@ -57,7 +64,7 @@ from offload.settings.plan_tiers import (
     with_disk_line,
     with_tiers,
 )
-from offload.settings.profile import CacheSettings, Profile, ResolvedProfile
+from offload.settings.profile import CacheSettings, Profile
 
 GIB = 1024**3
 # CUDA context, cuBLAS workspace and allocator fragmentation: what a CUDA process holds beyond its tensors.
@@ -111,6 +118,7 @@ class MemoryPlan:
     peak_rss: PeakRss | None = None  # the process's predicted peak RSS (host memory)
     tok_s_with_disk: dict[str, float] | None = None  # each policy's estimate with the disk reads added
     notices: tuple[str, ...] = ()  # one line each: where the run's rules changed what the plan was given
+    host_cores: int = 4  # the host's cores the plan counted ([host] cores, "auto" made this machine's)
 
     @property
     def disk_bytes(self) -> int:
@@ -203,11 +211,12 @@ def plan_memory(
     budget came from (a flag) in its errors; by default the profile's key. ``compute_dtype``: ``--dtype``;
     None plans the dtype a run would pick (``plan_inputs.run_dtype``).
     """
+    profile, cores_notice = with_cores(profile)  # [host] cores = "auto": this machine's
     # A bundled profile's context is sized for Mixtral; a smaller model's window caps it, as at load.
     resolved = profile.for_model(config)
-    scheme, where = _scheme(config, resolved, source)
+    scheme, where = stored_scheme(config, resolved, source)
     dtype_name, dtype_notice = run_dtype(config, profile, scheme, compute_dtype)  # as a run picks it
-    notices = tuple(text for text in (context_notice(config, profile, context), dtype_notice) if text)
+    notices = tuple(filter(None, (context_notice(config, profile, context), dtype_notice, cores_notice)))
     context = min(context, config.max_position_embeddings)
     dtype = getattr(torch, dtype_name)
     layer_specs = [scheme.expert_spec(layer) for layer in range(config.num_hidden_layers)]
@@ -292,6 +301,7 @@ def plan_memory(
         peak_rss=rss,
         tok_s_with_disk=tok_s_with_disk,
         notices=notices,
+        host_cores=profile.host.cores,
     )
 
 
@@ -335,15 +345,6 @@ def workspace_bytes(
     logits = config.vocab_size * 4
     reserve = CUDA_RESERVE_BYTES if kind == "cuda" else 0
     return activations + scores + dequant + logits + reserve
-
-
-def _scheme(config: ModelConfig, resolved: ResolvedProfile, source: str) -> tuple[QuantScheme, str]:
-    """The stored weights' scheme and where it was read: a converted checkpoint's block wins over the profile."""
-    if config.quantization is not None:
-        return QuantScheme.from_block(config.quantization, config.num_hidden_layers, source), (
-            f"{source}: quantization"
-        )
-    return QuantScheme.from_profile(resolved), f"{resolved.profile.source}: quant"
 
 
 def _dense_bytes(config: ModelConfig, scheme: QuantScheme, dtype: torch.dtype) -> DenseBytes:

@@ -1,18 +1,36 @@
-"""What the plan takes from the run it plans: the memory budget, the context and the compute dtype, by the
-rules a run uses, and the one-line notices the plan prints where those rules change what it was given.
+"""What the plan takes from the run it plans: the stored weights' scheme, the memory budget, the context, the
+compute dtype and the host's cores, by the rules a run uses, and the one-line notices the plan prints where those rules change what it was
+given.
+
+``[host] cores = "auto"`` is this machine's: the threads a run here uses by default on an idle machine
+(``offload.settings.threads``: OMP_NUM_THREADS when set, else the physical cores this process may run on; a
+busy machine's run leaves out the cores its load takes, which a plan, made once, does not guess).
 
 ``offload.settings.plan`` re-exports these, so ``from offload.settings.plan import default_context`` keeps working.
 """
 
 from __future__ import annotations
 
+import os
+from dataclasses import replace
+
 from offload.config import ModelConfig
 from offload.errors import ProfileError
 from offload.quant.scheme import QuantScheme
-from offload.settings.profile import Profile
+from offload.settings import threads
+from offload.settings.profile import Profile, ResolvedProfile
 
 GIB = 1024**3
 DEFAULT_CONTEXT = 4096  # tokens, when the profile gives no generation.context
+
+
+def stored_scheme(config: ModelConfig, resolved: ResolvedProfile, source: str) -> tuple[QuantScheme, str]:
+    """The stored weights' scheme and where it was read: a converted checkpoint's block wins over the profile."""
+    if config.quantization is not None:
+        return QuantScheme.from_block(config.quantization, config.num_hidden_layers, source), (
+            f"{source}: quantization"
+        )
+    return QuantScheme.from_profile(resolved), f"{resolved.profile.source}: quant"
 
 
 def budget_bytes(profile: Profile, free_memory_bytes: int | None) -> int:
@@ -74,3 +92,27 @@ def run_dtype(
         f"dtype: {chosen}, as a run on a CPU picks for a small {stored} float model (faster there); "
         "--dtype sets another"
     )
+
+
+def local_cores() -> int:
+    """The threads a run on this machine uses by default when it is idle (see the module docstring)."""
+    from_env = os.environ.get("OMP_NUM_THREADS", "").strip()
+    if from_env.isdigit() and int(from_env) >= 1:
+        return min(int(from_env), threads.available_cpus())
+    return threads.physical_cores()
+
+
+def with_cores(profile: Profile) -> tuple[Profile, str | None]:
+    """``profile`` with ``[host] cores = "auto"`` made this machine's count, and what the plan says of it; a CPU
+    device's explicit count that is not this machine's is kept and said."""
+    cores = profile.host.cores
+    if cores == "auto":
+        here = local_cores()
+        notice = f'host: {here} cores, as a run here uses them (the profile\'s cores = "auto")'
+        return replace(profile, host=replace(profile.host, cores=here)), notice
+    if profile.device.kind == "cpu" and cores != (here := local_cores()):
+        return profile, (
+            f"host: the profile's {cores} cores; a run on this machine uses {here} "
+            '(cores = "auto" plans for this machine)'
+        )
+    return profile, None

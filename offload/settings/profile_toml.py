@@ -80,7 +80,9 @@ HOST_COMPUTE_MODES = ("auto", "never", "always")  # offload.experts.cost_model's
 class HostSettings:
     """The host CPU beside the device: what computes cache misses in hybrid execution, and the plan's host."""
 
-    cores: int = 4  # physical cores the host kernels may use
+    cores: int | str = (
+        4  # physical cores the host kernels may use; "auto": this machine's (the plan counts them)
+    )
     memory_gbps: float = 50.0  # DDR bandwidth in GB/s (dual-channel DDR4/DDR5: 40 to 80)
     compute: str = "auto"  # where misses run by default: auto, never or always (--host-compute wins)
     expert_ms: float | None = None  # the host's time for one expert at one token, instead of measuring it
@@ -240,8 +242,11 @@ def read_generation(table: ProfileTable) -> GenerationSettings:
 
 def read_host(table: ProfileTable) -> HostSettings:
     positive = "a positive number of"
+    cores = table.raw.get("cores", 4)
+    if cores != "auto" and not _positive_int(cores):
+        table.fail("cores", cores, 'a positive number of cores, or "auto" (the cores a run here would use)')
     return HostSettings(
-        cores=table.integer("cores", 4, 1, "a positive number of cores"),
+        cores=cores,
         memory_gbps=table.number("memory_gbps", 50.0, lambda v: v > 0, f"{positive} GB/s"),
         compute=table.string("compute", "auto", HOST_COMPUTE_MODES),
         expert_ms=table.number("expert_ms", None, lambda v: v > 0, f"{positive} milliseconds"),
