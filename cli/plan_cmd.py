@@ -197,8 +197,9 @@ def _headline(plan, disk: bool) -> str:
     tier_hit = "" if tier is None or tier.hit_rate is None else f"{tier.hit_rate:.0%}"
     if plan.experts_from_host_tier:
         return (
-            f"{speed}, the host computing every expert from the host tier (estimate; no device expert cache; "
-            f"host tier hit rate {tier_hit} of the chosen experts, the disk reads and builds below included)"
+            f"{speed}, the host computing every expert from the host tier (estimate; host tier hit rate "
+            f"{tier_hit} of the chosen experts; the sums below time every expert as resident, then add the disk "
+            "reads and builds)"
         )
     if not plan.offloaded:
         return f"{speed}, every expert resident on the device (estimate; no miss, nothing over the link)"
