@@ -132,24 +132,33 @@ ExpertsPerLayer = Annotated[
     ),
 ]
 Prefetch = Annotated[
-    int | None, typer.Option(help="Guesses of the next layer's experts to prefetch; 0 is off.")
+    int | None,
+    typer.Option(
+        help="Guesses of the next layer's experts to prefetch; 0 is off. Above 0, needs offloaded experts "
+        "(-k K) or a host tier (--host-memory)."
+    ),
 ]
 CachePolicy = Annotated[
     str | None,
     typer.Option(
-        help="Which expert a full layer of the cache evicts: lrfu (least recently and frequently used) or lru."
+        help="Which expert a full layer of the cache evicts: lrfu (least recently and frequently used) or lru. "
+        "Needs offloaded experts (-k K)."
     ),
 ]
 Link = Annotated[
     str | None,
-    typer.Option(metavar="SPEC", help="How experts move: local, emulated:GBPS[:LATENCY_US] or cuda."),
+    typer.Option(
+        metavar="SPEC",
+        help="How experts move: local, emulated:GBPS[:LATENCY_US] or cuda. Needs offloaded experts (-k K).",
+    ),
 ]
 HostCompute = Annotated[
     str | None,
     typer.Option(
         metavar="MODE",
         help="Where a cache miss is computed: auto (where the cost model measured at load finds it cheaper: "
-        "copied to the device or on the host CPU), never (always copied) or always (always on the host).",
+        "copied to the device or on the host CPU), never (always copied) or always (always on the host). "
+        "Needs offloaded experts (-k K).",
     ),
 ]
 MAX_HOST_RATIO = 1e6
@@ -158,7 +167,8 @@ HostRatio = Annotated[
     typer.Option(
         metavar="R",
         help="Emulate the host CPU: a host expert completes in R times the device's measured time for the "
-        "same expert (a laptop: 5 to 10). For a CPU-only machine, where host and device are one.",
+        "same expert (a laptop: 5 to 10). For a CPU-only machine, where host and device are one. Needs offloaded "
+        "experts (-k K).",
         callback=bounded("--host-ratio", 0, MAX_HOST_RATIO, above=True),
     ),
 ]

@@ -75,8 +75,8 @@ class Engine:
         import torch
 
         from offload.checkpoint.reader import Checkpoint
-        from offload.hybrid import check_host_flags
         from offload.loading import load_model
+        from offload.settings.flags import check_offload_flags
         from offload.tokenizer import Tokenizer
 
         if isinstance(model, ResolvedModel):
@@ -87,8 +87,12 @@ class Engine:
             resolved = resolve_model(model, flags)
         settings = resolved.settings
         flags = resolved.flags  # the user's: a flag that would do nothing is refused before anything loads
-        offloaded = settings.offload.experts_per_layer is not None
-        check_host_flags(flags.host_compute, flags.host_ratio, offloaded, settings.profile_name)
+        check_offload_flags(
+            flags,
+            offloaded=settings.offload.experts_per_layer is not None,
+            host_tier=settings.offload.host_memory_gib is not None,
+            profile=settings.profile_name,
+        )
         torch.set_num_threads(settings.threads)
         loaded_tokenizer = Tokenizer.from_dir(resolved.directory) if tokenizer else None
         if loaded_tokenizer is not None:

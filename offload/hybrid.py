@@ -54,26 +54,6 @@ def uses_host(mode: str, device: torch.device, host_ratio: float | None) -> bool
     return mode == "always" or device.type != "cpu" or host_ratio is not None
 
 
-def check_host_flags(
-    host_compute: str | None, host_ratio: float | None, offloaded: bool, profile: str
-) -> None:
-    """Refuse ``--host-compute`` (but ``never``) and ``--host-ratio`` when every expert is resident.
-
-    They say where cache misses run, and with every expert on the device there is no miss: ignored silently,
-    they would let a user believe a host was emulated or used (the cpu profile keeps every expert resident).
-    """
-    if offloaded:
-        return
-    given = [] if host_ratio is None else [f"--host-ratio {host_ratio:g}"]
-    if host_compute not in (None, "never"):
-        given.append(f"--host-compute {host_compute}")
-    if given:
-        raise CacheError(
-            f"{' and '.join(given)}: every expert is resident (profile {profile}), so there is no cache miss to "
-            "place on the host; offload the experts with -k K (e.g. -k 4) or leave the flag out"
-        )
-
-
 def build_host_path(
     store: HostStore,
     codecs: Sequence[ExpertCodec],

@@ -12,6 +12,8 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
+from offload.errors import FlagError
+
 
 @dataclass(frozen=True)
 class LoadFlags:
@@ -43,3 +45,49 @@ class LoadFlags:
 
 
 FIELDS: tuple[str, ...] = tuple(field.name for field in dataclasses.fields(LoadFlags))
+
+
+# What each flag that acts only on offloaded experts would act on, said when there is none of it.
+NO_MISS = "no cache miss to place on the host"
+NO_CACHE = "no expert cache to evict from"
+NO_GUESS = "no expert to prefetch"
+NO_COPY = "no expert to copy over a link"
+
+
+def check_offload_flags(flags: LoadFlags, *, offloaded: bool, host_tier: bool, profile: str) -> None:
+    """Refuse the flags given that act only on offloaded experts when the run keeps every expert resident.
+
+    --host-compute and --host-ratio place cache misses, --cache-policy evicts from the cache, --link copies
+    into it and --prefetch N guesses what to copy: with every expert resident (the cpu profile's default) there
+    is none of these, and a flag ignored silently would let a user believe it acted. A profile's values for
+    them are not refused: they are defaults that may serve another model or -k. ``--prefetch 0`` asks for what
+    happens anyway; with a host tier (``host_tier``) the guesses read experts from disk ahead of their layer.
+    """
+    if offloaded:
+        return
+    given: dict[str, str] = {}  # the flag as given: what it would act on
+    if flags.host_ratio is not None:
+        given[f"--host-ratio {flags.host_ratio:g}"] = NO_MISS
+    if flags.host_compute is not None:
+        given[f"--host-compute {flags.host_compute}"] = NO_MISS
+    if flags.cache_policy is not None:
+        given[f"--cache-policy {flags.cache_policy}"] = NO_CACHE
+    if flags.prefetch and not host_tier:
+        given[f"--prefetch {flags.prefetch}"] = NO_GUESS
+    if flags.link is not None:
+        given[f"--link {flags.link}"] = NO_COPY
+    if not given:
+        return
+    names, missing = list(given), list(dict.fromkeys(given.values()))
+    where = "runs on the host from the host tier" if host_tier else "is resident"
+    one = len(names) == 1
+    raise FlagError(
+        f"{_and(names)}: every expert {where} (profile {profile}), so there is {_and(missing)}; "
+        f"{'it needs' if one else 'they need'} offloaded experts: add -k K (e.g. -k 4) "
+        f"or leave {'the flag' if one else 'the flags'} out"
+    )
+
+
+def _and(items: list[str]) -> str:
+    """'a', 'a and b', 'a, b and c'."""
+    return items[0] if len(items) == 1 else f"{', '.join(items[:-1])} and {items[-1]}"
