@@ -11,6 +11,7 @@ from typing import Annotated
 import typer
 
 from cli import options
+from offload.errors import FlagError
 from offload.settings.flags import LoadFlags
 
 
@@ -53,6 +54,11 @@ def generate(
     from cli.prompt_input import PromptSource
     from offload.engine import resolve_model
 
+    if no_chat and system is not None:
+        raise FlagError(
+            "--system needs the chat template, which --no-chat turns off: "
+            "put the text in the prompt itself, or leave out --no-chat"
+        )
     source = PromptSource.from_flags(prompt, prompt_file)
     resolved = resolve_model(model, flags)  # every flag checked before a weight is read
     options.check_max_new_tokens(max_new_tokens, resolved.config)

@@ -10,6 +10,7 @@ from typing import Any
 
 from offload.checkpoint.hub import model_dir
 from offload.config import ModelConfig
+from offload.errors import OffloadError
 from offload.generate import Response, SamplingParams, check_text_fits, stream_generate
 from offload.kv_cache import KVCache
 from offload.model import MixtralModel
@@ -146,8 +147,13 @@ class Engine:
     def prompt_ids(self, prompt: str, *, chat: bool = True, system: str | None = None) -> list[int]:
         """The prompt as ids: a one-turn Mixtral-Instruct chat, or raw text after BOS.
 
-        Text that cannot fit the context is refused before it is tokenized (ContextError).
+        Text that cannot fit the context is refused before it is tokenized (ContextError); a system prompt
+        without the chat template, which is what places it, is refused too.
         """
+        if system is not None and not chat:
+            raise OffloadError(
+                "a system prompt needs the chat template, and this prompt is raw text (no chat)"
+            )
         context = self.model.config.max_position_embeddings
         check_text_fits(prompt, context)
         if system:

@@ -1,0 +1,24 @@
+"""Flags that would be silently dropped, and errors that must name what the user actually gave: each is one
+line on stderr, before any weight is read, naming the flag (or the profile file and key) and what is allowed."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from tests.test_cli_generate import offload_here
+
+
+def one_line_error(monkeypatch, capfd, *args: str) -> str:
+    code, out, err = offload_here(monkeypatch, capfd, *args)
+    assert code == 2 and out == "", err
+    assert err.count("\n") == 1 and err.startswith("error: ") and "Traceback" not in err, err
+    return err.strip().removeprefix("error: ")
+
+
+def test_a_system_prompt_without_the_chat_template_is_refused(monkeypatch, capfd, tmp_path: Path) -> None:
+    """--no-chat sends the prompt as raw text, and only the chat template places a system prompt."""
+    missing = str(tmp_path / "none")  # the flags' error comes before the model is looked for
+    err = one_line_error(
+        monkeypatch, capfd, "generate", "-m", missing, "--no-chat", "--system", "pirate", "Hi"
+    )
+    assert err.startswith("--system needs the chat template, which --no-chat turns off")
