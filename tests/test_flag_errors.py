@@ -22,3 +22,10 @@ def test_a_system_prompt_without_the_chat_template_is_refused(monkeypatch, capfd
         monkeypatch, capfd, "generate", "-m", missing, "--no-chat", "--system", "pirate", "Hi"
     )
     assert err.startswith("--system needs the chat template, which --no-chat turns off")
+
+
+def test_a_bad_quant_points_to_convert_where_the_spec_flags_are(monkeypatch, capfd) -> None:
+    """--attention and --experts exist only on `offload convert`; --quant takes 'none' alone."""
+    err = one_line_error(monkeypatch, capfd, "generate", "--quant", "foo", "Hi")
+    assert err.startswith("--quant 'foo': only 'none' is allowed")
+    assert "offload convert SRC DST --attention SPEC --experts SPEC" in err

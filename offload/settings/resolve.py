@@ -15,7 +15,7 @@ import torch
 
 from offload.checkpoint.reader import expected_tensors
 from offload.config import ModelConfig
-from offload.errors import CacheError, FlagError, OffloadError
+from offload.errors import CacheError, FlagError
 from offload.experts.cache import slot_counts
 from offload.experts.disk import parse_disk
 from offload.experts.link import parse_link
@@ -82,7 +82,10 @@ def resolve_settings(
     run_device = parse_device(device or (chosen.device.kind if profile else None))
 
     if quant is not None and quant != "none":
-        raise OffloadError(f"--quant {quant!r}: only 'none' is allowed (use --attention/--experts for specs)")
+        raise FlagError(
+            f"--quant {quant!r}: only 'none' is allowed (load the weights unquantized); to quantize, convert "
+            "the model once: offload convert SRC DST --attention SPEC --experts SPEC"
+        )
     if config.quantization is not None or quant == "none":
         scheme = QuantScheme()  # a converted checkpoint brings its own scheme; --quant none turns it off
     else:
