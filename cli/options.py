@@ -293,11 +293,21 @@ RepetitionPenalty = Annotated[
         callback=bounded("--repetition-penalty", MIN_PENALTY, MAX_PENALTY),
     ),
 ]
+
+
+def check_stop(values: list[str] | None) -> list[str] | None:
+    """Refuse an empty --stop: no text would end a reply at it, and it would be ignored."""
+    if values and not all(values):
+        raise FlagError("--stop '' is empty: give the text that ends a reply, e.g. --stop '\\n\\n'")
+    return values
+
+
 Stop = Annotated[
     list[str] | None,
     typer.Option(
         "--stop",
         help="End the reply at this text, which is not printed; repeat for several. Example: --stop '\\n\\n'",
+        callback=check_stop,
     ),
 ]
 

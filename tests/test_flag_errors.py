@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from tests.test_cli_generate import offload_here
 
 
@@ -29,3 +31,11 @@ def test_a_bad_quant_points_to_convert_where_the_spec_flags_are(monkeypatch, cap
     err = one_line_error(monkeypatch, capfd, "generate", "--quant", "foo", "Hi")
     assert err.startswith("--quant 'foo': only 'none' is allowed")
     assert "offload convert SRC DST --attention SPEC --experts SPEC" in err
+
+
+@pytest.mark.parametrize("command", ["generate", "chat"])
+def test_an_empty_stop_string_is_refused(monkeypatch, capfd, tmp_path: Path, command: str) -> None:
+    """An empty --stop would be accepted and never end a reply; the other --stop values do not excuse it."""
+    args = [command, "-m", str(tmp_path / "none"), "--stop", "\\n\\n", "--stop", ""]
+    err = one_line_error(monkeypatch, capfd, *args, *(["Hi"] if command == "generate" else []))
+    assert err == "--stop '' is empty: give the text that ends a reply, e.g. --stop '\\n\\n'"
