@@ -9,6 +9,8 @@ from collections.abc import Callable
 
 from rich.markup import escape
 
+from offload.settings.limits import MAX_SEED, MAX_TOP_K
+
 HELP = """Commands:
   /help              this list
   /set               show the settings below
@@ -27,7 +29,6 @@ Ctrl-C stops a reply and keeps the conversation. Every turn is saved to $OFFLOAD
 `offload chat --resume` goes on with the latest chat."""
 
 SAMPLING = {"temperature": float, "top_p": float, "top_k": int, "seed": int}
-SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch's generator takes
 
 
 def run_command(text: str, session, out, autosave, *, reply: Callable[[str], None]) -> str | None:
@@ -113,10 +114,10 @@ def _set(session, argument: str, out) -> None:
         )
     elif key == "seed" and value.lower() == "none":
         session.sampling = dataclasses.replace(session.sampling, seed=None)
-    elif key == "seed":
-        session.sampling = dataclasses.replace(session.sampling, seed=_integer(key, value, *SEED_RANGE))
+    elif key == "seed":  # the ranges of --seed and --top-k
+        session.sampling = dataclasses.replace(session.sampling, seed=_integer(key, value, 0, MAX_SEED))
     elif SAMPLING[key] is int:
-        session.sampling = dataclasses.replace(session.sampling, **{key: _integer(key, value, 0, 2**31 - 1)})
+        session.sampling = dataclasses.replace(session.sampling, **{key: _integer(key, value, 0, MAX_TOP_K)})
     else:
         session.sampling = dataclasses.replace(session.sampling, **{key: _number(key, value)})
     out.print(f"[dim]{key} = {escape(value)}[/dim]")

@@ -16,6 +16,16 @@ import typer
 
 from offload.errors import FlagError
 from offload.settings.flags import FIELDS, LoadFlags
+from offload.settings.limits import (  # the engine's limits, also the profile's and chat's /set
+    MAX_PENALTY,
+    MAX_SEED,
+    MAX_TEMPERATURE,
+    MAX_TOP_K,
+    MIN_PENALTY,
+    MIN_TEMPERATURE,
+    TEMPERATURES,
+    temperature_allowed,
+)
 from offload.settings.plan_tiers import MAX_HOST_MEMORY_GIB  # the plan's --host-memory takes the same range
 
 Command = TypeVar("Command", bound=Callable[..., Any])
@@ -53,18 +63,11 @@ def _shown(number: float) -> str:
 
 def temperature_check(value: float | None) -> float | None:
     """0 (greedy), or a temperature at which logits divided by it stay finite and still differ."""
-    if value is not None and not (value == 0 or MIN_TEMPERATURE <= value <= MAX_TEMPERATURE):
-        raise FlagError(
-            f"--temperature {value} is out of range: 0 (greedy) or {_shown(MIN_TEMPERATURE)} to "
-            f"{_shown(MAX_TEMPERATURE)}"
-        )
+    if value is not None and not temperature_allowed(value):
+        raise FlagError(f"--temperature {value} is out of range: {TEMPERATURES}")
     return value
 
 
-# The engine's own limits (offload.generate imports torch, so they are repeated here; a test ties them).
-MIN_TEMPERATURE, MAX_TEMPERATURE = 1e-4, 100.0
-MAX_SEED = (1 << 64) - 1
-MIN_PENALTY, MAX_PENALTY = 0.01, 100.0
 MAX_TOKENS = 1 << 31  # more than any context; the model's own context is checked once it is known
 
 Model = Annotated[
@@ -110,7 +113,7 @@ TopP = Annotated[
 TopK = Annotated[
     int | None,
     typer.Option(
-        help="Keep only the k most likely tokens; 0 keeps all.", callback=bounded("--top-k", 0, MAX_TOKENS)
+        help="Keep only the k most likely tokens; 0 keeps all.", callback=bounded("--top-k", 0, MAX_TOP_K)
     ),
 ]
 Profile = Annotated[

@@ -91,6 +91,47 @@ def test_set_changes_sampling_and_refuses_bad_values(engine: Engine) -> None:  #
     assert session.max_new_tokens == 9
 
 
+SEEDS, TOP_KS = "0 to 18446744073709551615", "0 to 2147483648"
+
+
+@pytest.mark.parametrize(
+    ("text", "flag", "allowed"),
+    [
+        ("/set seed abc", [], SEEDS),
+        ("/set seed -5", ["--seed", "-5"], SEEDS),
+        ("/set seed 18446744073709551616", ["--seed", "18446744073709551616"], SEEDS),
+        ("/set top_k many", [], TOP_KS),
+        ("/set top_k -1", ["--top-k", "-1"], TOP_KS),
+        ("/set top_k 2147483649", ["--top-k", "2147483649"], TOP_KS),
+    ],
+)
+def test_set_states_the_range_the_flags_state(
+    engine: Engine,  # noqa: F811
+    text: str,
+    flag: list[str],
+    allowed: str,
+    monkeypatch: pytest.MonkeyPatch,
+    capfd: pytest.CaptureFixture,
+) -> None:
+    """One range per setting, whatever the mistake: a word, a number below or above it; /set and the flag."""
+    from tests.test_cli_generate import offload_here
+
+    session = ChatSession(engine, sampling=SamplingParams(seed=3, top_k=4), max_new_tokens=8)
+    shown = command(session, text)
+    assert shown.count("\n") == 1 and shown.startswith("error: /set ") and shown.rstrip().endswith(allowed)
+    assert (session.sampling.seed, session.sampling.top_k) == (3, 4)
+    if flag:  # a word is typer's to refuse
+        code, _, err = offload_here(monkeypatch, capfd, "generate", *flag, "Hi")
+        assert code == 2 and err.rstrip().endswith(f"is out of range: {allowed}"), err
+
+
+def test_set_takes_the_ends_of_the_ranges(engine: Engine) -> None:  # noqa: F811
+    session = ChatSession(engine, sampling=SamplingParams(), max_new_tokens=8)
+    command(session, "/set seed 18446744073709551615")
+    command(session, "/set top_k 2147483648")
+    assert (session.sampling.seed, session.sampling.top_k) == ((1 << 64) - 1, 1 << 31)
+
+
 def test_set_system_keeps_the_conversation(engine: Engine) -> None:  # noqa: F811
     session = ChatSession(engine, sampling=SamplingParams(temperature=0), max_new_tokens=4)
     reply(session, "Hi")

@@ -231,16 +231,16 @@ def test_bad_flags_are_one_line_before_any_weight_is_read(
     ],
 )
 def test_sampling_params_refuse_what_the_flags_refuse(changes: dict) -> None:
-    """Callers of the engine (chat's /set, a server) get the same limits as the flags."""
-    import cli.options
+    """Callers of the engine (chat's /set, a server) get the same limits as the flags and the profiles."""
     import offload.generate
+    import offload.settings.limits
     from offload.errors import OffloadError
     from offload.generate import SamplingParams
 
     with pytest.raises(OffloadError, match=next(iter(changes))):
         SamplingParams(**changes)
-    for name in ("MIN_TEMPERATURE", "MAX_TEMPERATURE", "MAX_SEED"):
-        assert getattr(cli.options, name) == getattr(offload.generate, name)
+    for name in ("MIN_TEMPERATURE", "MAX_TEMPERATURE", "MAX_SEED", "MIN_PENALTY", "MAX_PENALTY"):
+        assert getattr(offload.settings.limits, name) == getattr(offload.generate, name)
 
 
 @pytest.mark.parametrize("value", ["0", str(1 << 41)])
