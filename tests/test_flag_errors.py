@@ -39,3 +39,14 @@ def test_an_empty_stop_string_is_refused(monkeypatch, capfd, tmp_path: Path, com
     args = [command, "-m", str(tmp_path / "none"), "--stop", "\\n\\n", "--stop", ""]
     err = one_line_error(monkeypatch, capfd, *args, *(["Hi"] if command == "generate" else []))
     assert err == "--stop '' is empty: give the text that ends a reply, e.g. --stop '\\n\\n'"
+
+
+@pytest.mark.parametrize(("value", "shown"), [("500", "500"), ("1e-8", "1e-08")])
+def test_a_profile_temperature_out_of_range_names_the_file_and_key(
+    monkeypatch, capfd, tmp_path: Path, value: str, shown: str
+) -> None:
+    """It used to pass the profile's checks and fail at generation, saying only 'temperature must be'."""
+    profile = tmp_path / "hot.toml"
+    profile.write_text(f'[device]\nkind = "cpu"\n[generation]\ntemperature = {value}\n', encoding="utf-8")
+    err = one_line_error(monkeypatch, capfd, "generate", "--profile", str(profile), "Hi")
+    assert err == f"{profile}: generation.temperature = {shown}: allowed is 0 (greedy) or 0.0001 to 100"

@@ -88,6 +88,22 @@ BAD = {
     "temperature negative": ("temperature = 0.7", "temperature = -0.1", ["generation.temperature", "-0.1"]),
     "top_p above 1": ("top_p = 0.9", "top_p = 1.5", ["generation.top_p", "1.5", "(0, 1]"]),
     "top_k negative": ("top_k = 0", "top_k = -3", ["generation.top_k", "-3"]),
+    # the flags' ranges, which generation would enforce naming --temperature or --top-k
+    "temperature above the flag's": (
+        "temperature = 0.7",
+        "temperature = 500",
+        ["generation.temperature = 500: allowed is 0 (greedy) or 0.0001 to 100"],
+    ),
+    "temperature below the flag's": (
+        "temperature = 0.7",
+        "temperature = 1e-8",
+        ["generation.temperature = 1e-08: allowed is 0 (greedy) or 0.0001 to 100"],
+    ),
+    "top_k above the flag's": (
+        "top_k = 0",
+        "top_k = 2147483649",
+        ["generation.top_k = 2147483649: allowed is a whole number from 0 (off) to 2147483648"],
+    ),
     "context zero": ("context = 4096", "context = 0", ["generation.context", "= 0"]),
     "section not a table": ('name = "test"', 'cache = 2\nname = "test"', ["cache", "a table"]),
     "malformed TOML": ("[generation]", "[generation", ["not valid TOML", "line 16"]),

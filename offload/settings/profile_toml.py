@@ -20,6 +20,7 @@ from offload.experts.policy import (
     HOST_TIER_POLICIES,
 )
 from offload.quant.spec import QuantSpec
+from offload.settings.limits import MAX_TOP_K, TEMPERATURES, temperature_allowed
 
 DEVICE_KINDS = ("cuda", "cpu")
 # "all" keeps every expert on the device: the CPU profile's K, whatever E the model has.
@@ -132,9 +133,11 @@ class ProfileTable:
             self.fail(key, value, allowed)
         return float(value)
 
-    def integer(self, key: str, default: int, minimum: int, allowed: str) -> int:
+    def integer(self, key: str, default: int, minimum: int, allowed: str, maximum: int | None = None) -> int:
         value = self.raw.get(key, default)
         if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            self.fail(key, value, allowed)
+        if maximum is not None and value > maximum:
             self.fail(key, value, allowed)
         return value
 
@@ -233,9 +236,11 @@ def read_generation(table: ProfileTable) -> GenerationSettings:
         table.fail("context", context, "a positive number of tokens")
     return GenerationSettings(
         max_new_tokens=table.integer("max_new_tokens", 512, 1, "a positive integer"),
-        temperature=table.number("temperature", 0.7, lambda v: v >= 0, "a number ≥ 0 (0 = greedy)"),
+        # The flags' ranges (offload.settings.limits): a value out of them would fail only at generation,
+        # naming a flag the user never gave.
+        temperature=table.number("temperature", 0.7, temperature_allowed, TEMPERATURES),
         top_p=table.number("top_p", 0.9, lambda v: 0 < v <= 1, "a number in (0, 1]"),
-        top_k=table.integer("top_k", 0, 0, "a non-negative integer (0 = off)"),
+        top_k=table.integer("top_k", 0, 0, f"a whole number from 0 (off) to {MAX_TOP_K}", MAX_TOP_K),
         context=context,
     )
 
