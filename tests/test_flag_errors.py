@@ -50,3 +50,19 @@ def test_a_profile_temperature_out_of_range_names_the_file_and_key(
     profile.write_text(f'[device]\nkind = "cpu"\n[generation]\ntemperature = {value}\n', encoding="utf-8")
     err = one_line_error(monkeypatch, capfd, "generate", "--profile", str(profile), "Hi")
     assert err == f"{profile}: generation.temperature = {shown}: allowed is 0 (greedy) or 0.0001 to 100"
+
+
+@pytest.mark.parametrize("profile", ["rtx3060-12gb", "auto"])
+def test_a_cuda_profile_without_cuda_names_the_profile_not_a_device_flag(
+    monkeypatch, capfd, profile: str
+) -> None:
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    err = one_line_error(monkeypatch, capfd, "generate", "--profile", profile, "Hello")
+    assert err == (
+        f'profile {profile} sets device.kind = "cuda", and CUDA is not available on this machine; '
+        "use --device cpu or --profile cpu"
+    )
+    err = one_line_error(monkeypatch, capfd, "generate", "--profile", profile, "--device", "cuda", "Hello")
+    assert err == "--device cuda: CUDA is not available on this machine; use --device cpu"

@@ -15,7 +15,7 @@ import torch
 
 from offload.checkpoint.reader import expected_tensors
 from offload.config import ModelConfig
-from offload.errors import CacheError, FlagError
+from offload.errors import CacheError, FlagError, ProfileError
 from offload.experts.cache import slot_counts
 from offload.experts.disk import parse_disk
 from offload.experts.link import parse_link
@@ -79,7 +79,7 @@ def resolve_settings(
     prefetch, cache_policy, link = flags.prefetch, flags.cache_policy, flags.link
     chosen = load_profile(profile)
     resolved = chosen.for_model(config)
-    run_device = parse_device(device or (chosen.device.kind if profile else None))
+    run_device = _run_device(device, profile, chosen.device.kind)
 
     if quant is not None and quant != "none":
         raise FlagError(
@@ -154,6 +154,21 @@ def resolve_settings(
         generation=chosen.generation,
         threads=default_threads() if flags.threads is None else check_threads(flags.threads),
     )
+
+
+def _run_device(flag: str | None, profile: str | None, kind: str) -> torch.device:
+    """--device, else the device.kind of a profile given by --profile, else CUDA when there is one.
+
+    A profile's CUDA on a machine without it is named as the profile's key: the user gave no --device.
+    """
+    if flag is not None or profile is None:
+        return parse_device(flag)
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise ProfileError(
+            f'profile {profile} sets device.kind = "cuda", and CUDA is not available on this machine; '
+            "use --device cpu or --profile cpu"
+        )
+    return parse_device(kind)
 
 
 def _host_tier(flags: LoadFlags, profile_gib: float | None) -> tuple[float | None, str]:
