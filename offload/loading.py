@@ -56,6 +56,8 @@ class OffloadOptions:
     host_ratio: float | None = None  # emulate the host as this many times the device's time per expert
     host_costs: CostOverrides | None = None  # cost-model inputs a profile gives instead of measuring them
     host_memory_gib: float | None = None  # the host tier's budget for experts; None holds every expert in RAM
+    # How errors name the budget: a profile's "FILE: host.memory_gib = 8" when it set it (None: --host-memory 8).
+    host_memory_where: str | None = None
     disk: str = "file"  # how the host tier reads: file | emulated:GBPS
     host_policy: str = DEFAULT_HOST_POLICY  # which expert the host tier evicts (offload.experts.policy)
 
@@ -288,7 +290,8 @@ def open_host_tier(
     ``host_forms`` (``host_forms``'s) makes one that converts each read to the host form in its slot instead.
     """
     assert options.host_memory_gib is not None
-    layouts, reads = tier_reads(reader)
+    where = options.host_memory_where or f"--host-memory {options.host_memory_gib:g}"
+    layouts, reads = tier_reads(reader, where)
     return HostTier(
         layouts,
         reads,
@@ -299,6 +302,7 @@ def open_host_tier(
         min_slots=reader.checkpoint.config.num_experts_per_tok,
         build=build,
         host_forms=host_forms,
+        where=where,
     )
 
 

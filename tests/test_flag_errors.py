@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.test_cli_flags import baby  # noqa: F401  (a fixture)
 from tests.test_cli_generate import offload_here
 
 
@@ -66,3 +67,33 @@ def test_a_cuda_profile_without_cuda_names_the_profile_not_a_device_flag(
     )
     err = one_line_error(monkeypatch, capfd, "generate", "--profile", profile, "--device", "cuda", "Hello")
     assert err == "--device cuda: CUDA is not available on this machine; use --device cpu"
+
+
+@pytest.mark.parametrize(
+    ("experts", "gib", "says"),
+    [
+        ("hqq:4:64", "0.003", ": the host tier reads experts from disk as they are stored, but "),
+        ("none", "1e-06", " GiB holds 0 experts of "),
+    ],
+)
+def test_a_host_budget_from_the_profile_is_named_as_its_key(
+    monkeypatch,
+    capfd,
+    tmp_path: Path,
+    baby: Path,  # noqa: F811  (a fixture)
+    experts: str,
+    gib: str,
+    says: str,
+) -> None:
+    """[host] memory_gib in a profile is the host tier's budget, as --host-memory is; its errors name the key."""
+    profile = tmp_path / "tier.toml"
+    profile.write_text(
+        f'[device]\nkind = "cpu"\n[cache]\nexperts_per_layer = "all"\n'
+        f'[quant]\nattention = "none"\nexperts = "{experts}"\n[host]\nmemory_gib = {gib}\n',
+        encoding="utf-8",
+    )
+    args = ["generate", "-m", str(baby), "--dtype", "float32", "--threads", "1", "Hi"]
+    code, _, err = offload_here(monkeypatch, capfd, *args, "--profile", str(profile))
+    assert code == 2 and err.count("\n") == 1, err
+    assert err.startswith(f"error: {profile}: host.memory_gib = {float(gib)}{says}"), err
+    assert "--host-memory" not in err

@@ -129,7 +129,7 @@ def test_a_float_checkpoint_quantized_at_load_must_be_converted(checkpoints: dic
     options = OffloadOptions(experts_per_layer=2, host_memory_gib=1.0)
     with pytest.raises(
         CheckpointError,
-        match=r"--host-memory reads experts from disk as they are stored.*"
+        match=r"--host-memory 1: the host tier reads experts from disk as they are stored.*"
         r"quantizes to hqq:4:64 at load; convert it once \(offload convert .*float DST",
     ):
         load_model(source, quant=scheme, offload=options)

@@ -22,11 +22,12 @@ DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float
 
 
 def tier_reads(
-    reader: WeightReader, flag: str = "--host-memory"
+    reader: WeightReader, where: str = "--host-memory"
 ) -> tuple[list[ExpertLayout], list[list[list[TensorRead]]]]:
     """Every layer's packed layout, and for every expert its stored tensors in that layout's order.
 
-    Raises CheckpointError (naming ``flag``, the model and what to run) when the stored bytes are not what the
+    Raises CheckpointError (naming ``where``, the setting that asked for the tier: "--host-memory 8" or a
+    profile's "FILE: host.memory_gib = 8"; the model and what to run) when the stored bytes are not what the
     engine runs, or when an expert's tensors differ from its layer's first expert.
     """
     checkpoint = reader.checkpoint
@@ -39,9 +40,9 @@ def tier_reads(
         spec = reader.scheme.expert_spec(layer)
         if not converted and spec.backend != "none":
             raise CheckpointError(
-                f"{flag} reads experts from disk as they are stored, but {directory} holds float experts that "
-                f"this run quantizes to {spec} at load; convert it once (offload convert {directory} DST "
-                f"--experts {spec}) and run -m DST"
+                f"{where}: the host tier reads experts from disk as they are stored, but {directory} holds "
+                f"float experts that this run quantizes to {spec} at load; convert it once (offload convert "
+                f"{directory} DST --experts {spec}) and run -m DST"
             )
         keys = backend_for(spec).keys(spec)
         layer_reads = []
@@ -56,8 +57,8 @@ def tier_reads(
                     path, offset, nbytes, dtype, shape = checkpoint.locate(name)
                     if spec.backend == "none" and dtype != reader.dtype:
                         raise CheckpointError(
-                            f"{flag} reads experts from disk as they are stored, and {directory} stores "
-                            f"{name} as {DTYPE_NAMES.get(dtype, dtype)}, but this run computes in "
+                            f"{where}: the host tier reads experts from disk as they are stored, and "
+                            f"{directory} stores {name} as {DTYPE_NAMES.get(dtype, dtype)}, but this run computes in "
                             f"{DTYPE_NAMES.get(reader.dtype, reader.dtype)}; give --dtype "
                             f"{DTYPE_NAMES.get(dtype, dtype)}, or convert it (offload convert {directory} DST)"
                         )

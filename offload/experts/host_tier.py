@@ -67,6 +67,7 @@ class HostTier:
 
     ``reads[layer][expert]`` are the stored tensors of one expert, in the order and sizes of ``layouts[layer]``'s
     slices. ``min_slots`` is the fewest experts the budget must hold (one token's experts of one layer).
+    ``where`` names the budget in errors: "--host-memory 8" (the default) or a profile's "FILE: host.memory_gib = 8".
     """
 
     def __init__(
@@ -81,6 +82,7 @@ class HostTier:
         min_slots: int = 1,
         build: Sequence[Materialize] | None = None,
         host_forms: Sequence[HostForm | None] | None = None,
+        where: str | None = None,
     ) -> None:
         if policy not in HOST_TIER_POLICIES:  # before the files are opened and the arena allocated
             raise CacheError(f"host-tier policy {policy!r} is not one of {', '.join(HOST_TIER_POLICIES)}")
@@ -103,14 +105,15 @@ class HostTier:
         self.policy = policy
         self.pinned = torch.device(device).type == "cuda"
         self.budget_bytes = budget_bytes
+        self.where = where or f"--host-memory {budget_bytes / 2**30:.4g}"
         self.slot_bytes = max(layout.nbytes for layout in layouts)
         self.slots = min(budget_bytes // self.slot_bytes, self.num_layers * self.num_experts)
         if self.slots < min_slots:
             needed = min_slots * self.slot_bytes
             raise CacheError(
-                f"--host-memory {budget_bytes / 2**30:.4g} GiB holds {self.slots} experts of "
+                f"{self.where} GiB holds {self.slots} experts of "
                 f"{self.slot_bytes / 2**20:.2f} MiB; one layer's step needs {min_slots} "
-                f"(give at least --host-memory {_round_up(needed / 2**30)})"
+                f"(give at least {_round_up(needed / 2**30)} GiB)"
             )
         try:
             self._arena = torch.zeros(self.slots * self.slot_bytes, dtype=torch.uint8, pin_memory=self.pinned)
@@ -119,7 +122,7 @@ class HostTier:
                 raise
             raise CacheError(
                 f"out of host memory for the host tier's {self.slots * self.slot_bytes / 2**30:.2f} GiB"
-                f"{' (pinned)' if self.pinned else ''}; lower --host-memory or close other programs"
+                f"{' (pinned)' if self.pinned else ''}; lower the budget ({self.where}) or close other programs"
             ) from None
         self._free = list(range(self.slots))
         self._entries: OrderedDict[Key, _Entry] = OrderedDict()  # least recently used first
@@ -388,7 +391,7 @@ class HostTier:
                 return
         raise CacheError(
             f"the host tier's {self.slots} experts are all needed by the current layer at once; "
-            "raise --host-memory"
+            f"raise the budget ({self.where})"
         )
 
     def _evictable(self, entry: _Entry) -> bool:

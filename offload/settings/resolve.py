@@ -126,6 +126,8 @@ def resolve_settings(
         raise CacheError(f"--host-ratio must be > 0, got {flags.host_ratio}")
     parse_dtype(dtype, config)  # a bad --dtype fails here, before loading
     host_memory, disk = _host_tier(flags, chosen.host.memory_gib)
+    # A budget from the profile is named in errors as its file and key: the user gave no --host-memory.
+    from_profile = flags.host_memory is None and host_memory is not None
     if (
         dtype is None
         and host_memory is None  # the tier reads experts as stored: the stored dtype it is
@@ -147,6 +149,7 @@ def resolve_settings(
             host_ratio=flags.host_ratio,
             host_costs=_host_costs(chosen.host),
             host_memory_gib=host_memory,
+            host_memory_where=f"{chosen.source}: host.memory_gib = {host_memory}" if from_profile else None,
             disk=disk,
             host_policy=chosen.host.policy,
         ),
