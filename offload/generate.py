@@ -17,12 +17,16 @@ from torch import Tensor
 from offload.errors import ContextError, OffloadError
 from offload.kv_cache import KVCache
 from offload.model import MixtralModel
+from offload.settings.limits import (
+    MAX_LOGIT_BIAS,
+    MAX_OPENAI_PENALTY,
+    MAX_PENALTY,
+    MAX_SEED,
+    MAX_TEMPERATURE,
+    MIN_PENALTY,
+    MIN_TEMPERATURE,
+)
 
-MIN_TEMPERATURE, MAX_TEMPERATURE = 1e-4, 100.0  # beyond these, logits / temperature overflow or go flat
-MAX_SEED = (1 << 64) - 1  # what torch.Generator.manual_seed takes
-MIN_PENALTY, MAX_PENALTY = 0.01, 100.0  # beyond these, penalized logits overflow or a penalty means nothing
-MAX_OPENAI_PENALTY = 2.0  # presence and frequency penalties: OpenAI's range, -2 to 2
-MAX_LOGIT_BIAS = 100.0  # OpenAI's range, -100 to 100: -100 bans a token, 100 all but forces it
 NON_FINITE_LOGITS = (
     "the model produced NaN or inf logits (weights overflow in this dtype, or a damaged checkpoint); "
     "try --dtype float32"

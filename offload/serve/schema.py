@@ -16,12 +16,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from offload.errors import OffloadError
+from offload.settings.limits import MAX_LOGIT_BIAS, MAX_OPENAI_PENALTY, MAX_SEED
 
 MAX_STOP_STRINGS = 16
-MAX_SEED = (1 << 64) - 1  # what torch.Generator.manual_seed takes
 MAX_TEMPERATURE = 2.0  # OpenAI's range is 0 to 2
-MAX_PENALTY = 2.0  # presence_penalty and frequency_penalty: OpenAI's range is -2 to 2
-MAX_LOGIT_BIAS = 100.0  # logit_bias values: OpenAI's range is -100 to 100
 TOKEN_ID = re.compile(r"[0-9]{1,10}")  # a logit_bias key: a token id written as a string
 UNSUPPORTED = "unsupported_parameter"
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
@@ -173,8 +171,9 @@ def _sampling(payload: dict[str, Any], *, chat: bool) -> Sampling:
         top_k=_integer(payload, "top_k", 0, 1 << 31),
         seed=_integer(payload, "seed", 0, MAX_SEED),
         stop=_stop(payload.get("stop")),
-        presence_penalty=_number(payload, "presence_penalty", -MAX_PENALTY, MAX_PENALTY) or 0.0,
-        frequency_penalty=_number(payload, "frequency_penalty", -MAX_PENALTY, MAX_PENALTY) or 0.0,
+        presence_penalty=_number(payload, "presence_penalty", -MAX_OPENAI_PENALTY, MAX_OPENAI_PENALTY) or 0.0,
+        frequency_penalty=_number(payload, "frequency_penalty", -MAX_OPENAI_PENALTY, MAX_OPENAI_PENALTY)
+        or 0.0,
         logit_bias=_logit_bias(payload.get("logit_bias")),
     )
 
