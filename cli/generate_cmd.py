@@ -101,6 +101,9 @@ def generate(
             "cache": engine.cache_stats(),
             "host_tier": engine.host_tier_stats(),  # None unless experts are read from disk (--host-memory)
             "threads": torch.get_num_threads(),  # torch's CPU threads while it ran (--threads)
+            "dtype": str(engine.model.dtype).removeprefix(
+                "torch."
+            ),  # the compute dtype (a host tier: as stored)
             "load_seconds": load_seconds,  # reading the weights and building the model, before the prompt
         }
         sys.stdout.write(json.dumps(result) + "\n")

@@ -34,7 +34,7 @@ def stats_table(session: Any) -> Table:
     tier = engine.host_tier_stats()  # None unless experts are read from disk (--host-memory)
     if tier is not None:
         table.add_column("host-tier hit", justify="right")
-        table.add_column("disk reads", justify="right")  # the tier's misses
+        table.add_column("disk reads", justify="right")  # demand misses and prefetch reads
         table.add_column("MB read from disk", justify="right")
         table.caption += (
             f"; host tier {tier['bytes_held'] / 2**20:.1f} MiB, {tier['slots']} of {tier['experts']} experts, "
@@ -51,7 +51,7 @@ def stats_table(session: Any) -> Table:
 def _tier_figures(row: dict[str, Any] | None) -> tuple[str, ...]:
     if row is None:
         return ()
-    return percent(row.get("hit_rate")), str(row["misses"]), f"{row['disk_bytes_read'] / 1e6:.1f}"
+    return percent(row.get("hit_rate")), str(row["reads"]), f"{row['disk_bytes_read'] / 1e6:.1f}"
 
 
 def _figures(row: dict[str, Any]) -> tuple[str, str, str, str]:

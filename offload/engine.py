@@ -57,6 +57,7 @@ class Engine:
     directory: Path
 
     settings: Any = None  # offload.settings.resolve.RunSettings
+    end_ids: tuple[int, ...] = ()  # generation_config.json's eos_token_id ids: a reply stops at any of them
 
     @classmethod
     def load(
@@ -75,6 +76,7 @@ class Engine:
         """
         import torch
 
+        from offload.checkpoint.generation_config import end_ids
         from offload.checkpoint.reader import Checkpoint
         from offload.loading import load_model
         from offload.settings.flags import check_offload_flags
@@ -106,7 +108,8 @@ class Engine:
             offload=settings.offload,
             progress=progress,
         )
-        return cls(mixtral, loaded_tokenizer, resolved.directory, settings)
+        ends = end_ids(resolved.directory, resolved.config.vocab_size)
+        return cls(mixtral, loaded_tokenizer, resolved.directory, settings, ends)
 
     def sampling(
         self,
@@ -174,7 +177,7 @@ class Engine:
         continues_text: bool = False,
     ) -> Iterator[Response]:
         """Stream the reply to ``prompt_ids`` (see ``stream_generate``); ``continues_text`` for a raw completion."""
-        stop_ids = {self.tokenizer.eos_id, self.model.config.eos_token_id} - {None}
+        stop_ids = {self.tokenizer.eos_id, self.model.config.eos_token_id, *self.end_ids} - {None}
         return stream_generate(
             self.model,
             prompt_ids,

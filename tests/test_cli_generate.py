@@ -67,6 +67,7 @@ def test_generate_json_matches_transformers_greedy(chat_baby: tuple[Path, object
     assert done.returncode == 0, done.stderr.decode()
     result = json.loads(done.stdout)
     assert result["prompt_ids"][0] == 1  # BOS
+    assert result["dtype"] == "float32"  # the compute dtype is reported (--dtype float32)
     with torch.no_grad():
         expected = reference.generate(
             torch.tensor([result["prompt_ids"]]),

@@ -107,13 +107,26 @@ def test_the_tier_changes_no_logit_and_no_token(checkpoints: dict[str, Path], na
 
 
 @pytest.mark.parametrize("disk", ["file", "emulated:0.01"])  # 1.3 ms a read: host jobs wait for theirs
-def test_the_hybrid_host_path_reads_from_the_tier(checkpoints: dict[str, Path], disk: str) -> None:
+@pytest.mark.parametrize(
+    "slots", ["half", "top_k"]
+)  # top_k: the prompt's steps need far more than the tier holds
+def test_the_hybrid_host_path_reads_from_the_tier(
+    checkpoints: dict[str, Path], disk: str, slots: str
+) -> None:
     directory = checkpoints["hqq4"]
     want = greedy(load_model(directory))
     in_ram = load_model(directory, offload=OffloadOptions(experts_per_layer=2))
+    budget = half_the_experts(in_ram)
+    if slots == "top_k":  # the smallest budget the tier takes: one token's experts of one layer
+        store = in_ram.expert_source.cache.store
+        budget = (
+            in_ram.config.num_experts_per_tok
+            * max(store.layout(layer).nbytes for layer in range(store.num_layers))
+            / 2**30
+        )
     options = OffloadOptions(
         experts_per_layer=2,
-        host_memory_gib=half_the_experts(in_ram),
+        host_memory_gib=budget,
         host_compute="always",
         link="emulated:5",
         disk=disk,

@@ -276,6 +276,10 @@ def test_every_source_tells_its_counters_memory_and_sizes_without_being_probed()
     # Dense experts run on views of their slot: the device holds the slots and nothing more.
     assert offloaded.memory() == ExpertMemory(device_bytes=offloaded.cache.nbytes, host_bytes=store.nbytes)
     assert offloaded.describe().endswith(f"(K=2 of {NUM_EXPERTS} per layer, LRU, prefetch 1)")
+    # More guesses than slots: a layer guesses at most K, and the description says so.
+    assert (
+        moe.offloaded(1, prefetch=2, link=LocalLink()).describe().endswith("prefetch 2, at most K a layer)")
+    )
     moe.forward(offloaded, torch.randn(3, HIDDEN))
     assert offloaded.stats.total().accesses > 0
     offloaded.reset_stats()

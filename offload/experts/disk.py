@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 
 from offload.errors import CacheError, CheckpointError
+from offload.workers import close_at_exit
 
 DISK_FORMS = "'file' or 'emulated:GBPS' (e.g. emulated:2)"
 
@@ -70,6 +71,7 @@ class FileDisk:
         self._worker = threading.Thread(target=self._read_forever, name="DiskReads", daemon=True)
         self._closed = False
         self._worker.start()
+        close_at_exit(self)  # joined before the interpreter exits (offload.workers)
 
     @property
     def spec(self) -> str:

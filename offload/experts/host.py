@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 
 from offload.errors import CacheError
+from offload.workers import close_at_exit
 
 HostRun = Callable[[Tensor], Tensor]  # (T, D) on the host -> (T, D) on the host
 Ready = Callable[[], float]  # blocks until a job's expert is in host memory; returns when it got there
@@ -53,6 +54,7 @@ class ThreadHost:
         self._closed = False
         self._threads = torch.get_num_threads()  # a new thread starts with torch's default, not ours
         self._worker.start()
+        close_at_exit(self)  # joined before the interpreter exits (offload.workers)
 
     def describe(self) -> str:
         return "host CPU"

@@ -29,6 +29,7 @@ from torch import Tensor
 
 from offload.errors import CacheError
 from offload.experts.host import Ready
+from offload.workers import close_at_exit
 
 LINK_FORMS = "'local', 'emulated:GBPS[:LATENCY_US]' (e.g. emulated:12 or emulated:12:5) or 'cuda'"
 
@@ -128,6 +129,7 @@ class EmulatedLink(Link):
         self._worker = threading.Thread(target=self._copy_forever, name="EmulatedLink", daemon=True)
         self._closed = False
         self._worker.start()
+        close_at_exit(self)  # joined before the interpreter exits (offload.workers)
 
     def _copy_forever(self) -> None:
         while (job := self._queue.get()) is not None:

@@ -138,11 +138,14 @@ class OffloadedExperts:
     def describe(self) -> str:
         cache = self.cache
         slots = cache.experts_per_layer
+        prefetch = f"prefetch {self.prefetch}"
+        if self.prefetch > min(slots):  # a layer guesses at most as many experts as it has slots
+            prefetch += ", at most K a layer"
         return (
             f"experts: {cache.store.describe()}, "
             f"{cache.nbytes / 2**20:.1f} MiB of device slots "
             f"(K={slots[0] if len(set(slots)) == 1 else list(slots)} of {cache.store.num_experts} "
-            f"per layer, {cache.policy.upper()}, prefetch {self.prefetch})"
+            f"per layer, {cache.policy.upper()}, {prefetch})"
             + (
                 ""
                 if self.host_path is None
@@ -251,14 +254,14 @@ class OffloadedExperts:
         store = cache.store
         chosen = [miss.expert for miss in [*candidates, *ready] if choices.get(miss.expert) == HOST]
         sizes = {miss.expert: miss.tokens for miss in [*candidates, *ready]}
-        # A host tier hands out the slot's views without waiting for a read still landing: the job waits for it
-        # on the host's worker, so this thread goes on to the hits at once.
-        views = {expert: store.tensors_on_arrival(layer, expert) for expert in chosen}
         submitted = {}
         # Experts in host memory first: the host runs its jobs in order, and one still being read would hold
-        # up those behind it.
+        # up those behind it. Each job holds its slot once submitted, before the next expert's slot is asked
+        # for, so a host tier smaller than the step can wait for a finished job's slot (as the copies do).
         for expert in sorted(chosen, key=lambda expert: not store.is_ready(layer, expert)):
-            tensors, arrived = views[expert]
+            # A host tier hands out the slot's views without waiting for a read still landing: the job waits
+            # for it on the host's worker, so this thread goes on to the hits at once.
+            tensors, arrived = store.tensors_on_arrival(layer, expert)
             materialize = path.materialize[layer]
             job = submitted[expert] = path.host.submit(
                 lambda x, t=tensors, m=materialize: m(t)(x), inputs(expert), arrived
