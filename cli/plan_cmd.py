@@ -203,7 +203,13 @@ def _headline(plan, disk: bool) -> str:
         )
     if not plan.offloaded:
         return f"{speed}, every expert resident on the device (estimate; no miss, nothing over the link)"
-    then = f"; the host tier hits {tier_hit} of those misses, the disk reads below included" if disk else ""
+    then = (
+        ""
+        if not disk
+        else "; no miss reaches the host tier: the device cache holds every expert"
+        if tier_hit == ""
+        else f"; the host tier hits {tier_hit} of those misses, the disk reads below included"
+    )
     return (
         f"{speed} copying every miss (estimate; device cache hit rate {plan.expected_hit_rate:.0%}, "
         f"{plan.miss_bytes_per_token / 1e6:.0f} MB over a {plan.link_gbps:g} GB/s link per token{then})"

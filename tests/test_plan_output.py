@@ -268,3 +268,16 @@ def test_cores_auto_is_read_and_written_back_and_a_bad_value_is_one_line(tmp_pat
         with pytest.raises(ProfileError) as error:
             Profile.from_file(path)
         assert f'host.cores = {bad}: allowed is a positive number of cores, or "auto"' in str(error.value)
+
+
+def test_no_miss_reaching_the_tier_is_said_not_left_blank(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    """The audit: with every expert in a device slot (K = E, offloaded) no miss reaches the host tier, whose
+    hit rate is then undefined; the headline said "the host tier hits  of those misses"."""
+    profile = _profile(tmp_path, GPU_K2.replace("experts_per_layer = 2", "experts_per_layer = 8"))
+    out, plan = _plan(monkeypatch, capsys, "-m", str(DEMO), "-p", profile, "--host-memory", "0.003")
+    assert plan["expected_hit_rate"] == 1.0 and plan["host_tier"]["hit_rate"] is None
+    headline = _line(out, "decode:")
+    assert "hits  of" not in headline
+    assert "no miss reaches the host tier" in headline
