@@ -17,16 +17,16 @@ Per token, summed over layers l (E experts, top_k chosen, K_l slots), at batch 1
       host_e   = one expert on the host: bytes / min(cores · HOST_GBPS_PER_CORE[kernel], memory GB/s) + HOST_JOB_S
                  for a spec with a CPU kernel, else 3·D·F / (cores · HOST_DEQUANT_WEIGHTS_PER_S_PER_CORE)
       host-only: t_l = ours_l + top_k · (host_e + 2 · D · 2 bytes / link)        (llama.cpp --cpu-moe)
-      hybrid:    a miss goes where ``offload.experts.cost_model`` says (host_e against copy_e + device_e);
-                 on the host: H = misses_l · host_e, D = hits_l · device_e, the host working while the device
-                 computes the hits; when D > H the cost model moves x = min(hits_l, (D - H) / (device_e + host_e))
-                 hits to the host as well, and t_l = ours_l + max(D - x · device_e, H + x · host_e);
-                 a miss on the device: the copy-only t_l. On a CPU device the host is the device: misses stay
-                 there (hybrid = copy-only) and host-only is every expert computed there (the resident speed)
+      hybrid:    a miss goes where ``offload.experts.cost_model`` says (host_e against copy_e + device_e), each
+                 side timed in these terms, copied misses with prefetch counted as copy-only counts it, the idle
+                 host taking hits while the device is behind (``offload.settings.plan_hybrid``: never slower than
+                 host-only, nor than copying every miss in these terms). On a CPU device the host is the device:
+                 misses stay there (hybrid = copy-only) and host-only is every expert computed there (the resident
+                 speed). ``always_tok_s``: --host-compute always, every miss on the host (``plan_hybrid``)
     tok/s      = 1 / (Σ t_l + lm_head), the lm_head at the paper's rate for copy-only, by its kernel for ours
 Assumptions: the host streams an expert's stored bytes once per token (a kernel that reads the packed codes,
 memory- or core-bound, whichever binds); hybrid keeps the copy-only hit rate (its idle-link copies keep the
-cache warm) and counts no prefetch; host work does not slow the device's launches; a layer's host-side time
+cache warm); host work does not slow the device's launches; a layer's host-side time
 (ENGINE_LAYER_OVERHEAD_S) and its device work add up, none of it overlapping. A profile's [host] ``expert_ms``
 and ``device_expert_ms`` replace host_e and device_e.
 """
@@ -41,7 +41,10 @@ from offload.config import ModelConfig
 from offload.experts.cost_model import HOST, CostInputs, CostModel, Miss, TokenCurve
 from offload.quant.host_kernels import INT4_GROUP_SIZES
 from offload.quant.spec import QuantSpec
+from offload.settings.plan_hybrid import balanced, layer_times, speed_sums
 from offload.settings.plan_tiers import hit_rate
+
+__all__ = ["balanced"]  # re-exported: it lived here
 
 LOCALITY_BONUS = 0.3
 PREFETCH_RECALL = 0.6  # share of needed experts that top_k guesses catch one layer ahead (assumed)
@@ -120,6 +123,7 @@ class SpeedPlan:
     without_int4_kernel: dict[str, float] | None = None
     # whether tok_s counts on torch's int4 GPU kernel (``int4_gpu_kernel_runs``)
     int4_gpu_kernel: bool = False
+    always_tok_s: float = 0.0  # --host-compute always: every miss on the host (``plan_hybrid``)
 
     def as_dict(self) -> dict[str, Any]:
         return {**vars(self), "arithmetic": list(self.arithmetic)}
@@ -280,19 +284,23 @@ def predict_speeds(
     )
     # A CPU device keeps its misses: the host is the same CPU (``offload.hybrid.uses_host``).
     miss_on_host = not on_cpu and model.choose(0, [Miss(0, 1)], 0.0, 0.0, 0.0)[0] == HOST
-    totals = {"copy-only": paper_head, "host-only": head_s, "hybrid": head_s if miss_on_host else paper_head}
-    hit_rates = []
+    totals = {"copy-only": paper_head, "host-only": head_s, "hybrid": head_s}
+    hit_rates, always, layers = [], head_s, []
     for k, size, device_s, host_s in zip(ks, expert_bytes, device_e, host_e, strict=True):
         hit = hit_rate(k, experts, LOCALITY_BONUS)
         hit_rates.append(hit)
         link = top_k * (1 - hit) * size / link_bps
         compute = paper_dense + top_k * (device_s if on_cpu else paper_device_e)
-        copy_only = compute + link - min(recall * link, compute / 2)
-        totals["copy-only"] += copy_only
+        totals["copy-only"] += compute + link - min(recall * link, compute / 2)
         # on a CPU device every expert already computes on the host: the resident speed
         totals["host-only"] += ours_dense + top_k * (device_s if on_cpu else host_s + crossing)
-        experts_time = balanced(top_k * hit, top_k * (1 - hit), device_s, host_s + crossing)
-        totals["hybrid"] += ours_dense + experts_time if miss_on_host else copy_only
+        layer = layer_times(
+            top_k * hit, top_k * (1 - hit), device_s, host_s, size / link_bps, crossing=crossing,
+            dense=ours_dense, recall=recall, miss_on_host=miss_on_host, on_cpu=on_cpu,
+        )  # fmt: skip
+        layers.append(layer)
+        totals["hybrid"] += ours_dense + layer.hybrid
+        always += ours_dense + layer.always
     tok_s = {policy: 1.0 / seconds for policy, seconds in totals.items()}
     other, other_lines = None, []
     int4_specs = any(gpu_kernel(spec, True) == "int4" for spec in (roles.attention, *roles.experts))
@@ -303,10 +311,10 @@ def predict_speeds(
         other = {policy: flipped.tok_s[policy] for policy in ("host-only", "hybrid")}
         other_lines = [flipped.arithmetic[i] for i in (0, 1, 3, 4)]
     copy_s = expert_bytes[0] / link_bps
-    lines = _arithmetic(
-        config, ks, expert_bytes, hit_rates[0], ours_dense, attention_s, device_e[0], device_why[0], host_e[0],
-        host_why[0], copy_s, miss_on_host, totals, tok_s, head_s, head_why, on_cpu,
-    )  # fmt: skip
+    whys = (device_why[0], host_why[0], head_why)
+    lines = speed_sums(
+        config, ks, expert_bytes, layers[0], ours_dense, attention_s, whys, totals, head_s, on_cpu
+    )
     if miss_on_host and not int4_wired and cpu_kernel(roles.experts[0]) == "int4":
         # The host store keeps the CPU kernel's layout only where the GPU runs torch's int4 kernel (``loading.
         # host_forms``): HQQLinear, the fallback, reads hqq's layout, so each host job repacks its expert.
@@ -330,6 +338,7 @@ def predict_speeds(
         with_int4_kernel=None if int4_wired else other,
         without_int4_kernel=other if int4_wired else None,
         int4_gpu_kernel=int4_wired and int4_specs and kind == "cuda",
+        always_tok_s=1.0 / always,
     )
 
 
@@ -351,73 +360,3 @@ def _int4_line(profile: Any, runs: bool, other: dict[str, float]) -> str:
         "[device] compute_capability"
     )
     return f"if torch's int4 GPU kernel ran the 4-bit weights ({why}; hqq dequantizes per call): {figures}"
-
-
-def balanced(hits: float, misses: float, device_e: float, host_e: float) -> float:
-    """The experts' time in one layer when the host takes the misses and, while the device is behind,
-    some hits (``CostModel._balance``, in expected counts)."""
-    device, host = hits * device_e, misses * host_e
-    moved = min(hits, max(0.0, (device - host) / (device_e + host_e)))
-    return max(device - moved * device_e, host + moved * host_e)
-
-
-def _arithmetic(
-    config: ModelConfig,
-    ks: Sequence[int],
-    expert_bytes: Sequence[int],
-    hit: float,
-    dense: float,
-    attention_s: float,
-    device_e: float,
-    device_why: str,
-    host_e: float,
-    host_why: str,
-    copy_s: float,
-    miss_on_host: bool,
-    totals: dict[str, float],
-    tok_s: dict[str, float],
-    head: float,
-    head_why: str,
-    on_cpu: bool,
-) -> list[str]:
-    """The sums behind each prediction, for layer 0 (the per-layer figures are summed over every layer)."""
-    ms, top_k, layers = 1e3, config.num_experts_per_tok, config.num_hidden_layers
-    # On a CPU device the host is the device: every expert already runs there, and misses stay there.
-    host_only_e = device_e if on_cpu else host_e
-    # With one K (and one expert size) the layers are alike; else the sum runs over layers like layer 0's.
-    times = (
-        f"{layers} ×" if len(set(ks)) == 1 and len(set(expert_bytes)) == 1 else f"Σ of {layers} layers like"
-    )
-    hits, misses = top_k * hit, top_k * (1 - hit)
-    moved = min(hits, max(0.0, (hits * device_e - misses * host_e) / (device_e + host_e)))
-    where = (
-        f"host ({host_e * ms:.2f} < {copy_s * ms:.2f} + {device_e * ms:.2f} ms)"
-        if miss_on_host
-        else "device (the host is the device)"
-        if on_cpu
-        else f"device ({copy_s * ms:.2f} + {device_e * ms:.2f} <= {host_e * ms:.2f} ms)"
-    )
-    copy_terms = (
-        "our engine's terms: no paper figure on a CPU" if on_cpu else "the paper's engine and constants"
-    )
-    lines = [
-        f"one expert: device {device_e * ms:.2f} ms ({device_why}); host {host_e * ms:.2f} ms ({host_why}); "
-        f"copy {copy_s * ms:.2f} ms ({expert_bytes[0] / 1e6:.1f} MB over the link)",
-        f"layer 0: K = {ks[0]} of {config.num_local_experts}, device cache hit rate {hit:.1%}: {hits:.2f} hits and "
-        f"{misses:.2f} misses a token; our engine's dense part {dense * ms:.2f} ms ({ENGINE_LAYER_OVERHEAD_S * ms:.1f}"
-        f" ms overhead + {attention_s * ms:.2f} ms attention); lm_head {head * ms:.2f} ms a token ({head_why})",
-        f"copy-only ({copy_terms}): {layers} layers, {totals['copy-only'] * ms:.1f} ms a token "
-        f"-> {tok_s['copy-only']:.2f} tok/s",
-        f"host-only: {layers} × ({dense * ms:.2f} + {top_k} × {host_only_e * ms:.2f}) + {head * ms:.2f} = "
-        f"{totals['host-only'] * ms:.1f} ms -> {tok_s['host-only']:.2f} tok/s",
-        f"hybrid: a miss is cheaper on the {where}; "
-        + (
-            f"{times} ({dense * ms:.2f} + max({hits - moved:.2f} × {device_e * ms:.2f}, "
-            f"{misses + moved:.2f} × {host_e * ms:.2f})) + {head * ms:.2f} = {totals['hybrid'] * ms:.1f} ms "
-            f"-> {tok_s['hybrid']:.2f} tok/s"
-            + (f" ({moved:.2f} hits a layer moved to the idle host)" if moved > 0 else "")
-            if miss_on_host
-            else f"as copy-only, {tok_s['hybrid']:.2f} tok/s"
-        ),
-    ]
-    return lines
