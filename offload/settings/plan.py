@@ -29,7 +29,7 @@ from typing import Any
 import torch
 
 from offload.config import ModelConfig
-from offload.errors import ProfileError, QuantError
+from offload.errors import QuantError
 from offload.quant.codec import expert_nbytes
 from offload.quant.linear import matrix_nbytes
 from offload.quant.scheme import QuantScheme
@@ -38,6 +38,7 @@ from offload.settings.plan_inputs import (
     budget_bytes,
     context_notice,
     default_context,
+    fill_slots,
     run_dtype,
     stored_scheme,
     with_cores,
@@ -230,7 +231,9 @@ def plan_memory(
     workspace = workspace_bytes(config, profile.device.kind, context, dtype, layer_specs)
     budget = budget_bytes(profile, free_memory_bytes)
     if resolved.experts_per_layer is None:
-        ks = _fill(budget - dense.total - kv - workspace, expert_bytes, config.num_local_experts, profile)
+        ks = fill_slots(
+            budget - dense.total - kv - workspace, expert_bytes, config.num_local_experts, profile
+        )
     else:
         ks = resolved.experts_per_layer
     offloaded = profile.cache.experts_per_layer != "all"
@@ -368,27 +371,6 @@ def _roles(
     head = (config_scheme.lm_head, dense.lm_head) if dense.lm_head else (config_scheme.embed, dense.embed)
     attention = dense.attention // config.num_hidden_layers
     return Roles(config_scheme.attention, attention, head[0], head[1], tuple(specs), dtype)
-
-
-def _fill(room: int, expert_bytes: tuple[int, ...], experts: int, profile: Profile) -> list[int]:
-    """Hand out slots one layer at a time, fewest slots first, while they fit in ``room`` bytes."""
-    ks, need = [1] * len(expert_bytes), sum(expert_bytes)
-    if room < need:
-        raise ProfileError(
-            f'{profile.source}: cache.experts_per_layer = "auto": the budget leaves {max(room, 0) / GIB:.2f} GiB '
-            f"for experts, and one per layer needs {need / GIB:.2f} GiB; use a smaller --context or more memory"
-        )
-    room -= need
-    while True:
-        grown = False
-        for layer in sorted(range(len(ks)), key=lambda i: (ks[i], i)):
-            if ks[layer] < experts and expert_bytes[layer] <= room:
-                ks[layer] += 1
-                room -= expert_bytes[layer]
-                grown = True
-                break
-        if not grown:
-            return ks
 
 
 def _predict(

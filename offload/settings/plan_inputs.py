@@ -116,3 +116,24 @@ def with_cores(profile: Profile) -> tuple[Profile, str | None]:
             '(cores = "auto" plans for this machine)'
         )
     return profile, None
+
+
+def fill_slots(room: int, expert_bytes: tuple[int, ...], experts: int, profile: Profile) -> list[int]:
+    """Hand out slots one layer at a time, fewest slots first, while they fit in ``room`` bytes."""
+    ks, need = [1] * len(expert_bytes), sum(expert_bytes)
+    if room < need:
+        raise ProfileError(
+            f'{profile.source}: cache.experts_per_layer = "auto": the budget leaves {max(room, 0) / GIB:.2f} GiB '
+            f"for experts, and one per layer needs {need / GIB:.2f} GiB; use a smaller --context or more memory"
+        )
+    room -= need
+    while True:
+        grown = False
+        for layer in sorted(range(len(ks)), key=lambda i: (ks[i], i)):
+            if ks[layer] < experts and expert_bytes[layer] <= room:
+                ks[layer] += 1
+                room -= expert_bytes[layer]
+                grown = True
+                break
+        if not grown:
+            return ks
