@@ -353,3 +353,32 @@ def test_cli_plan_prints_the_build_of_host_computed_misses(
     assert "counted for every policy" in out
     code, out, err = _plan(monkeypatch, capsys, t4_path, "--host-memory", "8")
     assert code == 0 and "converts each read" not in out
+
+
+def test_a_hybrid_run_on_a_gpu_with_the_int4_kernel_builds_every_read() -> None:
+    """Beside a GPU that runs torch's int4 kernel, a hybrid run's tier converts every read for the host's kernel,
+    also those it copies to the device (``offload.loading``): hybrid adds the builds even where its misses go to
+    the device; a copy-only run's tier converts nothing."""
+    demo = ModelConfig.from_file(DEMO)
+
+    def gpu(profile: Profile) -> Profile:
+        device = replace(profile.device, compute_capability=8.9, memory_gbps=256.0)
+        return replace(profile, device=device)
+
+    base = plan_memory(demo, gpu(_quantized("cuda", 2)), 64)
+    plan = plan_memory(demo, _ten_slots(gpu(_quantized("cuda", 2))), 64)
+    assert plan.speeds.int4_gpu_kernel and not plan.speeds.miss_on_host
+    tier = plan.host_tier
+    reads = 4 * 2 * (1 - HIT_2) * (1 - HIT_TIER)
+    assert tier.build_seconds_per_token == pytest.approx(reads * DEMO_BUILD)
+    hybrid = 1 / base.speeds.tok_s["hybrid"] + tier.disk_seconds_per_token + tier.build_seconds_per_token
+    assert plan.tok_s_with_disk["hybrid"] == pytest.approx(1 / hybrid)
+    copy_only = 1 / base.speeds.tok_s["copy-only"] + tier.disk_seconds_per_token
+    assert plan.tok_s_with_disk["copy-only"] == pytest.approx(1 / copy_only)
+    assert plan.tok_s_by_mode == {
+        "never": plan.tok_s_with_disk["copy-only"],
+        "auto": plan.tok_s_with_disk["hybrid"],
+        "always": pytest.approx(
+            1 / (1 / base.speeds.always_tok_s + tier.disk_seconds_per_token + tier.build_seconds_per_token)
+        ),
+    }

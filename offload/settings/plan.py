@@ -16,7 +16,8 @@ with recall = min(1, PREFETCH_RECALL · guesses / top_k), 0 without prefetch. Wr
 cost no link time. With the CUDA constants below the formula gives the eight "full" and "without prefetch"
 figures of arXiv 2312.17238 (A100, RTX 3080 Mobile, RTX 3060, T4; 66 MB experts; their K) within 30%.
 ``offload bench`` measures the real figures. That is the copy-only engine's speed (``predicted_tok_s``);
-``offload.settings.plan_speed`` adds the host-only and hybrid policies from the same terms (``speeds``).
+``offload.settings.plan_speed`` adds the other policies (``speeds``); the run's, by ``--host-compute`` and the
+profile, is the headline (``run_tok_s``, ``offload.settings.plan_policy``).
 With a host budget (``[host] memory_gib``) ``offload.settings.plan_tiers`` sizes the host tier, the experts
 left on disk, the disk time (and host builds) added to each token (``predicted_tok_s`` counts it), the peak RSS.
 """
@@ -43,6 +44,7 @@ from offload.settings.plan_inputs import (
     stored_scheme,
     with_cores,
 )
+from offload.settings.plan_policy import check_host_compute, hybrid_builds, mode_figures
 from offload.settings.plan_speed import (
     LAYER_OVERHEAD_S,
     LOCALITY_BONUS,
@@ -120,6 +122,15 @@ class MemoryPlan:
     tok_s_with_disk: dict[str, float] | None = None  # each policy's estimate with the disk reads added
     notices: tuple[str, ...] = ()  # one line each: where the run's rules changed what the plan was given
     host_cores: int = 4  # the host's cores the plan counted ([host] cores, "auto" made this machine's)
+    host_compute: str = (
+        "auto"  # where the run computes its misses: --host-compute, else the profile's [host] compute
+    )
+    tok_s_by_mode: dict[str, float] | None = (
+        None  # each --host-compute mode's estimate (disk included); offloaded only
+    )
+    run_tok_s: float | None = (
+        None  # the headline: the run's policy's estimate (``plan_policy``), disk included
+    )
 
     @property
     def disk_bytes(self) -> int:
@@ -204,14 +215,17 @@ def plan_memory(
     compute_dtype: str | None = None,
     source: str = "config.json",
     host_memory_source: str | None = None,
+    host_compute: str | None = None,
 ) -> MemoryPlan:
     """Plan the device and host tiers of ``config`` under ``profile`` with a KV cache of ``context`` tokens.
 
     The budget is the profile's ``device.memory_gib``, capped by ``free_memory_bytes`` when given; an
     ``auto`` profile fills it (``resolve_auto_experts``). ``host_memory_source`` names where the host
     budget came from (a flag) in its errors; by default the profile's key. ``compute_dtype``: ``--dtype``;
-    None plans the dtype a run would pick (``plan_inputs.run_dtype``).
+    None plans the dtype a run would pick (``plan_inputs.run_dtype``). ``host_compute``: ``--host-compute``;
+    None plans the profile's ``[host] compute``.
     """
+    mode = check_host_compute(host_compute or profile.host.compute)
     profile, cores_notice = with_cores(profile)  # [host] cores = "auto": this machine's
     # A bundled profile's context is sized for Mixtral; a smaller model's window caps it, as at load.
     resolved = profile.for_model(config)
@@ -266,10 +280,11 @@ def plan_memory(
         tok_s = with_disk(tok_s, tier.miss_seconds(on_host=from_tier))  # + builds where the host computes
     tok_s_with_disk = None
     if tiers is not None:
-        tok_s_with_disk = with_tiers(tiers, speeds.tok_s, from_tier, speeds.miss_on_host)
+        tok_s_with_disk = with_tiers(tiers, speeds.tok_s, from_tier, hybrid_builds(speeds))
         if tier.memory_gib is not None:  # experts on disk: the sums go on to the speeds with their reads
-            line = disk_arithmetic(tiers, speeds.tok_s, from_tier, speeds.miss_on_host)
+            line = disk_arithmetic(tiers, speeds.tok_s, from_tier, hybrid_builds(speeds))
             speeds = replace(speeds, arithmetic=with_disk_line(speeds.arithmetic, line))
+    by_mode = mode_figures(speeds, tiers, from_tier, profile.device.kind) if offloaded else None
     device_total = dense.total + kv + workspace
     if not from_tier:
         device_total += sum(k * size for k, size in zip(ks, expert_bytes, strict=True))
@@ -305,6 +320,9 @@ def plan_memory(
         tok_s_with_disk=tok_s_with_disk,
         notices=notices,
         host_cores=profile.host.cores,
+        host_compute=mode,
+        tok_s_by_mode=by_mode,
+        run_tok_s=tok_s if by_mode is None else by_mode[mode],
     )
 
 

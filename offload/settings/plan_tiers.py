@@ -31,14 +31,15 @@ Where the host computes read experts with the CPU int4 kernel (4-bit experts: ev
 on the host from the tier, on a CPU device or with host-only execution; a hybrid run's misses when the cost model
 sends them to the host), the tier's reader thread converts each read in its slot to that kernel's layout
 (``offload.experts.tier_form``; host-only: ``offload.experts.in_place``), after the read and before the next
-read, so serially with both:
+read, so serially with both (a hybrid run's tier converts every read where the GPU runs torch's int4 kernel,
+those it copies to the device too: ``plan_policy.hybrid_builds``):
     build_l     = reads_l · one expert's build (``plan_speed.host_build_seconds``: 71.5 ms for a Mixtral expert at
                   one thread; about half of it spreads over the run's threads, [host] cores)
     t(token)   += Σ build_l            only for the policies that compute the read experts on the host
 A copy to the device needs no host build (on CUDA the device repacks the copied expert: cheap), so copy-only,
-and hybrid where its misses go to the device, add the reads alone; so do specs whose host expert keeps its
-stored bytes (int8, dense) or dequantizes at every call (3-bit: priced per call in ``plan_speed``). A hybrid
-run's tier converts every read, also those copied to the device, which the plan does not count for them.
+and hybrid where its misses go to the device and its tier keeps hqq's layout (no int4 GPU kernel), add the
+reads alone; so do specs whose host expert keeps its stored bytes (int8, dense) or dequantizes at every call
+(3-bit: priced per call in ``plan_speed``).
 
 Predicted peak RSS of the process (host memory), the sum of:
 - the host tier: S slots of the largest layer's expert bytes, the one arena the tier allocates (the page
@@ -200,38 +201,39 @@ def plan_host_tier(
 
 
 def tier_parts(
-    tiers: dict[bool, HostTier], policy: str, *, from_tier: bool, miss_on_host: bool
+    tiers: dict[bool, HostTier], policy: str, *, from_tier: bool, hybrid_builds: bool
 ) -> tuple[float, float]:
     """(disk reads, host builds): ``policy``'s seconds a token in tier misses, from ``tiers`` (keyed by whether
     device slots sit in front).
 
-    The host computes the read experts (and so builds them) when the experts run from the tier, under
-    host-only, and under hybrid where the cost model sends a miss to the host (``miss_on_host``).
+    The read experts are built for the host when the experts run from the tier, under host-only and "always"
+    (every miss on the host), and under hybrid where its tier converts them (``hybrid_builds``:
+    ``plan_policy.hybrid_builds``).
     """
-    on_host = from_tier or policy == "host-only" or (policy == "hybrid" and miss_on_host)
+    on_host = from_tier or policy in ("host-only", "always") or (policy == "hybrid" and hybrid_builds)
     tier = tiers[policy != "host-only" and not from_tier]
     return tier.disk_seconds_per_token, tier.build_seconds_per_token if on_host else 0.0
 
 
 def with_tiers(
-    tiers: dict[bool, HostTier], tok_s: dict[str, float], from_tier: bool, miss_on_host: bool
+    tiers: dict[bool, HostTier], tok_s: dict[str, float], from_tier: bool, hybrid_builds: bool
 ) -> dict[str, float]:
     """Each policy's predicted speed with its time in tier misses added (``tier_parts``)."""
     return {
         policy: with_disk(
-            speed, sum(tier_parts(tiers, policy, from_tier=from_tier, miss_on_host=miss_on_host))
+            speed, sum(tier_parts(tiers, policy, from_tier=from_tier, hybrid_builds=hybrid_builds))
         )
         for policy, speed in tok_s.items()
     }
 
 
 def disk_arithmetic(
-    tiers: dict[bool, HostTier], tok_s: dict[str, float], from_tier: bool, miss_on_host: bool
+    tiers: dict[bool, HostTier], tok_s: dict[str, float], from_tier: bool, hybrid_builds: bool
 ) -> str:
     """The sums from each policy's speed without the tier's misses to ``with_tiers``'s, in milliseconds."""
     sums = []
     for policy, speed in tok_s.items():
-        disk, build = tier_parts(tiers, policy, from_tier=from_tier, miss_on_host=miss_on_host)
+        disk, build = tier_parts(tiers, policy, from_tier=from_tier, hybrid_builds=hybrid_builds)
         terms = f"{1e3 / speed:.2f} + {disk * 1e3:.2f} disk" + (
             f" + {build * 1e3:.2f} build" if build else ""
         )
