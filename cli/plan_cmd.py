@@ -68,6 +68,15 @@ def plan_command(
         ),
     ] = None,
     dtype: options.Dtype = None,
+    host_compute: Annotated[
+        str | None,
+        typer.Option(
+            metavar="MODE",
+            help="Where the run computes cache misses, as generate's --host-compute: auto (hybrid: where the "
+            "cost model finds it cheaper), never (copied to the device) or always (on the host). The headline "
+            "is that run's speed. Default: the profile's host.compute, else auto. Example: --host-compute never",
+        ),
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the plan as JSON. Example: --json")] = False,
 ) -> None:
     """Show bytes per tier (device, host and disk), whether they fit, the peak RSS and an estimated decode tok/s.
@@ -77,9 +86,12 @@ def plan_command(
     # Deferred: the engine imports torch, and `offload --help` must stay instant.
     from offload.settings.plan import GIB, plan_memory
     from offload.settings.plan_inputs import requested_context
+    from offload.settings.plan_policy import check_host_compute
 
     if free_gib is not None and not 0 <= free_gib <= MAX_FREE_GIB:  # also refuses nan
         raise OffloadError(f"--free-gib {free_gib}: allowed is 0 to {MAX_FREE_GIB} (GiB of free memory)")
+    if host_compute is not None:
+        check_host_compute(host_compute)  # a bad mode is one line, before anything is read
     config_path = _config_path(model)
     config = ModelConfig.from_file(config_path)
     window = config.max_position_embeddings
@@ -113,11 +125,19 @@ def plan_command(
         source=str(config_path),
         host_memory_source=None if host_memory is None else f"--host-memory {host_memory:g}",
         compute_dtype=dtype,
+        host_compute=host_compute,
     )
+    if host_compute is not None and not plan.offloaded:  # as generate refuses it where there is no miss
+        where = "runs on the host from the host tier" if plan.experts_from_host_tier else "is resident"
+        raise FlagError(
+            f"--host-compute {host_compute}: every expert {where} (profile {plan.profile}), so there is no cache "
+            "miss to place on the host; plan a profile with offloaded experts (cache.experts_per_layer = K) or "
+            "leave the flag out"
+        )
     if as_json:
         typer.echo(json.dumps(plan.as_dict(), indent=2))
         return
-    _print_plan(plan)
+    _print_plan(plan, host_compute)
 
 
 def _config_path(model: str | None) -> Path:
@@ -139,7 +159,7 @@ def _measure_free_memory(kind: str) -> int | None:
         return None
 
 
-def _print_plan(plan) -> None:
+def _print_plan(plan, given: str | None = None) -> None:
     # Deferred: the engine imports torch, and `offload --help` must stay instant.
     from offload.settings.plan import GIB
 
@@ -162,7 +182,10 @@ def _print_plan(plan) -> None:
         )
     tier = plan.host_tier
     disk = tier is not None and tier.memory_gib is not None
-    console.print(_headline(plan, disk), highlight=False)
+    console.print(_headline(plan, disk, given), highlight=False)
+    note = _faster_note(plan, given)
+    if note is not None:
+        console.print(f"[yellow]note[/yellow]: {escape(note)}", highlight=False)
     if disk:
         console.print(
             f"disk: ~{tier.disk_reads_per_token:.2f} experts ({tier.disk_bytes_per_token / 1e6:.0f} MB) read per "
@@ -189,11 +212,27 @@ def _print_plan(plan) -> None:
         console.print(f"decode by policy ({what}): {shown}; the arithmetic:", highlight=False)
         for line in speeds.arithmetic:
             console.print(f"  {line}", style="dim", highlight=False)
+        if plan.tok_s_by_mode is not None and plan.host_compute == "always":
+            always, with_disk = speeds.always_tok_s, plan.tok_s_by_mode["always"]
+            reads = (
+                f"; with the disk reads and builds {1e3 / with_disk:.2f} ms -> {with_disk:.2f} tok/s"
+                if disk
+                else ""
+            )
+            console.print(
+                f"  always (--host-compute always): hybrid's sum with every miss on the host and no hit moved, "
+                f"{1e3 / always:.1f} ms a token -> {always:.2f} tok/s{reads}",
+                style="dim",
+                highlight=False,
+            )
 
 
-def _headline(plan, disk: bool) -> str:
-    """The predicted decode speed and what it counts: the device cache's hit rate, the host tier's."""
-    tier, speed = plan.host_tier, f"decode: ~{plan.predicted_tok_s:.2f} tok/s"
+def _headline(plan, disk: bool, given: str | None) -> str:
+    """The predicted decode speed of the run these settings make, and what it counts: the policy, the device
+    cache's hit rate, the host tier's. ``given``: the --host-compute flag, None when the mode is the profile's."""
+    from offload.settings.plan_policy import run_policy  # deferred, as above
+
+    tier, speed = plan.host_tier, f"decode: ~{plan.run_tok_s:.2f} tok/s"
     tier_hit = "" if tier is None or tier.hit_rate is None else f"{tier.hit_rate:.0%}"
     if plan.experts_from_host_tier:
         return (
@@ -210,18 +249,63 @@ def _headline(plan, disk: bool) -> str:
         if tier_hit == ""
         else f"; the host tier hits {tier_hit} of those misses, the disk reads below included"
     )
+    mode, policy = plan.host_compute, run_policy(plan.host_compute, plan.device_kind)
+    source = (
+        f"--host-compute {mode}"
+        if given is not None
+        else "--host-compute auto, the default"
+        if mode == "auto"
+        else f'the profile\'s host.compute = "{mode}"'
+    )
+    hit = f"device cache hit rate {plan.expected_hit_rate:.0%}"
+    if policy == "hybrid":
+        side = "host" if plan.speeds.miss_on_host else "device"
+        return (
+            f"{speed} hybrid, each miss where the cost model finds it cheaper, here the {side} ({source}; "
+            f"estimate; {hit}{then})"
+        )
+    if policy == "always":
+        return f"{speed} with every miss on the host ({source}; estimate; {hit}{then})"
+    stays = (
+        ": on a CPU device misses stay on the device" if plan.device_kind == "cpu" and mode == "auto" else ""
+    )
     return (
-        f"{speed} copying every miss (estimate; device cache hit rate {plan.expected_hit_rate:.0%}, "
+        f"{speed} copying every miss ({source}{stays}; estimate; {hit}, "
         f"{plan.miss_bytes_per_token / 1e6:.0f} MB over a {plan.link_gbps:g} GB/s link per token{then})"
     )
 
 
+def _faster_note(plan, given: str | None) -> str | None:
+    """The note when another --host-compute mode than the run's is predicted faster."""
+    from offload.settings.plan_policy import faster_mode_note, hybrid_builds  # deferred, as above
+
+    if plan.tok_s_by_mode is None or plan.speeds is None:
+        return None
+    mode, tier = plan.host_compute, plan.host_tier
+    builds = mode == "always" or (mode == "auto" and hybrid_builds(plan.speeds))
+    builds_ms = tier.build_seconds_per_token * 1e3 if builds and tier is not None else 0.0
+    where = (
+        "the default" if given is None and mode == "auto" else "the profile's" if given is None else "given"
+    )
+    where = f"--host-compute {mode}, {where}"
+    return faster_mode_note(mode, plan.tok_s_by_mode, plan.device_kind, where, builds_ms)
+
+
 def _building_policies(plan) -> str:
     """The policies whose tier misses the host computes (and so builds)."""
+    from offload.settings.plan_policy import hybrid_builds  # deferred, as above
+
     if plan.experts_from_host_tier:
         return "every policy (the experts run on the host from the tier)"
-    on_host = plan.speeds is not None and plan.speeds.miss_on_host
-    return "host-only and hybrid (its misses go to the host)" if on_host else "host-only"
+    always = " and --host-compute always" if plan.host_compute == "always" else ""
+    if plan.speeds is None or not hybrid_builds(plan.speeds):
+        return f"host-only{always}"
+    why = (
+        "its misses go to the host"
+        if plan.speeds.miss_on_host
+        else "its tier converts every read for the host's kernel, those it copies to the device too"
+    )
+    return f"host-only, hybrid ({why}){always}"
 
 
 def register(app: typer.Typer) -> None:

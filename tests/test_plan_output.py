@@ -106,7 +106,10 @@ def test_slots_in_front_of_the_tier_name_both_hit_rates(
     device_hit, tier_hit = plan["expected_hit_rate"], plan["host_tier"]["hit_rate"]
     assert (round(device_hit, 2), round(tier_hit, 2)) == (0.31, 0.57)
     headline = _line(out, "decode:")
-    assert "copying every miss" in headline and f"device cache hit rate {device_hit:.0%}" in headline
+    assert (
+        f"~{plan['run_tok_s']:.2f} tok/s hybrid" in headline
+        and f"device cache hit rate {device_hit:.0%}" in headline
+    )
     assert f"the host tier hits {tier_hit:.0%} of those misses" in headline
     assert f"hit rate {tier_hit:.0%} of the device cache's misses" in _line(out, "│ host   │ expert tier")
     assert f"device cache hit rate {device_hit:.1%}" in _line(out, "layer 0:")
@@ -281,3 +284,82 @@ def test_no_miss_reaching_the_tier_is_said_not_left_blank(
     headline = _line(out, "decode:")
     assert "hits  of" not in headline
     assert "no miss reaches the host tier" in headline
+
+
+MIXTRAL = ROOT / "tests" / "fixtures" / "mixtral-8x7b-instruct-v0.1"
+PROFILES = ROOT / "profiles"
+
+
+def test_the_headline_is_the_speed_of_the_policy_the_run_uses(
+    monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    """The audit: the headline gave copy-only's 3.04 tok/s while the run (--host-compute auto, the default) is
+    hybrid. It gives the run's policy's figure, says which, and --host-compute plans another run."""
+    profile = str(PROFILES / "rtx4090-24gb.toml")
+    out, plan = _plan(monkeypatch, capsys, "-m", str(MIXTRAL), "-p", profile)
+    hybrid, copy_only = plan["speeds"]["tok_s"]["hybrid"], plan["speeds"]["tok_s"]["copy-only"]
+    assert plan["host_compute"] == "auto" and plan["run_tok_s"] == hybrid > 3 * copy_only
+    headline = _line(out, "decode:")
+    assert (
+        headline.startswith(f"decode: ~{hybrid:.2f} tok/s hybrid")
+        and "--host-compute auto, the default" in headline
+    )
+    assert f"{copy_only:.2f}" not in headline and "note:" not in out
+    out, plan = _plan(monkeypatch, capsys, "-m", str(MIXTRAL), "-p", profile, "--host-compute", "never")
+    assert plan["run_tok_s"] == copy_only == plan["tok_s_by_mode"]["never"]
+    assert _line(out, "decode:").startswith(
+        f"decode: ~{copy_only:.2f} tok/s copying every miss (--host-compute never;"
+    )
+    out, plan = _plan(monkeypatch, capsys, "-m", str(MIXTRAL), "-p", profile, "--host-compute", "always")
+    always = plan["speeds"]["always_tok_s"]
+    assert plan["run_tok_s"] == always == plan["tok_s_by_mode"]["always"]
+    assert _line(out, "decode:").startswith(f"decode: ~{always:.2f} tok/s with every miss on the host")
+    assert f"-> {always:.2f} tok/s" in _line(out, "always (--host-compute always)")
+
+
+def test_a_profile_that_never_computes_on_the_host_is_planned_copying(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    text = (PROFILES / "rtx4090-24gb.toml").read_text().replace("[host]\n", '[host]\ncompute = "never"\n')
+    out, plan = _plan(monkeypatch, capsys, "-m", str(MIXTRAL), "-p", _profile(tmp_path, text))
+    assert plan["host_compute"] == "never" and plan["run_tok_s"] == plan["speeds"]["tok_s"]["copy-only"]
+    assert 'copying every miss (the profile\'s host.compute = "never";' in _line(out, "decode:")
+    # and the flag wins over it
+    _, plan = _plan(
+        monkeypatch, capsys, "-m", str(MIXTRAL), "-p", _profile(tmp_path, text), "--host-compute", "auto"
+    )
+    assert plan["run_tok_s"] == plan["speeds"]["tok_s"]["hybrid"]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("--host-compute", "sometimes"), "--host-compute 'sometimes' is not one of auto, never, always"),
+        (
+            ("-p", CPU, "--host-compute", "never"),
+            "--host-compute never: every expert is resident (profile cpu)",
+        ),
+    ],
+)
+def test_bad_host_compute_is_one_line(
+    monkeypatch: pytest.MonkeyPatch, capsys, args: tuple, message: str
+) -> None:
+    code, _, err = run_offload(monkeypatch, capsys, "plan", "-m", str(DEMO), *args)
+    assert code != 0 and message in err and "Traceback" not in err
+
+
+def test_a_mode_predicted_faster_than_the_runs_is_said(monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    """The audit: Mixtral on laptop-8gb with 8 GiB of RAM, where the README's chat command runs the default
+    (hybrid): the tier's builds of its reads for the host make hybrid (0.46 tok/s) slower than copy-only (0.68)."""
+    args = ("-m", str(MIXTRAL), "-p", str(PROFILES / "laptop-8gb.toml"), "--host-memory", "8")
+    out, plan = _plan(monkeypatch, capsys, *args)
+    by_mode = plan["tok_s_by_mode"]
+    assert by_mode["never"] == plan["tok_s_with_disk"]["copy-only"] > by_mode["auto"] == plan["run_tok_s"]
+    note = _line(out, "note:")
+    assert (
+        f"--host-compute never is predicted faster here: copy-only {by_mode['never']:.2f} against hybrid "
+        in note
+    )
+    assert f"{by_mode['auto']:.2f} tok/s" in note and "converts each read" in note
+    out, _ = _plan(monkeypatch, capsys, *args, "--host-compute", "never")
+    assert "note:" not in out
