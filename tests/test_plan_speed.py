@@ -11,6 +11,7 @@ from offload.config import ModelConfig
 from offload.errors import ProfileError
 from offload.quant.spec import QuantSpec
 from offload.settings.plan import plan_memory
+from offload.settings.plan_speed import ENGINE_LAYER_OVERHEAD_S as OURS
 from offload.settings.plan_speed import host_build_seconds
 from offload.settings.profile import Profile
 from tests.test_plan import MIXTRAL
@@ -37,8 +38,8 @@ def profile(host: dict, k: int = 4, capability: float | None = None) -> Profile:
 
 def test_host_only_and_hybrid_match_hand_arithmetic(mixtral: ModelConfig) -> None:
     speeds = plan_memory(mixtral, profile({"expert_ms": 2.0, "device_expert_ms": 1.0}), 4096).speeds
-    # our engine's measured 1 ms a layer + attention weights at 50e9 a second (no [device] memory_gbps here)
-    dense = 1e-3 + 2 * 4096 * (4096 + 1024) / 50e9
+    # our engine's measured overhead a layer + attention weights at 50e9 a second (no [device] memory_gbps here)
+    dense = OURS + 2 * 4096 * (4096 + 1024) / 50e9
     head = 32000 * 4096 / 50e9
     crossing = 2 * 4096 * 2 / 12e9  # a bf16 hidden state there and back
     hit = 0.5 + 0.3 * 0.5 * 0.5  # K = 4 of 8, with the locality bonus
@@ -56,7 +57,7 @@ def test_a_slow_host_leaves_hybrid_copying_every_miss_in_our_engines_terms(mixtr
     copied misses' link time with prefetch counted as copy-only counts it."""
     plan = plan_memory(mixtral, profile({"expert_ms": 100.0}), 4096)
     assert not plan.speeds.miss_on_host
-    dense = 1e-3 + 2 * 4096 * (4096 + 1024) / 50e9  # ours_l: no [device] memory_gbps, the paper's rate
+    dense = OURS + 2 * 4096 * (4096 + 1024) / 50e9  # ours_l: no [device] memory_gbps, the paper's rate
     device_e, copy_e = 3 * 4096 * 14336 / 50e9, plan.expert_bytes[0] / 12e9
     hit = 0.5 + 0.3 * 0.5 * 0.5  # K = 4 of 8
     hits, misses = 2 * hit, 2 * (1 - hit)
@@ -90,7 +91,7 @@ def test_hybrid_is_never_slower_than_either_of_its_options_in_the_same_terms(
     hits = top_k * (p + 0.3 * p * (1 - p))
     d = config.hidden_size
     q_out, kv_out = config.num_attention_heads * config.head_dim, config.num_key_value_heads * config.head_dim
-    dense = 1e-3 + 2 * d * (q_out + kv_out) / 50e9
+    dense = OURS + 2 * d * (q_out + kv_out) / 50e9
     head = config.vocab_size * d / 50e9
     device_e, copy_e, misses = speeds.device_expert_s, speeds.copy_s, top_k - hits
     prefetched = min(0.6 * misses * copy_e, (dense + top_k * device_e) / 2)
@@ -163,7 +164,7 @@ def test_hybrid_moves_hits_to_an_idle_host_when_the_device_is_slower(mixtral: Mo
     # every expert resident (K = 8): 2 hits of 4 ms on the device, a host at 1 ms. Moving x hits balances
     # 2·4 - 4x = (1 ms + crossing)·x: x = 8 / (4 + 1 ms + crossing) ≈ 1.6, the layer's experts ≈ 1.6 ms
     speeds = plan_memory(mixtral, profile({"expert_ms": 1.0, "device_expert_ms": 4.0}, k=8), 4096).speeds
-    dense = 1e-3 + 2 * 4096 * (4096 + 1024) / 50e9
+    dense = OURS + 2 * 4096 * (4096 + 1024) / 50e9
     host_e = 1e-3 + 2 * 4096 * 2 / 12e9
     moved = 8e-3 / (4e-3 + host_e)
     experts = 8e-3 - moved * 4e-3
@@ -212,14 +213,14 @@ def test_hqq_4bit_on_a_gpu_below_compute_capability_8_is_dequantized_per_call(
         3 * 4096 * 14336 / 50e9
     )  # HQQLinear: a T4, or unknown
     assert not plan.speeds.int4_gpu_kernel and plan.speeds.without_int4_kernel is None
-    # The what-if, by hand: int4 experts and attention at 862.69 / 2039 of 360 GB/s, our 1 ms a layer.
+    # The what-if, by hand: int4 experts and attention at 862.69 / 2039 of 360 GB/s, our overhead a layer.
     share = 360e9 * 862.69 / 2039
     device_e, attention = plan.expert_bytes[0] / share, plan.dense.attention / 32 / share
     host_e = plan.expert_bytes[0] / 45e9 + 50e-6 + 2 * 4096 * 2 / 12e9  # memory-bound: 6 x 7.7 > 45 GB/s
     hit = 3 / 8 + 0.3 * 3 / 8 * 5 / 8
     head = 32000 * 4096 * 2 / (360e9 * 1397.31 / 2039)  # the bf16 lm_head on cuBLAS
     experts = max(2 * hit * device_e, 2 * (1 - hit) * host_e)  # the device is faster: no hit moves
-    hybrid = 1 / (32 * (1e-3 + attention + experts) + head)
+    hybrid = 1 / (32 * (OURS + attention + experts) + head)
     assert plan.speeds.with_int4_kernel["hybrid"] == pytest.approx(hybrid)
     why = "the profile gives no [device] compute_capability" if capability is None else "this GPU's is 7.5"
     assert any(f"it needs compute capability 8.0; {why}" in line for line in plan.speeds.arithmetic)
@@ -270,7 +271,7 @@ def test_a_cpu_device_runs_kernel_specs_at_the_measured_kernel_rates(mixtral: Mo
     # every expert resident, so a layer is our overhead, 4-bit attention and two int4 experts.
     attention = int4.dense.attention / 32 / (2 * 7.7e9)
     head = 32000 * 4096 / (2 * 3.67e9)  # the bf16 lm_head, dense
-    layer = 1e-3 + attention + 2 * int4.speeds.device_expert_s
+    layer = OURS + attention + 2 * int4.speeds.device_expert_s
     assert int4.predicted_tok_s == pytest.approx(1 / (32 * layer + head))
     assert int4.speeds.tok_s["hybrid"] == int4.speeds.tok_s["host-only"] == int4.predicted_tok_s
 

@@ -56,12 +56,13 @@ LAYER_OVERHEAD_S = {"cuda": 2e-3, "cpu": 0.5e-3}  # Python, kernel launches, the
 # (dequantize on every call) at about 1.3e9 (FACTS.md); cached dequantized experts sit between.
 WEIGHTS_PER_S = {"cuda": 50e9, "cpu": 2e9}
 # Our engine's host-side time per decoder layer at decode: Python, torch's dispatch and the expert cache's
-# bookkeeping. Measured: `OMP_NUM_THREADS=1 python benchmarks/layer_overhead.py --threads 1 --runs 7
-# --new-tokens 64` gave 0.98 ms a layer through the cache (K = E, every expert a hit; 0.90 ms resident, 1.28 ms
-# at K = 4 copying misses) on the demo model, whose matmuls take microseconds, on the 2-core build machine at
-# load 5.1 to 5.3 (docs/BENCHMARKS.md). On a GPU the same Python launches the kernels, which run behind it
-# until the layer's one synchronisation.
-ENGINE_LAYER_OVERHEAD_S = 1.0e-3
+# bookkeeping. Measured (session 9, after our CPU kernels): `OMP_NUM_THREADS=1 python benchmarks/layer_overhead.py
+# --threads 1 --runs 7 --new-tokens 64` gave 0.51 and 0.45 ms a layer through the cache (K = E, every expert a
+# hit; resident 0.35 / 0.30 ms, K = 4 copying misses 0.75 / 0.72 ms) on the demo model, whose matmuls take
+# microseconds, on the 2-core build machine at load 0.8 to 1.0 (docs/BENCHMARKS.md; 0.98 ms under load 5 in
+# session 3). On a GPU the same Python launches the kernels, which run behind it until the layer's one
+# synchronisation.
+ENGINE_LAYER_OVERHEAD_S = 0.5e-3
 # The share of the datasheet memory bandwidth a GPU kernel that streams its weights reaches at batch 1: gpt-fast's
 # README (Llama-2-7B, batch 1, torch.compile, on an A100-80GB SXM: 2039 GB/s) gives 1397.31 GB/s in bf16 and
 # 862.69 GB/s in int4 with groups of 32 (torch's _weight_int4pack_mm).
