@@ -101,20 +101,25 @@ class Sampler:
             self.generator.manual_seed(params.seed)
         self._seen: set[int] = set()
         self._seen_ids: Tensor | None = None  # the seen ids on the device, rebuilt when one is added
-        self._reply_counts: dict[
-            int, int
-        ] = {}  # the reply's ids and how often each came (the OpenAI penalties)
-        self._adjustment: Tensor | None = None  # (V,) the OpenAI penalties and logit_bias, rebuilt when stale
+        # The reply's ids and how often each came (the OpenAI penalties).
+        self._reply_counts: dict[int, int] = {}
+        self._adjustment: Tensor | None = None  # (V,) the OpenAI penalties and logit_bias, built at first use
         self._remember(seen)
 
     def observe(self, ids: Iterable[int]) -> None:
         """Note ids the reply has just added to the text (the penalties' memory)."""
         ids = [int(i) for i in ids]
         self._remember(ids)
-        if self.params.presence_penalty or self.params.frequency_penalty:
-            for token_id in ids:
-                self._reply_counts[token_id] = self._reply_counts.get(token_id, 0) + 1
-            self._adjustment = None
+        params = self.params
+        if not (params.presence_penalty or params.frequency_penalty):
+            return
+        for token_id in ids:
+            count = self._reply_counts.get(token_id, 0)
+            self._reply_counts[token_id] = count + 1
+            if self._adjustment is not None:  # kept up to date in place: no rebuild of V logits per token
+                self._adjustment[token_id] -= params.frequency_penalty + (
+                    params.presence_penalty if count == 0 else 0
+                )
 
     def _remember(self, ids: Iterable[int]) -> None:
         if self.params.repetition_penalty == 1:
@@ -239,15 +244,23 @@ def text_byte_limit(context_tokens: int) -> int:
     return MAX_BYTES_PER_TOKEN * context_tokens
 
 
-def check_text_fits(text: str, context_tokens: int, what: str = "the prompt") -> None:
-    """Raise ContextError, before any tokenizing, when ``text`` is too long to fit the context."""
+def oversized_text(text: str, context_tokens: int) -> int | None:
+    """``text``'s size in UTF-8 bytes when it is over ``text_byte_limit``, else None (nothing tokenized)."""
     limit = text_byte_limit(context_tokens)
     # Every character is at least one byte: only text near the limit needs its bytes counted.
-    if len(text) > limit or len(text.encode("utf-8", "surrogatepass")) > limit:
-        size = len(text.encode("utf-8", "surrogatepass"))
+    if len(text) <= limit and len(text.encode("utf-8", "surrogatepass")) <= limit:
+        return None
+    return len(text.encode("utf-8", "surrogatepass"))
+
+
+def check_text_fits(text: str, context_tokens: int, what: str = "the prompt") -> None:
+    """Raise ContextError, before any tokenizing, when ``text`` is too long to fit the context."""
+    size = oversized_text(text, context_tokens)
+    if size is not None:
         raise ContextError(
-            f"{what} is {size:,} bytes, more than the {limit:,} bytes ({MAX_BYTES_PER_TOKEN} per token) "
-            f"that the model's context of {context_tokens:,} tokens can hold; shorten it"
+            f"{what} is {size:,} bytes, more than the {text_byte_limit(context_tokens):,} bytes "
+            f"({MAX_BYTES_PER_TOKEN} per token) that the model's context of {context_tokens:,} tokens can hold; "
+            "shorten it"
         )
 
 

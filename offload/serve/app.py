@@ -25,7 +25,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from offload.engine import Engine
 from offload.errors import OffloadError
-from offload.generate import MAX_BYTES_PER_TOKEN, MIN_TEMPERATURE, text_byte_limit
+from offload.generate import MAX_BYTES_PER_TOKEN, MIN_TEMPERATURE, oversized_text, text_byte_limit
 from offload.serve import streaming
 from offload.serve.schema import (
     RequestError,
@@ -75,11 +75,10 @@ class Server:
     def check_text_fits(self, text: str, param: str) -> None:
         """Refuse, before it is tokenized, text too long to fit the context however it tokenizes."""
         context = self.engine.model.config.max_position_embeddings
-        limit = text_byte_limit(context)
-        # Every character is at least one byte: only text near the limit needs its bytes counted.
-        if len(text) > limit or len(text.encode("utf-8")) > limit:
+        size = oversized_text(text, context)
+        if size is not None:
             raise RequestError(
-                f"the prompt is {len(text.encode('utf-8')):,} bytes of text, more than the {limit:,} bytes "
+                f"the prompt is {size:,} bytes of text, more than the {text_byte_limit(context):,} bytes "
                 f"({MAX_BYTES_PER_TOKEN} a token) that the model's context of {context:,} tokens can hold",
                 param=param,
                 code="context_length_exceeded",
